@@ -1,0 +1,320 @@
+//! Differential privacy: the update pipeline types, clipping, Gaussian noise and accounting.
+//!
+//! The types carry the privacy pipeline (DESIGN.md section 4 and STYLE.md habit 2): a
+//! [`RawDelta`] can only become a [`WireDelta`] — the one type a client may send — by being
+//! clipped and noised (`local`), clipped (`central`, the trusted server adds the noise), or
+//! explicitly marked non-private (`none`). Nothing here reads a clock or a socket; the
+//! noise source is passed in.
+
+pub mod accountant;
+pub mod noise;
+
+use crate::config::{ClientPrivacy, DpMode};
+pub use noise::{GaussianNoise, NoiseError, OpenDpGaussian, SimulationGaussian};
+
+/// L2 norm of a vector, accumulated in f64.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    // Four independent accumulators let the compiler vectorise without changing the
+    // result meaningfully (f64 sums of f32 squares).
+    let mut acc = [0f64; 4];
+    let chunks = values.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..4 {
+            acc[i] += (c[i] as f64) * (c[i] as f64);
+        }
+    }
+    let mut sum = acc.iter().sum::<f64>();
+    for v in rest {
+        sum += (*v as f64) * (*v as f64);
+    }
+    sum.sqrt()
+}
+
+/// Scales `values` in place so their L2 norm is at most `bound`. Returns the norm before
+/// clipping and whether it was clipped. A zero or non-finite norm is handled: zero stays
+/// zero; a non-finite vector is zeroed (it carries no usable information and must not
+/// leak through as NaN).
+pub fn clip_in_place(values: &mut [f32], bound: f64) -> (f64, bool) {
+    let norm = l2_norm(values);
+    if !norm.is_finite() {
+        values.iter_mut().for_each(|v| *v = 0.0);
+        return (norm, true);
+    }
+    if norm <= bound || norm == 0.0 {
+        return (norm, false);
+    }
+    // Scale in f64 then shrink by one ulp-ish margin so f32 rounding cannot push the norm
+    // above the bound.
+    let scale = (bound / norm) * (1.0 - 1e-6);
+    for v in values.iter_mut() {
+        *v = ((*v as f64) * scale) as f32;
+    }
+    (norm, true)
+}
+
+/// A model delta fresh from local training; it must not leave the node as is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawDelta(Vec<f32>);
+
+/// A delta clipped to L2 norm `bound`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClippedDelta {
+    values: Vec<f32>,
+    bound: f64,
+    norm_before: f64,
+    clipped: bool,
+}
+
+/// A delta that may be put on the wire, with how it was protected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireDelta {
+    values: Vec<f32>,
+    protection: Protection,
+}
+
+/// How a [`WireDelta`] was protected.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Protection {
+    /// DP off: the raw delta.
+    NonPrivate,
+    /// Clipped only; the trusted server adds noise (`central`).
+    Clipped {
+        /// Whether clipping changed the delta.
+        clipped: bool,
+    },
+    /// Clipped and noised on the node (`local`).
+    Noised {
+        /// Standard deviation of the per-coordinate noise added.
+        sigma: f64,
+    },
+}
+
+impl RawDelta {
+    /// Wraps a delta produced by local training.
+    pub fn new(values: Vec<f32>) -> Self {
+        Self(values)
+    }
+
+    /// Read access (for metrics such as the norm).
+    pub fn as_slice(&self) -> &[f32] {
+        &self.0
+    }
+
+    /// Clips to L2 norm `bound`.
+    pub fn clip(mut self, bound: f64) -> ClippedDelta {
+        let (norm_before, clipped) = clip_in_place(&mut self.0, bound);
+        ClippedDelta {
+            values: self.0,
+            bound,
+            norm_before,
+            clipped,
+        }
+    }
+
+    /// Sends the delta without protection; only for `DpMode::None`.
+    pub fn into_non_private(self) -> WireDelta {
+        WireDelta {
+            values: self.0,
+            protection: Protection::NonPrivate,
+        }
+    }
+}
+
+impl ClippedDelta {
+    /// Whether clipping changed the delta.
+    pub fn was_clipped(&self) -> bool {
+        self.clipped
+    }
+
+    /// L2 norm before clipping.
+    pub fn norm_before(&self) -> f64 {
+        self.norm_before
+    }
+
+    /// The clipping bound.
+    pub fn bound(&self) -> f64 {
+        self.bound
+    }
+
+    /// Read access.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// `central` mode: the clipped delta goes to the trusted server over TLS.
+    pub fn into_central(self) -> WireDelta {
+        WireDelta {
+            protection: Protection::Clipped {
+                clipped: self.clipped,
+            },
+            values: self.values,
+        }
+    }
+
+    /// `local` mode: adds `N(0, (z * bound)^2)` to every coordinate.
+    pub fn add_noise(
+        mut self,
+        noise_multiplier: f64,
+        noise: &mut dyn GaussianNoise,
+    ) -> Result<WireDelta, NoiseError> {
+        let sigma = noise_multiplier * self.bound;
+        noise.add_noise(&mut self.values, sigma)?;
+        Ok(WireDelta {
+            values: self.values,
+            protection: Protection::Noised { sigma },
+        })
+    }
+}
+
+impl WireDelta {
+    /// How it was protected.
+    pub fn protection(&self) -> Protection {
+        self.protection
+    }
+
+    /// The values to encode.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Takes the values.
+    pub fn into_vec(self) -> Vec<f32> {
+        self.values
+    }
+}
+
+/// Why a delta could not be privatized.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivatizeError {
+    /// The mode cannot run (e.g. `distributed`).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Sampling noise failed.
+    #[error(transparent)]
+    Noise(#[from] NoiseError),
+}
+
+/// Runs the client-side pipeline for the round's privacy settings.
+pub fn privatize(
+    delta: RawDelta,
+    privacy: &ClientPrivacy,
+    noise: &mut dyn GaussianNoise,
+) -> Result<WireDelta, PrivatizeError> {
+    privacy.validate()?;
+    Ok(match privacy.mode {
+        DpMode::None => delta.into_non_private(),
+        DpMode::Central => delta.clip(privacy.clip_norm).into_central(),
+        DpMode::Local => delta
+            .clip(privacy.clip_norm)
+            .add_noise(privacy.noise_multiplier, noise)?,
+        DpMode::Distributed => unreachable!("validate() refuses distributed mode"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn zero_delta_is_not_divided_by_zero() {
+        let c = RawDelta::new(vec![0.0; 10]).clip(1.0);
+        assert!(!c.was_clipped());
+        assert!(c.as_slice().iter().all(|v| *v == 0.0));
+    }
+
+    #[test]
+    fn non_finite_delta_is_zeroed() {
+        let c = RawDelta::new(vec![f32::NAN, 1.0]).clip(1.0);
+        assert!(c.was_clipped());
+        assert_eq!(c.as_slice(), &[0.0, 0.0]);
+    }
+
+    #[test]
+    fn short_delta_is_untouched_long_one_scaled() {
+        let c = RawDelta::new(vec![0.3, 0.4]).clip(1.0);
+        assert!(!c.was_clipped());
+        assert_eq!(c.as_slice(), &[0.3, 0.4]);
+        let c = RawDelta::new(vec![3.0, 4.0]).clip(1.0);
+        assert!(c.was_clipped());
+        assert!((c.norm_before() - 5.0).abs() < 1e-9);
+        let n = l2_norm(c.as_slice());
+        assert!(n <= 1.0 && n > 0.999, "{n}");
+        // direction preserved
+        assert!((c.as_slice()[0] / c.as_slice()[1] - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn pipeline_follows_the_mode() {
+        let mut noise = SimulationGaussian::seeded(1);
+        let none = privatize(
+            RawDelta::new(vec![3.0, 4.0]),
+            &ClientPrivacy::NONE,
+            &mut noise,
+        )
+        .unwrap();
+        assert_eq!(none.as_slice(), &[3.0, 4.0]);
+        let central = privatize(
+            RawDelta::new(vec![3.0, 4.0]),
+            &ClientPrivacy {
+                mode: DpMode::Central,
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            &mut noise,
+        )
+        .unwrap();
+        assert!(l2_norm(central.as_slice()) <= 1.0);
+        assert_eq!(
+            central.protection(),
+            Protection::Clipped { clipped: true }
+        );
+        let local = privatize(
+            RawDelta::new(vec![0.0; 1000]),
+            &ClientPrivacy {
+                mode: DpMode::Local,
+                clip_norm: 0.5,
+                noise_multiplier: 2.0,
+            },
+            &mut noise,
+        )
+        .unwrap();
+        assert_eq!(local.protection(), Protection::Noised { sigma: 1.0 });
+        let sd = (local.as_slice().iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 1000.0)
+            .sqrt();
+        assert!((sd - 1.0).abs() < 0.15, "{sd}");
+        let distributed = privatize(
+            RawDelta::new(vec![1.0]),
+            &ClientPrivacy {
+                mode: DpMode::Distributed,
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+            },
+            &mut noise,
+        );
+        assert!(matches!(distributed, Err(PrivatizeError::Config(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn clipped_norm_never_exceeds_bound(
+            values in proptest::collection::vec(-1e6f32..1e6, 0..500),
+            bound in 1e-4f64..1e4,
+        ) {
+            let c = RawDelta::new(values).clip(bound);
+            prop_assert!(l2_norm(c.as_slice()) <= bound, "norm {} > bound {}", l2_norm(c.as_slice()), bound);
+        }
+
+        #[test]
+        fn clipping_tiny_and_huge_magnitudes(
+            exp in -30i32..30,
+            n in 1usize..2000,
+            bound in 1e-3f64..10.0,
+        ) {
+            let v = vec![10f32.powi(exp); n];
+            let c = RawDelta::new(v).clip(bound);
+            prop_assert!(l2_norm(c.as_slice()) <= bound);
+        }
+    }
+}

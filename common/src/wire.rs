@@ -1,0 +1,611 @@
+//! The wire protocol: versioned messages and their byte encoding.
+//!
+//! Each message travels alone on a QUIC stream and is read with a size limit, so framing is
+//! just the stream's end. A message is a fixed 20-byte prefix, a small `bincode`-encoded
+//! [`Header`] and an optional payload of `f32` values as raw little-endian bytes:
+//!
+//! ```text
+//! "DPFL" | version u16 | reserved u16 | header_len u32 | payload_len u64 | header | payload
+//! ```
+//!
+//! Encoding a 1M-parameter update is one `memcpy` of the payload; decoding checks every
+//! length against the bytes that arrived before allocating, and every failure is a typed
+//! [`DecodeError`]. This module does not touch sockets: the transport reads the bytes
+//! (bounded by `max_message_bytes`) and hands them to [`decode`].
+
+use crate::config::{ClientPrivacy, DpMode, TrainConfig};
+use crate::model::{ModelSpec, SpecHash};
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; peers with another version are refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// ALPN protocol id negotiated in the TLS handshake.
+pub const ALPN: &[u8] = b"dpfl/1";
+/// Magic bytes at the start of every message.
+pub const MAGIC: [u8; 4] = *b"DPFL";
+/// Size of the fixed prefix.
+pub const PREFIX_BYTES: usize = 20;
+/// Largest header accepted (headers are small; payloads carry the tensors).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default bound on one message (fits a 10M-parameter model with room to spare).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Client's first message on a new connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Software name and version, for logs.
+    pub software: String,
+    /// The DP mode the client is configured for; must equal the server's.
+    pub dp_mode: DpMode,
+    /// Number of input features in the client's data.
+    pub input_dim: u32,
+    /// Number of classes the client's labels may take (largest label + 1).
+    pub num_classes: u32,
+}
+
+/// Federation-wide privacy settings announced to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpAgreement {
+    /// DP mode of the federation.
+    pub mode: DpMode,
+    /// Noise multiplier z.
+    pub noise_multiplier: f64,
+    /// Poisson sampling rate q of clients per round.
+    pub sampling_rate: f64,
+    /// Target delta of the (epsilon, delta) guarantee.
+    pub delta: f64,
+}
+
+/// Server's answer to an accepted [`Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The node name the server read from the client's certificate.
+    pub node: String,
+    /// The model every participant trains.
+    pub spec: ModelSpec,
+    /// `spec.hash()`; the client recomputes and compares it.
+    pub spec_hash: SpecHash,
+    /// Privacy settings of the federation.
+    pub dp: DpAgreement,
+}
+
+/// Why the server refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalKind {
+    /// Protocol version mismatch.
+    Version,
+    /// DP mode mismatch.
+    DpMode,
+    /// Data does not fit the model.
+    Model,
+    /// Node not allowed (deny-list, allow-list, duplicate identity).
+    NotAdmitted,
+    /// Server is full or shutting down.
+    Unavailable,
+}
+
+/// A refusal with a human-readable explanation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Category.
+    pub kind: RefusalKind,
+    /// What was expected and what arrived.
+    pub detail: String,
+}
+
+/// Ask a client to train on the global model (payload: global parameters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRequest {
+    /// Round number, starting at 1.
+    pub round: u64,
+    /// Model spec hash.
+    pub spec_hash: SpecHash,
+    /// Local training settings.
+    pub config: TrainConfig,
+    /// Clipping and noise the client must apply.
+    pub privacy: ClientPrivacy,
+}
+
+/// Training metrics a client reports (absent in `local` DP mode, where they would leak).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainMetrics {
+    /// Mean training loss over the round's steps.
+    pub loss: f64,
+    /// Training accuracy over the round's steps.
+    pub accuracy: f64,
+    /// Mini-batch steps taken.
+    pub steps: u64,
+    /// Seconds spent training.
+    pub seconds: f64,
+}
+
+/// A client's answer to a [`TrainRequest`] (payload: the parameter delta `w_local - w_global`,
+/// clipped and noised as the privacy settings demand).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateMeta {
+    /// Round this update answers.
+    pub round: u64,
+    /// Model spec hash.
+    pub spec_hash: SpecHash,
+    /// Training examples used (FedAvg weight); 0 in `local` DP mode, where it would leak.
+    pub num_examples: u64,
+    /// Training metrics; `None` in `local` DP mode.
+    pub metrics: Option<TrainMetrics>,
+    /// Whether clipping changed the update; `None` when DP is off or in `local` mode.
+    pub clipped: Option<bool>,
+}
+
+/// Ask a client to evaluate parameters on its validation split (payload: parameters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluateRequest {
+    /// Round whose model is evaluated.
+    pub round: u64,
+    /// Model spec hash.
+    pub spec_hash: SpecHash,
+}
+
+/// A client's evaluation of the global model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Round evaluated.
+    pub round: u64,
+    /// Mean cross-entropy loss.
+    pub loss: f64,
+    /// Accuracy in [0, 1].
+    pub accuracy: f64,
+    /// Examples evaluated.
+    pub num_examples: u64,
+}
+
+/// Training is over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finish {
+    /// Why (completed, privacy budget reached, shutdown).
+    pub reason: String,
+    /// Rounds completed in total.
+    pub rounds_completed: u64,
+}
+
+/// Every message kind. Payload-carrying kinds say so in [`Header::payload_kind`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Header {
+    /// Client -> server, first message.
+    Hello(Hello),
+    /// Server -> client, accepts a [`Hello`].
+    Welcome(Welcome),
+    /// Server -> client, refuses a [`Hello`]; the connection is then closed.
+    Refused(Refusal),
+    /// Server -> client; payload: global parameters.
+    Train(TrainRequest),
+    /// Client -> server; payload: delta.
+    Update(UpdateMeta),
+    /// Server -> client; payload: parameters to evaluate.
+    Evaluate(EvaluateRequest),
+    /// Client -> server.
+    EvalResult(EvalResult),
+    /// Client -> server: the request could not be served (no data, training failed).
+    Failed {
+        /// Round of the request.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Server -> client: training is over, disconnect.
+    Finish(Finish),
+}
+
+/// Whether a header kind carries a parameter payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// No payload allowed.
+    None,
+    /// A full parameter vector or delta is required.
+    Params,
+}
+
+impl Header {
+    /// Whether this kind carries parameters.
+    pub fn payload_kind(&self) -> PayloadKind {
+        match self {
+            Header::Train(_) | Header::Update(_) | Header::Evaluate(_) => PayloadKind::Params,
+            _ => PayloadKind::None,
+        }
+    }
+
+    /// Short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Header::Hello(_) => "hello",
+            Header::Welcome(_) => "welcome",
+            Header::Refused(_) => "refused",
+            Header::Train(_) => "train",
+            Header::Update(_) => "update",
+            Header::Evaluate(_) => "evaluate",
+            Header::EvalResult(_) => "eval_result",
+            Header::Failed { .. } => "failed",
+            Header::Finish(_) => "finish",
+        }
+    }
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The envelope.
+    pub header: Header,
+    /// Parameters or delta (empty for kinds without payload).
+    pub payload: Vec<f32>,
+}
+
+/// Why bytes from a peer are not a valid message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than the fixed prefix.
+    #[error("message truncated: {got} bytes, need at least {PREFIX_BYTES}")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+    },
+    /// The message is larger than the configured limit.
+    #[error("message of {got} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Bytes received (or announced).
+        got: u64,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// Not a dpfl message.
+    #[error("bad magic: expected \"DPFL\", got {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// Another protocol version.
+    #[error("protocol version mismatch: expected {PROTOCOL_VERSION}, got {0}")]
+    Version(u16),
+    /// Header larger than [`MAX_HEADER_BYTES`].
+    #[error("header of {0} bytes exceeds {MAX_HEADER_BYTES}")]
+    HeaderTooLarge(u32),
+    /// Announced lengths do not add up to the bytes received.
+    #[error("length mismatch: prefix announces {announced} bytes, received {got}")]
+    LengthMismatch {
+        /// Prefix + header + payload as announced.
+        announced: u64,
+        /// Bytes received.
+        got: usize,
+    },
+    /// Payload length not a multiple of 4.
+    #[error("payload of {0} bytes is not a whole number of f32 values")]
+    PayloadAlignment(u64),
+    /// The header bytes are not a valid header.
+    #[error("malformed header: {0}")]
+    Header(String),
+    /// The header did not use all its bytes.
+    #[error("header has {0} trailing bytes")]
+    TrailingHeaderBytes(usize),
+    /// A payload where the kind allows none, or none where one is required.
+    #[error("message kind `{kind}` {problem}")]
+    Payload {
+        /// Header kind.
+        kind: &'static str,
+        /// What is wrong.
+        problem: &'static str,
+    },
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_limit::<MAX_HEADER_BYTES>()
+}
+
+/// Encodes a message. The payload is copied once, as raw little-endian bytes.
+pub fn encode(header: &Header, payload: &[f32]) -> Vec<u8> {
+    // Encoding our own types into a Vec cannot fail except past the header limit, which
+    // the types are far from; keep a typed panic message rather than a silent truncation.
+    let head = bincode::serde::encode_to_vec(header, bincode_config())
+        .expect("dpfl headers are small and always encodable");
+    let payload_bytes = std::mem::size_of_val(payload);
+    let mut out = Vec::with_capacity(PREFIX_BYTES + head.len() + payload_bytes);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(payload_bytes as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    extend_f32_le(&mut out, payload);
+    out
+}
+
+#[cfg(target_endian = "little")]
+fn extend_f32_le(out: &mut Vec<u8>, values: &[f32]) {
+    out.extend_from_slice(bytemuck::cast_slice(values));
+}
+
+#[cfg(not(target_endian = "little"))]
+fn extend_f32_le(out: &mut Vec<u8>, values: &[f32]) {
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Copies little-endian `f32` bytes into a vector (one `memcpy` on little-endian hosts).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    let n = bytes.len() / 4;
+    let mut out = vec![0f32; n];
+    #[cfg(target_endian = "little")]
+    bytemuck::cast_slice_mut::<f32, u8>(&mut out).copy_from_slice(&bytes[..n * 4]);
+    #[cfg(not(target_endian = "little"))]
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    out
+}
+
+/// Decodes and checks one message of at most `max_bytes` bytes.
+pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, DecodeError> {
+    if bytes.len() > max_bytes {
+        return Err(DecodeError::TooLarge {
+            got: bytes.len() as u64,
+            limit: max_bytes,
+        });
+    }
+    if bytes.len() < PREFIX_BYTES {
+        return Err(DecodeError::Truncated { got: bytes.len() });
+    }
+    let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if header_len as usize > MAX_HEADER_BYTES {
+        return Err(DecodeError::HeaderTooLarge(header_len));
+    }
+    let mut pl = [0u8; 8];
+    pl.copy_from_slice(&bytes[12..20]);
+    let payload_len = u64::from_le_bytes(pl);
+    let announced = (PREFIX_BYTES as u64)
+        .saturating_add(header_len as u64)
+        .saturating_add(payload_len);
+    if announced != bytes.len() as u64 {
+        return Err(DecodeError::LengthMismatch {
+            announced,
+            got: bytes.len(),
+        });
+    }
+    if payload_len % 4 != 0 {
+        return Err(DecodeError::PayloadAlignment(payload_len));
+    }
+    let head_bytes = &bytes[PREFIX_BYTES..PREFIX_BYTES + header_len as usize];
+    let (header, used): (Header, usize) =
+        bincode::serde::decode_from_slice(head_bytes, bincode_config())
+            .map_err(|e| DecodeError::Header(e.to_string()))?;
+    if used != head_bytes.len() {
+        return Err(DecodeError::TrailingHeaderBytes(head_bytes.len() - used));
+    }
+    let payload_bytes = &bytes[PREFIX_BYTES + header_len as usize..];
+    match (header.payload_kind(), payload_bytes.is_empty()) {
+        (PayloadKind::None, false) => {
+            return Err(DecodeError::Payload {
+                kind: header.name(),
+                problem: "must not carry a payload",
+            })
+        }
+        (PayloadKind::Params, true) => {
+            return Err(DecodeError::Payload {
+                kind: header.name(),
+                problem: "requires a parameter payload",
+            })
+        }
+        _ => {}
+    }
+    Ok(Message {
+        header,
+        payload: f32_from_le_bytes(payload_bytes),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn update(round: u64) -> Header {
+        Header::Update(UpdateMeta {
+            round,
+            spec_hash: [7; 32],
+            num_examples: 600,
+            metrics: Some(TrainMetrics {
+                loss: 0.5,
+                accuracy: 0.8,
+                steps: 19,
+                seconds: 1.5,
+            }),
+            clipped: Some(true),
+        })
+    }
+
+    #[test]
+    fn round_trip_with_payload() {
+        let payload: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let bytes = encode(&update(3), &payload);
+        let msg = decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+        assert_eq!(msg.header, update(3));
+        assert_eq!(msg.payload, payload);
+    }
+
+    #[test]
+    fn payload_is_raw_little_endian_after_header() {
+        let bytes = encode(&update(1), &[1.0, -2.5]);
+        let tail = &bytes[bytes.len() - 8..];
+        assert_eq!(&tail[..4], &1.0f32.to_le_bytes());
+        assert_eq!(&tail[4..], &(-2.5f32).to_le_bytes());
+    }
+
+    #[test]
+    fn every_header_kind_round_trips() {
+        let kinds = vec![
+            (
+                Header::Hello(Hello {
+                    software: "dpfl".into(),
+                    dp_mode: DpMode::Central,
+                    input_dim: 784,
+                    num_classes: 10,
+                }),
+                vec![],
+            ),
+            (
+                Header::Welcome(Welcome {
+                    node: "n1".into(),
+                    spec: ModelSpec::default(),
+                    spec_hash: ModelSpec::default().hash(),
+                    dp: DpAgreement {
+                        mode: DpMode::Local,
+                        noise_multiplier: 1.1,
+                        sampling_rate: 0.1,
+                        delta: 1e-5,
+                    },
+                }),
+                vec![],
+            ),
+            (
+                Header::Refused(Refusal {
+                    kind: RefusalKind::DpMode,
+                    detail: "x".into(),
+                }),
+                vec![],
+            ),
+            (
+                Header::Train(TrainRequest {
+                    round: 1,
+                    spec_hash: [1; 32],
+                    config: TrainConfig::default(),
+                    privacy: ClientPrivacy::NONE,
+                }),
+                vec![1.0],
+            ),
+            (
+                Header::Evaluate(EvaluateRequest {
+                    round: 2,
+                    spec_hash: [1; 32],
+                }),
+                vec![0.0, 1.0],
+            ),
+            (
+                Header::EvalResult(EvalResult {
+                    round: 2,
+                    loss: 0.3,
+                    accuracy: 0.9,
+                    num_examples: 10,
+                }),
+                vec![],
+            ),
+            (
+                Header::Failed {
+                    round: 2,
+                    reason: "no data".into(),
+                },
+                vec![],
+            ),
+            (
+                Header::Finish(Finish {
+                    reason: "done".into(),
+                    rounds_completed: 10,
+                }),
+                vec![],
+            ),
+        ];
+        for (h, p) in kinds {
+            let m = decode(&encode(&h, &p), 1 << 20).unwrap();
+            assert_eq!(m.header, h);
+            assert_eq!(m.payload, p);
+        }
+    }
+
+    #[test]
+    fn bounds_and_garbage_get_typed_errors() {
+        let good = encode(&update(1), &[1.0; 100]);
+        assert!(matches!(
+            decode(&good, 100),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            decode(&good[..10], 1 << 20),
+            Err(DecodeError::Truncated { got: 10 })
+        ));
+        assert!(matches!(
+            decode(&good[..good.len() - 4], 1 << 20),
+            Err(DecodeError::LengthMismatch { .. })
+        ));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            decode(&bad, 1 << 20),
+            Err(DecodeError::BadMagic(_))
+        ));
+        let mut bad = good.clone();
+        bad[4] = 9;
+        assert_eq!(decode(&bad, 1 << 20), Err(DecodeError::Version(9)));
+        let mut bad = good.clone();
+        bad[8..12].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        assert!(matches!(
+            decode(&bad, 1 << 20),
+            Err(DecodeError::HeaderTooLarge(_))
+        ));
+        // A payload length announcing far more than arrived must not allocate it.
+        let mut bad = good.clone();
+        bad[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&bad, 1 << 20),
+            Err(DecodeError::LengthMismatch { .. })
+        ));
+        // Header kind that forbids a payload.
+        let fin = Header::Finish(Finish {
+            reason: String::new(),
+            rounds_completed: 0,
+        });
+        assert!(matches!(
+            decode(&encode(&fin, &[1.0]), 1 << 20),
+            Err(DecodeError::Payload { .. })
+        ));
+        assert!(matches!(
+            decode(&encode(&update(1), &[]), 1 << 20),
+            Err(DecodeError::Payload { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupted_header_bytes_are_a_typed_error() {
+        let mut bytes = encode(&update(1), &[1.0]);
+        for b in &mut bytes[PREFIX_BYTES..PREFIX_BYTES + 4] {
+            *b = 0xff;
+        }
+        assert!(matches!(
+            decode(&bytes, 1 << 20),
+            Err(DecodeError::Header(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes, 1 << 16);
+        }
+
+        #[test]
+        fn decode_never_panics_on_mutated_messages(pos in 0usize..200, val in any::<u8>(), n in 0usize..40) {
+            let mut bytes = encode(&update(5), &vec![0.25; n]);
+            let p = pos % bytes.len();
+            bytes[p] = val;
+            let _ = decode(&bytes, 1 << 16);
+        }
+
+        #[test]
+        fn round_trip_arbitrary_payloads(payload in proptest::collection::vec(-1e6f32..1e6, 1..300), round in any::<u64>()) {
+            let m = decode(&encode(&update(round), &payload), 1 << 20).unwrap();
+            prop_assert_eq!(m.payload, payload);
+            prop_assert_eq!(m.header, update(round));
+        }
+    }
+}

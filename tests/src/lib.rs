@@ -1,0 +1,1 @@
+//! Holds nothing: the end-to-end tests live in `tests/`.
