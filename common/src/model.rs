@@ -146,6 +146,31 @@ impl ModelSpec {
     }
 }
 
+/// Deterministic initial parameters in wire order, as PyTorch's `nn.Linear` initialises
+/// them: weights and biases uniform in `±1/sqrt(fan_in)`. Generated here rather than by
+/// libtorch's global RNG so that the server and the simulator get the same start from the
+/// same seed on any device, without libtorch.
+pub fn init_params(spec: &ModelSpec, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let mut out = vec![0f32; spec.num_params()];
+    // Initialise layer by layer (weights then biases) so the values do not depend on the
+    // sorted wire order, then place them.
+    let layout = spec.layout();
+    for (i, w) in spec.layers.windows(2).enumerate() {
+        let bound = 1.0 / (w[0] as f64).sqrt();
+        for suffix in ["weight", "bias"] {
+            let name = format!("{}.{suffix}", ModelSpec::layer_name(i));
+            if let Some(slot) = layout.iter().find(|s| s.name == name) {
+                for v in &mut out[slot.offset..slot.offset + slot.len] {
+                    *v = rng.gen_range(-bound..bound) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Short hex form of a hash for logs.
 pub fn short_hex(hash: &SpecHash) -> String {
     hash[..6].iter().map(|b| format!("{b:02x}")).collect()
@@ -173,6 +198,19 @@ mod tests {
         assert_eq!(layout[3].offset, 18);
         let total: usize = layout.iter().map(|s| s.len).sum();
         assert_eq!(total, spec.num_params());
+    }
+
+    #[test]
+    fn init_is_deterministic_and_bounded() {
+        let spec = ModelSpec::new(vec![100, 10, 3]).unwrap();
+        let a = init_params(&spec, 1);
+        assert_eq!(a, init_params(&spec, 1));
+        assert_ne!(a, init_params(&spec, 2));
+        let w0 = &spec.layout()[1];
+        assert!(a[w0.offset..w0.offset + w0.len]
+            .iter()
+            .all(|v| v.abs() <= 0.1));
+        assert!(a.iter().any(|v| *v != 0.0));
     }
 
     #[test]

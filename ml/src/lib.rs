@@ -1,1 +1,13 @@
-//! placeholder
+//! Everything that touches data and libtorch: loading CSV and IDX data sets, partitioning
+//! them across (virtual) clients, the MLP built from a [`dpfl_common::ModelSpec`], local
+//! training and evaluation, and saving models as safetensors.
+//!
+//! Shared by the client node (training), the server (centralised evaluation, model export)
+//! and the simulator. It knows nothing about the network or about aggregation.
+
+pub mod data;
+pub mod export;
+pub mod model;
+
+pub use data::{DataSource, Dataset, Shard};
+pub use model::{DeviceData, EvalOutcome, Mlp, TrainOutcome};

@@ -1,0 +1,498 @@
+//! The MLP in libtorch: build from a [`ModelSpec`], load and export the flat parameter
+//! vector in wire order, train locally (SGD or Adam, optional FedProx term) and evaluate.
+//!
+//! `tch::Tensor` is `Send` but not `Sync`: a [`Mlp`] lives on one thread. Callers in async
+//! code run it on a blocking thread of its own.
+
+use dpfl_common::config::{OptimizerKind, TrainConfig};
+use dpfl_common::model::{ModelSpec, TensorSlot};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::nn::OptimizerConfig;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::data::Dataset;
+
+/// Errors from the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Parameter vector of the wrong length.
+    #[error("parameter vector has {got} values, the model needs {expected}")]
+    Length {
+        /// Expected length.
+        expected: usize,
+        /// Received length.
+        got: usize,
+    },
+    /// Data does not fit the model.
+    #[error("data has {data} features per row, the model expects {model}")]
+    Features {
+        /// Features in the data.
+        data: usize,
+        /// Model inputs.
+        model: usize,
+    },
+    /// A label outside the model's classes.
+    #[error("label {label} is outside the model's {classes} classes")]
+    Label {
+        /// Offending label.
+        label: i64,
+        /// Number of outputs.
+        classes: usize,
+    },
+    /// Device name not understood or unavailable.
+    #[error("device {0:?}: use auto, cpu, cuda or cuda:N (CUDA must be available)")]
+    Device(String),
+    /// Training diverged (non-finite loss or parameters).
+    #[error("training diverged: {0}")]
+    Diverged(String),
+    /// libtorch error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, ModelError> {
+    match s {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if (n as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(n)),
+            _ => Err(ModelError::Device(s.into())),
+        },
+    }
+}
+
+/// Human-readable device name for logs.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// A data set resident on a device.
+pub struct DeviceData {
+    xs: Tensor,
+    ys: Tensor,
+    len: usize,
+}
+
+impl DeviceData {
+    /// Copies a data set to `device`, checking it against the model spec.
+    pub fn new(data: &Dataset, spec: &ModelSpec, device: Device) -> Result<Self, ModelError> {
+        if data.dim != spec.inputs() {
+            return Err(ModelError::Features {
+                data: data.dim,
+                model: spec.inputs(),
+            });
+        }
+        if let Some(l) = data.labels.iter().find(|l| **l as usize >= spec.outputs()) {
+            return Err(ModelError::Label {
+                label: *l,
+                classes: spec.outputs(),
+            });
+        }
+        let n = data.len() as i64;
+        let xs = Tensor::from_slice(&data.features)
+            .view([n, data.dim as i64])
+            .to_device(device);
+        let ys = Tensor::from_slice(&data.labels).to_device(device);
+        Ok(Self {
+            xs,
+            ys,
+            len: data.len(),
+        })
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Result of local training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    /// `w_local - w_global` in wire order.
+    pub delta: Vec<f32>,
+    /// Mean loss over the steps.
+    pub loss: f64,
+    /// Training accuracy over the steps.
+    pub accuracy: f64,
+    /// Steps taken.
+    pub steps: u64,
+    /// Examples in the client's training set.
+    pub num_examples: u64,
+}
+
+/// Result of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalOutcome {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Accuracy in [0, 1].
+    pub accuracy: f64,
+    /// Examples evaluated.
+    pub num_examples: u64,
+}
+
+/// The MLP of a [`ModelSpec`] on one device.
+pub struct Mlp {
+    spec: ModelSpec,
+    vs: nn::VarStore,
+    /// (weight, bias) per layer, for the forward pass.
+    layers: Vec<(Tensor, Tensor)>,
+    /// All variables in wire order, with their slots.
+    wire: Vec<(TensorSlot, Tensor)>,
+}
+
+impl Mlp {
+    /// Builds the network (parameters zero until [`Mlp::load`]).
+    pub fn new(spec: &ModelSpec, device: Device) -> Result<Self, ModelError> {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let mut layers = Vec::new();
+        for (i, w) in spec.layers.windows(2).enumerate() {
+            let p = &root / ModelSpec::layer_name(i);
+            let weight = p.var("weight", &[w[1] as i64, w[0] as i64], nn::Init::Const(0.0));
+            let bias = p.var("bias", &[w[1] as i64], nn::Init::Const(0.0));
+            layers.push((weight, bias));
+        }
+        let vars = vs.variables();
+        let mut wire = Vec::new();
+        for slot in spec.layout() {
+            let t = vars.get(&slot.name).ok_or_else(|| {
+                ModelError::Diverged(format!("variable {} missing from the var store", slot.name))
+            })?;
+            wire.push((slot, t.shallow_clone()));
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            vs,
+            layers,
+            wire,
+        })
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The device.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Logits for a batch.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        let last = self.layers.len() - 1;
+        let mut h = xs.shallow_clone();
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            h = h.linear(w, Some(b));
+            if i < last {
+                h = h.relu();
+            }
+        }
+        h
+    }
+
+    /// Loads a flat parameter vector (wire order).
+    pub fn load(&mut self, flat: &[f32]) -> Result<(), ModelError> {
+        if flat.len() != self.spec.num_params() {
+            return Err(ModelError::Length {
+                expected: self.spec.num_params(),
+                got: flat.len(),
+            });
+        }
+        let device = self.device();
+        let all = Tensor::from_slice(flat).to_device(device);
+        tch::no_grad(|| {
+            for (slot, t) in &mut self.wire {
+                let shape: Vec<i64> = slot.shape.iter().map(|d| *d as i64).collect();
+                let src = all.narrow(0, slot.offset as i64, slot.len as i64).view(shape.as_slice());
+                t.copy_(&src);
+            }
+        });
+        Ok(())
+    }
+
+    /// Exports the parameters as a flat vector (wire order).
+    pub fn to_flat(&self) -> Result<Vec<f32>, ModelError> {
+        let parts: Vec<Tensor> = self.wire.iter().map(|(_, t)| t.detach().view(-1)).collect();
+        let cat = Tensor::cat(&parts, 0).to_device(Device::Cpu).contiguous();
+        let mut out = vec![0f32; self.spec.num_params()];
+        cat.f_copy_data(&mut out, self.spec.num_params())?;
+        Ok(out)
+    }
+
+    /// Trains from `global` on `data` as `cfg` says and returns the delta.
+    pub fn train(
+        &mut self,
+        data: &DeviceData,
+        cfg: &TrainConfig,
+        global: &[f32],
+    ) -> Result<TrainOutcome, ModelError> {
+        self.load(global)?;
+        let mut opt = match cfg.optimizer {
+            OptimizerKind::Sgd => nn::Sgd {
+                momentum: cfg.momentum,
+                dampening: 0.0,
+                wd: cfg.weight_decay,
+                nesterov: false,
+            }
+            .build(&self.vs, cfg.lr)?,
+            OptimizerKind::Adam => nn::Adam {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                wd: cfg.weight_decay,
+                eps: 1e-8,
+                amsgrad: false,
+            }
+            .build(&self.vs, cfg.lr)?,
+        };
+        let anchors: Vec<Tensor> = if cfg.prox_mu > 0.0 {
+            self.wire.iter().map(|(_, t)| t.detach().copy()).collect()
+        } else {
+            Vec::new()
+        };
+        let device = self.device();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut order: Vec<i64> = (0..data.len as i64).collect();
+        let batch = cfg.batch_size as usize;
+        let max_steps = cfg.max_steps.map(u64::from).unwrap_or(u64::MAX);
+        let mut steps = 0u64;
+        let mut seen = 0u64;
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        let mut correct = Tensor::zeros([], (Kind::Int64, device));
+        // With max_steps, cycle through as many epochs as the step budget needs.
+        let epochs = if cfg.max_steps.is_some() {
+            u32::MAX
+        } else {
+            cfg.epochs
+        };
+        'outer: for _ in 0..epochs {
+            if data.len == 0 {
+                break;
+            }
+            order.shuffle(&mut rng);
+            for chunk in order.chunks(batch) {
+                if steps >= max_steps {
+                    break 'outer;
+                }
+                let idx = Tensor::from_slice(chunk).to_device(device);
+                let xb = data.xs.index_select(0, &idx);
+                let yb = data.ys.index_select(0, &idx);
+                let logits = self.forward(&xb);
+                let mut loss = logits.cross_entropy_for_logits(&yb);
+                if cfg.prox_mu > 0.0 {
+                    let mut prox = Tensor::zeros([], (Kind::Float, device));
+                    for ((_, w), a) in self.wire.iter().zip(&anchors) {
+                        prox += (w - a).square().sum(Kind::Float);
+                    }
+                    loss += prox * (cfg.prox_mu / 2.0);
+                }
+                opt.backward_step(&loss);
+                tch::no_grad(|| {
+                    loss_sum += loss.detach() * chunk.len() as f64;
+                    correct += logits.argmax(-1, false).eq_tensor(&yb).sum(Kind::Int64);
+                });
+                steps += 1;
+                seen += chunk.len() as u64;
+            }
+        }
+        let loss = if seen > 0 {
+            loss_sum.double_value(&[]) / seen as f64
+        } else {
+            0.0
+        };
+        let accuracy = if seen > 0 {
+            correct.int64_value(&[]) as f64 / seen as f64
+        } else {
+            0.0
+        };
+        if !loss.is_finite() {
+            return Err(ModelError::Diverged(format!("loss is {loss}")));
+        }
+        let mut delta = self.to_flat()?;
+        for (d, g) in delta.iter_mut().zip(global) {
+            *d -= *g;
+        }
+        if delta.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Diverged("non-finite parameters".into()));
+        }
+        Ok(TrainOutcome {
+            delta,
+            loss,
+            accuracy,
+            steps,
+            num_examples: data.len as u64,
+        })
+    }
+
+    /// Evaluates `params` on `data`.
+    pub fn evaluate(&mut self, data: &DeviceData, params: &[f32]) -> Result<EvalOutcome, ModelError> {
+        self.load(params)?;
+        if data.len == 0 {
+            return Ok(EvalOutcome {
+                loss: 0.0,
+                accuracy: 0.0,
+                num_examples: 0,
+            });
+        }
+        let (loss, correct) = tch::no_grad(|| {
+            let mut loss = 0f64;
+            let mut correct = 0i64;
+            let n = data.len as i64;
+            let mut start = 0i64;
+            while start < n {
+                let len = (n - start).min(4096);
+                let xb = data.xs.narrow(0, start, len);
+                let yb = data.ys.narrow(0, start, len);
+                let logits = self.forward(&xb);
+                loss += logits.cross_entropy_for_logits(&yb).double_value(&[]) * len as f64;
+                correct += logits
+                    .argmax(-1, false)
+                    .eq_tensor(&yb)
+                    .sum(Kind::Int64)
+                    .int64_value(&[]);
+                start += len;
+            }
+            (loss, correct)
+        });
+        Ok(EvalOutcome {
+            loss: loss / data.len as f64,
+            accuracy: correct as f64 / data.len as f64,
+            num_examples: data.len as u64,
+        })
+    }
+}
+
+/// Sets libtorch's intra-op thread count (several client processes on few cores each want 1).
+pub fn set_threads(n: usize) {
+    tch::set_num_threads(n.max(1) as i32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpfl_common::model::init_params;
+
+    fn toy() -> (ModelSpec, Dataset) {
+        // Two well-separated classes in 4 dimensions.
+        let mut f = Vec::new();
+        let mut l = Vec::new();
+        for i in 0..200 {
+            let c = i % 2;
+            let s = if c == 0 { 1.0 } else { -1.0 };
+            let j = (i as f32 * 0.37).sin() * 0.1;
+            f.extend_from_slice(&[s + j, s - j, -s, 0.5 * s]);
+            l.push(c as i64);
+        }
+        (
+            ModelSpec::new(vec![4, 8, 2]).unwrap(),
+            Dataset::new(f, l, 4).unwrap(),
+        )
+    }
+
+    #[test]
+    fn load_and_export_round_trip_in_wire_order() {
+        let spec = ModelSpec::new(vec![3, 4, 2]).unwrap();
+        let mut m = Mlp::new(&spec, Device::Cpu).unwrap();
+        let flat: Vec<f32> = (0..spec.num_params()).map(|i| i as f32).collect();
+        m.load(&flat).unwrap();
+        assert_eq!(m.to_flat().unwrap(), flat);
+        // fc0.bias comes first in wire order: the forward pass must read it as the bias.
+        let zeros = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu));
+        let mut p = vec![0f32; spec.num_params()];
+        p[0] = 1.0; // fc0.bias[0]
+        let w1 = &spec.layout()[3]; // fc1.weight [2, 4]
+        p[w1.offset] = 2.0; // fc1.weight[0][0]
+        m.load(&p).unwrap();
+        let out = Vec::<f32>::try_from(m.forward(&zeros).view(-1)).unwrap();
+        assert_eq!(out, vec![2.0, 0.0]);
+        assert!(matches!(m.load(&[1.0]), Err(ModelError::Length { .. })));
+    }
+
+    #[test]
+    fn training_learns_and_is_deterministic() {
+        set_threads(1);
+        let (spec, data) = toy();
+        let dd = DeviceData::new(&data, &spec, Device::Cpu).unwrap();
+        let init = init_params(&spec, 3);
+        let cfg = TrainConfig {
+            epochs: 5,
+            batch_size: 16,
+            lr: 0.1,
+            ..TrainConfig::default()
+        };
+        let mut m = Mlp::new(&spec, Device::Cpu).unwrap();
+        let before = m.evaluate(&dd, &init).unwrap();
+        let out = m.train(&dd, &cfg, &init).unwrap();
+        let trained: Vec<f32> = init.iter().zip(&out.delta).map(|(a, b)| a + b).collect();
+        let after = m.evaluate(&dd, &trained).unwrap();
+        assert!(after.accuracy > 0.95, "{after:?}");
+        assert!(after.loss < before.loss);
+        assert_eq!(out.steps, 5 * 13);
+        let again = Mlp::new(&spec, Device::Cpu)
+            .unwrap()
+            .train(&dd, &cfg, &init)
+            .unwrap();
+        assert_eq!(again.delta, out.delta);
+    }
+
+    #[test]
+    fn max_steps_and_adam_and_prox() {
+        let (spec, data) = toy();
+        let dd = DeviceData::new(&data, &spec, Device::Cpu).unwrap();
+        let init = init_params(&spec, 3);
+        let mut m = Mlp::new(&spec, Device::Cpu).unwrap();
+        let cfg = TrainConfig {
+            max_steps: Some(30),
+            batch_size: 16,
+            optimizer: OptimizerKind::Adam,
+            lr: 0.01,
+            ..TrainConfig::default()
+        };
+        assert_eq!(m.train(&dd, &cfg, &init).unwrap().steps, 30);
+        let norm = |d: &[f32]| d.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let plain = TrainConfig {
+            epochs: 5,
+            lr: 0.2,
+            ..TrainConfig::default()
+        };
+        let prox = TrainConfig {
+            prox_mu: 1.0,
+            ..plain.clone()
+        };
+        let d0 = norm(&m.train(&dd, &plain, &init).unwrap().delta);
+        let d1 = norm(&m.train(&dd, &prox, &init).unwrap().delta);
+        assert!(d1 < d0, "FedProx should stay closer: {d1} vs {d0}");
+    }
+
+    #[test]
+    fn data_that_does_not_fit_is_refused() {
+        let (spec, data) = toy();
+        let wide = ModelSpec::new(vec![5, 2]).unwrap();
+        assert!(matches!(
+            DeviceData::new(&data, &wide, Device::Cpu),
+            Err(ModelError::Features { .. })
+        ));
+        let one_class = ModelSpec::new(vec![4, 1]).unwrap();
+        assert!(matches!(
+            DeviceData::new(&data, &one_class, Device::Cpu),
+            Err(ModelError::Label { .. })
+        ));
+        let _ = spec;
+        assert!(parse_device("tpu").is_err());
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+    }
+}
