@@ -454,3 +454,56 @@ mod tests {
         assert!(validate_node_name("node-7.eu_west").is_ok());
     }
 }
+
+/// QUIC endpoints over the mutual-TLS configs, with transport settings suited to FL:
+/// keep-alives well inside the idle timeout so that minutes of local training never look
+/// like a dead peer, flow-control windows large enough for multi-megabyte updates, and a
+/// cap on the streams a peer may open.
+pub mod quic {
+    use super::{client_tls, server_tls, CertError, Credentials};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Transport settings shared by server and clients.
+    pub fn transport(idle_timeout: Duration, peer_bidi_streams: u32) -> Result<quinn::TransportConfig, CertError> {
+        let mut t = quinn::TransportConfig::default();
+        let idle = quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| CertError::Tls(e.to_string()))?;
+        t.max_idle_timeout(Some(idle));
+        t.keep_alive_interval(Some(idle_timeout / 3));
+        t.max_concurrent_bidi_streams(peer_bidi_streams.into());
+        t.max_concurrent_uni_streams(0u8.into());
+        t.stream_receive_window((16u32 << 20).into());
+        t.receive_window((32u32 << 20).into());
+        t.send_window(32 << 20);
+        Ok(t)
+    }
+
+    /// A server endpoint bound to `listen` that requires client certificates from the CA.
+    pub fn server_endpoint(
+        creds: &Credentials,
+        alpn: &[u8],
+        listen: SocketAddr,
+        idle_timeout: Duration,
+    ) -> Result<quinn::Endpoint, CertError> {
+        let tls = server_tls(creds, alpn)?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
+        let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        // Clients open one stream (the hello) at a time.
+        sc.transport_config(Arc::new(transport(idle_timeout, 4)?));
+        quinn::Endpoint::server(sc, listen).map_err(|e| CertError::Tls(format!("bind {listen}: {e}")))
+    }
+
+    /// A client endpoint presenting the node certificate and pinning the CA.
+    pub fn client_endpoint(creds: &Credentials, alpn: &[u8], idle_timeout: Duration) -> Result<quinn::Endpoint, CertError> {
+        let tls = client_tls(creds, alpn)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
+        let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+        // The server opens one stream per request.
+        cc.transport_config(Arc::new(transport(idle_timeout, 8)?));
+        let bind: SocketAddr = "0.0.0.0:0".parse().map_err(|e| CertError::Tls(format!("{e}")))?;
+        let mut ep = quinn::Endpoint::client(bind).map_err(|e| CertError::Tls(format!("client socket: {e}")))?;
+        ep.set_default_client_config(cc);
+        Ok(ep)
+    }
+}

@@ -52,6 +52,7 @@ pub enum OptimizerKind {
 
 /// Local training settings for one round, sent by the server with every train request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     /// Local epochs over the client's data.
     pub epochs: u32,

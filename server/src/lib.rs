@@ -1,1 +1,26 @@
-//! placeholder
+//! The dpfl aggregation server.
+//!
+//! - [`coordinator`]: the round state machine (events in, actions out, `now` passed in).
+//! - [`strategy`]: the pluggable strategy API, FedAvg, and the DP wrappers.
+//! - [`aggregate`], [`optimizer`]: aggregation rules (streaming mean, robust rules) and
+//!   server optimizers.
+//! - [`ledger`]: the privacy ledger.
+//! - [`service`]: the QUIC/mTLS endpoint and the async driver around the coordinator.
+//! - [`config`], [`checkpoint`], [`admission`]: configuration, crash-safe checkpoints,
+//!   allow/deny lists and rate limits.
+//!
+//! It knows nothing of libtorch training internals: centralised evaluation goes through
+//! `dpfl-ml`.
+
+pub mod admission;
+pub mod aggregate;
+pub mod checkpoint;
+pub mod config;
+pub mod coordinator;
+pub mod ledger;
+pub mod optimizer;
+pub mod service;
+pub mod strategy;
+
+pub use config::ServerConfig;
+pub use service::{RunSummary, Server, ServerError};

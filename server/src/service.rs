@@ -1,0 +1,768 @@
+//! The aggregation server: the QUIC/mTLS endpoint and the async driver around the
+//! [`Coordinator`].
+//!
+//! One task per connection does the handshake (certificate identity, admission, hello)
+//! and then only waits for the connection to end; requests to a client go out on
+//! server-opened bidirectional streams, one per request, each read back with a size limit
+//! and a deadline. The driver loop owns the coordinator and turns its actions into
+//! network traffic, metrics lines, checkpoints and centralised evaluations.
+//!
+//! Identity: the node name is the common name of the client certificate, which must chain
+//! to the federation CA (rustls verifies it during the handshake). A second connection
+//! with the same identity **replaces** the first: a node that crashed and restarted must
+//! be able to rejoin before the old connection times out; both hold the same private key,
+//! so this admits no one new.
+
+use crate::admission::{admit, RateLimiter};
+use crate::checkpoint;
+use crate::config::ServerConfig;
+use crate::coordinator::{Action, Coordinator, CoordinatorConfig, FinishReason, RoundReport};
+use crate::ledger::Ledger;
+use crate::strategy::{self, NodeId, Strategy};
+use dpfl_certs::{Credentials, Layout};
+use dpfl_common::config::DpMode;
+use dpfl_common::dp::{GaussianNoise, OpenDpGaussian};
+use dpfl_common::model::{init_params, short_hex, ModelSpec};
+use dpfl_common::wire::{self, DpAgreement, Finish, Header, Message, Refusal, RefusalKind, UpdateMeta, Welcome};
+use dpfl_ml::{DataSource, DeviceData, Mlp};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Errors that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// TLS / certificates / socket.
+    #[error(transparent)]
+    Tls(#[from] dpfl_certs::CertError),
+    /// Checkpoint problem.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// Test data could not be loaded.
+    #[error("test data: {0}")]
+    Data(String),
+    /// Output files.
+    #[error("{0}")]
+    Io(String),
+    /// Strategy could not be built.
+    #[error("strategy: {0}")]
+    Strategy(String),
+}
+
+/// An update as the server received it (for tests that observe the wire).
+#[derive(Debug, Clone)]
+pub struct ObservedUpdate {
+    /// Sender.
+    pub node: NodeId,
+    /// Header.
+    pub meta: UpdateMeta,
+    /// Payload as received, before validation.
+    pub delta: Vec<f32>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Rounds completed.
+    pub rounds_completed: u64,
+    /// Why it ended (`None`: shut down by signal).
+    pub finish: Option<String>,
+    /// Last centralised test accuracy.
+    pub test_accuracy: Option<f64>,
+    /// Last centralised test loss.
+    pub test_loss: Option<f64>,
+    /// Final ledger.
+    pub ledger: Ledger,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Messages rejected over the whole run, by kind.
+    pub rejected: HashMap<String, u64>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Serialize)]
+struct MetricsLine {
+    round: u64,
+    participants: usize,
+    selected: usize,
+    failed: usize,
+    attempts: u32,
+    abandoned: bool,
+    train_loss: Option<f64>,
+    train_accuracy: Option<f64>,
+    test_accuracy: Option<f64>,
+    test_loss: Option<f64>,
+    federated_accuracy: Option<f64>,
+    federated_loss: Option<f64>,
+    federated_examples: Option<u64>,
+    seconds: f64,
+    epsilon: Option<f64>,
+    delta: Option<f64>,
+    dp_mode: DpMode,
+    noise_multiplier: Option<f64>,
+    clip_norm: Option<f64>,
+    clipped_fraction: Option<f64>,
+    max_client_epsilon: Option<f64>,
+    rejected: std::collections::BTreeMap<&'static str, u64>,
+    norm_exceeded: u64,
+    failures: Vec<String>,
+}
+
+enum Event {
+    Connected {
+        node: NodeId,
+        conn: quinn::Connection,
+    },
+    Disconnected {
+        node: NodeId,
+        id: usize,
+    },
+    Response {
+        node: NodeId,
+        result: Result<Message, (&'static str, String)>,
+    },
+}
+
+/// Centralised evaluation on its own thread (libtorch tensors are not `Sync`).
+struct Evaluator {
+    tx: std::sync::mpsc::Sender<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>,
+}
+
+impl Evaluator {
+    fn start(spec: &ModelSpec, data: dpfl_ml::Dataset, threads: usize) -> Result<Self, ServerError> {
+        let (tx, rx) = std::sync::mpsc::channel::<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>();
+        let spec = spec.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("evaluator".into())
+            .spawn(move || {
+                dpfl_ml::model::set_threads(threads);
+                let device = tch::Device::Cpu;
+                let setup = DeviceData::new(&data, &spec, device)
+                    .and_then(|d| Mlp::new(&spec, device).map(|m| (d, m)));
+                let (dd, mut mlp) = match setup {
+                    Ok(x) => {
+                        let _ = ready_tx.send(Ok(()));
+                        x
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                while let Ok((params, reply)) = rx.recv() {
+                    let out = mlp.evaluate(&dd, &params).ok().map(|e| (e.accuracy, e.loss));
+                    let _ = reply.send(out);
+                }
+            })
+            .map_err(|e| ServerError::Data(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|e| ServerError::Data(e.to_string()))?
+            .map_err(ServerError::Data)?;
+        Ok(Self { tx })
+    }
+
+    async fn evaluate(&self, params: Arc<Vec<f32>>) -> Option<(f64, f64)> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((params, tx)).ok()?;
+        rx.await.ok().flatten()
+    }
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    cfg: ServerConfig,
+    endpoint: quinn::Endpoint,
+    coordinator: Coordinator,
+    evaluator: Option<Evaluator>,
+    observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
+    out: PathBuf,
+}
+
+fn io_err(e: impl std::fmt::Display) -> ServerError {
+    ServerError::Io(e.to_string())
+}
+
+impl Server {
+    /// Validates the configuration, loads test data and any checkpoint, and binds.
+    pub fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
+        Self::bind_with_noise(cfg, Box::new(OpenDpGaussian::default()))
+    }
+
+    /// As [`Server::bind`] with a given noise source (tests; deployments use opendp).
+    pub fn bind_with_noise(cfg: ServerConfig, noise: Box<dyn GaussianNoise>) -> Result<Self, ServerError> {
+        cfg.validate()?;
+        let spec = cfg.spec();
+        let strategy: Box<dyn Strategy> = strategy::build(
+            cfg.strategy.clone(),
+            cfg.train.clone(),
+            cfg.dp,
+            spec.num_params(),
+            noise,
+        )
+        .map_err(ServerError::Strategy)?;
+        std::fs::create_dir_all(&cfg.out_dir).map_err(io_err)?;
+        let ckpt = cfg.out_dir.join("checkpoint.bin");
+        let snapshot = match cfg.resume {
+            true => checkpoint::load(&ckpt, &cfg.fingerprint())?,
+            false => None,
+        };
+        let snapshot = match snapshot {
+            Some(s) => {
+                tracing::info!(
+                    completed = s.completed_rounds,
+                    epsilon = s.ledger.epsilon(),
+                    "resuming from {}",
+                    ckpt.display()
+                );
+                s
+            }
+            None => Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp),
+        };
+        let ccfg = CoordinatorConfig {
+            rounds: cfg.rounds,
+            min_clients: cfg.min_clients,
+            min_fit_clients: cfg.strategy.min_fit_clients,
+            round_timeout: cfg.round_timeout(),
+            eval_timeout: Duration::from_secs_f64(cfg.eval_timeout_secs),
+            max_round_retries: cfg.max_round_retries,
+            seed: cfg.seed,
+            spec: spec.clone(),
+            dp: cfg.dp,
+        };
+        let coordinator = Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
+        let evaluator = match &cfg.test_data {
+            Some(src) => {
+                let src: DataSource = src.parse().map_err(|e: dpfl_ml::data::DataError| ServerError::Data(e.to_string()))?;
+                let mut data = src.load().map_err(|e| ServerError::Data(e.to_string()))?;
+                if let Some(n) = cfg.test_limit {
+                    data = data.take(n);
+                }
+                Some(Evaluator::start(&spec, data, cfg.eval_threads)?)
+            }
+            None => None,
+        };
+        let creds = Credentials::server(&Layout::new(&cfg.certs_dir));
+        let endpoint = dpfl_certs::quic::server_endpoint(
+            &creds,
+            wire::ALPN,
+            cfg.listen,
+            Duration::from_secs_f64(cfg.idle_timeout_secs),
+        )?;
+        Ok(Self {
+            out: cfg.out_dir.clone(),
+            cfg,
+            endpoint,
+            coordinator,
+            evaluator,
+            observer: None,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.endpoint.local_addr().map_err(io_err)
+    }
+
+    /// Test hook: every update as received, before validation.
+    pub fn observe_updates(&mut self) -> mpsc::UnboundedReceiver<ObservedUpdate> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.observer = Some(tx);
+        rx
+    }
+
+    /// Runs until training finishes or `shutdown` resolves. On shutdown the current write
+    /// completes, connections close (clients keep retrying), and the checkpoint of the
+    /// last completed round stays for a restart.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<RunSummary, ServerError> {
+        let started = Instant::now();
+        let spec = self.cfg.spec();
+        let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
+        let conns = Arc::new(Semaphore::new(self.cfg.admission.max_connections));
+        let accept = tokio::spawn(accept_loop(
+            self.endpoint.clone(),
+            self.cfg.clone(),
+            spec.clone(),
+            ev_tx.clone(),
+            conns,
+        ));
+        let mut registry: HashMap<NodeId, quinn::Connection> = HashMap::new();
+        let mut summary = RunSummary {
+            rounds_completed: self.coordinator.completed_rounds(),
+            finish: None,
+            test_accuracy: None,
+            test_loss: None,
+            ledger: self.coordinator.ledger().clone(),
+            seconds: 0.0,
+            rejected: HashMap::new(),
+        };
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.out.join("metrics.jsonl"))
+            .map_err(io_err)?;
+        tracing::info!(
+            addr = %self.local_addr()?,
+            model = ?spec.layers,
+            spec = %short_hex(&spec.hash()),
+            dp = %self.cfg.dp.mode,
+            rounds = self.cfg.rounds,
+            "server listening; waiting for {} clients",
+            self.cfg.min_clients
+        );
+        tokio::pin!(shutdown);
+        let mut finished = false;
+        while !finished {
+            // Act on everything the coordinator wants first.
+            while let Some(action) = self.coordinator.poll_action() {
+                match action {
+                    Action::Train { nodes, request, params, .. } => {
+                        let bytes = Arc::new(wire::encode(&Header::Train(request), &params));
+                        let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
+                        for n in nodes {
+                            self.send_request(&registry, &n, bytes.clone(), deadline, &ev_tx);
+                        }
+                    }
+                    Action::Evaluate { nodes, request, params } => {
+                        let bytes = Arc::new(wire::encode(&Header::Evaluate(request), &params));
+                        let deadline = Duration::from_secs_f64(self.cfg.eval_timeout_secs) + Duration::from_secs(5);
+                        for n in nodes {
+                            self.send_request(&registry, &n, bytes.clone(), deadline, &ev_tx);
+                        }
+                    }
+                    Action::RoundRetried { round, attempt, accepted, quorum } => {
+                        tracing::warn!(round, attempt, accepted, quorum, "round missed its quorum; selecting again");
+                    }
+                    Action::RoundCompleted(report) => {
+                        for (k, v) in &report.rejected {
+                            *summary.rejected.entry(k.to_string()).or_default() += v;
+                        }
+                        self.complete_round(*report, &mut metrics, &mut summary).await?;
+                    }
+                    Action::Finish { reason, rounds_completed } => {
+                        tracing::info!(rounds_completed, "training finished: {reason}");
+                        summary.finish = Some(reason.to_string());
+                        summary.rounds_completed = rounds_completed;
+                        tell_finish(&registry, &reason, rounds_completed).await;
+                        finished = true;
+                    }
+                }
+            }
+            if finished {
+                break;
+            }
+            let wake = self.coordinator.poll_timeout();
+            tokio::select! {
+                ev = ev_rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.handle_event(ev, &mut registry);
+                }
+                _ = sleep_until(wake) => {
+                    self.coordinator.handle_timeout(Instant::now());
+                }
+                _ = &mut shutdown => {
+                    tracing::info!("shutdown requested; closing connections (clients will retry)");
+                    self.coordinator.shutdown();
+                    break;
+                }
+            }
+        }
+        accept.abort();
+        let final_model = self.out.join("model.safetensors");
+        dpfl_ml::export::save_safetensors(&spec, self.coordinator.global(), &final_model).map_err(io_err)?;
+        summary.ledger = self.coordinator.ledger().clone();
+        summary.seconds = started.elapsed().as_secs_f64();
+        write_json(&self.out.join("ledger.json"), &summary.ledger)?;
+        write_json(&self.out.join("summary.json"), &summary)?;
+        if self.cfg.dp.mode.is_private() {
+            tracing::info!("{}", summary.ledger.summary());
+        }
+        // Give Finish messages a moment to be delivered before closing.
+        if finished {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.endpoint.close(0u32.into(), b"training finished");
+        } else {
+            self.endpoint.close(1u32.into(), b"server shutting down");
+        }
+        tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await.ok();
+        Ok(summary)
+    }
+
+    fn handle_event(&mut self, ev: Event, registry: &mut HashMap<NodeId, quinn::Connection>) {
+        let now = Instant::now();
+        match ev {
+            Event::Connected { node, conn } => {
+                if let Some(old) = registry.insert(node.clone(), conn) {
+                    tracing::warn!(%node, "second connection with the same identity replaces the first");
+                    old.close(2u32.into(), b"replaced by a newer connection");
+                    self.coordinator.handle_disconnect(&node, now);
+                }
+                tracing::info!(%node, connected = registry.len(), "client joined");
+                self.coordinator.handle_connect(node, now);
+            }
+            Event::Disconnected { node, id } => {
+                if registry.get(&node).map(|c| c.stable_id()) == Some(id) {
+                    registry.remove(&node);
+                    tracing::info!(%node, connected = registry.len(), "client left");
+                    self.coordinator.handle_disconnect(&node, now);
+                }
+            }
+            Event::Response { node, result } => match result {
+                Ok(Message { header: Header::Update(meta), payload }) => {
+                    if let Some(obs) = &self.observer {
+                        let _ = obs.send(ObservedUpdate {
+                            node: node.clone(),
+                            meta: meta.clone(),
+                            delta: payload.clone(),
+                        });
+                    }
+                    if let Err(e) = self.coordinator.handle_update(&node, meta, payload, now) {
+                        tracing::warn!(%node, kind = e.kind(), "update rejected: {e}");
+                    }
+                }
+                Ok(Message { header: Header::EvalResult(r), .. }) => {
+                    if let Err(e) = self.coordinator.handle_eval_result(&node, r, now) {
+                        tracing::warn!(%node, "evaluation result rejected: {e}");
+                    }
+                }
+                Ok(Message { header: Header::Failed { round, reason }, .. }) => {
+                    tracing::warn!(%node, round, "client could not serve the request: {reason}");
+                    self.coordinator.handle_failed(&node, round, &reason, now);
+                }
+                Ok(other) => {
+                    let detail = format!("unexpected `{}` message", other.header.name());
+                    tracing::warn!(%node, "{detail}");
+                    self.coordinator.handle_transport_error(&node, "unexpected_message", &detail, now);
+                }
+                Err((kind, detail)) => {
+                    tracing::warn!(%node, kind, "{detail}");
+                    self.coordinator.handle_transport_error(&node, kind, &detail, now);
+                }
+            },
+        }
+    }
+
+    fn send_request(
+        &self,
+        registry: &HashMap<NodeId, quinn::Connection>,
+        node: &NodeId,
+        bytes: Arc<Vec<u8>>,
+        deadline: Duration,
+        ev_tx: &mpsc::Sender<Event>,
+    ) {
+        let Some(conn) = registry.get(node).cloned() else {
+            let _ = ev_tx.try_send(Event::Response {
+                node: node.clone(),
+                result: Err(("not_connected", "client is not connected".into())),
+            });
+            return;
+        };
+        let tx = ev_tx.clone();
+        let node = node.clone();
+        let max = self.cfg.max_message_bytes;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(deadline, request(&conn, &bytes, max)).await {
+                Ok(r) => r,
+                Err(_) => Err(("timeout", "no answer before the deadline".to_string())),
+            };
+            let _ = tx.send(Event::Response { node, result }).await;
+        });
+    }
+
+    async fn complete_round(
+        &mut self,
+        r: RoundReport,
+        metrics: &mut std::fs::File,
+        summary: &mut RunSummary,
+    ) -> Result<(), ServerError> {
+        let test = match &self.evaluator {
+            Some(ev) if r.model_updated || summary.test_accuracy.is_none() => ev.evaluate(r.global.clone()).await,
+            Some(_) => summary.test_accuracy.zip(summary.test_loss),
+            None => None,
+        };
+        if let Some((acc, loss)) = test {
+            summary.test_accuracy = Some(acc);
+            summary.test_loss = Some(loss);
+        }
+        summary.rounds_completed = r.round;
+        let seconds = r.finished.saturating_duration_since(r.started).as_secs_f64();
+        let p = r.privacy;
+        let line = MetricsLine {
+            round: r.round,
+            participants: r.participants.len(),
+            selected: r.selected,
+            failed: r.failures.len(),
+            attempts: r.attempts,
+            abandoned: r.abandoned,
+            train_loss: r.train_loss,
+            train_accuracy: r.train_accuracy,
+            test_accuracy: test.map(|t| t.0),
+            test_loss: test.map(|t| t.1),
+            federated_accuracy: r.federated_eval.map(|e| e.accuracy),
+            federated_loss: r.federated_eval.map(|e| e.loss),
+            federated_examples: r.federated_eval.map(|e| e.num_examples),
+            seconds,
+            epsilon: r.epsilon,
+            delta: self.cfg.dp.mode.is_private().then_some(self.cfg.dp.delta),
+            dp_mode: self.cfg.dp.mode,
+            noise_multiplier: p.map(|p| p.noise_multiplier),
+            clip_norm: p.map(|p| p.clip_norm),
+            clipped_fraction: p.and_then(|p| p.clipped_fraction),
+            max_client_epsilon: (self.cfg.dp.mode == DpMode::Local).then(|| r.snapshot.ledger.max_client_epsilon()),
+            rejected: r.rejected.clone(),
+            norm_exceeded: r.norm_exceeded,
+            failures: r.failures.iter().map(|f| format!("{}: {}", f.node, f.reason)).collect(),
+        };
+        let json = serde_json::to_string(&line).map_err(io_err)?;
+        writeln!(metrics, "{json}").and_then(|_| metrics.sync_data()).map_err(io_err)?;
+        checkpoint::save(&self.out.join("checkpoint.bin"), &self.cfg.fingerprint(), &r.snapshot)?;
+        write_json(&self.out.join("ledger.json"), &r.snapshot.ledger)?;
+        let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
+        let eps = match r.epsilon {
+            Some(e) => format!(" epsilon {e:.3}"),
+            None => String::new(),
+        };
+        let fed = match r.federated_eval {
+            Some(e) => format!(" fed-eval acc {:.4} ({} clients)", e.accuracy, e.clients),
+            None => String::new(),
+        };
+        tracing::info!(
+            "round {}/{}: {} participants ({} failed){} train loss {} test acc {} loss {}{}{} {:.2}s",
+            r.round,
+            self.cfg.rounds,
+            r.participants.len(),
+            r.failures.len(),
+            if r.abandoned { " ABANDONED" } else { "" },
+            fmt(r.train_loss),
+            fmt(test.map(|t| t.0)),
+            fmt(test.map(|t| t.1)),
+            eps,
+            fed,
+            seconds
+        );
+        Ok(())
+    }
+}
+
+fn write_json(path: &std::path::Path, v: &impl Serialize) -> Result<(), ServerError> {
+    let s = serde_json::to_vec_pretty(v).map_err(io_err)?;
+    checkpoint::write_atomic(path, &s).map_err(io_err)
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends one request on a new stream and reads the bounded answer.
+async fn request(conn: &quinn::Connection, bytes: &[u8], max: usize) -> Result<Message, (&'static str, String)> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| ("connection", e.to_string()))?;
+    send.write_all(bytes).await.map_err(|e| ("connection", e.to_string()))?;
+    send.finish().map_err(|e| ("connection", e.to_string()))?;
+    let answer = recv.read_to_end(max).await.map_err(|e| match e {
+        quinn::ReadToEndError::TooLong => ("oversized", format!("answer exceeds {max} bytes")),
+        other => ("connection", other.to_string()),
+    })?;
+    wire::decode(&answer, max).map_err(|e| ("malformed", e.to_string()))
+}
+
+async fn tell_finish(registry: &HashMap<NodeId, quinn::Connection>, reason: &FinishReason, rounds: u64) {
+    let bytes = wire::encode(
+        &Header::Finish(Finish {
+            reason: reason.to_string(),
+            rounds_completed: rounds,
+        }),
+        &[],
+    );
+    let mut set = tokio::task::JoinSet::new();
+    for c in registry.values().cloned() {
+        let bytes = bytes.clone();
+        set.spawn(async move {
+            if let Ok((mut s, _r)) = c.open_bi().await {
+                let _ = s.write_all(&bytes).await;
+                let _ = s.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), s.stopped()).await;
+            }
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while set.join_next().await.is_some() {} }).await;
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    cfg: ServerConfig,
+    spec: ModelSpec,
+    ev_tx: mpsc::Sender<Event>,
+    conns: Arc<Semaphore>,
+) {
+    let mut limiter = RateLimiter::new(cfg.admission.handshakes_per_sec, Instant::now());
+    let cfg = Arc::new(cfg);
+    while let Some(incoming) = endpoint.accept().await {
+        if !limiter.try_acquire(Instant::now()) {
+            tracing::warn!(remote = %incoming.remote_address(), "handshake rate limit exceeded; refused");
+            incoming.refuse();
+            continue;
+        }
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refused");
+            incoming.refuse();
+            continue;
+        };
+        let (cfg, spec, tx) = (cfg.clone(), spec.clone(), ev_tx.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(e) = serve_connection(incoming, &cfg, &spec, &tx).await {
+                tracing::warn!(%remote, "connection refused: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    cfg: &ServerConfig,
+    spec: &ModelSpec,
+    tx: &mpsc::Sender<Event>,
+) -> Result<(), String> {
+    const HANDSHAKE: Duration = Duration::from_secs(10);
+    let conn = tokio::time::timeout(HANDSHAKE, incoming)
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("empty client certificate chain")?;
+    let node = dpfl_certs::node_name(leaf).map_err(|e| e.to_string())?;
+    let fingerprint = dpfl_certs::fingerprint(leaf);
+    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE, conn.accept_bi())
+        .await
+        .map_err(|_| format!("{node}: no hello within {HANDSHAKE:?}"))?
+        .map_err(|e| format!("{node}: {e}"))?;
+    let hello_bytes = tokio::time::timeout(HANDSHAKE, recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES))
+        .await
+        .map_err(|_| format!("{node}: hello timed out"))?
+        .map_err(|e| format!("{node}: hello: {e}"))?;
+    let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint) {
+        Ok(w) => w,
+        Err(refusal) => {
+            let detail = refusal.detail.clone();
+            let msg = wire::encode(&Header::Refused(refusal), &[]);
+            let _ = send.write_all(&msg).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            conn.close(3u32.into(), b"refused");
+            return Err(format!("{node}: {detail}"));
+        }
+    };
+    send.write_all(&wire::encode(&Header::Welcome(welcome), &[]))
+        .await
+        .map_err(|e| format!("{node}: {e}"))?;
+    send.finish().map_err(|e| format!("{node}: {e}"))?;
+    let id = conn.stable_id();
+    tx.send(Event::Connected { node: node.clone(), conn: conn.clone() })
+        .await
+        .map_err(|_| "server stopped".to_string())?;
+    // Clients never open more streams after the hello: any that arrives is refused by the
+    // stream limit or ignored here. Wait for the connection to end.
+    let reason = conn.closed().await;
+    tracing::debug!(%node, "connection closed: {reason}");
+    let _ = tx.send(Event::Disconnected { node, id }).await;
+    Ok(())
+}
+
+/// Decides whether a verified peer's hello is accepted.
+fn check_hello(
+    bytes: &[u8],
+    cfg: &ServerConfig,
+    spec: &ModelSpec,
+    node: &str,
+    fingerprint: &str,
+) -> Result<Welcome, Refusal> {
+    let refuse = |kind, detail: String| Err(Refusal { kind, detail });
+    let hello = match wire::decode(bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
+        Ok(Message { header: Header::Hello(h), .. }) => h,
+        Ok(m) => return refuse(RefusalKind::Version, format!("expected hello, got `{}`", m.header.name())),
+        Err(wire::DecodeError::Version(v)) => {
+            return refuse(
+                RefusalKind::Version,
+                format!("protocol version {v} is not supported (server speaks {})", wire::PROTOCOL_VERSION),
+            )
+        }
+        Err(e) => return refuse(RefusalKind::Version, format!("malformed hello: {e}")),
+    };
+    if let Err(e) = admit(&cfg.admission, node, fingerprint) {
+        return refuse(RefusalKind::NotAdmitted, e.to_string());
+    }
+    if hello.dp_mode != cfg.dp.mode {
+        return refuse(
+            RefusalKind::DpMode,
+            format!(
+                "client is configured for dp mode `{}`, this federation runs `{}`",
+                hello.dp_mode, cfg.dp.mode
+            ),
+        );
+    }
+    if hello.input_dim as usize != spec.inputs() || hello.num_classes as usize > spec.outputs() {
+        return refuse(
+            RefusalKind::Model,
+            format!(
+                "client data has {} features and {} classes; the model takes {} features and {} classes",
+                hello.input_dim,
+                hello.num_classes,
+                spec.inputs(),
+                spec.outputs()
+            ),
+        );
+    }
+    Ok(Welcome {
+        node: node.to_string(),
+        spec: spec.clone(),
+        spec_hash: spec.hash(),
+        dp: DpAgreement {
+            mode: cfg.dp.mode,
+            noise_multiplier: cfg.dp.noise_multiplier,
+            sampling_rate: cfg.dp.sampling_rate,
+            delta: cfg.dp.delta,
+        },
+    })
+}
+
+/// Installs a tracing subscriber that logs to stderr (`RUST_LOG` overrides `default`).
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

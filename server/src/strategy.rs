@@ -1,0 +1,940 @@
+//! The strategy API: who trains with what settings, how results combine, who evaluates.
+//!
+//! Shaped after Flower's `Strategy`, because that is what FL practitioners know:
+//! - [`Strategy::configure_fit`] picks the clients and the round's training settings;
+//! - [`Strategy::accumulate`] receives each accepted update **as it arrives** (so a mean
+//!   can stream in O(parameters) memory), [`Strategy::aggregate_fit`] closes the round
+//!   with the failures passed in explicitly and may keep the previous model (`None`);
+//! - [`Strategy::configure_evaluate`] / [`Strategy::aggregate_evaluate`] do federated
+//!   evaluation;
+//! - [`Strategy::state`] / [`Strategy::restore`] put optimizer state into checkpoints.
+//!
+//! Differential privacy composes as **wrappers** ([`LocalDp`], [`CentralDp`]) around any
+//! strategy rather than as special cases in the server loop: they override client
+//! selection (Poisson sampling, the accountant's assumption), force equal weights, clip or
+//! noise, and report what they did through [`Strategy::round_privacy`] for the ledger.
+//! Robust aggregators and server optimizers are options of the built-in [`FedAvg`].
+
+use crate::aggregate::{Accumulator, AggregateError, AggregatorKind};
+use crate::optimizer::{ServerOptConfig, ServerOptimizer};
+use dpfl_common::config::{ClientPrivacy, DpMode, TrainConfig};
+use dpfl_common::dp::{clip_in_place, GaussianNoise};
+use dpfl_common::wire::{EvalResult, TrainMetrics};
+use rand::seq::SliceRandom;
+use rand::{Rng, RngCore};
+use serde::{Deserialize, Serialize};
+
+/// A node's identity: the common name of its certificate.
+pub type NodeId = String;
+
+/// What the selected clients are asked to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitPlan {
+    /// Clients selected for this round (may be empty under Poisson sampling).
+    pub nodes: Vec<NodeId>,
+    /// Local training settings.
+    pub config: TrainConfig,
+    /// Clipping and noise the clients apply.
+    pub privacy: ClientPrivacy,
+}
+
+/// One accepted update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitResult {
+    /// Sender.
+    pub node: NodeId,
+    /// `w_local - w_global` as received (validated: right length, finite).
+    pub delta: Vec<f32>,
+    /// Examples the client trained on (0 when the mode withholds it).
+    pub num_examples: u64,
+    /// Reported training metrics.
+    pub metrics: Option<TrainMetrics>,
+    /// Whether the client's clipping changed its update (central DP).
+    pub clipped: Option<bool>,
+}
+
+/// A selected client that did not deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// Who.
+    pub node: NodeId,
+    /// Why (timeout, disconnect, rejected update, client error).
+    pub reason: String,
+}
+
+/// What the privacy layer did this round (recorded in the ledger and the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundPrivacy {
+    /// Mode.
+    pub mode: DpMode,
+    /// Poisson sampling rate.
+    pub sampling_rate: f64,
+    /// Noise multiplier z of the round's Gaussian mechanism (the pair with adaptive clipping).
+    pub noise_multiplier: f64,
+    /// Clipping bound used this round.
+    pub clip_norm: f64,
+    /// Fraction of participants whose update was clipped (`None` when not observable).
+    pub clipped_fraction: Option<f64>,
+    /// Population the round sampled from.
+    pub population: usize,
+    /// Whether noise was actually released this round (false for an abandoned central round).
+    pub released: bool,
+}
+
+/// Aggregated federated evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    /// Example-weighted mean loss.
+    pub loss: f64,
+    /// Example-weighted accuracy.
+    pub accuracy: f64,
+    /// Examples evaluated.
+    pub num_examples: u64,
+    /// Clients that reported.
+    pub clients: usize,
+}
+
+/// Errors a strategy reports.
+#[derive(Debug, thiserror::Error)]
+pub enum StrategyError {
+    /// Aggregation failed.
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    /// Noise sampling failed.
+    #[error(transparent)]
+    Noise(#[from] dpfl_common::dp::NoiseError),
+    /// Invalid configuration or state.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A federated learning strategy. See the module docs.
+pub trait Strategy: Send {
+    /// Name for logs.
+    fn name(&self) -> String;
+
+    /// Picks the clients that train in `round` and their settings. `available` is sorted.
+    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore)
+        -> FitPlan;
+
+    /// Receives one accepted update of the open round.
+    fn accumulate(&mut self, round: u64, result: FitResult) -> Result<(), StrategyError>;
+
+    /// Closes the round: returns the new global model, or `None` to keep `global`.
+    fn aggregate_fit(
+        &mut self,
+        round: u64,
+        global: &[f32],
+        failures: &[Failure],
+    ) -> Result<Option<Vec<f32>>, StrategyError>;
+
+    /// Applies an aggregated delta to the global model (the server optimizer step).
+    /// Privacy wrappers call this on their inner strategy after noising.
+    fn apply_delta(&mut self, global: &[f32], delta: &[f32]) -> Vec<f32> {
+        global.iter().zip(delta).map(|(w, d)| w + d).collect()
+    }
+
+    /// Clients asked to evaluate the global model after `round` (default: none).
+    fn configure_evaluate(
+        &mut self,
+        _round: u64,
+        _available: &[NodeId],
+        _rng: &mut dyn RngCore,
+    ) -> Vec<NodeId> {
+        Vec::new()
+    }
+
+    /// Combines federated evaluation results (default: example-weighted means).
+    fn aggregate_evaluate(&mut self, _round: u64, results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+        weighted_eval(results)
+    }
+
+    /// What the privacy layer did in the round just aggregated (`None`: no DP).
+    fn round_privacy(&self) -> Option<RoundPrivacy> {
+        None
+    }
+
+    /// Serialisable state for checkpoints.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Restores [`Strategy::state`].
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<(), StrategyError> {
+        Ok(())
+    }
+}
+
+/// Example-weighted mean of evaluation results.
+pub fn weighted_eval(results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+    let n: u64 = results.iter().map(|(_, r)| r.num_examples).sum();
+    if n == 0 {
+        return None;
+    }
+    let w = |f: fn(&EvalResult) -> f64| {
+        results
+            .iter()
+            .map(|(_, r)| f(r) * r.num_examples as f64)
+            .sum::<f64>()
+            / n as f64
+    };
+    Some(EvalSummary {
+        loss: w(|r| r.loss),
+        accuracy: w(|r| r.accuracy),
+        num_examples: n,
+        clients: results.len(),
+    })
+}
+
+/// Local training settings with a per-round learning-rate decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainSettings {
+    /// Base settings (lr is the round-1 learning rate).
+    #[serde(flatten)]
+    pub base: TrainConfig,
+    /// lr of round r = lr * lr_decay^(r-1).
+    pub lr_decay: f64,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            base: TrainConfig::default(),
+            lr_decay: 1.0,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// The settings sent in `round`, with a per-round shuffle seed.
+    pub fn for_round(&self, round: u64, seed: u64) -> TrainConfig {
+        let mut c = self.base.clone();
+        c.lr = self.base.lr * self.lr_decay.powi(round.saturating_sub(1).min(i32::MAX as u64) as i32);
+        c.seed = seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        c
+    }
+}
+
+/// Settings of the built-in strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FedAvgConfig {
+    /// Fraction of available clients selected per round (non-DP selection).
+    pub fraction_fit: f64,
+    /// At least this many selected (when available).
+    pub min_fit_clients: usize,
+    /// Aggregation rule.
+    pub aggregator: AggregatorKind,
+    /// Server optimizer.
+    pub server_optimizer: ServerOptConfig,
+    /// Fraction of clients asked for federated evaluation (0 = none).
+    pub fraction_evaluate: f64,
+    /// Federated evaluation every this many rounds.
+    pub evaluate_every: u64,
+    /// Seed mixed into the per-round training seeds.
+    pub seed: u64,
+}
+
+impl Default for FedAvgConfig {
+    fn default() -> Self {
+        Self {
+            fraction_fit: 1.0,
+            min_fit_clients: 1,
+            aggregator: AggregatorKind::Mean,
+            server_optimizer: ServerOptConfig::default(),
+            fraction_evaluate: 0.0,
+            evaluate_every: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// The built-in strategy: fraction selection, FedAvg (or a robust rule), a server
+/// optimizer. Weighted by example counts; DP wrappers change that.
+pub struct FedAvg {
+    cfg: FedAvgConfig,
+    train: TrainSettings,
+    optimizer: ServerOptimizer,
+    acc: Option<Accumulator>,
+    len: usize,
+}
+
+impl FedAvg {
+    /// A strategy for models of `num_params` parameters.
+    pub fn new(cfg: FedAvgConfig, train: TrainSettings, num_params: usize) -> Self {
+        Self {
+            optimizer: ServerOptimizer::new(cfg.server_optimizer),
+            cfg,
+            train,
+            acc: None,
+            len: num_params,
+        }
+    }
+
+    fn select(&self, available: &[NodeId], fraction: f64, min: usize, rng: &mut dyn RngCore) -> Vec<NodeId> {
+        let want = ((available.len() as f64 * fraction).ceil() as usize)
+            .max(min)
+            .min(available.len());
+        let mut pick: Vec<NodeId> = available.choose_multiple(rng, want).cloned().collect();
+        pick.sort();
+        pick
+    }
+
+    fn accumulator(&mut self) -> &mut Accumulator {
+        let (kind, len) = (self.cfg.aggregator, self.len);
+        self.acc.get_or_insert_with(|| Accumulator::new(kind, len))
+    }
+}
+
+impl Strategy for FedAvg {
+    fn name(&self) -> String {
+        format!(
+            "{:?}+{:?}",
+            self.cfg.aggregator, self.cfg.server_optimizer.kind
+        )
+        .to_lowercase()
+    }
+
+    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> FitPlan {
+        self.acc = None;
+        FitPlan {
+            nodes: self.select(available, self.cfg.fraction_fit, self.cfg.min_fit_clients, rng),
+            config: self.train.for_round(round, self.cfg.seed),
+            privacy: ClientPrivacy::NONE,
+        }
+    }
+
+    fn accumulate(&mut self, _round: u64, r: FitResult) -> Result<(), StrategyError> {
+        let w = r.num_examples.max(1) as f64;
+        self.accumulator().add(r.delta, w)?;
+        Ok(())
+    }
+
+    fn aggregate_fit(&mut self, _round: u64, global: &[f32], _failures: &[Failure]) -> Result<Option<Vec<f32>>, StrategyError> {
+        let Some(acc) = self.acc.take() else {
+            return Ok(None);
+        };
+        if acc.count() == 0 {
+            return Ok(None);
+        }
+        let delta = acc.finish()?;
+        Ok(Some(self.apply_delta(global, &delta)))
+    }
+
+    fn apply_delta(&mut self, global: &[f32], delta: &[f32]) -> Vec<f32> {
+        let mut w = global.to_vec();
+        self.optimizer.step(&mut w, delta);
+        w
+    }
+
+    fn configure_evaluate(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> Vec<NodeId> {
+        if self.cfg.fraction_evaluate <= 0.0 || round % self.cfg.evaluate_every.max(1) != 0 {
+            return Vec::new();
+        }
+        self.select(available, self.cfg.fraction_evaluate, 1, rng)
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(&self.optimizer).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), StrategyError> {
+        if !state.is_null() {
+            self.optimizer = serde_json::from_value(state.clone())
+                .map_err(|e| StrategyError::Invalid(format!("optimizer state: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Privacy parameters shared by the DP wrappers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DpParams {
+    /// Mode.
+    pub mode: DpMode,
+    /// Noise multiplier z.
+    pub noise_multiplier: f64,
+    /// Initial (or fixed) clipping bound C.
+    pub clip_norm: f64,
+    /// Poisson sampling rate q.
+    pub sampling_rate: f64,
+    /// delta of the reported (epsilon, delta).
+    pub delta: f64,
+    /// Stop before the round that would exceed this epsilon.
+    pub target_epsilon: Option<f64>,
+    /// Adaptive clipping (central mode only).
+    pub adaptive_clipping: Option<AdaptiveClipping>,
+}
+
+impl Default for DpParams {
+    fn default() -> Self {
+        Self {
+            mode: DpMode::None,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sampling_rate: 1.0,
+            delta: 1e-5,
+            target_epsilon: None,
+            adaptive_clipping: None,
+        }
+    }
+}
+
+/// Adaptive clipping (Andrew et al. 2021).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdaptiveClipping {
+    /// Target fraction of unclipped updates gamma.
+    pub target_quantile: f64,
+    /// Geometric learning rate eta_C.
+    pub learning_rate: f64,
+    /// s.d. of the noise on the unclipped count; default (expected participants) / 20.
+    pub count_stddev: Option<f64>,
+}
+
+impl Default for AdaptiveClipping {
+    fn default() -> Self {
+        Self {
+            target_quantile: 0.5,
+            learning_rate: 0.2,
+            count_stddev: None,
+        }
+    }
+}
+
+impl DpParams {
+    /// Range checks for the DP settings.
+    pub fn validate(&self) -> Result<(), String> {
+        self.mode.ensure_supported().map_err(|e| e.to_string())?;
+        if !self.mode.is_private() {
+            return Ok(());
+        }
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
+            return Err(format!("noise_multiplier must be > 0, got {}", self.noise_multiplier));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err(format!("clip_norm must be > 0, got {}", self.clip_norm));
+        }
+        if !(self.sampling_rate > 0.0 && self.sampling_rate <= 1.0) {
+            return Err(format!("sampling_rate must be in (0, 1], got {}", self.sampling_rate));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!("delta must be in (0, 1), got {}", self.delta));
+        }
+        if let Some(t) = self.target_epsilon {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(format!("target_epsilon must be > 0, got {t}"));
+            }
+        }
+        if let Some(a) = self.adaptive_clipping {
+            if self.mode != DpMode::Central {
+                return Err("adaptive clipping is available in central mode only".into());
+            }
+            if !(0.0..=1.0).contains(&a.target_quantile) || a.learning_rate <= 0.0 {
+                return Err("adaptive clipping needs target_quantile in [0, 1] and learning_rate > 0".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Poisson sampling: each available client independently with probability `q`.
+pub fn poisson_select(available: &[NodeId], q: f64, rng: &mut dyn RngCore) -> Vec<NodeId> {
+    available
+        .iter()
+        .filter(|_| rng.gen_bool(q.clamp(0.0, 1.0)))
+        .cloned()
+        .collect()
+}
+
+/// `local` mode: clients clip and noise; the server weights every update equally.
+pub struct LocalDp<S> {
+    inner: S,
+    dp: DpParams,
+    last: Option<RoundPrivacy>,
+    population: usize,
+    participants: usize,
+}
+
+impl<S: Strategy> LocalDp<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S, dp: DpParams) -> Self {
+        Self {
+            inner,
+            dp,
+            last: None,
+            population: 0,
+            participants: 0,
+        }
+    }
+}
+
+impl<S: Strategy> Strategy for LocalDp<S> {
+    fn name(&self) -> String {
+        format!("local-dp({})", self.inner.name())
+    }
+
+    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> FitPlan {
+        let mut plan = self.inner.configure_fit(round, available, rng);
+        plan.nodes = poisson_select(available, self.dp.sampling_rate, rng);
+        plan.privacy = ClientPrivacy {
+            mode: DpMode::Local,
+            clip_norm: self.dp.clip_norm,
+            noise_multiplier: self.dp.noise_multiplier,
+        };
+        self.population = available.len();
+        self.participants = 0;
+        plan
+    }
+
+    fn accumulate(&mut self, round: u64, mut r: FitResult) -> Result<(), StrategyError> {
+        // Equal weights: an example count would let one client's influence exceed C (and
+        // clients do not send it in this mode).
+        r.num_examples = 1;
+        self.participants += 1;
+        self.inner.accumulate(round, r)
+    }
+
+    fn aggregate_fit(&mut self, round: u64, global: &[f32], failures: &[Failure]) -> Result<Option<Vec<f32>>, StrategyError> {
+        self.last = Some(RoundPrivacy {
+            mode: DpMode::Local,
+            sampling_rate: self.dp.sampling_rate,
+            noise_multiplier: self.dp.noise_multiplier,
+            clip_norm: self.dp.clip_norm,
+            clipped_fraction: None,
+            population: self.population,
+            released: self.participants > 0,
+        });
+        // Averaging noised updates is post-processing: the actual count is fine here.
+        self.inner.aggregate_fit(round, global, failures)
+    }
+
+    fn apply_delta(&mut self, global: &[f32], delta: &[f32]) -> Vec<f32> {
+        self.inner.apply_delta(global, delta)
+    }
+
+    fn configure_evaluate(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> Vec<NodeId> {
+        self.inner.configure_evaluate(round, available, rng)
+    }
+
+    fn aggregate_evaluate(&mut self, round: u64, results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+        self.inner.aggregate_evaluate(round, results)
+    }
+
+    fn round_privacy(&self) -> Option<RoundPrivacy> {
+        self.last
+    }
+
+    fn state(&self) -> serde_json::Value {
+        self.inner.state()
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), StrategyError> {
+        self.inner.restore(state)
+    }
+}
+
+/// `central` mode (DP-FedAvg, McMahan et al. 2018): clients clip, the server re-clips
+/// defensively, sums with equal weights, adds `N(0, (zC)^2)` once, divides by the
+/// **expected** number of participants `qN`, and hands the result to the inner strategy's
+/// server optimizer. Optional adaptive clipping (Andrew et al. 2021).
+pub struct CentralDp<S> {
+    inner: S,
+    dp: DpParams,
+    noise: Box<dyn GaussianNoise>,
+    clip: f64,
+    sum: Option<Vec<f32>>,
+    participants: usize,
+    unclipped: usize,
+    reclipped: Vec<NodeId>,
+    population: usize,
+    len: usize,
+    last: Option<RoundPrivacy>,
+}
+
+/// Checkpointed state of [`CentralDp`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CentralState {
+    clip: f64,
+    inner: serde_json::Value,
+}
+
+impl<S: Strategy> CentralDp<S> {
+    /// Wraps `inner`; `noise` must be a secure sampler outside simulations.
+    pub fn new(inner: S, dp: DpParams, noise: Box<dyn GaussianNoise>, num_params: usize) -> Self {
+        Self {
+            inner,
+            clip: dp.clip_norm,
+            dp,
+            noise,
+            sum: None,
+            participants: 0,
+            unclipped: 0,
+            reclipped: Vec::new(),
+            population: 0,
+            len: num_params,
+            last: None,
+        }
+    }
+
+    /// Current clipping bound.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip
+    }
+
+    /// Nodes whose update exceeded C this round and were re-clipped.
+    pub fn reclipped(&self) -> &[NodeId] {
+        &self.reclipped
+    }
+
+    /// (noise multiplier for the update sum, s.d. of the count noise) this round.
+    fn split_noise(&self, expected: f64) -> Result<(f64, Option<f64>), StrategyError> {
+        let z = self.dp.noise_multiplier;
+        match self.dp.adaptive_clipping {
+            None => Ok((z, None)),
+            Some(a) => {
+                let sigma_b = a.count_stddev.unwrap_or(expected / 20.0).max(1e-9);
+                let rest = z.powi(-2) - (2.0 * sigma_b).powi(-2);
+                if rest <= 0.0 {
+                    return Err(StrategyError::Invalid(format!(
+                        "adaptive clipping: count noise s.d. {sigma_b} is too small for noise \
+                         multiplier {z} (need 2*sigma_b > z)"
+                    )));
+                }
+                Ok((rest.powf(-0.5), Some(sigma_b)))
+            }
+        }
+    }
+}
+
+impl<S: Strategy> Strategy for CentralDp<S> {
+    fn name(&self) -> String {
+        format!("central-dp({})", self.inner.name())
+    }
+
+    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> FitPlan {
+        let mut plan = self.inner.configure_fit(round, available, rng);
+        plan.nodes = poisson_select(available, self.dp.sampling_rate, rng);
+        plan.privacy = ClientPrivacy {
+            mode: DpMode::Central,
+            clip_norm: self.clip,
+            noise_multiplier: self.dp.noise_multiplier,
+        };
+        self.population = available.len();
+        self.sum = Some(vec![0.0; self.len]);
+        self.participants = 0;
+        self.unclipped = 0;
+        self.reclipped.clear();
+        plan
+    }
+
+    fn accumulate(&mut self, _round: u64, mut r: FitResult) -> Result<(), StrategyError> {
+        let (norm, clipped) = clip_in_place(&mut r.delta, self.clip);
+        if clipped {
+            // The client should have clipped: enforce the bound the accountant relies on.
+            tracing::warn!(node = %r.node, norm, bound = self.clip, "update exceeded the clipping bound; re-clipped");
+            self.reclipped.push(r.node.clone());
+        }
+        let sum = self.sum.get_or_insert_with(|| vec![0.0; r.delta.len()]);
+        if sum.len() != r.delta.len() {
+            return Err(AggregateError::Length {
+                expected: sum.len(),
+                got: r.delta.len(),
+            }
+            .into());
+        }
+        crate::aggregate::add_scaled(sum, &r.delta, 1.0);
+        self.participants += 1;
+        if r.clipped == Some(false) && !clipped {
+            self.unclipped += 1;
+        }
+        Ok(())
+    }
+
+    fn aggregate_fit(&mut self, _round: u64, global: &[f32], _failures: &[Failure]) -> Result<Option<Vec<f32>>, StrategyError> {
+        let expected = (self.dp.sampling_rate * self.population as f64).max(1.0);
+        let (z_update, sigma_b) = self.split_noise(expected)?;
+        let mut sum = self.sum.take().unwrap_or_else(|| vec![0.0; self.len]);
+        // Noise is released even when nobody answered: the mechanism (and the accountant)
+        // covers every sampled round, and skipping it would reveal the empty sample.
+        self.noise.add_noise(&mut sum, z_update * self.clip)?;
+        let inv = (1.0 / expected) as f32;
+        sum.iter_mut().for_each(|v| *v *= inv);
+        let clip_used = self.clip;
+        let clipped_fraction = (self.participants > 0)
+            .then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
+        if let (Some(a), Some(sb)) = (self.dp.adaptive_clipping, sigma_b) {
+            let mut count = [self.unclipped as f32];
+            self.noise.add_noise(&mut count, sb)?;
+            let b = count[0] as f64 / expected;
+            self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
+        }
+        self.last = Some(RoundPrivacy {
+            mode: DpMode::Central,
+            sampling_rate: self.dp.sampling_rate,
+            noise_multiplier: self.dp.noise_multiplier,
+            clip_norm: clip_used,
+            clipped_fraction,
+            population: self.population,
+            released: true,
+        });
+        Ok(Some(self.inner.apply_delta(global, &sum)))
+    }
+
+    fn apply_delta(&mut self, global: &[f32], delta: &[f32]) -> Vec<f32> {
+        self.inner.apply_delta(global, delta)
+    }
+
+    fn configure_evaluate(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> Vec<NodeId> {
+        self.inner.configure_evaluate(round, available, rng)
+    }
+
+    fn aggregate_evaluate(&mut self, round: u64, results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+        self.inner.aggregate_evaluate(round, results)
+    }
+
+    fn round_privacy(&self) -> Option<RoundPrivacy> {
+        self.last
+    }
+
+    fn state(&self) -> serde_json::Value {
+        serde_json::to_value(CentralState {
+            clip: self.clip,
+            inner: self.inner.state(),
+        })
+        .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), StrategyError> {
+        if state.is_null() {
+            return Ok(());
+        }
+        let s: CentralState = serde_json::from_value(state.clone())
+            .map_err(|e| StrategyError::Invalid(format!("central dp state: {e}")))?;
+        self.clip = s.clip;
+        self.inner.restore(&s.inner)
+    }
+}
+
+/// Builds the configured strategy: [`FedAvg`], wrapped for the DP mode.
+pub fn build(
+    fedavg: FedAvgConfig,
+    train: TrainSettings,
+    dp: DpParams,
+    num_params: usize,
+    noise: Box<dyn GaussianNoise>,
+) -> Result<Box<dyn Strategy>, String> {
+    dp.validate()?;
+    fedavg.aggregator.validate()?;
+    fedavg.server_optimizer.validate()?;
+    let base = FedAvg::new(fedavg.clone(), train, num_params);
+    Ok(match dp.mode {
+        DpMode::None => Box::new(base),
+        DpMode::Local => Box::new(LocalDp::new(base, dp)),
+        DpMode::Central => {
+            if !fedavg.aggregator.is_streaming() {
+                return Err(
+                    "robust aggregators cannot be combined with central DP: the noise is \
+                     calibrated to the sensitivity of a sum of clipped updates"
+                        .into(),
+                );
+            }
+            Box::new(CentralDp::new(base, dp, noise, num_params))
+        }
+        DpMode::Distributed => unreachable!("validate() refuses distributed mode"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpfl_common::dp::{l2_norm, SimulationGaussian};
+    use rand::SeedableRng;
+
+    fn nodes(n: usize) -> Vec<NodeId> {
+        (0..n).map(|i| format!("n{i:03}")).collect()
+    }
+
+    fn fit(node: &str, delta: Vec<f32>, n: u64) -> FitResult {
+        FitResult {
+            node: node.into(),
+            delta,
+            num_examples: n,
+            metrics: None,
+            clipped: Some(false),
+        }
+    }
+
+    #[test]
+    fn fedavg_selects_fraction_and_weights_by_examples() {
+        let mut s = FedAvg::new(
+            FedAvgConfig {
+                fraction_fit: 0.5,
+                ..Default::default()
+            },
+            TrainSettings::default(),
+            2,
+        );
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let plan = s.configure_fit(1, &nodes(10), &mut rng);
+        assert_eq!(plan.nodes.len(), 5);
+        s.accumulate(1, fit("a", vec![1.0, 0.0], 300)).unwrap();
+        s.accumulate(1, fit("b", vec![5.0, 4.0], 100)).unwrap();
+        let w = s.aggregate_fit(1, &[10.0, 10.0], &[]).unwrap().unwrap();
+        assert_eq!(w, vec![12.0, 11.0]);
+        // Nothing accepted: keep the previous model.
+        s.configure_fit(2, &nodes(10), &mut rng);
+        assert!(s.aggregate_fit(2, &[0.0, 0.0], &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn lr_decays_per_round_and_seeds_differ() {
+        let t = TrainSettings {
+            lr_decay: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(t.for_round(1, 0).lr, 0.05);
+        assert_eq!(t.for_round(3, 0).lr, 0.0125);
+        assert_ne!(t.for_round(1, 0).seed, t.for_round(2, 0).seed);
+    }
+
+    #[test]
+    fn poisson_sampling_rate_is_respected() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let pop = nodes(1000);
+        let total: usize = (0..50).map(|_| poisson_select(&pop, 0.1, &mut rng).len()).sum();
+        let mean = total as f64 / 50.0;
+        assert!((mean - 100.0).abs() < 5.0, "{mean}");
+    }
+
+    fn central(z: f64, adaptive: Option<AdaptiveClipping>) -> CentralDp<FedAvg> {
+        let dp = DpParams {
+            mode: DpMode::Central,
+            noise_multiplier: z,
+            clip_norm: 1.0,
+            sampling_rate: 0.5,
+            adaptive_clipping: adaptive,
+            ..Default::default()
+        };
+        CentralDp::new(
+            FedAvg::new(FedAvgConfig::default(), TrainSettings::default(), 4),
+            dp,
+            Box::new(SimulationGaussian::seeded(9)),
+            4,
+        )
+    }
+
+    #[test]
+    fn central_dp_uses_equal_weights_expected_count_and_reclips() {
+        let mut s = central(1e-9, None); // (almost) no noise: check the arithmetic
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let plan = s.configure_fit(1, &nodes(8), &mut rng); // expected participants 4
+        assert_eq!(plan.privacy.mode, DpMode::Central);
+        s.accumulate(1, fit("a", vec![1.0, 0.0, 0.0, 0.0], 1000)).unwrap();
+        s.accumulate(1, fit("evil", vec![0.0, 30.0, 40.0, 0.0], 1)).unwrap();
+        assert_eq!(s.reclipped(), ["evil"]);
+        let w = s.aggregate_fit(1, &[0.0; 4], &[]).unwrap().unwrap();
+        // (1,0,0,0) + (0,0.6,0.8,0) over 4 expected participants, example counts ignored.
+        let expect = [0.25, 0.15, 0.2, 0.0];
+        for (a, b) in w.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-5, "{w:?}");
+        }
+        let p = s.round_privacy().unwrap();
+        assert_eq!(p.population, 8);
+        assert_eq!(p.clipped_fraction, Some(0.5));
+    }
+
+    #[test]
+    fn central_noise_scale_is_z_c_over_expected_count() {
+        let mut s = CentralDp::new(
+            FedAvg::new(FedAvgConfig::default(), TrainSettings::default(), 20_000),
+            DpParams {
+                mode: DpMode::Central,
+                noise_multiplier: 2.0,
+                clip_norm: 0.5,
+                sampling_rate: 0.1,
+                ..Default::default()
+            },
+            Box::new(SimulationGaussian::seeded(4)),
+            20_000,
+        );
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        s.configure_fit(1, &nodes(100), &mut rng); // expected 10
+        let w = s.aggregate_fit(1, &vec![0.0; 20_000], &[]).unwrap().unwrap();
+        let sd = l2_norm(&w) / (20_000f64).sqrt();
+        // z*C/(qN) = 2*0.5/10 = 0.1
+        assert!((sd / 0.1 - 1.0).abs() < 0.03, "{sd}");
+    }
+
+    #[test]
+    fn adaptive_clipping_moves_c_towards_the_quantile() {
+        let a = AdaptiveClipping {
+            count_stddev: Some(1.0),
+            ..Default::default()
+        };
+        let mut s = central(0.1, Some(a));
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        // All updates far above C: clipped fraction 1, C must grow.
+        for round in 1..=5 {
+            s.configure_fit(round, &nodes(8), &mut rng);
+            for i in 0..4 {
+                let mut r = fit(&format!("n{i}"), vec![10.0, 0.0, 0.0, 0.0], 1);
+                r.clipped = Some(true);
+                s.accumulate(round, r).unwrap();
+            }
+            s.aggregate_fit(round, &[0.0; 4], &[]).unwrap();
+        }
+        assert!(s.clip_norm() > 1.5, "{}", s.clip_norm());
+        // The pair counts as one Gaussian mechanism with multiplier z.
+        let (zu, sb) = s.split_noise(4.0).unwrap();
+        let combined = (zu.powi(-2) + (2.0 * sb.unwrap()).powi(-2)).powf(-0.5);
+        assert!((combined - 0.1).abs() < 1e-12);
+        // Too little count noise for z is a clear error.
+        let mut bad = central(1.0, Some(AdaptiveClipping { count_stddev: Some(0.1), ..Default::default() }));
+        bad.configure_fit(1, &nodes(8), &mut rng);
+        assert!(bad.aggregate_fit(1, &[0.0; 4], &[]).is_err());
+    }
+
+    #[test]
+    fn local_dp_selects_by_poisson_and_ignores_example_counts() {
+        let dp = DpParams {
+            mode: DpMode::Local,
+            sampling_rate: 0.3,
+            ..Default::default()
+        };
+        let mut s = LocalDp::new(
+            FedAvg::new(FedAvgConfig::default(), TrainSettings::default(), 1),
+            dp,
+        );
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        let plan = s.configure_fit(1, &nodes(100), &mut rng);
+        assert!(plan.nodes.len() > 15 && plan.nodes.len() < 45);
+        assert_eq!(plan.privacy.mode, DpMode::Local);
+        s.accumulate(1, fit("a", vec![1.0], 1000)).unwrap();
+        s.accumulate(1, fit("b", vec![3.0], 1)).unwrap();
+        let w = s.aggregate_fit(1, &[0.0], &[]).unwrap().unwrap();
+        assert_eq!(w, vec![2.0]);
+    }
+
+    #[test]
+    fn build_refuses_unsound_combinations() {
+        let noise = || Box::new(SimulationGaussian::seeded(1)) as Box<dyn GaussianNoise>;
+        let robust = FedAvgConfig {
+            aggregator: AggregatorKind::Median,
+            ..Default::default()
+        };
+        let central = DpParams {
+            mode: DpMode::Central,
+            ..Default::default()
+        };
+        assert!(build(robust, TrainSettings::default(), central, 3, noise()).is_err());
+        let dist = DpParams {
+            mode: DpMode::Distributed,
+            ..Default::default()
+        };
+        let err = build(FedAvgConfig::default(), TrainSettings::default(), dist, 3, noise()).err().unwrap();
+        assert!(err.contains("secure aggregation"));
+    }
+}
