@@ -1,1 +1,98 @@
-fn main() {}
+//! `dpfl-client`: parse arguments into a [`dpfl_client::ClientConfig`] and run the node.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::path::PathBuf;
+
+/// dpfl client node: trains the federation's model on this organisation's private data
+/// (never sent anywhere), clips and noises each update as the federation's DP mode
+/// requires, and talks to the aggregation server over QUIC with mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "dpfl-client", version)]
+struct Args {
+    /// Server address (host:port).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    server: String,
+    /// Name the server's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Directory holding ca.pem and <name>.pem / <name>.key (see dpfl-certs).
+    #[arg(long, default_value = "certs-dev")]
+    certs: PathBuf,
+    /// Node name: selects <certs>/<name>.pem and .key. The server identifies the node by
+    /// its certificate, not by this flag.
+    #[arg(long)]
+    name: String,
+    /// Private data: fashion-mnist, idx:IMAGES,LABELS or csv:PATH[,label=COLUMN].
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Use only slice i of n of the data (1-based; a seeded shuffle, disjoint across i).
+    #[arg(long)]
+    shard: Option<String>,
+    /// Seed of the shard shuffle (must be equal on all nodes sharing a file).
+    #[arg(long, default_value_t = 0)]
+    shard_seed: u64,
+    /// Use at most this many examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Fraction of local data kept for federated evaluation.
+    #[arg(long, default_value_t = 0.0)]
+    val_fraction: f64,
+    /// Training device: auto (CUDA if available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// libtorch threads for local training.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// DP mode this node agrees to: none, local or central. Must equal the server's.
+    #[arg(long, default_value = "none")]
+    dp_mode: String,
+    /// In local mode, refuse to take part with a noise multiplier below this.
+    #[arg(long, default_value_t = 0.0)]
+    min_noise_multiplier: f64,
+    /// Give up after this many seconds without a working connection.
+    #[arg(long, default_value_t = 600)]
+    give_up_after_secs: u64,
+    /// Append a JSON line per round (own epsilon, loss, timings) to this file.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let a = Args::parse();
+    let server = tokio::net::lookup_host(&a.server)
+        .await
+        .with_context(|| format!("resolving {}", a.server))?
+        .next()
+        .with_context(|| format!("{} resolves to no address", a.server))?;
+    let layout = dpfl_certs::Layout::new(&a.certs);
+    let mut cfg = dpfl_client::ClientConfig::new(
+        server,
+        dpfl_certs::Credentials::node(&layout, &a.name),
+        a.data.parse()?,
+    );
+    cfg.server_name = a.server_name;
+    cfg.shard = a.shard.as_deref().map(str::parse).transpose()?;
+    cfg.shard_seed = a.shard_seed;
+    cfg.limit = a.limit;
+    cfg.val_fraction = a.val_fraction;
+    cfg.device = a.device;
+    cfg.threads = a.threads;
+    cfg.dp_mode = a.dp_mode.parse()?;
+    cfg.min_noise_multiplier = a.min_noise_multiplier;
+    cfg.give_up_after = std::time::Duration::from_secs(a.give_up_after_secs);
+    cfg.log_file = a.log_file;
+    let s = dpfl_client::run(cfg).await?;
+    println!(
+        "{}: trained in {} rounds; server: {}{}",
+        s.node,
+        s.rounds_trained,
+        s.finish_reason,
+        s.epsilon.map_or(String::new(), |e| format!("; own epsilon {e:.4}"))
+    );
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! A client node's life: connect with its certificate, say hello, then serve the server's
+//! requests (train, evaluate) until it says training is over; reconnect with exponential
+//! backoff and jitter whenever the connection is lost.
+
+use crate::worker::Worker;
+use dpfl_certs::Credentials;
+use dpfl_common::config::DpMode;
+use dpfl_common::dp::accountant;
+use dpfl_common::model::short_hex;
+use dpfl_common::wire::{
+    self, DpAgreement, EvalResult, Header, Hello, Message, TrainMetrics, UpdateMeta, Welcome,
+};
+use rand::Rng;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Server address.
+    pub server: SocketAddr,
+    /// Name the server certificate must carry (a SAN).
+    pub server_name: String,
+    /// CA, certificate and key.
+    pub credentials: Credentials,
+    /// DP mode this node agrees to; the server must run the same.
+    pub dp_mode: DpMode,
+    /// In `local` mode, refuse rounds whose noise multiplier is below this.
+    pub min_noise_multiplier: f64,
+    /// Largest message accepted from the server.
+    pub max_message_bytes: usize,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// First reconnection delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnection delay.
+    pub backoff_max: Duration,
+    /// Give up after this long without a working connection.
+    pub give_up_after: Duration,
+    /// Features per example in the node's data.
+    pub input_dim: usize,
+    /// Largest label + 1 in the node's data.
+    pub num_classes: usize,
+    /// Where to append a JSON line per round (the node's own privacy record).
+    pub log_file: Option<PathBuf>,
+}
+
+/// Errors that end a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The server refused this node (admission, DP mode, model); retrying cannot help.
+    #[error("server refused this node: {0}")]
+    Refused(String),
+    /// The TLS handshake failed because of certificates.
+    #[error("TLS authentication failed: {0}")]
+    Authentication(String),
+    /// No working connection for longer than `give_up_after`.
+    #[error("gave up after {secs:.0}s without a working connection; last error: {last}")]
+    GaveUp {
+        /// Seconds waited.
+        secs: f64,
+        /// Last error seen.
+        last: String,
+    },
+    /// Local set-up problem.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// What a node reports when training ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSummary {
+    /// Node name (from the server's welcome).
+    pub node: String,
+    /// Rounds this node trained in.
+    pub rounds_trained: u64,
+    /// The server's reason for finishing.
+    pub finish_reason: String,
+    /// Epsilon by the node's own count (see [`own_epsilon`]).
+    pub epsilon: Option<f64>,
+    /// Connections made (1 + reconnections).
+    pub connections: u32,
+}
+
+enum Outcome {
+    Finished(String),
+    Lost(String),
+}
+
+enum Fatal {
+    Refused(String),
+    Auth(String),
+    Setup(String),
+}
+
+/// The epsilon a node can vouch for itself, without trusting the server's ledger:
+/// in `local` mode its own spend against the server (sensitivity 2C, noise zC: multiplier
+/// z/2, over the rounds it joined); in `central` mode the federation-level guarantee as of
+/// the latest round number it saw (this trusts the server to add the agreed noise, which
+/// is what central mode means).
+pub fn own_epsilon(dp: &DpAgreement, rounds_joined: u64, latest_round: u64) -> Option<f64> {
+    match dp.mode {
+        DpMode::Local => accountant::epsilon(1.0, dp.noise_multiplier / 2.0, rounds_joined, dp.delta)
+            .ok()
+            .map(|e| e.0),
+        DpMode::Central => accountant::epsilon(dp.sampling_rate, dp.noise_multiplier, latest_round, dp.delta)
+            .ok()
+            .map(|e| e.0),
+        _ => None,
+    }
+}
+
+/// Runs a node until the server finishes training.
+pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeError> {
+    let endpoint = dpfl_certs::quic::client_endpoint(&cfg.credentials, wire::ALPN, cfg.idle_timeout)
+        .map_err(|e| NodeError::Setup(e.to_string()))?;
+    let mut summary = NodeSummary {
+        node: String::new(),
+        rounds_trained: 0,
+        finish_reason: String::new(),
+        epsilon: None,
+        connections: 0,
+    };
+    let mut latest_round = 0u64;
+    let mut backoff = cfg.backoff_initial;
+    let mut last_ok = Instant::now();
+    loop {
+        let result = session(&cfg, &endpoint, &worker, &mut summary, &mut latest_round, &mut last_ok).await;
+        match result {
+            Ok(Outcome::Finished(reason)) => {
+                summary.finish_reason = reason;
+                endpoint.close(0u32.into(), b"done");
+                return Ok(summary);
+            }
+            Ok(Outcome::Lost(e)) => {
+                let waited = last_ok.elapsed();
+                if waited > cfg.give_up_after {
+                    return Err(NodeError::GaveUp {
+                        secs: waited.as_secs_f64(),
+                        last: e,
+                    });
+                }
+                // Full jitter: uniform in [backoff/2, backoff].
+                let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+                let sleep = backoff.mul_f64(jitter);
+                tracing::warn!("connection lost or failed ({e}); retrying in {:.1}s", sleep.as_secs_f64());
+                tokio::time::sleep(sleep).await;
+                backoff = (backoff * 2).min(cfg.backoff_max);
+            }
+            Err(Fatal::Refused(m)) => return Err(NodeError::Refused(m)),
+            Err(Fatal::Auth(m)) => return Err(NodeError::Authentication(m)),
+            Err(Fatal::Setup(m)) => return Err(NodeError::Setup(m)),
+        }
+        if last_ok.elapsed() < Duration::from_millis(10) {
+            backoff = cfg.backoff_initial;
+        }
+    }
+}
+
+fn is_auth_error(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::TransportError(t) => is_crypto_code(u64::from(t.code)),
+        quinn::ConnectionError::ConnectionClosed(c) => is_crypto_code(u64::from(c.error_code)),
+        _ => false,
+    }
+}
+
+/// QUIC carries TLS alerts as transport error codes 0x100-0x1ff.
+fn is_crypto_code(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
+}
+
+async fn session(
+    cfg: &NodeConfig,
+    endpoint: &quinn::Endpoint,
+    worker: &Worker,
+    summary: &mut NodeSummary,
+    latest_round: &mut u64,
+    last_ok: &mut Instant,
+) -> Result<Outcome, Fatal> {
+    let connecting = match endpoint.connect(cfg.server, &cfg.server_name) {
+        Ok(c) => c,
+        Err(e) => return Err(Fatal::Setup(format!("cannot connect to {}: {e}", cfg.server))),
+    };
+    let conn = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+        Err(_) => return Ok(Outcome::Lost("handshake timed out".into())),
+        Ok(Err(e)) if is_auth_error(&e) => return Err(Fatal::Auth(e.to_string())),
+        Ok(Err(e)) => return Ok(Outcome::Lost(e.to_string())),
+        Ok(Ok(c)) => c,
+    };
+    summary.connections += 1;
+    let welcome = match hello(cfg, &conn).await {
+        Ok(w) => w,
+        Err(HelloError::Refused(m)) => return Err(Fatal::Refused(m)),
+        Err(HelloError::Connection(e)) if is_auth_error(&e) => return Err(Fatal::Auth(e.to_string())),
+        Err(HelloError::Connection(e)) => return Ok(Outcome::Lost(e.to_string())),
+        Err(HelloError::Other(m)) => return Ok(Outcome::Lost(m)),
+    };
+    if welcome.spec.validate().is_err() || welcome.spec.hash() != welcome.spec_hash {
+        return Err(Fatal::Refused("server announced an invalid model spec".into()));
+    }
+    if welcome.dp.mode != cfg.dp_mode {
+        return Err(Fatal::Refused(format!(
+            "server runs dp mode `{}`, this node is configured for `{}`",
+            welcome.dp.mode, cfg.dp_mode
+        )));
+    }
+    if welcome.dp.mode == DpMode::Local && welcome.dp.noise_multiplier < cfg.min_noise_multiplier {
+        return Err(Fatal::Refused(format!(
+            "server asks for noise multiplier {} below this node's minimum {}",
+            welcome.dp.noise_multiplier, cfg.min_noise_multiplier
+        )));
+    }
+    worker.setup(welcome.spec.clone()).await.map_err(Fatal::Setup)?;
+    summary.node = welcome.node.clone();
+    *last_ok = Instant::now();
+    tracing::info!(
+        node = %welcome.node,
+        model = ?welcome.spec.layers,
+        spec = %short_hex(&welcome.spec_hash),
+        dp = %welcome.dp.mode,
+        "joined the federation"
+    );
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => return Ok(Outcome::Lost(e.to_string())),
+        };
+        *last_ok = Instant::now();
+        let bytes = match recv.read_to_end(cfg.max_message_bytes).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("could not read request: {e}");
+                continue;
+            }
+        };
+        let msg = match wire::decode(&bytes, cfg.max_message_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("malformed request from the server: {e}");
+                continue;
+            }
+        };
+        let reply = match msg.header {
+            Header::Finish(f) => {
+                tracing::info!(rounds = f.rounds_completed, "server finished training: {}", f.reason);
+                let _ = send.finish();
+                conn.close(0u32.into(), b"finished");
+                return Ok(Outcome::Finished(f.reason));
+            }
+            Header::Train(req) => {
+                let round = req.round;
+                *latest_round = (*latest_round).max(round);
+                match check_train(cfg, &welcome, &req, msg.payload.len()) {
+                    Err(reason) => {
+                        tracing::warn!(round, "refusing train request: {reason}");
+                        Header::Failed { round, reason }
+                    }
+                    Ok(()) => {
+                        let privacy = req.privacy;
+                        let spec_hash = req.spec_hash;
+                        match worker.train(req, msg.payload).await {
+                            Err(reason) => Header::Failed { round, reason },
+                            Ok(done) => {
+                                summary.rounds_trained += 1;
+                                summary.epsilon = own_epsilon(&welcome.dp, summary.rounds_trained, *latest_round);
+                                let local = privacy.mode == DpMode::Local;
+                                let meta = UpdateMeta {
+                                    round,
+                                    spec_hash,
+                                    // In local mode nothing but the noised delta leaves the node.
+                                    num_examples: if local { 0 } else { done.outcome.num_examples },
+                                    metrics: (!local).then(|| TrainMetrics {
+                                        loss: done.outcome.loss,
+                                        accuracy: done.outcome.accuracy,
+                                        steps: done.outcome.steps,
+                                        seconds: done.train_seconds,
+                                    }),
+                                    clipped: if local { None } else { done.clipped },
+                                };
+                                let bytes = wire::encode(&Header::Update(meta), done.delta.as_slice());
+                                let eps = summary
+                                    .epsilon
+                                    .map_or(String::new(), |e| format!(", own epsilon {e:.4}"));
+                                tracing::info!(
+                                    round,
+                                    "trained {} steps on {} examples: loss {:.4} acc {:.4} in {:.2}s (+{:.2}s privacy){eps}",
+                                    done.outcome.steps,
+                                    done.outcome.num_examples,
+                                    done.outcome.loss,
+                                    done.outcome.accuracy,
+                                    done.train_seconds,
+                                    done.privatize_seconds
+                                );
+                                log_round(cfg, round, summary, &done);
+                                if let Err(e) = write_reply(&mut send, &bytes).await {
+                                    return Ok(Outcome::Lost(e));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+            Header::Evaluate(req) => {
+                if req.spec_hash != welcome.spec_hash || msg.payload.len() != welcome.spec.num_params() {
+                    Header::Failed {
+                        round: req.round,
+                        reason: "evaluate request does not match the agreed model".into(),
+                    }
+                } else {
+                    match worker.evaluate(msg.payload).await {
+                        Ok(e) => Header::EvalResult(EvalResult {
+                            round: req.round,
+                            loss: e.loss,
+                            accuracy: e.accuracy,
+                            num_examples: e.num_examples,
+                        }),
+                        Err(reason) => Header::Failed { round: req.round, reason },
+                    }
+                }
+            }
+            other => {
+                tracing::warn!("ignoring unexpected `{}` message", other.name());
+                continue;
+            }
+        };
+        if let Err(e) = write_reply(&mut send, &wire::encode(&reply, &[])).await {
+            return Ok(Outcome::Lost(e));
+        }
+    }
+}
+
+fn log_round(cfg: &NodeConfig, round: u64, summary: &NodeSummary, done: &crate::worker::TrainDone) {
+    let Some(path) = &cfg.log_file else { return };
+    let line = serde_json::json!({
+        "round": round,
+        "rounds_joined": summary.rounds_trained,
+        "epsilon": summary.epsilon,
+        "loss": done.outcome.loss,
+        "accuracy": done.outcome.accuracy,
+        "train_seconds": done.train_seconds,
+        "privacy_seconds": done.privatize_seconds,
+    });
+    use std::io::Write;
+    let res = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = res {
+        tracing::warn!("cannot write {}: {e}", path.display());
+    }
+}
+
+async fn write_reply(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), String> {
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+/// Checks a train request against what was agreed in the handshake.
+fn check_train(cfg: &NodeConfig, welcome: &Welcome, req: &wire::TrainRequest, payload: usize) -> Result<(), String> {
+    if req.spec_hash != welcome.spec_hash {
+        return Err("train request for another model".into());
+    }
+    if payload != welcome.spec.num_params() {
+        return Err(format!("global model has {payload} values, expected {}", welcome.spec.num_params()));
+    }
+    req.config.validate().map_err(|e| e.to_string())?;
+    req.privacy.validate().map_err(|e| e.to_string())?;
+    if req.privacy.mode != welcome.dp.mode {
+        return Err(format!("round asks for dp mode `{}`, agreed `{}`", req.privacy.mode, welcome.dp.mode));
+    }
+    if req.privacy.mode == DpMode::Local && req.privacy.noise_multiplier < welcome.dp.noise_multiplier.max(cfg.min_noise_multiplier) {
+        return Err(format!(
+            "round asks for noise multiplier {}, below the agreed {}",
+            req.privacy.noise_multiplier, welcome.dp.noise_multiplier
+        ));
+    }
+    Ok(())
+}
+
+enum HelloError {
+    Refused(String),
+    Connection(quinn::ConnectionError),
+    Other(String),
+}
+
+async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, HelloError> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(HelloError::Connection)?;
+    let hello = Hello {
+        software: format!("dpfl-client/{}", env!("CARGO_PKG_VERSION")),
+        dp_mode: cfg.dp_mode,
+        input_dim: cfg.input_dim as u32,
+        num_classes: cfg.num_classes as u32,
+    };
+    send.write_all(&wire::encode(&Header::Hello(hello), &[]))
+        .await
+        .map_err(|e| HelloError::Other(e.to_string()))?;
+    send.finish().map_err(|e| HelloError::Other(e.to_string()))?;
+    let bytes = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES))
+        .await
+        .map_err(|_| HelloError::Other("no welcome within 15s".into()))?
+        .map_err(|e| match e {
+            quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => HelloError::Connection(c),
+            other => HelloError::Other(other.to_string()),
+        })?;
+    match wire::decode(&bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
+        Ok(Message { header: Header::Welcome(w), .. }) => Ok(w),
+        Ok(Message { header: Header::Refused(r), .. }) => Err(HelloError::Refused(format!("{:?}: {}", r.kind, r.detail))),
+        Ok(m) => Err(HelloError::Other(format!("expected welcome, got `{}`", m.header.name()))),
+        Err(e) => Err(HelloError::Other(format!("malformed welcome: {e}"))),
+    }
+}

@@ -1,0 +1,142 @@
+//! The training worker: a thread of its own that owns the libtorch model and the node's
+//! data (tensors are not `Sync`, and training must never block the async runtime). It
+//! trains, turns the result into a privatized [`WireDelta`] (clip, noise) and evaluates.
+
+use dpfl_common::dp::{privatize, GaussianNoise, RawDelta, WireDelta};
+use dpfl_common::model::ModelSpec;
+use dpfl_common::wire::TrainRequest;
+use dpfl_ml::{Dataset, DeviceData, EvalOutcome, Mlp, TrainOutcome};
+use std::sync::mpsc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// What one training request produced.
+#[derive(Debug)]
+pub struct TrainDone {
+    /// The delta to send, already protected as the request demands.
+    pub delta: WireDelta,
+    /// Training statistics.
+    pub outcome: TrainOutcome,
+    /// Whether clipping changed the delta (`None` in `none` mode).
+    pub clipped: Option<bool>,
+    /// Seconds of local training.
+    pub train_seconds: f64,
+    /// Seconds spent clipping and adding noise.
+    pub privatize_seconds: f64,
+}
+
+enum Job {
+    Setup(ModelSpec, oneshot::Sender<Result<(), String>>),
+    Train(TrainRequest, Vec<f32>, oneshot::Sender<Result<TrainDone, String>>),
+    Evaluate(Vec<f32>, oneshot::Sender<Result<EvalOutcome, String>>),
+}
+
+/// Handle to the worker thread.
+pub struct Worker {
+    tx: mpsc::Sender<Job>,
+}
+
+struct State {
+    device: tch::Device,
+    train: Dataset,
+    val: Dataset,
+    noise: Box<dyn GaussianNoise>,
+    model: Option<(ModelSpec, Mlp, DeviceData, DeviceData)>,
+}
+
+impl State {
+    fn setup(&mut self, spec: ModelSpec) -> Result<(), String> {
+        if self.model.as_ref().is_some_and(|(s, ..)| *s == spec) {
+            return Ok(());
+        }
+        let mlp = Mlp::new(&spec, self.device).map_err(|e| e.to_string())?;
+        let train = DeviceData::new(&self.train, &spec, self.device).map_err(|e| e.to_string())?;
+        let val = DeviceData::new(&self.val, &spec, self.device).map_err(|e| e.to_string())?;
+        self.model = Some((spec, mlp, train, val));
+        Ok(())
+    }
+
+    fn train(&mut self, req: &TrainRequest, global: &[f32]) -> Result<TrainDone, String> {
+        let (_, mlp, train, _) = self.model.as_mut().ok_or("model not set up")?;
+        let t0 = Instant::now();
+        let outcome = mlp.train(train, &req.config, global).map_err(|e| e.to_string())?;
+        let train_seconds = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let raw = RawDelta::new(outcome.delta.clone());
+        let clipped = match req.privacy.mode {
+            dpfl_common::DpMode::None => None,
+            _ => Some(dpfl_common::dp::l2_norm(raw.as_slice()) > req.privacy.clip_norm),
+        };
+        let delta = privatize(raw, &req.privacy, self.noise.as_mut()).map_err(|e| e.to_string())?;
+        Ok(TrainDone {
+            delta,
+            outcome,
+            clipped,
+            train_seconds,
+            privatize_seconds: t1.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn evaluate(&mut self, params: &[f32]) -> Result<EvalOutcome, String> {
+        let (_, mlp, _, val) = self.model.as_mut().ok_or("model not set up")?;
+        mlp.evaluate(val, params).map_err(|e| e.to_string())
+    }
+}
+
+impl Worker {
+    /// Starts the worker with the node's training and validation data.
+    pub fn start(
+        device: tch::Device,
+        threads: usize,
+        train: Dataset,
+        val: Dataset,
+        noise: Box<dyn GaussianNoise>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new().name("trainer".into()).spawn(move || {
+            dpfl_ml::model::set_threads(threads);
+            let mut st = State {
+                device,
+                train,
+                val,
+                noise,
+                model: None,
+            };
+            while let Ok(job) = rx.recv() {
+                match job {
+                    Job::Setup(spec, reply) => {
+                        let _ = reply.send(st.setup(spec));
+                    }
+                    Job::Train(req, global, reply) => {
+                        let _ = reply.send(st.train(&req, &global));
+                    }
+                    Job::Evaluate(params, reply) => {
+                        let _ = reply.send(st.evaluate(&params));
+                    }
+                }
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Job) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| "training worker stopped".to_string())?;
+        rx.await.map_err(|_| "training worker stopped".to_string())?
+    }
+
+    /// Builds the model for `spec` and moves the data to the device (checks it fits).
+    pub async fn setup(&self, spec: ModelSpec) -> Result<(), String> {
+        self.call(|tx| Job::Setup(spec, tx)).await
+    }
+
+    /// Trains from `global` and privatizes the delta.
+    pub async fn train(&self, req: TrainRequest, global: Vec<f32>) -> Result<TrainDone, String> {
+        self.call(|tx| Job::Train(req, global, tx)).await
+    }
+
+    /// Evaluates `params` on the validation split.
+    pub async fn evaluate(&self, params: Vec<f32>) -> Result<EvalOutcome, String> {
+        self.call(|tx| Job::Evaluate(params, tx)).await
+    }
+}
