@@ -247,7 +247,12 @@ impl Federation {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
         write_file(&self.layout.node_cert(name), &cert.pem(), false, force)?;
-        write_file(&self.layout.node_key(name), &key.serialize_pem(), true, force)
+        write_file(
+            &self.layout.node_key(name),
+            &key.serialize_pem(),
+            true,
+            force,
+        )
     }
 }
 
@@ -344,10 +349,12 @@ impl Credentials {
 
 /// TLS 1.3 server config that requires a client certificate chaining to the CA.
 pub fn server_tls(creds: &Credentials, alpn: &[u8]) -> Result<rustls::ServerConfig, CertError> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&creds.ca)?), provider())
-            .build()
-            .map_err(|e| CertError::Tls(e.to_string()))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(&creds.ca)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| CertError::Tls(e.to_string()))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CertError::Tls(e.to_string()))?
@@ -382,7 +389,8 @@ pub fn node_name(cert: &CertificateDer<'_>) -> Result<String, CertError> {
         .as_str()
         .map_err(|e| CertError::Identity(e.to_string()))?
         .to_string();
-    validate_node_name(&cn).map_err(|_| CertError::Identity(format!("unusable node name {cn:?}")))?;
+    validate_node_name(&cn)
+        .map_err(|_| CertError::Identity(format!("unusable node name {cn:?}")))?;
     Ok(cn)
 }
 
@@ -438,9 +446,10 @@ mod tests {
         client_tls(&Credentials::node(&l, "hospital-a"), b"x").unwrap();
         // The re-opened CA signs certificates a verifier built from ca.pem accepts.
         let roots = Arc::new(roots(&l.ca_cert()).unwrap());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .unwrap();
         verifier
             .verify_client_cert(cert, &[], rustls::pki_types::UnixTime::now())
             .unwrap();
@@ -466,9 +475,13 @@ pub mod quic {
     use std::time::Duration;
 
     /// Transport settings shared by server and clients.
-    pub fn transport(idle_timeout: Duration, peer_bidi_streams: u32) -> Result<quinn::TransportConfig, CertError> {
+    pub fn transport(
+        idle_timeout: Duration,
+        peer_bidi_streams: u32,
+    ) -> Result<quinn::TransportConfig, CertError> {
         let mut t = quinn::TransportConfig::default();
-        let idle = quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| CertError::Tls(e.to_string()))?;
+        let idle = quinn::IdleTimeout::try_from(idle_timeout)
+            .map_err(|e| CertError::Tls(e.to_string()))?;
         t.max_idle_timeout(Some(idle));
         t.keep_alive_interval(Some(idle_timeout / 3));
         t.max_concurrent_bidi_streams(peer_bidi_streams.into());
@@ -487,22 +500,32 @@ pub mod quic {
         idle_timeout: Duration,
     ) -> Result<quinn::Endpoint, CertError> {
         let tls = server_tls(creds, alpn)?;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| CertError::Tls(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         // Clients open one stream (the hello) at a time.
         sc.transport_config(Arc::new(transport(idle_timeout, 4)?));
-        quinn::Endpoint::server(sc, listen).map_err(|e| CertError::Tls(format!("bind {listen}: {e}")))
+        quinn::Endpoint::server(sc, listen)
+            .map_err(|e| CertError::Tls(format!("bind {listen}: {e}")))
     }
 
     /// A client endpoint presenting the node certificate and pinning the CA.
-    pub fn client_endpoint(creds: &Credentials, alpn: &[u8], idle_timeout: Duration) -> Result<quinn::Endpoint, CertError> {
+    pub fn client_endpoint(
+        creds: &Credentials,
+        alpn: &[u8],
+        idle_timeout: Duration,
+    ) -> Result<quinn::Endpoint, CertError> {
         let tls = client_tls(creds, alpn)?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| CertError::Tls(e.to_string()))?;
         let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
         // The server opens one stream per request.
         cc.transport_config(Arc::new(transport(idle_timeout, 8)?));
-        let bind: SocketAddr = "0.0.0.0:0".parse().map_err(|e| CertError::Tls(format!("{e}")))?;
-        let mut ep = quinn::Endpoint::client(bind).map_err(|e| CertError::Tls(format!("client socket: {e}")))?;
+        let bind: SocketAddr = "0.0.0.0:0"
+            .parse()
+            .map_err(|e| CertError::Tls(format!("{e}")))?;
+        let mut ep = quinn::Endpoint::client(bind)
+            .map_err(|e| CertError::Tls(format!("client socket: {e}")))?;
         ep.set_default_client_config(cc);
         Ok(ep)
     }

@@ -76,7 +76,8 @@ fn main() -> Result<()> {
             prefix,
             force,
         } => {
-            let names = dpfl_certs::create_dev_federation(&out, &server_sans, &prefix, nodes, force)?;
+            let names =
+                dpfl_certs::create_dev_federation(&out, &server_sans, &prefix, nodes, force)?;
             println!(
                 "created CA, server ({}) and {} node certificates in {}",
                 server_sans.join(", "),

@@ -78,22 +78,13 @@ impl ClientConfig {
     }
 }
 
-/// Loads the data, starts the training worker and runs the node until training ends.
-pub async fn run(cfg: ClientConfig) -> Result<NodeSummary, NodeError> {
-    run_with_noise(cfg, Box::new(OpenDpGaussian::with_threads(1))).await
-}
-
-/// As [`run`] with a given noise source (tests; nodes use opendp).
-pub async fn run_with_noise(cfg: ClientConfig, noise: Box<dyn GaussianNoise>) -> Result<NodeSummary, NodeError> {
-    cfg.dp_mode.ensure_supported().map_err(|e| NodeError::Setup(e.to_string()))?;
-    let setup = |e: &dyn std::fmt::Display| NodeError::Setup(e.to_string());
-    let data = {
-        let src = cfg.data.clone();
-        tokio::task::spawn_blocking(move || src.load())
-            .await
-            .map_err(|e| setup(&e))?
-            .map_err(|e| setup(&e))?
-    };
+/// Loads the node's data as the config says: the shard (seeded shuffle), the limit, then
+/// the validation split. Returns (train, validation).
+pub fn prepare_data(cfg: &ClientConfig) -> Result<(dpfl_ml::Dataset, dpfl_ml::Dataset), NodeError> {
+    let data = cfg
+        .data
+        .load()
+        .map_err(|e| NodeError::Setup(e.to_string()))?;
     let mut data = match cfg.shard {
         Some(s) => data.subset(&s.indices(data.len(), cfg.shard_seed)),
         None => data,
@@ -104,19 +95,44 @@ pub async fn run_with_noise(cfg: ClientConfig, noise: Box<dyn GaussianNoise>) ->
     if data.is_empty() {
         return Err(NodeError::Setup("no training data".into()));
     }
-    let (train, val) = data.split_validation(cfg.val_fraction, cfg.shard_seed ^ 0x5eed);
+    Ok(data.split_validation(cfg.val_fraction, cfg.shard_seed ^ 0x5eed))
+}
+
+/// Loads the data, starts the training worker and runs the node until training ends.
+pub async fn run(cfg: ClientConfig) -> Result<NodeSummary, NodeError> {
+    run_with_noise(cfg, Box::new(OpenDpGaussian::with_threads(1))).await
+}
+
+/// As [`run`] with a given noise source (tests; nodes use opendp).
+pub async fn run_with_noise(
+    cfg: ClientConfig,
+    noise: Box<dyn GaussianNoise>,
+) -> Result<NodeSummary, NodeError> {
+    cfg.dp_mode
+        .ensure_supported()
+        .map_err(|e| NodeError::Setup(e.to_string()))?;
+    let setup = |e: &dyn std::fmt::Display| NodeError::Setup(e.to_string());
+    let (train, val) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare_data(&cfg))
+            .await
+            .map_err(|e| setup(&e))??
+    };
+    let data_dim = train.dim;
+    let num_classes = train.num_classes().max(val.num_classes());
     let device = dpfl_ml::model::parse_device(&cfg.device).map_err(|e| setup(&e))?;
     tracing::info!(
         examples = train.len(),
         validation = val.len(),
-        features = data.dim,
+        features = data_dim,
         device = %dpfl_ml::model::device_name(device),
         "loaded {}{}",
         cfg.data,
         cfg.shard.map_or(String::new(), |s| format!(" shard {}/{}", s.index, s.count))
     );
-    let (input_dim, num_classes) = (data.dim, data.num_classes());
-    let worker = worker::Worker::start(device, cfg.threads, train, val, noise).map_err(|e| setup(&e))?;
+    let input_dim = data_dim;
+    let worker =
+        worker::Worker::start(device, cfg.threads, train, val, noise).map_err(|e| setup(&e))?;
     let ncfg = node::NodeConfig {
         server: cfg.server,
         server_name: cfg.server_name,

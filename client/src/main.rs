@@ -62,7 +62,12 @@ struct Args {
 async fn main() -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let a = Args::parse();
     let server = tokio::net::lookup_host(&a.server)
         .await
@@ -92,7 +97,8 @@ async fn main() -> Result<()> {
         s.node,
         s.rounds_trained,
         s.finish_reason,
-        s.epsilon.map_or(String::new(), |e| format!("; own epsilon {e:.4}"))
+        s.epsilon
+            .map_or(String::new(), |e| format!("; own epsilon {e:.4}"))
     );
     Ok(())
 }

@@ -101,20 +101,28 @@ enum Fatal {
 /// is what central mode means).
 pub fn own_epsilon(dp: &DpAgreement, rounds_joined: u64, latest_round: u64) -> Option<f64> {
     match dp.mode {
-        DpMode::Local => accountant::epsilon(1.0, dp.noise_multiplier / 2.0, rounds_joined, dp.delta)
-            .ok()
-            .map(|e| e.0),
-        DpMode::Central => accountant::epsilon(dp.sampling_rate, dp.noise_multiplier, latest_round, dp.delta)
-            .ok()
-            .map(|e| e.0),
+        DpMode::Local => {
+            accountant::epsilon(1.0, dp.noise_multiplier / 2.0, rounds_joined, dp.delta)
+                .ok()
+                .map(|e| e.0)
+        }
+        DpMode::Central => accountant::epsilon(
+            dp.sampling_rate,
+            dp.noise_multiplier,
+            latest_round,
+            dp.delta,
+        )
+        .ok()
+        .map(|e| e.0),
         _ => None,
     }
 }
 
 /// Runs a node until the server finishes training.
 pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeError> {
-    let endpoint = dpfl_certs::quic::client_endpoint(&cfg.credentials, wire::ALPN, cfg.idle_timeout)
-        .map_err(|e| NodeError::Setup(e.to_string()))?;
+    let endpoint =
+        dpfl_certs::quic::client_endpoint(&cfg.credentials, wire::ALPN, cfg.idle_timeout)
+            .map_err(|e| NodeError::Setup(e.to_string()))?;
     let mut summary = NodeSummary {
         node: String::new(),
         rounds_trained: 0,
@@ -126,7 +134,15 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
     let mut backoff = cfg.backoff_initial;
     let mut last_ok = Instant::now();
     loop {
-        let result = session(&cfg, &endpoint, &worker, &mut summary, &mut latest_round, &mut last_ok).await;
+        let result = session(
+            &cfg,
+            &endpoint,
+            &worker,
+            &mut summary,
+            &mut latest_round,
+            &mut last_ok,
+        )
+        .await;
         match result {
             Ok(Outcome::Finished(reason)) => {
                 summary.finish_reason = reason;
@@ -144,7 +160,10 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
                 // Full jitter: uniform in [backoff/2, backoff].
                 let jitter = rand::thread_rng().gen_range(0.5..=1.0);
                 let sleep = backoff.mul_f64(jitter);
-                tracing::warn!("connection lost or failed ({e}); retrying in {:.1}s", sleep.as_secs_f64());
+                tracing::warn!(
+                    "connection lost or failed ({e}); retrying in {:.1}s",
+                    sleep.as_secs_f64()
+                );
                 tokio::time::sleep(sleep).await;
                 backoff = (backoff * 2).min(cfg.backoff_max);
             }
@@ -181,7 +200,12 @@ async fn session(
 ) -> Result<Outcome, Fatal> {
     let connecting = match endpoint.connect(cfg.server, &cfg.server_name) {
         Ok(c) => c,
-        Err(e) => return Err(Fatal::Setup(format!("cannot connect to {}: {e}", cfg.server))),
+        Err(e) => {
+            return Err(Fatal::Setup(format!(
+                "cannot connect to {}: {e}",
+                cfg.server
+            )))
+        }
     };
     let conn = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
         Err(_) => return Ok(Outcome::Lost("handshake timed out".into())),
@@ -193,12 +217,16 @@ async fn session(
     let welcome = match hello(cfg, &conn).await {
         Ok(w) => w,
         Err(HelloError::Refused(m)) => return Err(Fatal::Refused(m)),
-        Err(HelloError::Connection(e)) if is_auth_error(&e) => return Err(Fatal::Auth(e.to_string())),
+        Err(HelloError::Connection(e)) if is_auth_error(&e) => {
+            return Err(Fatal::Auth(e.to_string()))
+        }
         Err(HelloError::Connection(e)) => return Ok(Outcome::Lost(e.to_string())),
         Err(HelloError::Other(m)) => return Ok(Outcome::Lost(m)),
     };
     if welcome.spec.validate().is_err() || welcome.spec.hash() != welcome.spec_hash {
-        return Err(Fatal::Refused("server announced an invalid model spec".into()));
+        return Err(Fatal::Refused(
+            "server announced an invalid model spec".into(),
+        ));
     }
     if welcome.dp.mode != cfg.dp_mode {
         return Err(Fatal::Refused(format!(
@@ -212,7 +240,10 @@ async fn session(
             welcome.dp.noise_multiplier, cfg.min_noise_multiplier
         )));
     }
-    worker.setup(welcome.spec.clone()).await.map_err(Fatal::Setup)?;
+    worker
+        .setup(welcome.spec.clone())
+        .await
+        .map_err(Fatal::Setup)?;
     summary.node = welcome.node.clone();
     *last_ok = Instant::now();
     tracing::info!(
@@ -244,7 +275,11 @@ async fn session(
         };
         let reply = match msg.header {
             Header::Finish(f) => {
-                tracing::info!(rounds = f.rounds_completed, "server finished training: {}", f.reason);
+                tracing::info!(
+                    rounds = f.rounds_completed,
+                    "server finished training: {}",
+                    f.reason
+                );
                 let _ = send.finish();
                 conn.close(0u32.into(), b"finished");
                 return Ok(Outcome::Finished(f.reason));
@@ -264,14 +299,15 @@ async fn session(
                             Err(reason) => Header::Failed { round, reason },
                             Ok(done) => {
                                 summary.rounds_trained += 1;
-                                summary.epsilon = own_epsilon(&welcome.dp, summary.rounds_trained, *latest_round);
+                                summary.epsilon =
+                                    own_epsilon(&welcome.dp, summary.rounds_trained, *latest_round);
                                 let local = privacy.mode == DpMode::Local;
                                 let meta = UpdateMeta {
                                     round,
                                     spec_hash,
                                     // In local mode nothing but the noised delta leaves the node.
                                     num_examples: if local { 0 } else { done.outcome.num_examples },
-                                    metrics: (!local).then(|| TrainMetrics {
+                                    metrics: (!local).then_some(TrainMetrics {
                                         loss: done.outcome.loss,
                                         accuracy: done.outcome.accuracy,
                                         steps: done.outcome.steps,
@@ -279,7 +315,8 @@ async fn session(
                                     }),
                                     clipped: if local { None } else { done.clipped },
                                 };
-                                let bytes = wire::encode(&Header::Update(meta), done.delta.as_slice());
+                                let bytes =
+                                    wire::encode(&Header::Update(meta), done.delta.as_slice());
                                 let eps = summary
                                     .epsilon
                                     .map_or(String::new(), |e| format!(", own epsilon {e:.4}"));
@@ -304,7 +341,9 @@ async fn session(
                 }
             }
             Header::Evaluate(req) => {
-                if req.spec_hash != welcome.spec_hash || msg.payload.len() != welcome.spec.num_params() {
+                if req.spec_hash != welcome.spec_hash
+                    || msg.payload.len() != welcome.spec.num_params()
+                {
                     Header::Failed {
                         round: req.round,
                         reason: "evaluate request does not match the agreed model".into(),
@@ -317,7 +356,10 @@ async fn session(
                             accuracy: e.accuracy,
                             num_examples: e.num_examples,
                         }),
-                        Err(reason) => Header::Failed { round: req.round, reason },
+                        Err(reason) => Header::Failed {
+                            round: req.round,
+                            reason,
+                        },
                     }
                 }
             }
@@ -360,19 +402,32 @@ async fn write_reply(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), S
 }
 
 /// Checks a train request against what was agreed in the handshake.
-fn check_train(cfg: &NodeConfig, welcome: &Welcome, req: &wire::TrainRequest, payload: usize) -> Result<(), String> {
+fn check_train(
+    cfg: &NodeConfig,
+    welcome: &Welcome,
+    req: &wire::TrainRequest,
+    payload: usize,
+) -> Result<(), String> {
     if req.spec_hash != welcome.spec_hash {
         return Err("train request for another model".into());
     }
     if payload != welcome.spec.num_params() {
-        return Err(format!("global model has {payload} values, expected {}", welcome.spec.num_params()));
+        return Err(format!(
+            "global model has {payload} values, expected {}",
+            welcome.spec.num_params()
+        ));
     }
     req.config.validate().map_err(|e| e.to_string())?;
     req.privacy.validate().map_err(|e| e.to_string())?;
     if req.privacy.mode != welcome.dp.mode {
-        return Err(format!("round asks for dp mode `{}`, agreed `{}`", req.privacy.mode, welcome.dp.mode));
+        return Err(format!(
+            "round asks for dp mode `{}`, agreed `{}`",
+            req.privacy.mode, welcome.dp.mode
+        ));
     }
-    if req.privacy.mode == DpMode::Local && req.privacy.noise_multiplier < welcome.dp.noise_multiplier.max(cfg.min_noise_multiplier) {
+    if req.privacy.mode == DpMode::Local
+        && req.privacy.noise_multiplier < welcome.dp.noise_multiplier.max(cfg.min_noise_multiplier)
+    {
         return Err(format!(
             "round asks for noise multiplier {}, below the agreed {}",
             req.privacy.noise_multiplier, welcome.dp.noise_multiplier
@@ -397,19 +452,37 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
     };
     send.write_all(&wire::encode(&Header::Hello(hello), &[]))
         .await
-        .map_err(|e| HelloError::Other(e.to_string()))?;
-    send.finish().map_err(|e| HelloError::Other(e.to_string()))?;
-    let bytes = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES))
-        .await
-        .map_err(|_| HelloError::Other("no welcome within 15s".into()))?
         .map_err(|e| match e {
-            quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => HelloError::Connection(c),
+            quinn::WriteError::ConnectionLost(c) => HelloError::Connection(c),
             other => HelloError::Other(other.to_string()),
         })?;
+    send.finish()
+        .map_err(|e| HelloError::Other(e.to_string()))?;
+    let bytes = tokio::time::timeout(
+        Duration::from_secs(15),
+        recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
+    )
+    .await
+    .map_err(|_| HelloError::Other("no welcome within 15s".into()))?
+    .map_err(|e| match e {
+        quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => {
+            HelloError::Connection(c)
+        }
+        other => HelloError::Other(other.to_string()),
+    })?;
     match wire::decode(&bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
-        Ok(Message { header: Header::Welcome(w), .. }) => Ok(w),
-        Ok(Message { header: Header::Refused(r), .. }) => Err(HelloError::Refused(format!("{:?}: {}", r.kind, r.detail))),
-        Ok(m) => Err(HelloError::Other(format!("expected welcome, got `{}`", m.header.name()))),
+        Ok(Message {
+            header: Header::Welcome(w),
+            ..
+        }) => Ok(w),
+        Ok(Message {
+            header: Header::Refused(r),
+            ..
+        }) => Err(HelloError::Refused(format!("{:?}: {}", r.kind, r.detail))),
+        Ok(m) => Err(HelloError::Other(format!(
+            "expected welcome, got `{}`",
+            m.header.name()
+        ))),
         Err(e) => Err(HelloError::Other(format!("malformed welcome: {e}"))),
     }
 }

@@ -27,7 +27,11 @@ pub struct TrainDone {
 
 enum Job {
     Setup(ModelSpec, oneshot::Sender<Result<(), String>>),
-    Train(TrainRequest, Vec<f32>, oneshot::Sender<Result<TrainDone, String>>),
+    Train(
+        TrainRequest,
+        Vec<f32>,
+        oneshot::Sender<Result<TrainDone, String>>,
+    ),
     Evaluate(Vec<f32>, oneshot::Sender<Result<EvalOutcome, String>>),
 }
 
@@ -59,7 +63,9 @@ impl State {
     fn train(&mut self, req: &TrainRequest, global: &[f32]) -> Result<TrainDone, String> {
         let (_, mlp, train, _) = self.model.as_mut().ok_or("model not set up")?;
         let t0 = Instant::now();
-        let outcome = mlp.train(train, &req.config, global).map_err(|e| e.to_string())?;
+        let outcome = mlp
+            .train(train, &req.config, global)
+            .map_err(|e| e.to_string())?;
         let train_seconds = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let raw = RawDelta::new(outcome.delta.clone());
@@ -93,36 +99,44 @@ impl Worker {
         noise: Box<dyn GaussianNoise>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new().name("trainer".into()).spawn(move || {
-            dpfl_ml::model::set_threads(threads);
-            let mut st = State {
-                device,
-                train,
-                val,
-                noise,
-                model: None,
-            };
-            while let Ok(job) = rx.recv() {
-                match job {
-                    Job::Setup(spec, reply) => {
-                        let _ = reply.send(st.setup(spec));
-                    }
-                    Job::Train(req, global, reply) => {
-                        let _ = reply.send(st.train(&req, &global));
-                    }
-                    Job::Evaluate(params, reply) => {
-                        let _ = reply.send(st.evaluate(&params));
+        std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || {
+                dpfl_ml::model::set_threads(threads);
+                let mut st = State {
+                    device,
+                    train,
+                    val,
+                    noise,
+                    model: None,
+                };
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        Job::Setup(spec, reply) => {
+                            let _ = reply.send(st.setup(spec));
+                        }
+                        Job::Train(req, global, reply) => {
+                            let _ = reply.send(st.train(&req, &global));
+                        }
+                        Job::Evaluate(params, reply) => {
+                            let _ = reply.send(st.evaluate(&params));
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok(Self { tx })
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Job) -> Result<T, String> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Job,
+    ) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).map_err(|_| "training worker stopped".to_string())?;
-        rx.await.map_err(|_| "training worker stopped".to_string())?
+        self.tx
+            .send(make(tx))
+            .map_err(|_| "training worker stopped".to_string())?;
+        rx.await
+            .map_err(|_| "training worker stopped".to_string())?
     }
 
     /// Builds the model for `spec` and moves the data to the device (checks it fits).

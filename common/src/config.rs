@@ -138,8 +138,18 @@ impl TrainConfig {
             ">= 0",
             self.weight_decay,
         )?;
-        check((0.0..1.0).contains(&self.beta1), "beta1", "in [0, 1)", self.beta1)?;
-        check((0.0..1.0).contains(&self.beta2), "beta2", "in [0, 1)", self.beta2)?;
+        check(
+            (0.0..1.0).contains(&self.beta1),
+            "beta1",
+            "in [0, 1)",
+            self.beta1,
+        )?;
+        check(
+            (0.0..1.0).contains(&self.beta2),
+            "beta2",
+            "in [0, 1)",
+            self.beta2,
+        )?;
         Ok(())
     }
 }

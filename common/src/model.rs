@@ -77,7 +77,9 @@ impl ModelSpec {
                 .checked_mul(w[1])
                 .and_then(|x| x.checked_add(w[1]))
                 .ok_or(SpecError::TooLarge(usize::MAX))?;
-            total = total.checked_add(n).ok_or(SpecError::TooLarge(usize::MAX))?;
+            total = total
+                .checked_add(n)
+                .ok_or(SpecError::TooLarge(usize::MAX))?;
             if total > MAX_PARAMS {
                 return Err(SpecError::TooLarge(total));
             }

@@ -254,7 +254,9 @@ fn parse_idx(path: &Path, bytes: &[u8], want_dims: u8) -> Result<(Vec<usize>, us
     }
     let ndim = bytes[3];
     if ndim != want_dims {
-        return Err(fmt(format!("expected {want_dims} dimensions, file has {ndim}")));
+        return Err(fmt(format!(
+            "expected {want_dims} dimensions, file has {ndim}"
+        )));
     }
     let header = 4 + 4 * ndim as usize;
     if bytes.len() < header {
@@ -316,7 +318,10 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> 
     let has_header = first_cells.iter().any(|c| c.parse::<f64>().is_err());
     let ncols = first_cells.len();
     if ncols < 2 {
-        return Err(fmt(1, "need at least one feature column and a label column".into()));
+        return Err(fmt(
+            1,
+            "need at least one feature column and a label column".into(),
+        ));
     }
     let label_col = match label {
         None => ncols - 1,
@@ -337,7 +342,10 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> 
     for (i, line) in rows {
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if cells.len() != ncols {
-            return Err(fmt(i + 1, format!("{} columns, expected {ncols}", cells.len())));
+            return Err(fmt(
+                i + 1,
+                format!("{} columns, expected {ncols}", cells.len()),
+            ));
         }
         for (c, cell) in cells.iter().enumerate() {
             let v: f64 = cell
@@ -374,7 +382,9 @@ pub struct Shard {
 impl std::str::FromStr for Shard {
     type Err = DataError;
     fn from_str(s: &str) -> Result<Self, DataError> {
-        let (i, n) = s.split_once('/').ok_or_else(|| DataError::Shard(s.into()))?;
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| DataError::Shard(s.into()))?;
         let index: usize = i.trim().parse().map_err(|_| DataError::Shard(s.into()))?;
         let count: usize = n.trim().parse().map_err(|_| DataError::Shard(s.into()))?;
         if index == 0 || count == 0 || index > count {
@@ -462,7 +472,10 @@ mod tests {
         assert!((d.features[4] - 0.2).abs() < 1e-6);
         // Truncated file and count mismatch are format errors, not panics.
         std::fs::write(&img, idx_bytes(&[2, 2, 2], &[0; 7])).unwrap();
-        assert!(matches!(load_idx(&img, &lab), Err(DataError::Format { .. })));
+        assert!(matches!(
+            load_idx(&img, &lab),
+            Err(DataError::Format { .. })
+        ));
         std::fs::write(&img, idx_bytes(&[3, 1, 1], &[0; 3])).unwrap();
         assert!(matches!(load_idx(&img, &lab), Err(DataError::Invalid(_))));
     }

@@ -52,7 +52,8 @@ pub fn save_safetensors(spec: &ModelSpec, params: &[f32], path: &Path) -> Result
             .join(","),
     );
     meta.insert("format".to_string(), "dpfl-mlp-relu-v1".to_string());
-    let out = safetensors::serialize(views, &Some(meta)).map_err(|e| ExportError::Format(e.to_string()))?;
+    let out = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| ExportError::Format(e.to_string()))?;
     let tmp = path.with_extension("safetensors.tmp");
     {
         use std::io::Write;
@@ -79,14 +80,18 @@ pub fn load_safetensors(path: &Path) -> Result<(ModelSpec, Vec<f32>), ExportErro
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ExportError::Format(e.to_string()))?;
     let spec = ModelSpec::new(layers).map_err(|e| ExportError::Format(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ExportError::Format(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| ExportError::Format(e.to_string()))?;
     let mut params = vec![0f32; spec.num_params()];
     for slot in spec.layout() {
         let t = st
             .tensor(&slot.name)
             .map_err(|e| ExportError::Format(e.to_string()))?;
         if t.dtype() != Dtype::F32 || t.shape() != slot.shape.as_slice() {
-            return Err(ExportError::Format(format!("tensor {} has the wrong type or shape", slot.name)));
+            return Err(ExportError::Format(format!(
+                "tensor {} has the wrong type or shape",
+                slot.name
+            )));
         }
         let vals = dpfl_common::wire::f32_from_le_bytes(t.data());
         params[slot.offset..slot.offset + slot.len].copy_from_slice(&vals);

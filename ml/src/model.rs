@@ -57,7 +57,10 @@ pub fn parse_device(s: &str) -> Result<Device, ModelError> {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
         "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        _ => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) if (n as i64) < tch::Cuda::device_count() => Ok(Device::Cuda(n)),
             _ => Err(ModelError::Device(s.into())),
         },
@@ -218,7 +221,9 @@ impl Mlp {
         tch::no_grad(|| {
             for (slot, t) in &mut self.wire {
                 let shape: Vec<i64> = slot.shape.iter().map(|d| *d as i64).collect();
-                let src = all.narrow(0, slot.offset as i64, slot.len as i64).view(shape.as_slice());
+                let src = all
+                    .narrow(0, slot.offset as i64, slot.len as i64)
+                    .view(shape.as_slice());
                 t.copy_(&src);
             }
         });
@@ -339,7 +344,11 @@ impl Mlp {
     }
 
     /// Evaluates `params` on `data`.
-    pub fn evaluate(&mut self, data: &DeviceData, params: &[f32]) -> Result<EvalOutcome, ModelError> {
+    pub fn evaluate(
+        &mut self,
+        data: &DeviceData,
+        params: &[f32],
+    ) -> Result<EvalOutcome, ModelError> {
         self.load(params)?;
         if data.len == 0 {
             return Ok(EvalOutcome {

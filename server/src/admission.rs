@@ -24,17 +24,29 @@ pub fn admit(cfg: &AdmissionConfig, node: &str, fingerprint: &str) -> Result<(),
     let mut allow = cfg.allow.clone();
     let mut deny = cfg.deny.clone();
     if let Some(path) = &cfg.lists_file {
-        let text = std::fs::read_to_string(path).map_err(|e| AdmissionError::ListsFile(format!("{}: {e}", path.display())))?;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| AdmissionError::ListsFile(format!("{}: {e}", path.display())))?;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             match line.split_once(char::is_whitespace) {
                 Some(("allow", v)) => allow.push(v.trim().to_string()),
                 Some(("deny", v)) => deny.push(v.trim().to_string()),
-                _ => return Err(AdmissionError::ListsFile(format!("cannot read line {line:?} (expected `allow NAME` or `deny NAME`)"))),
+                _ => {
+                    return Err(AdmissionError::ListsFile(format!(
+                        "cannot read line {line:?} (expected `allow NAME` or `deny NAME`)"
+                    )))
+                }
             }
         }
     }
     let fp = format!("sha256:{fingerprint}");
-    let matches = |list: &[String]| list.iter().any(|e| e == node || e.eq_ignore_ascii_case(&fp));
+    let matches = |list: &[String]| {
+        list.iter()
+            .any(|e| e == node || e.eq_ignore_ascii_case(&fp))
+    };
     if matches(&deny) {
         return Err(AdmissionError::Revoked(node.to_string()));
     }
@@ -90,8 +102,14 @@ mod tests {
         };
         assert!(admit(&cfg, "a", "00").is_ok());
         assert!(admit(&cfg, "c", "abcd").is_ok());
-        assert_eq!(admit(&cfg, "b", "00"), Err(AdmissionError::Revoked("b".into())));
-        assert_eq!(admit(&cfg, "d", "00"), Err(AdmissionError::NotAllowed("d".into())));
+        assert_eq!(
+            admit(&cfg, "b", "00"),
+            Err(AdmissionError::Revoked("b".into()))
+        );
+        assert_eq!(
+            admit(&cfg, "d", "00"),
+            Err(AdmissionError::NotAllowed("d".into()))
+        );
         assert!(admit(&AdmissionConfig::default(), "anyone", "00").is_ok());
     }
 
@@ -106,9 +124,15 @@ mod tests {
         };
         assert!(admit(&cfg, "x", "00").is_ok());
         std::fs::write(&p, "deny x\n").unwrap();
-        assert!(matches!(admit(&cfg, "x", "00"), Err(AdmissionError::Revoked(_))));
+        assert!(matches!(
+            admit(&cfg, "x", "00"),
+            Err(AdmissionError::Revoked(_))
+        ));
         std::fs::write(&p, "nonsense\n").unwrap();
-        assert!(matches!(admit(&cfg, "x", "00"), Err(AdmissionError::ListsFile(_))));
+        assert!(matches!(
+            admit(&cfg, "x", "00"),
+            Err(AdmissionError::ListsFile(_))
+        ));
     }
 
     #[test]

@@ -254,7 +254,11 @@ mod tests {
     #[test]
     fn mean_is_weighted_by_examples() {
         // 3 examples at 1.0 and 1 example at 5.0 -> (3 + 5) / 4 = 2
-        let out = run(AggregatorKind::Mean, &[(&[1.0, 0.0], 3.0), (&[5.0, 4.0], 1.0)]).unwrap();
+        let out = run(
+            AggregatorKind::Mean,
+            &[(&[1.0, 0.0], 3.0), (&[5.0, 4.0], 1.0)],
+        )
+        .unwrap();
         assert_eq!(out, vec![2.0, 1.0]);
     }
 
@@ -283,7 +287,10 @@ mod tests {
         let med = run(AggregatorKind::Median, &ups).unwrap();
         assert_eq!(med, vec![1.0, 1.0]);
         let tm = run(AggregatorKind::TrimmedMean { beta: 0.2 }, &ups).unwrap();
-        assert!((tm[0] - 1.0333).abs() < 1e-3 && (tm[1] - 1.0).abs() < 0.05, "{tm:?}");
+        assert!(
+            (tm[0] - 1.0333).abs() < 1e-3 && (tm[1] - 1.0).abs() < 0.05,
+            "{tm:?}"
+        );
         let k = run(AggregatorKind::Krum { f: 1 }, &ups).unwrap();
         assert!(k[0] < 2.0);
         let mk = run(AggregatorKind::MultiKrum { f: 1, m: 3 }, &ups).unwrap();

@@ -110,8 +110,12 @@ pub fn load(path: &Path, config_fingerprint: &str) -> Result<Option<Snapshot>, C
     let mut l = [0u8; 8];
     l.copy_from_slice(&bytes[8..16]);
     let json_len = u64::from_le_bytes(l) as usize;
-    let json_end = 16usize.checked_add(json_len).filter(|e| *e <= bytes.len()).ok_or_else(|| corrupt("truncated"))?;
-    let meta: Meta = serde_json::from_slice(&bytes[16..json_end]).map_err(|e| corrupt(&e.to_string()))?;
+    let json_end = 16usize
+        .checked_add(json_len)
+        .filter(|e| *e <= bytes.len())
+        .ok_or_else(|| corrupt("truncated"))?;
+    let meta: Meta =
+        serde_json::from_slice(&bytes[16..json_end]).map_err(|e| corrupt(&e.to_string()))?;
     if meta.config != config_fingerprint {
         return Err(CheckpointError::ConfigMismatch {
             path: path.to_path_buf(),
@@ -150,11 +154,17 @@ mod tests {
         assert_eq!(back.completed_rounds, 4);
         assert_eq!(*back.global, *s.global);
         assert_eq!(back.strategy, s.strategy);
-        assert!(matches!(load(&p, "other"), Err(CheckpointError::ConfigMismatch { .. })));
+        assert!(matches!(
+            load(&p, "other"),
+            Err(CheckpointError::ConfigMismatch { .. })
+        ));
         // Truncation is detected, not mis-read.
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 2]).unwrap();
-        assert!(matches!(load(&p, "cfg"), Err(CheckpointError::Corrupt { .. })));
+        assert!(matches!(
+            load(&p, "cfg"),
+            Err(CheckpointError::Corrupt { .. })
+        ));
         assert!(!dir.path().join("ckpt.tmp").exists());
     }
 }

@@ -151,7 +151,10 @@ impl Default for ServerConfig {
 
 fn set_dotted(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), ConfigError> {
     let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().filter(|s| !s.is_empty()).ok_or_else(|| ConfigError::Parse(format!("empty key in {key:?}")))?;
+    let last = parts
+        .pop()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ConfigError::Parse(format!("empty key in {key:?}")))?;
     let mut t = root;
     for p in parts {
         let entry = t
@@ -170,7 +173,9 @@ fn set_dotted(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(
 fn parse_value(v: &str) -> toml::Value {
     let doc = format!("v = {v}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(v.into())),
         Err(_) => toml::Value::String(v.into()),
     }
 }
@@ -202,7 +207,8 @@ impl ServerConfig {
     /// Range and consistency checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        ModelSpec::new(self.model.layers.clone()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        ModelSpec::new(self.model.layers.clone())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.rounds == 0 {
             return bad("rounds must be >= 1".into());
         }
@@ -213,7 +219,10 @@ impl ServerConfig {
             return bad("timeouts must be > 0".into());
         }
         if !(self.strategy.fraction_fit > 0.0 && self.strategy.fraction_fit <= 1.0) {
-            return bad(format!("strategy.fraction_fit must be in (0, 1], got {}", self.strategy.fraction_fit));
+            return bad(format!(
+                "strategy.fraction_fit must be in (0, 1], got {}",
+                self.strategy.fraction_fit
+            ));
         }
         if !(0.0..=1.0).contains(&self.strategy.fraction_evaluate) {
             return bad("strategy.fraction_evaluate must be in [0, 1]".into());
@@ -221,23 +230,34 @@ impl ServerConfig {
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes must be >= 1024".into());
         }
-        let needed = dpfl_common::wire::PREFIX_BYTES + dpfl_common::wire::MAX_HEADER_BYTES + 4 * self.spec().num_params();
+        let needed = dpfl_common::wire::PREFIX_BYTES
+            + dpfl_common::wire::MAX_HEADER_BYTES
+            + 4 * self.spec().num_params();
         if self.max_message_bytes < needed {
             return bad(format!(
                 "max_message_bytes {} cannot carry this model ({} bytes needed)",
                 self.max_message_bytes, needed
             ));
         }
-        if !(self.idle_timeout_secs >= 3.0) {
+        if self.idle_timeout_secs.is_nan() || self.idle_timeout_secs < 3.0 {
             return bad("idle_timeout_secs must be >= 3".into());
         }
-        self.train.base.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.train
+            .base
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !(self.train.lr_decay > 0.0 && self.train.lr_decay <= 1.0) {
             return bad("train.lr_decay must be in (0, 1]".into());
         }
         self.dp.validate().map_err(ConfigError::Invalid)?;
-        self.strategy.aggregator.validate().map_err(ConfigError::Invalid)?;
-        self.strategy.server_optimizer.validate().map_err(ConfigError::Invalid)?;
+        self.strategy
+            .aggregator
+            .validate()
+            .map_err(ConfigError::Invalid)?;
+        self.strategy
+            .server_optimizer
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -12,7 +12,7 @@
 //! model nor the ledger. Then optional federated evaluation, then the next round.
 
 use crate::ledger::Ledger;
-use crate::strategy::{EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy, DpParams};
+use crate::strategy::{DpParams, EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy};
 use dpfl_common::config::{ClientPrivacy, DpMode};
 use dpfl_common::model::{ModelSpec, SpecHash};
 use dpfl_common::wire::{EvalResult, EvaluateRequest, TrainRequest, UpdateMeta};
@@ -289,7 +289,11 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// A coordinator starting at round `snapshot.completed_rounds + 1` (0 for a new run).
-    pub fn new(cfg: CoordinatorConfig, mut strategy: Box<dyn Strategy>, snapshot: Snapshot) -> Result<Self, String> {
+    pub fn new(
+        cfg: CoordinatorConfig,
+        mut strategy: Box<dyn Strategy>,
+        snapshot: Snapshot,
+    ) -> Result<Self, String> {
         if snapshot.global.len() != cfg.spec.num_params() {
             return Err(format!(
                 "initial model has {} parameters, the spec needs {}",
@@ -297,7 +301,9 @@ impl Coordinator {
                 cfg.spec.num_params()
             ));
         }
-        strategy.restore(&snapshot.strategy).map_err(|e| e.to_string())?;
+        strategy
+            .restore(&snapshot.strategy)
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             spec_hash: cfg.spec.hash(),
             cfg,
@@ -391,26 +397,32 @@ impl Coordinator {
     }
 
     /// The driver could not get an answer from a client (transport error, bad bytes).
-    pub fn handle_transport_error(&mut self, node: &str, kind: &'static str, detail: &str, now: Instant) {
+    pub fn handle_transport_error(
+        &mut self,
+        node: &str,
+        kind: &'static str,
+        detail: &str,
+        now: Instant,
+    ) {
         *self.rejected.entry(kind).or_default() += 1;
         self.fail(node, detail, now);
     }
 
     fn fail(&mut self, node: &str, reason: &str, now: Instant) {
         match &mut self.phase {
-            Phase::Fit(f) => {
-                if f.pending.remove(node) {
-                    f.failures.push(Failure {
-                        node: node.to_string(),
-                        reason: reason.to_string(),
-                    });
-                    if f.pending.is_empty() {
-                        self.close_fit(now);
-                    }
+            Phase::Fit(f) if f.pending.contains(node) => {
+                f.pending.remove(node);
+                f.failures.push(Failure {
+                    node: node.to_string(),
+                    reason: reason.to_string(),
+                });
+                if f.pending.is_empty() {
+                    self.close_fit(now);
                 }
             }
-            Phase::Eval(e) => {
-                if e.pending.remove(node) && e.pending.is_empty() {
+            Phase::Eval(e) if e.pending.contains(node) => {
+                e.pending.remove(node);
+                if e.pending.is_empty() {
                     self.close_eval(now);
                 }
             }
@@ -420,12 +432,21 @@ impl Coordinator {
 
     /// Validates and accepts an update. A rejection leaves everything as it was except
     /// the rejection counter (and, for a selected sender, marks it failed for the round).
-    pub fn handle_update(&mut self, node: &str, meta: UpdateMeta, delta: Vec<f32>, now: Instant) -> Result<(), Rejection> {
+    pub fn handle_update(
+        &mut self,
+        node: &str,
+        meta: UpdateMeta,
+        delta: Vec<f32>,
+        now: Instant,
+    ) -> Result<(), Rejection> {
         let res = self.validate_update(node, &meta, &delta);
         if let Err(e) = &res {
             *self.rejected.entry(e.kind()).or_default() += 1;
             // A selected sender whose update for this round is malformed has failed it.
-            if matches!(e, Rejection::SpecHash | Rejection::Length { .. } | Rejection::NonFinite(_)) {
+            if matches!(
+                e,
+                Rejection::SpecHash | Rejection::Length { .. } | Rejection::NonFinite(_)
+            ) {
                 self.fail(node, &format!("rejected: {e}"), now);
             }
             return res;
@@ -469,7 +490,12 @@ impl Coordinator {
         Ok(())
     }
 
-    fn validate_update(&self, node: &str, meta: &UpdateMeta, delta: &[f32]) -> Result<(), Rejection> {
+    fn validate_update(
+        &self,
+        node: &str,
+        meta: &UpdateMeta,
+        delta: &[f32],
+    ) -> Result<(), Rejection> {
         let Phase::Fit(f) = &self.phase else {
             return Err(Rejection::NoOpenRound);
         };
@@ -507,7 +533,12 @@ impl Coordinator {
     }
 
     /// A federated evaluation result.
-    pub fn handle_eval_result(&mut self, node: &str, result: EvalResult, now: Instant) -> Result<(), Rejection> {
+    pub fn handle_eval_result(
+        &mut self,
+        node: &str,
+        result: EvalResult,
+        now: Instant,
+    ) -> Result<(), Rejection> {
         let Phase::Eval(e) = &mut self.phase else {
             return Err(Rejection::NoOpenRound);
         };
@@ -677,13 +708,19 @@ impl Coordinator {
             }
             abandoned = true;
         } else {
-            match self.strategy.aggregate_fit(f.round, &self.global, &f.failures) {
+            match self
+                .strategy
+                .aggregate_fit(f.round, &self.global, &f.failures)
+            {
                 Ok(Some(new)) => {
                     if new.len() == self.global.len() && new.iter().all(|v| v.is_finite()) {
                         self.global = Arc::new(new);
                         model_updated = true;
                     } else {
-                        tracing::error!(round = f.round, "strategy produced an invalid model; keeping the previous one");
+                        tracing::error!(
+                            round = f.round,
+                            "strategy produced an invalid model; keeping the previous one"
+                        );
                     }
                 }
                 Ok(None) => {}
@@ -736,7 +773,8 @@ impl Coordinator {
         let eval_nodes = if abandoned {
             Vec::new()
         } else {
-            self.strategy.configure_evaluate(f.round, &available, &mut rng)
+            self.strategy
+                .configure_evaluate(f.round, &available, &mut rng)
         };
         if eval_nodes.is_empty() {
             self.complete_round(Box::new(report), now);
@@ -823,7 +861,12 @@ mod tests {
             spec: spec(),
             dp,
         };
-        Coordinator::new(cfg, strategy, Coordinator::initial_snapshot(vec![0.0; P], &dp)).unwrap()
+        Coordinator::new(
+            cfg,
+            strategy,
+            Coordinator::initial_snapshot(vec![0.0; P], &dp),
+        )
+        .unwrap()
     }
 
     fn meta(round: u64, n: u64) -> UpdateMeta {
@@ -871,7 +914,8 @@ mod tests {
             assert_eq!(round, expected_round);
             assert_eq!(nodes.len(), 4);
             for n in &nodes {
-                c.handle_update(n, meta(round, 10), vec![1.0; P], t0).unwrap();
+                c.handle_update(n, meta(round, 10), vec![1.0; P], t0)
+                    .unwrap();
             }
         }
         let mut completed = 0;
@@ -883,7 +927,10 @@ mod tests {
                     assert_eq!(r.participants.len(), 4);
                     assert_eq!(r.train_loss, Some(1.0));
                 }
-                Action::Finish { reason, rounds_completed } => {
+                Action::Finish {
+                    reason,
+                    rounds_completed,
+                } => {
                     assert_eq!(reason, FinishReason::Completed);
                     assert_eq!(rounds_completed, 3);
                     finished = true;
@@ -891,7 +938,10 @@ mod tests {
                 _ => {}
             }
         }
-        assert_eq!(completed, 1, "the first two reports were drained by train_nodes");
+        assert_eq!(
+            completed, 1,
+            "the first two reports were drained by train_nodes"
+        );
         assert!(finished);
         assert_eq!(c.global()[0], 3.0);
     }
@@ -902,8 +952,10 @@ mod tests {
         let mut c = coordinator(2, DpParams::default(), 0);
         connect_all(&mut c, t0);
         let (round, nodes) = train_nodes(&mut c);
-        c.handle_update(&nodes[0], meta(round, 1), vec![2.0; P], t0).unwrap();
-        c.handle_update(&nodes[1], meta(round, 3), vec![6.0; P], t0).unwrap();
+        c.handle_update(&nodes[0], meta(round, 1), vec![2.0; P], t0)
+            .unwrap();
+        c.handle_update(&nodes[1], meta(round, 3), vec![6.0; P], t0)
+            .unwrap();
         c.handle_disconnect(&nodes[2], t0);
         assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(10)));
         c.handle_timeout(t0 + Duration::from_secs(11));
@@ -915,7 +967,10 @@ mod tests {
         assert_eq!(report.participants.len(), 2);
         assert_eq!(report.failures.len(), 2);
         assert!(report.failures.iter().any(|f| f.reason == "disconnected"));
-        assert!(report.failures.iter().any(|f| f.reason == "deadline passed"));
+        assert!(report
+            .failures
+            .iter()
+            .any(|f| f.reason == "deadline passed"));
         // (1*2 + 3*6) / 4 = 5
         assert_eq!(c.global()[0], 5.0);
         // Below min_clients no round starts; the dropped client rejoins for the next one.
@@ -934,7 +989,8 @@ mod tests {
         let mut c = coordinator(3, DpParams::default(), 1);
         connect_all(&mut c, t0);
         let (round, nodes) = train_nodes(&mut c);
-        c.handle_update(&nodes[0], meta(round, 1), vec![9.0; P], t0).unwrap();
+        c.handle_update(&nodes[0], meta(round, 1), vec![9.0; P], t0)
+            .unwrap();
         c.handle_timeout(t0 + Duration::from_secs(11));
         let mut retried = false;
         let (r2, _) = loop {
@@ -958,7 +1014,11 @@ mod tests {
         };
         assert!(report.abandoned);
         assert!(!report.model_updated);
-        assert_eq!(c.global()[0], 0.0, "the update of the failed attempt must not leak in");
+        assert_eq!(
+            c.global()[0],
+            0.0,
+            "the update of the failed attempt must not leak in"
+        );
     }
 
     #[test]
@@ -970,17 +1030,38 @@ mod tests {
         let n = &nodes[0];
         let mut wrong = meta(round, 1);
         wrong.spec_hash = [0; 32];
-        assert_eq!(c.handle_update("stranger", meta(round, 1), vec![0.0; P], t0), Err(Rejection::NotSelected(1)));
-        assert!(matches!(c.handle_update(n, meta(round + 1, 1), vec![0.0; P], t0), Err(Rejection::FutureRound { .. })));
-        assert!(matches!(c.handle_update(n, meta(round, 1), vec![0.0; 3], t0), Err(Rejection::Length { .. })));
+        assert_eq!(
+            c.handle_update("stranger", meta(round, 1), vec![0.0; P], t0),
+            Err(Rejection::NotSelected(1))
+        );
+        assert!(matches!(
+            c.handle_update(n, meta(round + 1, 1), vec![0.0; P], t0),
+            Err(Rejection::FutureRound { .. })
+        ));
+        assert!(matches!(
+            c.handle_update(n, meta(round, 1), vec![0.0; 3], t0),
+            Err(Rejection::Length { .. })
+        ));
         // n failed the round with its malformed update; the others carry on.
         let n1 = &nodes[1];
         let mut nan = vec![0.0; P];
         nan[4] = f32::NAN;
-        assert_eq!(c.handle_update(n1, meta(round, 1), nan, t0), Err(Rejection::NonFinite(4)));
-        assert_eq!(c.handle_update(&nodes[2], wrong, vec![0.0; P], t0), Err(Rejection::SpecHash));
-        c.handle_update(&nodes[3], meta(round, 1), vec![1.0; P], t0).unwrap();
-        assert_eq!(c.handle_update(&nodes[3], meta(round, 1), vec![1.0; P], t0).unwrap_err().kind(), "stale");
+        assert_eq!(
+            c.handle_update(n1, meta(round, 1), nan, t0),
+            Err(Rejection::NonFinite(4))
+        );
+        assert_eq!(
+            c.handle_update(&nodes[2], wrong, vec![0.0; P], t0),
+            Err(Rejection::SpecHash)
+        );
+        c.handle_update(&nodes[3], meta(round, 1), vec![1.0; P], t0)
+            .unwrap();
+        assert_eq!(
+            c.handle_update(&nodes[3], meta(round, 1), vec![1.0; P], t0)
+                .unwrap_err()
+                .kind(),
+            "stale"
+        );
         let report = loop {
             if let Some(Action::RoundCompleted(r)) = c.poll_action() {
                 break r;
@@ -988,8 +1069,19 @@ mod tests {
         };
         assert_eq!(report.participants, vec![nodes[3].clone()]);
         assert_eq!(c.global()[0], 1.0);
-        for kind in ["not_selected", "future_round", "length", "non_finite", "spec_hash"] {
-            assert_eq!(report.rejected.get(kind), Some(&1), "{kind}: {:?}", report.rejected);
+        for kind in [
+            "not_selected",
+            "future_round",
+            "length",
+            "non_finite",
+            "spec_hash",
+        ] {
+            assert_eq!(
+                report.rejected.get(kind),
+                Some(&1),
+                "{kind}: {:?}",
+                report.rejected
+            );
         }
     }
 
@@ -1010,11 +1102,16 @@ mod tests {
         connect_all(&mut c, t0);
         let (round, nodes) = train_nodes(&mut c);
         for n in &nodes {
-            c.handle_update(n, meta(round, 1), vec![0.1; P], t0).unwrap();
+            c.handle_update(n, meta(round, 1), vec![0.1; P], t0)
+                .unwrap();
         }
         let mut finish = None;
         while let Some(a) = c.poll_action() {
-            if let Action::Finish { reason, rounds_completed } = a {
+            if let Action::Finish {
+                reason,
+                rounds_completed,
+            } = a
+            {
                 finish = Some((reason, rounds_completed));
             }
         }

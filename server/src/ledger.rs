@@ -92,10 +92,7 @@ impl Ledger {
 
     /// Largest epsilon any single client has spent.
     pub fn max_client_epsilon(&self) -> f64 {
-        self.clients
-            .values()
-            .map(|c| c.epsilon)
-            .fold(0.0, f64::max)
+        self.clients.values().map(|c| c.epsilon).fold(0.0, f64::max)
     }
 
     /// The figure a `target_epsilon` is compared with: central, the federation epsilon;
@@ -146,14 +143,25 @@ impl Ledger {
         Ok(match self.mode {
             // Worst case for the budget: a client that joined every round so far joins again.
             DpMode::Local => {
-                let most = self.clients.values().map(|c| c.rounds_joined).max().unwrap_or(0);
+                let most = self
+                    .clients
+                    .values()
+                    .map(|c| c.rounds_joined)
+                    .max()
+                    .unwrap_or(0);
                 local_client_epsilon(p.noise_multiplier, most + 1, self.delta)?
             }
             _ => next.epsilon(),
         })
     }
 
-    fn push(&mut self, round: u64, p: &RoundPrivacy, participants: usize, joined: &[NodeId]) -> Result<(), AccountError> {
+    fn push(
+        &mut self,
+        round: u64,
+        p: &RoundPrivacy,
+        participants: usize,
+        joined: &[NodeId],
+    ) -> Result<(), AccountError> {
         let mut row = LedgerRound {
             round,
             mode: p.mode,
@@ -196,7 +204,12 @@ impl Ledger {
     }
 
     /// Records a released round and the clients whose updates it used.
-    pub fn record(&mut self, round: u64, p: &RoundPrivacy, joined: &[NodeId]) -> Result<(), AccountError> {
+    pub fn record(
+        &mut self,
+        round: u64,
+        p: &RoundPrivacy,
+        joined: &[NodeId],
+    ) -> Result<(), AccountError> {
         if !p.released && p.mode != DpMode::Local {
             return Ok(());
         }
@@ -220,7 +233,10 @@ impl Ledger {
             _ => s.push_str(&format!("| epsilon {:.4} (every client)", self.epsilon())),
         }
         for (n, c) in &self.clients {
-            s.push_str(&format!("\n  {n}: rounds joined {}, epsilon {:.4}", c.rounds_joined, c.epsilon));
+            s.push_str(&format!(
+                "\n  {n}: rounds joined {}, epsilon {:.4}",
+                c.rounds_joined, c.epsilon
+            ));
         }
         s
     }
@@ -268,7 +284,11 @@ mod tests {
         assert_eq!(l.clients["a"].rounds_joined, 2);
         assert_eq!(l.clients["b"].rounds_joined, 1);
         // Against the server: multiplier z/2 = 1, q = 1 -> one round is rho = 0.5, 4.728.
-        assert!((l.clients["b"].epsilon - 4.728).abs() < 0.01, "{}", l.clients["b"].epsilon);
+        assert!(
+            (l.clients["b"].epsilon - 4.728).abs() < 0.01,
+            "{}",
+            l.clients["b"].epsilon
+        );
         assert!(l.clients["a"].epsilon > l.clients["b"].epsilon);
         assert_eq!(l.budget_epsilon(), l.clients["a"].epsilon);
         // The next round's worst case is a client joining for the third time.
@@ -289,7 +309,8 @@ mod tests {
     #[test]
     fn ledger_round_trips_through_json() {
         let mut l = Ledger::new(DpMode::Central, 1e-5);
-        l.record(1, &privacy(DpMode::Central, 0.2, 1.5), &["x".into()]).unwrap();
+        l.record(1, &privacy(DpMode::Central, 0.2, 1.5), &["x".into()])
+            .unwrap();
         let back: Ledger = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back, l);
     }

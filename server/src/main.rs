@@ -106,7 +106,9 @@ fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
         o.push(("resume".into(), "false".into()));
     }
     for s in &a.set {
-        let (k, v) = s.split_once('=').with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
         o.push((k.trim().to_string(), v.trim().to_string()));
     }
     Ok(o)
@@ -122,7 +124,9 @@ async fn main() -> Result<()> {
     println!(
         "done: {} rounds, test accuracy {}, {:.1}s",
         summary.rounds_completed,
-        summary.test_accuracy.map_or("-".into(), |a| format!("{a:.4}")),
+        summary
+            .test_accuracy
+            .map_or("-".into(), |a| format!("{a:.4}")),
         summary.seconds
     );
     Ok(())

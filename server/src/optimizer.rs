@@ -67,7 +67,10 @@ impl ServerOptConfig {
             return Err("server optimizer betas must be in [0, 1)".into());
         }
         if !(self.tau.is_finite() && self.tau > 0.0) {
-            return Err(format!("server optimizer tau must be > 0, got {}", self.tau));
+            return Err(format!(
+                "server optimizer tau must be > 0, got {}",
+                self.tau
+            ));
         }
         Ok(())
     }

@@ -23,7 +23,9 @@ use dpfl_certs::{Credentials, Layout};
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::{GaussianNoise, OpenDpGaussian};
 use dpfl_common::model::{init_params, short_hex, ModelSpec};
-use dpfl_common::wire::{self, DpAgreement, Finish, Header, Message, Refusal, RefusalKind, UpdateMeta, Welcome};
+use dpfl_common::wire::{
+    self, DpAgreement, Finish, Header, Message, Refusal, RefusalKind, UpdateMeta, Welcome,
+};
 use dpfl_ml::{DataSource, DeviceData, Mlp};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -133,12 +135,20 @@ enum Event {
 
 /// Centralised evaluation on its own thread (libtorch tensors are not `Sync`).
 struct Evaluator {
-    tx: std::sync::mpsc::Sender<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>,
+    tx: std::sync::mpsc::Sender<EvalJob>,
 }
 
+/// Parameters to evaluate and where to send (accuracy, loss).
+type EvalJob = (Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>);
+
 impl Evaluator {
-    fn start(spec: &ModelSpec, data: dpfl_ml::Dataset, threads: usize) -> Result<Self, ServerError> {
-        let (tx, rx) = std::sync::mpsc::channel::<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>();
+    fn start(
+        spec: &ModelSpec,
+        data: dpfl_ml::Dataset,
+        threads: usize,
+    ) -> Result<Self, ServerError> {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>();
         let spec = spec.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -159,7 +169,10 @@ impl Evaluator {
                     }
                 };
                 while let Ok((params, reply)) = rx.recv() {
-                    let out = mlp.evaluate(&dd, &params).ok().map(|e| (e.accuracy, e.loss));
+                    let out = mlp
+                        .evaluate(&dd, &params)
+                        .ok()
+                        .map(|e| (e.accuracy, e.loss));
                     let _ = reply.send(out);
                 }
             })
@@ -199,7 +212,10 @@ impl Server {
     }
 
     /// As [`Server::bind`] with a given noise source (tests; deployments use opendp).
-    pub fn bind_with_noise(cfg: ServerConfig, noise: Box<dyn GaussianNoise>) -> Result<Self, ServerError> {
+    pub fn bind_with_noise(
+        cfg: ServerConfig,
+        noise: Box<dyn GaussianNoise>,
+    ) -> Result<Self, ServerError> {
         cfg.validate()?;
         let spec = cfg.spec();
         let strategy: Box<dyn Strategy> = strategy::build(
@@ -239,10 +255,13 @@ impl Server {
             spec: spec.clone(),
             dp: cfg.dp,
         };
-        let coordinator = Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
+        let coordinator =
+            Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
         let evaluator = match &cfg.test_data {
             Some(src) => {
-                let src: DataSource = src.parse().map_err(|e: dpfl_ml::data::DataError| ServerError::Data(e.to_string()))?;
+                let src: DataSource = src
+                    .parse()
+                    .map_err(|e: dpfl_ml::data::DataError| ServerError::Data(e.to_string()))?;
                 let mut data = src.load().map_err(|e| ServerError::Data(e.to_string()))?;
                 if let Some(n) = cfg.test_limit {
                     data = data.take(n);
@@ -283,7 +302,10 @@ impl Server {
     /// Runs until training finishes or `shutdown` resolves. On shutdown the current write
     /// completes, connections close (clients keep retrying), and the checkpoint of the
     /// last completed round stays for a restart.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<RunSummary, ServerError> {
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<RunSummary, ServerError> {
         let started = Instant::now();
         let spec = self.cfg.spec();
         let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
@@ -325,30 +347,55 @@ impl Server {
             // Act on everything the coordinator wants first.
             while let Some(action) = self.coordinator.poll_action() {
                 match action {
-                    Action::Train { nodes, request, params, .. } => {
+                    Action::Train {
+                        nodes,
+                        request,
+                        params,
+                        ..
+                    } => {
                         let bytes = Arc::new(wire::encode(&Header::Train(request), &params));
                         let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
                         for n in nodes {
                             self.send_request(&registry, &n, bytes.clone(), deadline, &ev_tx);
                         }
                     }
-                    Action::Evaluate { nodes, request, params } => {
+                    Action::Evaluate {
+                        nodes,
+                        request,
+                        params,
+                    } => {
                         let bytes = Arc::new(wire::encode(&Header::Evaluate(request), &params));
-                        let deadline = Duration::from_secs_f64(self.cfg.eval_timeout_secs) + Duration::from_secs(5);
+                        let deadline = Duration::from_secs_f64(self.cfg.eval_timeout_secs)
+                            + Duration::from_secs(5);
                         for n in nodes {
                             self.send_request(&registry, &n, bytes.clone(), deadline, &ev_tx);
                         }
                     }
-                    Action::RoundRetried { round, attempt, accepted, quorum } => {
-                        tracing::warn!(round, attempt, accepted, quorum, "round missed its quorum; selecting again");
+                    Action::RoundRetried {
+                        round,
+                        attempt,
+                        accepted,
+                        quorum,
+                    } => {
+                        tracing::warn!(
+                            round,
+                            attempt,
+                            accepted,
+                            quorum,
+                            "round missed its quorum; selecting again"
+                        );
                     }
                     Action::RoundCompleted(report) => {
                         for (k, v) in &report.rejected {
                             *summary.rejected.entry(k.to_string()).or_default() += v;
                         }
-                        self.complete_round(*report, &mut metrics, &mut summary).await?;
+                        self.complete_round(*report, &mut metrics, &mut summary)
+                            .await?;
                     }
-                    Action::Finish { reason, rounds_completed } => {
+                    Action::Finish {
+                        reason,
+                        rounds_completed,
+                    } => {
                         tracing::info!(rounds_completed, "training finished: {reason}");
                         summary.finish = Some(reason.to_string());
                         summary.rounds_completed = rounds_completed;
@@ -378,7 +425,8 @@ impl Server {
         }
         accept.abort();
         let final_model = self.out.join("model.safetensors");
-        dpfl_ml::export::save_safetensors(&spec, self.coordinator.global(), &final_model).map_err(io_err)?;
+        dpfl_ml::export::save_safetensors(&spec, self.coordinator.global(), &final_model)
+            .map_err(io_err)?;
         summary.ledger = self.coordinator.ledger().clone();
         summary.seconds = started.elapsed().as_secs_f64();
         write_json(&self.out.join("ledger.json"), &summary.ledger)?;
@@ -393,7 +441,9 @@ impl Server {
         } else {
             self.endpoint.close(1u32.into(), b"server shutting down");
         }
-        tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await.ok();
+        tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle())
+            .await
+            .ok();
         Ok(summary)
     }
 
@@ -417,7 +467,10 @@ impl Server {
                 }
             }
             Event::Response { node, result } => match result {
-                Ok(Message { header: Header::Update(meta), payload }) => {
+                Ok(Message {
+                    header: Header::Update(meta),
+                    payload,
+                }) => {
                     if let Some(obs) = &self.observer {
                         let _ = obs.send(ObservedUpdate {
                             node: node.clone(),
@@ -429,23 +482,35 @@ impl Server {
                         tracing::warn!(%node, kind = e.kind(), "update rejected: {e}");
                     }
                 }
-                Ok(Message { header: Header::EvalResult(r), .. }) => {
+                Ok(Message {
+                    header: Header::EvalResult(r),
+                    ..
+                }) => {
                     if let Err(e) = self.coordinator.handle_eval_result(&node, r, now) {
                         tracing::warn!(%node, "evaluation result rejected: {e}");
                     }
                 }
-                Ok(Message { header: Header::Failed { round, reason }, .. }) => {
+                Ok(Message {
+                    header: Header::Failed { round, reason },
+                    ..
+                }) => {
                     tracing::warn!(%node, round, "client could not serve the request: {reason}");
                     self.coordinator.handle_failed(&node, round, &reason, now);
                 }
                 Ok(other) => {
                     let detail = format!("unexpected `{}` message", other.header.name());
                     tracing::warn!(%node, "{detail}");
-                    self.coordinator.handle_transport_error(&node, "unexpected_message", &detail, now);
+                    self.coordinator.handle_transport_error(
+                        &node,
+                        "unexpected_message",
+                        &detail,
+                        now,
+                    );
                 }
                 Err((kind, detail)) => {
                     tracing::warn!(%node, kind, "{detail}");
-                    self.coordinator.handle_transport_error(&node, kind, &detail, now);
+                    self.coordinator
+                        .handle_transport_error(&node, kind, &detail, now);
                 }
             },
         }
@@ -485,7 +550,9 @@ impl Server {
         summary: &mut RunSummary,
     ) -> Result<(), ServerError> {
         let test = match &self.evaluator {
-            Some(ev) if r.model_updated || summary.test_accuracy.is_none() => ev.evaluate(r.global.clone()).await,
+            Some(ev) if r.model_updated || summary.test_accuracy.is_none() => {
+                ev.evaluate(r.global.clone()).await
+            }
             Some(_) => summary.test_accuracy.zip(summary.test_loss),
             None => None,
         };
@@ -494,7 +561,10 @@ impl Server {
             summary.test_loss = Some(loss);
         }
         summary.rounds_completed = r.round;
-        let seconds = r.finished.saturating_duration_since(r.started).as_secs_f64();
+        let seconds = r
+            .finished
+            .saturating_duration_since(r.started)
+            .as_secs_f64();
         let p = r.privacy;
         let line = MetricsLine {
             round: r.round,
@@ -517,14 +587,25 @@ impl Server {
             noise_multiplier: p.map(|p| p.noise_multiplier),
             clip_norm: p.map(|p| p.clip_norm),
             clipped_fraction: p.and_then(|p| p.clipped_fraction),
-            max_client_epsilon: (self.cfg.dp.mode == DpMode::Local).then(|| r.snapshot.ledger.max_client_epsilon()),
+            max_client_epsilon: (self.cfg.dp.mode == DpMode::Local)
+                .then(|| r.snapshot.ledger.max_client_epsilon()),
             rejected: r.rejected.clone(),
             norm_exceeded: r.norm_exceeded,
-            failures: r.failures.iter().map(|f| format!("{}: {}", f.node, f.reason)).collect(),
+            failures: r
+                .failures
+                .iter()
+                .map(|f| format!("{}: {}", f.node, f.reason))
+                .collect(),
         };
         let json = serde_json::to_string(&line).map_err(io_err)?;
-        writeln!(metrics, "{json}").and_then(|_| metrics.sync_data()).map_err(io_err)?;
-        checkpoint::save(&self.out.join("checkpoint.bin"), &self.cfg.fingerprint(), &r.snapshot)?;
+        writeln!(metrics, "{json}")
+            .and_then(|_| metrics.sync_data())
+            .map_err(io_err)?;
+        checkpoint::save(
+            &self.out.join("checkpoint.bin"),
+            &self.cfg.fingerprint(),
+            &r.snapshot,
+        )?;
         write_json(&self.out.join("ledger.json"), &r.snapshot.ledger)?;
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
         let eps = match r.epsilon {
@@ -566,12 +647,18 @@ async fn sleep_until(t: Option<Instant>) {
 }
 
 /// Sends one request on a new stream and reads the bounded answer.
-async fn request(conn: &quinn::Connection, bytes: &[u8], max: usize) -> Result<Message, (&'static str, String)> {
+async fn request(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+    max: usize,
+) -> Result<Message, (&'static str, String)> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| ("connection", e.to_string()))?;
-    send.write_all(bytes).await.map_err(|e| ("connection", e.to_string()))?;
+    send.write_all(bytes)
+        .await
+        .map_err(|e| ("connection", e.to_string()))?;
     send.finish().map_err(|e| ("connection", e.to_string()))?;
     let answer = recv.read_to_end(max).await.map_err(|e| match e {
         quinn::ReadToEndError::TooLong => ("oversized", format!("answer exceeds {max} bytes")),
@@ -580,7 +667,11 @@ async fn request(conn: &quinn::Connection, bytes: &[u8], max: usize) -> Result<M
     wire::decode(&answer, max).map_err(|e| ("malformed", e.to_string()))
 }
 
-async fn tell_finish(registry: &HashMap<NodeId, quinn::Connection>, reason: &FinishReason, rounds: u64) {
+async fn tell_finish(
+    registry: &HashMap<NodeId, quinn::Connection>,
+    reason: &FinishReason,
+    rounds: u64,
+) {
     let bytes = wire::encode(
         &Header::Finish(Finish {
             reason: reason.to_string(),
@@ -589,8 +680,8 @@ async fn tell_finish(registry: &HashMap<NodeId, quinn::Connection>, reason: &Fin
         &[],
     );
     let mut set = tokio::task::JoinSet::new();
-    for c in registry.values().cloned() {
-        let bytes = bytes.clone();
+    for c in registry.values() {
+        let (c, bytes) = (c.clone(), bytes.clone());
         set.spawn(async move {
             if let Ok((mut s, _r)) = c.open_bi().await {
                 let _ = s.write_all(&bytes).await;
@@ -599,7 +690,10 @@ async fn tell_finish(registry: &HashMap<NodeId, quinn::Connection>, reason: &Fin
             }
         });
     }
-    let _ = tokio::time::timeout(Duration::from_secs(3), async { while set.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 async fn accept_loop(
@@ -646,7 +740,10 @@ async fn serve_connection(
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
     let certs = conn
         .peer_identity()
-        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
         .ok_or("no client certificate")?;
     let leaf = certs.first().ok_or("empty client certificate chain")?;
     let node = dpfl_certs::node_name(leaf).map_err(|e| e.to_string())?;
@@ -655,10 +752,13 @@ async fn serve_connection(
         .await
         .map_err(|_| format!("{node}: no hello within {HANDSHAKE:?}"))?
         .map_err(|e| format!("{node}: {e}"))?;
-    let hello_bytes = tokio::time::timeout(HANDSHAKE, recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES))
-        .await
-        .map_err(|_| format!("{node}: hello timed out"))?
-        .map_err(|e| format!("{node}: hello: {e}"))?;
+    let hello_bytes = tokio::time::timeout(
+        HANDSHAKE,
+        recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
+    )
+    .await
+    .map_err(|_| format!("{node}: hello timed out"))?
+    .map_err(|e| format!("{node}: hello: {e}"))?;
     let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint) {
         Ok(w) => w,
         Err(refusal) => {
@@ -676,9 +776,12 @@ async fn serve_connection(
         .map_err(|e| format!("{node}: {e}"))?;
     send.finish().map_err(|e| format!("{node}: {e}"))?;
     let id = conn.stable_id();
-    tx.send(Event::Connected { node: node.clone(), conn: conn.clone() })
-        .await
-        .map_err(|_| "server stopped".to_string())?;
+    tx.send(Event::Connected {
+        node: node.clone(),
+        conn: conn.clone(),
+    })
+    .await
+    .map_err(|_| "server stopped".to_string())?;
     // Clients never open more streams after the hello: any that arrives is refused by the
     // stream limit or ignored here. Wait for the connection to end.
     let reason = conn.closed().await;
@@ -697,12 +800,23 @@ fn check_hello(
 ) -> Result<Welcome, Refusal> {
     let refuse = |kind, detail: String| Err(Refusal { kind, detail });
     let hello = match wire::decode(bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
-        Ok(Message { header: Header::Hello(h), .. }) => h,
-        Ok(m) => return refuse(RefusalKind::Version, format!("expected hello, got `{}`", m.header.name())),
+        Ok(Message {
+            header: Header::Hello(h),
+            ..
+        }) => h,
+        Ok(m) => {
+            return refuse(
+                RefusalKind::Version,
+                format!("expected hello, got `{}`", m.header.name()),
+            )
+        }
         Err(wire::DecodeError::Version(v)) => {
             return refuse(
                 RefusalKind::Version,
-                format!("protocol version {v} is not supported (server speaks {})", wire::PROTOCOL_VERSION),
+                format!(
+                    "protocol version {v} is not supported (server speaks {})",
+                    wire::PROTOCOL_VERSION
+                ),
             )
         }
         Err(e) => return refuse(RefusalKind::Version, format!("malformed hello: {e}")),
@@ -748,7 +862,12 @@ fn check_hello(
 pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Resolves on SIGINT or SIGTERM.

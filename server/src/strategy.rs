@@ -145,7 +145,11 @@ pub trait Strategy: Send {
     }
 
     /// Combines federated evaluation results (default: example-weighted means).
-    fn aggregate_evaluate(&mut self, _round: u64, results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+    fn aggregate_evaluate(
+        &mut self,
+        _round: u64,
+        results: &[(NodeId, EvalResult)],
+    ) -> Option<EvalSummary> {
         weighted_eval(results)
     }
 
@@ -210,7 +214,10 @@ impl TrainSettings {
     /// The settings sent in `round`, with a per-round shuffle seed.
     pub fn for_round(&self, round: u64, seed: u64) -> TrainConfig {
         let mut c = self.base.clone();
-        c.lr = self.base.lr * self.lr_decay.powi(round.saturating_sub(1).min(i32::MAX as u64) as i32);
+        c.lr = self.base.lr
+            * self
+                .lr_decay
+                .powi(round.saturating_sub(1).min(i32::MAX as u64) as i32);
         c.seed = seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         c
     }
@@ -272,7 +279,13 @@ impl FedAvg {
         }
     }
 
-    fn select(&self, available: &[NodeId], fraction: f64, min: usize, rng: &mut dyn RngCore) -> Vec<NodeId> {
+    fn select(
+        &self,
+        available: &[NodeId],
+        fraction: f64,
+        min: usize,
+        rng: &mut dyn RngCore,
+    ) -> Vec<NodeId> {
         let want = ((available.len() as f64 * fraction).ceil() as usize)
             .max(min)
             .min(available.len());
@@ -296,10 +309,20 @@ impl Strategy for FedAvg {
         .to_lowercase()
     }
 
-    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> FitPlan {
+    fn configure_fit(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        rng: &mut dyn RngCore,
+    ) -> FitPlan {
         self.acc = None;
         FitPlan {
-            nodes: self.select(available, self.cfg.fraction_fit, self.cfg.min_fit_clients, rng),
+            nodes: self.select(
+                available,
+                self.cfg.fraction_fit,
+                self.cfg.min_fit_clients,
+                rng,
+            ),
             config: self.train.for_round(round, self.cfg.seed),
             privacy: ClientPrivacy::NONE,
         }
@@ -311,7 +334,12 @@ impl Strategy for FedAvg {
         Ok(())
     }
 
-    fn aggregate_fit(&mut self, _round: u64, global: &[f32], _failures: &[Failure]) -> Result<Option<Vec<f32>>, StrategyError> {
+    fn aggregate_fit(
+        &mut self,
+        _round: u64,
+        global: &[f32],
+        _failures: &[Failure],
+    ) -> Result<Option<Vec<f32>>, StrategyError> {
         let Some(acc) = self.acc.take() else {
             return Ok(None);
         };
@@ -328,8 +356,15 @@ impl Strategy for FedAvg {
         w
     }
 
-    fn configure_evaluate(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> Vec<NodeId> {
-        if self.cfg.fraction_evaluate <= 0.0 || round % self.cfg.evaluate_every.max(1) != 0 {
+    fn configure_evaluate(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        rng: &mut dyn RngCore,
+    ) -> Vec<NodeId> {
+        if self.cfg.fraction_evaluate <= 0.0
+            || !round.is_multiple_of(self.cfg.evaluate_every.max(1))
+        {
             return Vec::new();
         }
         self.select(available, self.cfg.fraction_evaluate, 1, rng)
@@ -412,13 +447,19 @@ impl DpParams {
             return Ok(());
         }
         if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
-            return Err(format!("noise_multiplier must be > 0, got {}", self.noise_multiplier));
+            return Err(format!(
+                "noise_multiplier must be > 0, got {}",
+                self.noise_multiplier
+            ));
         }
         if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
             return Err(format!("clip_norm must be > 0, got {}", self.clip_norm));
         }
         if !(self.sampling_rate > 0.0 && self.sampling_rate <= 1.0) {
-            return Err(format!("sampling_rate must be in (0, 1], got {}", self.sampling_rate));
+            return Err(format!(
+                "sampling_rate must be in (0, 1], got {}",
+                self.sampling_rate
+            ));
         }
         if !(self.delta > 0.0 && self.delta < 1.0) {
             return Err(format!("delta must be in (0, 1), got {}", self.delta));
@@ -433,7 +474,10 @@ impl DpParams {
                 return Err("adaptive clipping is available in central mode only".into());
             }
             if !(0.0..=1.0).contains(&a.target_quantile) || a.learning_rate <= 0.0 {
-                return Err("adaptive clipping needs target_quantile in [0, 1] and learning_rate > 0".into());
+                return Err(
+                    "adaptive clipping needs target_quantile in [0, 1] and learning_rate > 0"
+                        .into(),
+                );
             }
         }
         Ok(())
@@ -476,7 +520,12 @@ impl<S: Strategy> Strategy for LocalDp<S> {
         format!("local-dp({})", self.inner.name())
     }
 
-    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> FitPlan {
+    fn configure_fit(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        rng: &mut dyn RngCore,
+    ) -> FitPlan {
         let mut plan = self.inner.configure_fit(round, available, rng);
         plan.nodes = poisson_select(available, self.dp.sampling_rate, rng);
         plan.privacy = ClientPrivacy {
@@ -497,7 +546,12 @@ impl<S: Strategy> Strategy for LocalDp<S> {
         self.inner.accumulate(round, r)
     }
 
-    fn aggregate_fit(&mut self, round: u64, global: &[f32], failures: &[Failure]) -> Result<Option<Vec<f32>>, StrategyError> {
+    fn aggregate_fit(
+        &mut self,
+        round: u64,
+        global: &[f32],
+        failures: &[Failure],
+    ) -> Result<Option<Vec<f32>>, StrategyError> {
         self.last = Some(RoundPrivacy {
             mode: DpMode::Local,
             sampling_rate: self.dp.sampling_rate,
@@ -515,11 +569,20 @@ impl<S: Strategy> Strategy for LocalDp<S> {
         self.inner.apply_delta(global, delta)
     }
 
-    fn configure_evaluate(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> Vec<NodeId> {
+    fn configure_evaluate(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        rng: &mut dyn RngCore,
+    ) -> Vec<NodeId> {
         self.inner.configure_evaluate(round, available, rng)
     }
 
-    fn aggregate_evaluate(&mut self, round: u64, results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+    fn aggregate_evaluate(
+        &mut self,
+        round: u64,
+        results: &[(NodeId, EvalResult)],
+    ) -> Option<EvalSummary> {
         self.inner.aggregate_evaluate(round, results)
     }
 
@@ -614,7 +677,12 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         format!("central-dp({})", self.inner.name())
     }
 
-    fn configure_fit(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> FitPlan {
+    fn configure_fit(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        rng: &mut dyn RngCore,
+    ) -> FitPlan {
         let mut plan = self.inner.configure_fit(round, available, rng);
         plan.nodes = poisson_select(available, self.dp.sampling_rate, rng);
         plan.privacy = ClientPrivacy {
@@ -653,7 +721,12 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         Ok(())
     }
 
-    fn aggregate_fit(&mut self, _round: u64, global: &[f32], _failures: &[Failure]) -> Result<Option<Vec<f32>>, StrategyError> {
+    fn aggregate_fit(
+        &mut self,
+        _round: u64,
+        global: &[f32],
+        _failures: &[Failure],
+    ) -> Result<Option<Vec<f32>>, StrategyError> {
         let expected = (self.dp.sampling_rate * self.population as f64).max(1.0);
         let (z_update, sigma_b) = self.split_noise(expected)?;
         let mut sum = self.sum.take().unwrap_or_else(|| vec![0.0; self.len]);
@@ -663,8 +736,8 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let inv = (1.0 / expected) as f32;
         sum.iter_mut().for_each(|v| *v *= inv);
         let clip_used = self.clip;
-        let clipped_fraction = (self.participants > 0)
-            .then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
+        let clipped_fraction =
+            (self.participants > 0).then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
         if let (Some(a), Some(sb)) = (self.dp.adaptive_clipping, sigma_b) {
             let mut count = [self.unclipped as f32];
             self.noise.add_noise(&mut count, sb)?;
@@ -687,11 +760,20 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         self.inner.apply_delta(global, delta)
     }
 
-    fn configure_evaluate(&mut self, round: u64, available: &[NodeId], rng: &mut dyn RngCore) -> Vec<NodeId> {
+    fn configure_evaluate(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        rng: &mut dyn RngCore,
+    ) -> Vec<NodeId> {
         self.inner.configure_evaluate(round, available, rng)
     }
 
-    fn aggregate_evaluate(&mut self, round: u64, results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
+    fn aggregate_evaluate(
+        &mut self,
+        round: u64,
+        results: &[(NodeId, EvalResult)],
+    ) -> Option<EvalSummary> {
         self.inner.aggregate_evaluate(round, results)
     }
 
@@ -804,7 +886,9 @@ mod tests {
     fn poisson_sampling_rate_is_respected() {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
         let pop = nodes(1000);
-        let total: usize = (0..50).map(|_| poisson_select(&pop, 0.1, &mut rng).len()).sum();
+        let total: usize = (0..50)
+            .map(|_| poisson_select(&pop, 0.1, &mut rng).len())
+            .sum();
         let mean = total as f64 / 50.0;
         assert!((mean - 100.0).abs() < 5.0, "{mean}");
     }
@@ -832,8 +916,10 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         let plan = s.configure_fit(1, &nodes(8), &mut rng); // expected participants 4
         assert_eq!(plan.privacy.mode, DpMode::Central);
-        s.accumulate(1, fit("a", vec![1.0, 0.0, 0.0, 0.0], 1000)).unwrap();
-        s.accumulate(1, fit("evil", vec![0.0, 30.0, 40.0, 0.0], 1)).unwrap();
+        s.accumulate(1, fit("a", vec![1.0, 0.0, 0.0, 0.0], 1000))
+            .unwrap();
+        s.accumulate(1, fit("evil", vec![0.0, 30.0, 40.0, 0.0], 1))
+            .unwrap();
         assert_eq!(s.reclipped(), ["evil"]);
         let w = s.aggregate_fit(1, &[0.0; 4], &[]).unwrap().unwrap();
         // (1,0,0,0) + (0,0.6,0.8,0) over 4 expected participants, example counts ignored.
@@ -862,7 +948,10 @@ mod tests {
         );
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
         s.configure_fit(1, &nodes(100), &mut rng); // expected 10
-        let w = s.aggregate_fit(1, &vec![0.0; 20_000], &[]).unwrap().unwrap();
+        let w = s
+            .aggregate_fit(1, &vec![0.0; 20_000], &[])
+            .unwrap()
+            .unwrap();
         let sd = l2_norm(&w) / (20_000f64).sqrt();
         // z*C/(qN) = 2*0.5/10 = 0.1
         assert!((sd / 0.1 - 1.0).abs() < 0.03, "{sd}");
@@ -892,7 +981,13 @@ mod tests {
         let combined = (zu.powi(-2) + (2.0 * sb.unwrap()).powi(-2)).powf(-0.5);
         assert!((combined - 0.1).abs() < 1e-12);
         // Too little count noise for z is a clear error.
-        let mut bad = central(1.0, Some(AdaptiveClipping { count_stddev: Some(0.1), ..Default::default() }));
+        let mut bad = central(
+            1.0,
+            Some(AdaptiveClipping {
+                count_stddev: Some(0.1),
+                ..Default::default()
+            }),
+        );
         bad.configure_fit(1, &nodes(8), &mut rng);
         assert!(bad.aggregate_fit(1, &[0.0; 4], &[]).is_err());
     }
@@ -934,7 +1029,15 @@ mod tests {
             mode: DpMode::Distributed,
             ..Default::default()
         };
-        let err = build(FedAvgConfig::default(), TrainSettings::default(), dist, 3, noise()).err().unwrap();
+        let err = build(
+            FedAvgConfig::default(),
+            TrainSettings::default(),
+            dist,
+            3,
+            noise(),
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("secure aggregation"));
     }
 }

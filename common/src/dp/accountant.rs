@@ -43,7 +43,12 @@ pub enum AccountError {
     OpenDp(String),
 }
 
-fn domain(ok: bool, what: &'static str, expected: &'static str, got: f64) -> Result<(), AccountError> {
+fn domain(
+    ok: bool,
+    what: &'static str,
+    expected: &'static str,
+    got: f64,
+) -> Result<(), AccountError> {
     if ok {
         Ok(())
     } else {
@@ -57,7 +62,12 @@ fn domain(ok: bool, what: &'static str, expected: &'static str, got: f64) -> Res
 
 fn check_params(q: f64, z: f64) -> Result<(), AccountError> {
     domain((0.0..=1.0).contains(&q), "sampling rate", "in [0, 1]", q)?;
-    domain(z.is_finite() && z > 0.0, "noise multiplier", "finite and > 0", z)
+    domain(
+        z.is_finite() && z > 0.0,
+        "noise multiplier",
+        "finite and > 0",
+        z,
+    )
 }
 
 fn check_delta(delta: f64) -> Result<(), AccountError> {
@@ -312,7 +322,12 @@ pub fn epsilon(q: f64, z: f64, steps: u64, delta: f64) -> Result<(f64, Method), 
 /// The smallest noise multiplier (to 1e-4 relative, rounded up) whose epsilon after
 /// `steps` rounds at rate `q` does not exceed `target`.
 pub fn noise_for_epsilon(q: f64, steps: u64, delta: f64, target: f64) -> Result<f64, AccountError> {
-    domain(target.is_finite() && target > 0.0, "target epsilon", "finite and > 0", target)?;
+    domain(
+        target.is_finite() && target > 0.0,
+        "target epsilon",
+        "finite and > 0",
+        target,
+    )?;
     domain(steps > 0, "steps", ">= 1", steps as f64)?;
     check_params(q, 1.0)?;
     let eps_at = |z: f64| epsilon(q, z, steps, delta).map(|e| e.0);

@@ -266,10 +266,7 @@ mod tests {
         )
         .unwrap();
         assert!(l2_norm(central.as_slice()) <= 1.0);
-        assert_eq!(
-            central.protection(),
-            Protection::Clipped { clipped: true }
-        );
+        assert_eq!(central.protection(), Protection::Clipped { clipped: true });
         let local = privatize(
             RawDelta::new(vec![0.0; 1000]),
             &ClientPrivacy {
@@ -281,7 +278,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(local.protection(), Protection::Noised { sigma: 1.0 });
-        let sd = (local.as_slice().iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 1000.0)
+        let sd = (local
+            .as_slice()
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            / 1000.0)
             .sqrt();
         assert!((sd - 1.0).abs() < 0.15, "{sd}");
         let distributed = privatize(

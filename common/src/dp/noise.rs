@@ -182,7 +182,10 @@ mod tests {
         // A 10 % wrong scale would fail the same check.
         assert!((sd / (sigma * 1.1) - 1.0).abs() >= 0.03);
         // Tails: about 4.55 % beyond two s.d.
-        let beyond = v.iter().filter(|x| (**x as f64).abs() > 2.0 * sigma).count() as f64;
+        let beyond = v
+            .iter()
+            .filter(|x| (**x as f64).abs() > 2.0 * sigma)
+            .count() as f64;
         let frac = beyond / n as f64;
         assert!((frac - 0.0455).abs() < 0.006, "tail fraction {frac}");
     }
@@ -204,7 +207,9 @@ mod tests {
         let mut a = vec![0f32; n];
         let mut b = vec![0f32; n];
         OpenDpGaussian::default().add_noise(&mut a, 1.0).unwrap();
-        SimulationGaussian::seeded(7).add_noise(&mut b, 1.0).unwrap();
+        SimulationGaussian::seeded(7)
+            .add_noise(&mut b, 1.0)
+            .unwrap();
         a.sort_by(f32::total_cmp);
         b.sort_by(f32::total_cmp);
         // Kolmogorov-Smirnov statistic on the two empirical CDFs.
@@ -239,8 +244,12 @@ mod tests {
     fn seeded_sampler_is_reproducible() {
         let mut a = vec![0f32; 100];
         let mut b = vec![0f32; 100];
-        SimulationGaussian::seeded(3).add_noise(&mut a, 1.0).unwrap();
-        SimulationGaussian::seeded(3).add_noise(&mut b, 1.0).unwrap();
+        SimulationGaussian::seeded(3)
+            .add_noise(&mut a, 1.0)
+            .unwrap();
+        SimulationGaussian::seeded(3)
+            .add_noise(&mut b, 1.0)
+            .unwrap();
         assert_eq!(a, b);
     }
 }

@@ -1,0 +1,95 @@
+//! `dpfl-privacy`: a planning calculator for people designing a deployment.
+//!
+//! - `dpfl-privacy epsilon --sampling-rate Q --noise-multiplier Z --steps T --delta D`
+//!   prints the epsilon of T rounds of the Poisson-sampled Gaussian mechanism (last line
+//!   `epsilon=<number>`).
+//! - `dpfl-privacy noise --sampling-rate Q --steps T --delta D --target-epsilon E` prints
+//!   the smallest noise multiplier meeting the target (last line `noise_multiplier=<number>`).
+//!
+//! The same accountant the server's ledger uses: the tighter of RDP (integer and
+//! fractional orders, improved conversion) and opendp's zCDP.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use dpfl_common::dp::accountant;
+
+#[derive(Parser)]
+#[command(
+    name = "dpfl-privacy",
+    version,
+    about = "Privacy calculator for DP federated learning (Poisson-sampled Gaussian mechanism)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Epsilon spent after T rounds.
+    Epsilon {
+        /// Poisson sampling rate q of clients per round, in (0, 1].
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Noise multiplier z (noise s.d. / clipping bound).
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Rounds T.
+        #[arg(long)]
+        steps: u64,
+        /// delta.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+    },
+    /// Smallest noise multiplier that keeps epsilon within a target after T rounds.
+    Noise {
+        /// Poisson sampling rate q, in (0, 1].
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Rounds T.
+        #[arg(long)]
+        steps: u64,
+        /// delta.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// Target epsilon.
+        #[arg(long)]
+        target_epsilon: f64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Epsilon {
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            delta,
+        } => {
+            let rdp = accountant::rdp_epsilon(sampling_rate, noise_multiplier, steps, delta)?;
+            let (eps, method) = accountant::epsilon(sampling_rate, noise_multiplier, steps, delta)?;
+            println!("q={sampling_rate} z={noise_multiplier} T={steps} delta={delta:e}");
+            println!("rdp (subsampled Gaussian, improved conversion): {rdp:.6}");
+            if sampling_rate == 1.0 || method == accountant::Method::Zcdp {
+                let zcdp =
+                    accountant::zcdp_epsilon(&vec![noise_multiplier; steps as usize], delta)?;
+                println!("zcdp (opendp, no amplification): {zcdp:.6}");
+            }
+            println!("reported: the tighter bound ({method:?})");
+            println!("epsilon={eps:.6}");
+        }
+        Command::Noise {
+            sampling_rate,
+            steps,
+            delta,
+            target_epsilon,
+        } => {
+            let z = accountant::noise_for_epsilon(sampling_rate, steps, delta, target_epsilon)?;
+            let (eps, method) = accountant::epsilon(sampling_rate, z, steps, delta)?;
+            println!("q={sampling_rate} T={steps} delta={delta:e} target epsilon={target_epsilon}");
+            println!("achieved epsilon {eps:.6} ({method:?})");
+            println!("noise_multiplier={z}");
+        }
+    }
+    Ok(())
+}

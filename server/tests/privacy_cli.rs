@@ -1,0 +1,103 @@
+//! The planning calculator prints what the accountant computes, in the promised format.
+
+use std::process::Command;
+
+fn last_line(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn epsilon_matches_reference_values() {
+    // dp_accounting 0.6.0 RDP: 7.904; PLD (tightest known): 7.047.
+    let line = last_line(&[
+        "epsilon",
+        "--sampling-rate",
+        "0.1",
+        "--noise-multiplier",
+        "1.0",
+        "--steps",
+        "100",
+        "--delta",
+        "1e-5",
+    ]);
+    let eps: f64 = line.strip_prefix("epsilon=").unwrap().parse().unwrap();
+    assert!((7.047..=7.904 * 1.01).contains(&eps), "{eps}");
+    // q = 1: opendp zCDP (rho = 0.5 -> 4.728) beats RDP (4.729); never below PLD 4.377.
+    let line = last_line(&[
+        "epsilon",
+        "--sampling-rate",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "1",
+        "--delta",
+        "1e-5",
+    ]);
+    let eps: f64 = line.strip_prefix("epsilon=").unwrap().parse().unwrap();
+    assert!((eps - 4.728).abs() < 0.002, "{eps}");
+}
+
+#[test]
+fn noise_is_the_smallest_multiplier_meeting_the_target() {
+    let line = last_line(&[
+        "noise",
+        "--sampling-rate",
+        "0.1",
+        "--steps",
+        "100",
+        "--delta",
+        "1e-5",
+        "--target-epsilon",
+        "2.581",
+    ]);
+    let z: f64 = line
+        .strip_prefix("noise_multiplier=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((z - 2.0).abs() < 0.03, "{z}");
+    let check = last_line(&[
+        "epsilon",
+        "--sampling-rate",
+        "0.1",
+        "--noise-multiplier",
+        &z.to_string(),
+        "--steps",
+        "100",
+    ]);
+    let eps: f64 = check.strip_prefix("epsilon=").unwrap().parse().unwrap();
+    assert!(eps <= 2.581, "{eps}");
+}
+
+#[test]
+fn bad_input_fails_with_a_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+        .args([
+            "epsilon",
+            "--sampling-rate",
+            "2",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sampling rate"));
+}
