@@ -7,9 +7,7 @@ use dpfl_certs::Credentials;
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::accountant;
 use dpfl_common::model::short_hex;
-use dpfl_common::wire::{
-    self, DpAgreement, EvalResult, Header, Hello, Message, TrainMetrics, UpdateMeta, Welcome,
-};
+use dpfl_common::wire::{self, DpAgreement, EvalResult, Header, Hello, Message, Welcome};
 use rand::Rng;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -293,28 +291,14 @@ async fn session(
                         Header::Failed { round, reason }
                     }
                     Ok(()) => {
-                        let privacy = req.privacy;
-                        let spec_hash = req.spec_hash;
+                        let req_copy = req.clone();
                         match worker.train(req, msg.payload).await {
                             Err(reason) => Header::Failed { round, reason },
                             Ok(done) => {
                                 summary.rounds_trained += 1;
                                 summary.epsilon =
                                     own_epsilon(&welcome.dp, summary.rounds_trained, *latest_round);
-                                let local = privacy.mode == DpMode::Local;
-                                let meta = UpdateMeta {
-                                    round,
-                                    spec_hash,
-                                    // In local mode nothing but the noised delta leaves the node.
-                                    num_examples: if local { 0 } else { done.outcome.num_examples },
-                                    metrics: (!local).then_some(TrainMetrics {
-                                        loss: done.outcome.loss,
-                                        accuracy: done.outcome.accuracy,
-                                        steps: done.outcome.steps,
-                                        seconds: done.train_seconds,
-                                    }),
-                                    clipped: if local { None } else { done.clipped },
-                                };
+                                let meta = done.meta(&req_copy);
                                 let bytes =
                                     wire::encode(&Header::Update(meta), done.delta.as_slice());
                                 let eps = summary

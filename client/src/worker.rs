@@ -2,9 +2,10 @@
 //! data (tensors are not `Sync`, and training must never block the async runtime). It
 //! trains, turns the result into a privatized [`WireDelta`] (clip, noise) and evaluates.
 
+use dpfl_common::config::DpMode;
 use dpfl_common::dp::{privatize, GaussianNoise, RawDelta, WireDelta};
 use dpfl_common::model::ModelSpec;
-use dpfl_common::wire::TrainRequest;
+use dpfl_common::wire::{TrainMetrics, TrainRequest, UpdateMeta};
 use dpfl_ml::{Dataset, DeviceData, EvalOutcome, Mlp, TrainOutcome};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -23,6 +24,56 @@ pub struct TrainDone {
     pub train_seconds: f64,
     /// Seconds spent clipping and adding noise.
     pub privatize_seconds: f64,
+}
+
+impl TrainDone {
+    /// The update header for this result. In `local` mode nothing but the noised delta
+    /// leaves the node: no example count, no metrics, no clipped bit.
+    pub fn meta(&self, req: &TrainRequest) -> UpdateMeta {
+        let local = req.privacy.mode == DpMode::Local;
+        UpdateMeta {
+            round: req.round,
+            spec_hash: req.spec_hash,
+            num_examples: if local { 0 } else { self.outcome.num_examples },
+            metrics: (!local).then_some(TrainMetrics {
+                loss: self.outcome.loss,
+                accuracy: self.outcome.accuracy,
+                steps: self.outcome.steps,
+                seconds: self.train_seconds,
+            }),
+            clipped: if local { None } else { self.clipped },
+        }
+    }
+}
+
+/// The node's update pipeline: train from `global`, take the delta, clip and noise it as
+/// `req.privacy` says. The real client and the simulator both run exactly this.
+pub fn train_and_privatize(
+    mlp: &mut Mlp,
+    data: &DeviceData,
+    req: &TrainRequest,
+    global: &[f32],
+    noise: &mut dyn GaussianNoise,
+) -> Result<TrainDone, String> {
+    let t0 = Instant::now();
+    let outcome = mlp
+        .train(data, &req.config, global)
+        .map_err(|e| e.to_string())?;
+    let train_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let raw = RawDelta::new(outcome.delta.clone());
+    let clipped = match req.privacy.mode {
+        DpMode::None => None,
+        _ => Some(dpfl_common::dp::l2_norm(raw.as_slice()) > req.privacy.clip_norm),
+    };
+    let delta = privatize(raw, &req.privacy, noise).map_err(|e| e.to_string())?;
+    Ok(TrainDone {
+        delta,
+        outcome,
+        clipped,
+        train_seconds,
+        privatize_seconds: t1.elapsed().as_secs_f64(),
+    })
 }
 
 enum Job {
@@ -62,25 +113,7 @@ impl State {
 
     fn train(&mut self, req: &TrainRequest, global: &[f32]) -> Result<TrainDone, String> {
         let (_, mlp, train, _) = self.model.as_mut().ok_or("model not set up")?;
-        let t0 = Instant::now();
-        let outcome = mlp
-            .train(train, &req.config, global)
-            .map_err(|e| e.to_string())?;
-        let train_seconds = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let raw = RawDelta::new(outcome.delta.clone());
-        let clipped = match req.privacy.mode {
-            dpfl_common::DpMode::None => None,
-            _ => Some(dpfl_common::dp::l2_norm(raw.as_slice()) > req.privacy.clip_norm),
-        };
-        let delta = privatize(raw, &req.privacy, self.noise.as_mut()).map_err(|e| e.to_string())?;
-        Ok(TrainDone {
-            delta,
-            outcome,
-            clipped,
-            train_seconds,
-            privatize_seconds: t1.elapsed().as_secs_f64(),
-        })
+        train_and_privatize(mlp, train, req, global, self.noise.as_mut())
     }
 
     fn evaluate(&mut self, params: &[f32]) -> Result<EvalOutcome, String> {

@@ -116,7 +116,11 @@ impl Dataset {
     }
 
     /// Splits off the last `fraction` of a seeded shuffle as a validation set.
+    /// With `fraction == 0` the training part is the data set unchanged (same order).
     pub fn split_validation(&self, fraction: f64, seed: u64) -> (Dataset, Dataset) {
+        if fraction <= 0.0 {
+            return (self.clone(), self.subset(&[]));
+        }
         let mut idx: Vec<usize> = (0..self.len()).collect();
         idx.shuffle(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed));
         let n_val = ((self.len() as f64) * fraction.clamp(0.0, 1.0)).round() as usize;
@@ -139,6 +143,8 @@ pub enum DataSource {
         /// Labels (idx1, u8).
         labels: PathBuf,
     },
+    /// A data set already in memory (simulations hand virtual clients their part).
+    Memory(std::sync::Arc<Dataset>),
     /// A CSV file of numeric features and an integer label column.
     Csv {
         /// File.
@@ -187,6 +193,7 @@ impl std::fmt::Display for DataSource {
             Self::Idx { images, labels } => {
                 write!(f, "idx:{},{}", images.display(), labels.display())
             }
+            Self::Memory(d) => write!(f, "memory ({} rows)", d.len()),
             Self::Csv { path, label: None } => write!(f, "csv:{}", path.display()),
             Self::Csv {
                 path,
@@ -215,6 +222,7 @@ impl DataSource {
                 load_idx(&images, &labels)
             }
             Self::Idx { images, labels } => load_idx(images, labels),
+            Self::Memory(d) => Ok(d.as_ref().clone()),
             Self::Csv { path, label } => load_csv(path, label.as_deref()),
         }
     }
@@ -299,6 +307,16 @@ pub fn load_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
 /// Loads a CSV file: comma-separated numbers, an optional header row, the label in the
 /// column named or numbered by `label` (default: the last column).
 pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> {
+    load_csv_grouped(path, label, None).map(|(d, _)| d)
+}
+
+/// As [`load_csv`], with one more column (named in the header) that says which client a
+/// row belongs to: it is not a feature, and its values are returned per row.
+pub fn load_csv_grouped(
+    path: &Path,
+    label: Option<&str>,
+    group: Option<&str>,
+) -> Result<(Dataset, Vec<String>), DataError> {
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -315,7 +333,7 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> 
         return Err(fmt(1, "empty file".into()));
     };
     let first_cells: Vec<&str> = first.split(',').map(str::trim).collect();
-    let has_header = first_cells.iter().any(|c| c.parse::<f64>().is_err());
+    let has_header = group.is_some() || first_cells.iter().any(|c| c.parse::<f64>().is_err());
     let ncols = first_cells.len();
     if ncols < 2 {
         return Err(fmt(
@@ -334,6 +352,17 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> 
                 .ok_or_else(|| fmt(1, format!("label column {l:?} not found")))?,
         },
     };
+    let group_col = match group {
+        None => None,
+        Some(g) => Some(
+            first_cells
+                .iter()
+                .position(|c| *c == g)
+                .filter(|i| *i != label_col)
+                .ok_or_else(|| fmt(1, format!("client column {g:?} not found")))?,
+        ),
+    };
+    let mut groups = Vec::new();
     let mut features = Vec::new();
     let mut labels = Vec::new();
     let rows = std::iter::once((0, first))
@@ -348,6 +377,10 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> 
             ));
         }
         for (c, cell) in cells.iter().enumerate() {
+            if Some(c) == group_col {
+                groups.push(cell.to_string());
+                continue;
+            }
             let v: f64 = cell
                 .parse()
                 .map_err(|_| fmt(i + 1, format!("{cell:?} is not a number")))?;
@@ -367,7 +400,8 @@ pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> 
             return Err(fmt(i + 1, "data set too large".into()));
         }
     }
-    Dataset::new(features, labels, ncols - 1)
+    let dim = ncols - 1 - usize::from(group_col.is_some());
+    Ok((Dataset::new(features, labels, dim)?, groups))
 }
 
 /// One client's deterministic slice of a shared file: `i/n` (1-based).
@@ -422,6 +456,17 @@ mod tests {
         assert_eq!(d.features, vec![0.5, 2.0, 1.5, 3.0]);
         let d = load_csv(&p, Some("0")).unwrap();
         assert_eq!(d.labels, vec![1, 0]);
+    }
+
+    #[test]
+    fn csv_with_client_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.csv");
+        std::fs::write(&p, "user,a,b,y\nalice,0.5,2,1\nbob,1.5,3,0\nalice,1,1,0\n").unwrap();
+        let (d, g) = load_csv_grouped(&p, Some("y"), Some("user")).unwrap();
+        assert_eq!(d.dim, 2);
+        assert_eq!(g, vec!["alice", "bob", "alice"]);
+        assert_eq!(d.features, vec![0.5, 2.0, 1.5, 3.0, 1.0, 1.0]);
     }
 
     #[test]

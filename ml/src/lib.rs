@@ -8,6 +8,7 @@
 pub mod data;
 pub mod export;
 pub mod model;
+pub mod partition;
 
 pub use data::{DataSource, Dataset, Shard};
 pub use model::{DeviceData, EvalOutcome, Mlp, TrainOutcome};

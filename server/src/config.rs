@@ -149,7 +149,12 @@ impl Default for ServerConfig {
     }
 }
 
-fn set_dotted(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), ConfigError> {
+/// Sets `a.b.c = value` in a TOML table, creating tables on the way.
+pub fn set_dotted(
+    root: &mut toml::Table,
+    key: &str,
+    value: toml::Value,
+) -> Result<(), ConfigError> {
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts
         .pop()
@@ -170,7 +175,7 @@ fn set_dotted(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(
 
 /// Parses a `--set` value as TOML (number, bool, array, quoted string), falling back to
 /// a bare string.
-fn parse_value(v: &str) -> toml::Value {
+pub fn parse_value(v: &str) -> toml::Value {
     let doc = format!("v = {v}");
     match doc.parse::<toml::Table>() {
         Ok(mut t) => t

@@ -67,6 +67,24 @@ pub enum Rejection {
         /// Open round.
         current: u64,
     },
+    /// An answer to the request of one round carrying an update of an earlier round.
+    #[error(
+        "replayed update: answers the request of round {request} with an update for round {got}"
+    )]
+    Replayed {
+        /// Round in the update.
+        got: u64,
+        /// Round of the request.
+        request: u64,
+    },
+    /// An answer carrying a later round than its request.
+    #[error("update claims round {got} but answers the request of round {request}")]
+    WrongRound {
+        /// Round in the update.
+        got: u64,
+        /// Round of the request.
+        request: u64,
+    },
     /// Sender not selected this round.
     #[error("sender was not selected for round {0}")]
     NotSelected(u64),
@@ -99,6 +117,8 @@ impl Rejection {
             Rejection::NoOpenRound => "no_open_round",
             Rejection::Stale { .. } => "stale",
             Rejection::FutureRound { .. } => "future_round",
+            Rejection::Replayed { .. } => "replayed",
+            Rejection::WrongRound { .. } => "wrong_round",
             Rejection::NotSelected(_) => "not_selected",
             Rejection::Duplicate(_) => "duplicate",
             Rejection::SpecHash => "spec_hash",
@@ -396,16 +416,30 @@ impl Coordinator {
         }
     }
 
-    /// The driver could not get an answer from a client (transport error, bad bytes).
+    /// The driver got no usable answer to the request of `request_round` (transport
+    /// error, timeout, bad bytes). Counted by `kind`; the node fails that round if it is
+    /// still the open one (an old request's error never fails a newer round).
     pub fn handle_transport_error(
         &mut self,
         node: &str,
+        request_round: u64,
         kind: &'static str,
         detail: &str,
         now: Instant,
     ) {
         *self.rejected.entry(kind).or_default() += 1;
-        self.fail(node, detail, now);
+        if self.current_round() == Some(request_round) {
+            self.fail(node, detail, now);
+        }
+    }
+
+    /// Round of the open training or evaluation phase.
+    fn current_round(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Fit(f) => Some(f.round),
+            Phase::Eval(e) => Some(e.report.round),
+            _ => None,
+        }
     }
 
     fn fail(&mut self, node: &str, reason: &str, now: Instant) {
@@ -432,13 +466,35 @@ impl Coordinator {
 
     /// Validates and accepts an update. A rejection leaves everything as it was except
     /// the rejection counter (and, for a selected sender, marks it failed for the round).
+    ///
+    /// `request_round` is the round of the request this update answers (the driver knows
+    /// it from the stream); an update claiming another round is a replay or a forgery.
     pub fn handle_update(
         &mut self,
         node: &str,
+        request_round: u64,
         meta: UpdateMeta,
         delta: Vec<f32>,
         now: Instant,
     ) -> Result<(), Rejection> {
+        if meta.round != request_round {
+            let e = if meta.round < request_round {
+                Rejection::Replayed {
+                    got: meta.round,
+                    request: request_round,
+                }
+            } else {
+                Rejection::WrongRound {
+                    got: meta.round,
+                    request: request_round,
+                }
+            };
+            *self.rejected.entry(e.kind()).or_default() += 1;
+            if self.open_round() == Some(request_round) {
+                self.fail(node, &format!("rejected: {e}"), now);
+            }
+            return Err(e);
+        }
         let res = self.validate_update(node, &meta, &delta);
         if let Err(e) = &res {
             *self.rejected.entry(e.kind()).or_default() += 1;
@@ -914,7 +970,7 @@ mod tests {
             assert_eq!(round, expected_round);
             assert_eq!(nodes.len(), 4);
             for n in &nodes {
-                c.handle_update(n, meta(round, 10), vec![1.0; P], t0)
+                c.handle_update(n, round, meta(round, 10), vec![1.0; P], t0)
                     .unwrap();
             }
         }
@@ -952,9 +1008,9 @@ mod tests {
         let mut c = coordinator(2, DpParams::default(), 0);
         connect_all(&mut c, t0);
         let (round, nodes) = train_nodes(&mut c);
-        c.handle_update(&nodes[0], meta(round, 1), vec![2.0; P], t0)
+        c.handle_update(&nodes[0], round, meta(round, 1), vec![2.0; P], t0)
             .unwrap();
-        c.handle_update(&nodes[1], meta(round, 3), vec![6.0; P], t0)
+        c.handle_update(&nodes[1], round, meta(round, 3), vec![6.0; P], t0)
             .unwrap();
         c.handle_disconnect(&nodes[2], t0);
         assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(10)));
@@ -979,7 +1035,7 @@ mod tests {
         // A late update for the closed round is stale.
         let (round2, _) = train_nodes(&mut c);
         assert_eq!(round2, 2);
-        let late = c.handle_update(&nodes[3], meta(1, 1), vec![0.0; P], t0);
+        let late = c.handle_update(&nodes[3], 1, meta(1, 1), vec![0.0; P], t0);
         assert!(matches!(late, Err(Rejection::Stale { got: 1, current: 2 })));
     }
 
@@ -989,7 +1045,7 @@ mod tests {
         let mut c = coordinator(3, DpParams::default(), 1);
         connect_all(&mut c, t0);
         let (round, nodes) = train_nodes(&mut c);
-        c.handle_update(&nodes[0], meta(round, 1), vec![9.0; P], t0)
+        c.handle_update(&nodes[0], round, meta(round, 1), vec![9.0; P], t0)
             .unwrap();
         c.handle_timeout(t0 + Duration::from_secs(11));
         let mut retried = false;
@@ -1031,15 +1087,15 @@ mod tests {
         let mut wrong = meta(round, 1);
         wrong.spec_hash = [0; 32];
         assert_eq!(
-            c.handle_update("stranger", meta(round, 1), vec![0.0; P], t0),
+            c.handle_update("stranger", round, meta(round, 1), vec![0.0; P], t0),
             Err(Rejection::NotSelected(1))
         );
         assert!(matches!(
-            c.handle_update(n, meta(round + 1, 1), vec![0.0; P], t0),
+            c.handle_update(n, round + 1, meta(round + 1, 1), vec![0.0; P], t0),
             Err(Rejection::FutureRound { .. })
         ));
         assert!(matches!(
-            c.handle_update(n, meta(round, 1), vec![0.0; 3], t0),
+            c.handle_update(n, round, meta(round, 1), vec![0.0; 3], t0),
             Err(Rejection::Length { .. })
         ));
         // n failed the round with its malformed update; the others carry on.
@@ -1047,17 +1103,17 @@ mod tests {
         let mut nan = vec![0.0; P];
         nan[4] = f32::NAN;
         assert_eq!(
-            c.handle_update(n1, meta(round, 1), nan, t0),
+            c.handle_update(n1, round, meta(round, 1), nan, t0),
             Err(Rejection::NonFinite(4))
         );
         assert_eq!(
-            c.handle_update(&nodes[2], wrong, vec![0.0; P], t0),
+            c.handle_update(&nodes[2], round, wrong, vec![0.0; P], t0),
             Err(Rejection::SpecHash)
         );
-        c.handle_update(&nodes[3], meta(round, 1), vec![1.0; P], t0)
+        c.handle_update(&nodes[3], round, meta(round, 1), vec![1.0; P], t0)
             .unwrap();
         assert_eq!(
-            c.handle_update(&nodes[3], meta(round, 1), vec![1.0; P], t0)
+            c.handle_update(&nodes[3], round, meta(round, 1), vec![1.0; P], t0)
                 .unwrap_err()
                 .kind(),
             "stale"
@@ -1102,7 +1158,7 @@ mod tests {
         connect_all(&mut c, t0);
         let (round, nodes) = train_nodes(&mut c);
         for n in &nodes {
-            c.handle_update(n, meta(round, 1), vec![0.1; P], t0)
+            c.handle_update(n, round, meta(round, 1), vec![0.1; P], t0)
                 .unwrap();
         }
         let mut finish = None;

@@ -129,6 +129,8 @@ enum Event {
     },
     Response {
         node: NodeId,
+        /// Round of the request this answers.
+        round: u64,
         result: Result<Message, (&'static str, String)>,
     },
 }
@@ -217,15 +219,27 @@ impl Server {
         noise: Box<dyn GaussianNoise>,
     ) -> Result<Self, ServerError> {
         cfg.validate()?;
-        let spec = cfg.spec();
-        let strategy: Box<dyn Strategy> = strategy::build(
+        let strategy = strategy::build(
             cfg.strategy.clone(),
             cfg.train.clone(),
             cfg.dp,
-            spec.num_params(),
+            cfg.spec().num_params(),
             noise,
         )
         .map_err(ServerError::Strategy)?;
+        Self::bind_with_strategy(cfg, strategy)
+    }
+
+    /// As [`Server::bind`] with a user-defined [`Strategy`] (see `examples/`). The
+    /// configuration's `strategy` and `train` sections are then only read for
+    /// `min_fit_clients`; the strategy decides everything else. With DP on, wrap it in
+    /// [`strategy::LocalDp`] or [`strategy::CentralDp`] so the ledger has a record.
+    pub fn bind_with_strategy(
+        cfg: ServerConfig,
+        strategy: Box<dyn Strategy>,
+    ) -> Result<Self, ServerError> {
+        cfg.validate()?;
+        let spec = cfg.spec();
         std::fs::create_dir_all(&cfg.out_dir).map_err(io_err)?;
         let ckpt = cfg.out_dir.join("checkpoint.bin");
         let snapshot = match cfg.resume {
@@ -348,15 +362,22 @@ impl Server {
             while let Some(action) = self.coordinator.poll_action() {
                 match action {
                     Action::Train {
+                        round,
                         nodes,
                         request,
                         params,
-                        ..
                     } => {
                         let bytes = Arc::new(wire::encode(&Header::Train(request), &params));
                         let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
                         for n in nodes {
-                            self.send_request(&registry, &n, bytes.clone(), deadline, &ev_tx);
+                            self.send_request(
+                                &registry,
+                                &n,
+                                round,
+                                bytes.clone(),
+                                deadline,
+                                &ev_tx,
+                            );
                         }
                     }
                     Action::Evaluate {
@@ -364,11 +385,19 @@ impl Server {
                         request,
                         params,
                     } => {
+                        let round = request.round;
                         let bytes = Arc::new(wire::encode(&Header::Evaluate(request), &params));
                         let deadline = Duration::from_secs_f64(self.cfg.eval_timeout_secs)
                             + Duration::from_secs(5);
                         for n in nodes {
-                            self.send_request(&registry, &n, bytes.clone(), deadline, &ev_tx);
+                            self.send_request(
+                                &registry,
+                                &n,
+                                round,
+                                bytes.clone(),
+                                deadline,
+                                &ev_tx,
+                            );
                         }
                     }
                     Action::RoundRetried {
@@ -466,7 +495,11 @@ impl Server {
                     self.coordinator.handle_disconnect(&node, now);
                 }
             }
-            Event::Response { node, result } => match result {
+            Event::Response {
+                node,
+                round,
+                result,
+            } => match result {
                 Ok(Message {
                     header: Header::Update(meta),
                     payload,
@@ -478,7 +511,10 @@ impl Server {
                             delta: payload.clone(),
                         });
                     }
-                    if let Err(e) = self.coordinator.handle_update(&node, meta, payload, now) {
+                    if let Err(e) = self
+                        .coordinator
+                        .handle_update(&node, round, meta, payload, now)
+                    {
                         tracing::warn!(%node, kind = e.kind(), "update rejected: {e}");
                     }
                 }
@@ -502,6 +538,7 @@ impl Server {
                     tracing::warn!(%node, "{detail}");
                     self.coordinator.handle_transport_error(
                         &node,
+                        round,
                         "unexpected_message",
                         &detail,
                         now,
@@ -510,7 +547,7 @@ impl Server {
                 Err((kind, detail)) => {
                     tracing::warn!(%node, kind, "{detail}");
                     self.coordinator
-                        .handle_transport_error(&node, kind, &detail, now);
+                        .handle_transport_error(&node, round, kind, &detail, now);
                 }
             },
         }
@@ -520,6 +557,7 @@ impl Server {
         &self,
         registry: &HashMap<NodeId, quinn::Connection>,
         node: &NodeId,
+        round: u64,
         bytes: Arc<Vec<u8>>,
         deadline: Duration,
         ev_tx: &mpsc::Sender<Event>,
@@ -527,6 +565,7 @@ impl Server {
         let Some(conn) = registry.get(node).cloned() else {
             let _ = ev_tx.try_send(Event::Response {
                 node: node.clone(),
+                round,
                 result: Err(("not_connected", "client is not connected".into())),
             });
             return;
@@ -539,7 +578,13 @@ impl Server {
                 Ok(r) => r,
                 Err(_) => Err(("timeout", "no answer before the deadline".to_string())),
             };
-            let _ = tx.send(Event::Response { node, result }).await;
+            let _ = tx
+                .send(Event::Response {
+                    node,
+                    round,
+                    result,
+                })
+                .await;
         });
     }
 

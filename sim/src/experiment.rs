@@ -1,0 +1,444 @@
+//! Experiments as files: one TOML describes the data, partition, population, rounds, local
+//! training, strategy and DP settings, plus an optional `[sweep]` of dotted keys to lists
+//! of values. Every combination of the sweep lists is one configuration.
+//!
+//! ```toml
+//! name = "central-dp"
+//! rounds = 50
+//! [population]
+//! clients = 1000
+//! examples_per_client = 60
+//! [dp]
+//! mode = "central"
+//! sampling_rate = 0.1
+//! [sweep]
+//! "dp.noise_multiplier" = [0.5, 1.0, 2.0]
+//! ```
+
+use dpfl_ml::partition::PartitionKind;
+use dpfl_server::config::{parse_value, set_dotted, ModelConfig};
+use dpfl_server::strategy::{DpParams, FedAvgConfig, TrainSettings};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Errors reading an experiment.
+#[derive(Debug, thiserror::Error)]
+pub enum ExperimentError {
+    /// File error.
+    #[error("{0}")]
+    Io(String),
+    /// TOML or schema error.
+    #[error("experiment: {0}")]
+    Parse(String),
+    /// A value out of range.
+    #[error("experiment: {0}")]
+    Invalid(String),
+}
+
+/// How virtual clients talk to the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// In-process: the coordinator is driven directly.
+    #[default]
+    Memory,
+    /// The real server and real client nodes over QUIC/mTLS on 127.0.0.1.
+    Quic,
+}
+
+/// Which Gaussian sampler the simulation uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// Seeded ChaCha20 + Ziggurat: fast and reproducible, for utility simulations only.
+    #[default]
+    Simulation,
+    /// opendp's exact sampler (the deployment sampler; slow for large populations).
+    Opendp,
+}
+
+/// The virtual population.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Population {
+    /// Number of virtual clients (ignored by the natural partition).
+    pub clients: usize,
+    /// With `iid`: give each client exactly this many examples (resampling the data set when
+    /// clients x examples exceeds it). Without it, the data set is split.
+    pub examples_per_client: Option<usize>,
+    /// How the data is split.
+    pub partition: PartitionKind,
+    /// Dirichlet redraws until every client has at least this many examples.
+    pub min_examples: usize,
+    /// Poisoned clients (in-memory transport): the first `fraction` of the clients.
+    pub attack: Option<Attack>,
+}
+
+/// Model poisoning by a fraction of the population.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attack {
+    /// Fraction of clients that attack, in [0, 1].
+    pub fraction: f64,
+    /// What they send.
+    pub kind: AttackKind,
+    /// Multiplier of the honest update.
+    pub factor: f64,
+}
+
+/// How an attacker transforms its honest update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttackKind {
+    /// `-factor * delta`.
+    SignFlip,
+    /// `factor * delta`.
+    Scale,
+}
+
+impl Attack {
+    /// Whether client `i` of `n` attacks.
+    pub fn is_attacker(&self, i: usize, n: usize) -> bool {
+        (i as f64) < (self.fraction.clamp(0.0, 1.0) * n as f64).round()
+    }
+
+    /// Applies the attack to an honest update.
+    pub fn apply(&self, delta: &mut [f32]) {
+        let f = match self.kind {
+            AttackKind::SignFlip => -self.factor,
+            AttackKind::Scale => self.factor,
+        } as f32;
+        delta.iter_mut().for_each(|v| *v *= f);
+    }
+}
+
+impl Default for Population {
+    fn default() -> Self {
+        Self {
+            clients: 10,
+            examples_per_client: None,
+            partition: PartitionKind::Iid,
+            min_examples: 10,
+            attack: None,
+        }
+    }
+}
+
+/// One fully specified configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Experiment name (results folder).
+    pub name: String,
+    /// Training data (`fashion-mnist`, `idx:...`, `csv:...[,label=...]`).
+    pub data: String,
+    /// Test data for the global model.
+    pub test_data: Option<String>,
+    /// Evaluate on at most this many test examples.
+    pub test_limit: Option<usize>,
+    /// Rounds.
+    pub rounds: u64,
+    /// Seed of partition, selection, shuffling and simulated noise.
+    pub seed: u64,
+    /// Transport.
+    pub transport: Transport,
+    /// Training threads (in-memory transport).
+    pub threads: usize,
+    /// Evaluate the global model every this many rounds (and after the last).
+    pub eval_every: u64,
+    /// Noise sampler.
+    pub sampler: Sampler,
+    /// Population.
+    pub population: Population,
+    /// Model.
+    pub model: ModelConfig,
+    /// Local training.
+    pub train: TrainSettings,
+    /// Strategy.
+    pub strategy: FedAvgConfig,
+    /// Differential privacy.
+    pub dp: DpParams,
+    /// Retries of a round that missed its quorum.
+    pub max_round_retries: u32,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            name: "experiment".into(),
+            data: "fashion-mnist".into(),
+            test_data: Some("fashion-mnist-test".into()),
+            test_limit: None,
+            rounds: 10,
+            seed: 0,
+            transport: Transport::Memory,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            eval_every: 1,
+            sampler: Sampler::Simulation,
+            population: Population::default(),
+            model: ModelConfig::default(),
+            train: TrainSettings::default(),
+            strategy: FedAvgConfig {
+                min_fit_clients: 1,
+                ..FedAvgConfig::default()
+            },
+            dp: DpParams::default(),
+            max_round_retries: 0,
+        }
+    }
+}
+
+/// One configuration of an experiment, with the sweep values that made it.
+#[derive(Debug, Clone)]
+pub struct Configuration {
+    /// `c01`, `c02`, ...
+    pub id: String,
+    /// `key=value, ...` of the sweep (empty without a sweep).
+    pub label: String,
+    /// The settings.
+    pub config: SimConfig,
+}
+
+impl SimConfig {
+    /// Range checks.
+    pub fn validate(&self) -> Result<(), ExperimentError> {
+        let bad = |m: String| Err(ExperimentError::Invalid(m));
+        if self.rounds == 0 {
+            return bad("rounds must be >= 1".into());
+        }
+        if self.population.clients == 0
+            && !matches!(self.population.partition, PartitionKind::Natural { .. })
+        {
+            return bad("population.clients must be >= 1".into());
+        }
+        if self.threads == 0 || self.eval_every == 0 {
+            return bad("threads and eval_every must be >= 1".into());
+        }
+        dpfl_common::ModelSpec::new(self.model.layers.clone())
+            .map_err(|e| ExperimentError::Invalid(e.to_string()))?;
+        self.train
+            .base
+            .validate()
+            .map_err(|e| ExperimentError::Invalid(e.to_string()))?;
+        self.dp.validate().map_err(ExperimentError::Invalid)?;
+        Ok(())
+    }
+}
+
+fn to_string(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Table(t) => t
+            .iter()
+            .map(|(k, v)| format!("{k}={}", to_string(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    }
+}
+
+fn swept_label(combo: &[(String, toml::Value)], skip: &[&str]) -> String {
+    combo
+        .iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), to_string(v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Reads an experiment file, applies `key=value` overrides, and expands the sweep.
+pub fn load(
+    path: &Path,
+    overrides: &[(String, String)],
+) -> Result<Vec<Configuration>, ExperimentError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ExperimentError::Io(format!("{}: {e}", path.display())))?;
+    expand(&text, overrides)
+}
+
+/// As [`load`], from TOML text.
+pub fn expand(
+    text: &str,
+    overrides: &[(String, String)],
+) -> Result<Vec<Configuration>, ExperimentError> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ExperimentError::Parse(e.to_string()))?;
+    for (k, v) in overrides {
+        set_dotted(&mut table, k, parse_value(v))
+            .map_err(|e| ExperimentError::Parse(e.to_string()))?;
+    }
+    let sweep: Vec<(String, Vec<toml::Value>)> = match table.remove("sweep") {
+        None => Vec::new(),
+        Some(toml::Value::Table(t)) => t
+            .into_iter()
+            .map(|(k, v)| match v {
+                toml::Value::Array(a) if !a.is_empty() => Ok((k, a)),
+                _ => Err(ExperimentError::Parse(format!(
+                    "sweep.{k} must be a non-empty list"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(ExperimentError::Parse("sweep must be a table".into())),
+    };
+    // `[[variant]]` tables: named bundles of settings (e.g. "fedprox" = fedavg + prox_mu),
+    // each multiplied with the sweep.
+    let variants: Vec<(String, Vec<(String, toml::Value)>)> = match table.remove("variant") {
+        None => vec![(String::new(), Vec::new())],
+        Some(toml::Value::Array(a)) if !a.is_empty() => a
+            .into_iter()
+            .map(|v| {
+                let toml::Value::Table(mut t) = v else {
+                    return Err(ExperimentError::Parse(
+                        "each [[variant]] must be a table".into(),
+                    ));
+                };
+                let label = match t.remove("label") {
+                    Some(toml::Value::String(l)) => l,
+                    _ => {
+                        return Err(ExperimentError::Parse(
+                            "each [[variant]] needs a label".into(),
+                        ))
+                    }
+                };
+                let set = match t.remove("set") {
+                    Some(toml::Value::Table(set)) => set.into_iter().collect(),
+                    None => Vec::new(),
+                    _ => {
+                        return Err(ExperimentError::Parse(
+                            "variant.set must be a table of key = value".into(),
+                        ))
+                    }
+                };
+                if let Some(k) = t.keys().next() {
+                    return Err(ExperimentError::Parse(format!(
+                        "unknown key {k:?} in [[variant]]"
+                    )));
+                }
+                Ok((label, set))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ExperimentError::Parse(
+                "variant must be an array of tables".into(),
+            ))
+        }
+    };
+    let mut combos: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+    for (k, values) in &sweep {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((k.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    let combos: Vec<(String, Vec<(String, toml::Value)>)> = variants
+        .iter()
+        .flat_map(|(label, set)| {
+            combos.iter().map(move |c| {
+                let mut all = set.clone();
+                all.extend(c.iter().cloned());
+                (label.clone(), all)
+            })
+        })
+        .collect();
+    let width = combos.len().to_string().len().max(2);
+    combos
+        .into_iter()
+        .enumerate()
+        .map(|(i, (variant, combo))| {
+            let mut t = table.clone();
+            for (k, v) in &combo {
+                set_dotted(&mut t, k, v.clone())
+                    .map_err(|e| ExperimentError::Parse(e.to_string()))?;
+            }
+            let config: SimConfig = toml::Value::Table(t)
+                .try_into()
+                .map_err(|e: toml::de::Error| ExperimentError::Parse(e.to_string()))?;
+            config.validate()?;
+            Ok(Configuration {
+                id: format!("c{:0width$}", i + 1),
+                label: if variant.is_empty() {
+                    swept_label(&combo, &[])
+                } else {
+                    let own: Vec<&str> = variants
+                        .iter()
+                        .find(|(l, _)| *l == variant)
+                        .map(|(_, set)| set.iter().map(|(k, _)| k.as_str()).collect())
+                        .unwrap_or_default();
+                    format!("{variant} {}", swept_label(&combo, &own))
+                        .trim()
+                        .to_string()
+                },
+                config,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_expands_to_the_cartesian_product() {
+        let text = r#"
+name = "t"
+rounds = 2
+[dp]
+mode = "central"
+sampling_rate = 0.1
+[sweep]
+"dp.noise_multiplier" = [0.5, 1.0]
+"population.partition" = [{ kind = "iid" }, { kind = "dirichlet", alpha = 0.5 }]
+"#;
+        let cs = expand(text, &[]).unwrap();
+        assert_eq!(cs.len(), 4);
+        assert_eq!(cs[0].id, "c01");
+        assert_eq!(cs[0].config.dp.noise_multiplier, 0.5);
+        assert_eq!(cs[3].config.dp.noise_multiplier, 1.0);
+        assert_eq!(
+            cs[3].config.population.partition,
+            PartitionKind::Dirichlet { alpha: 0.5 }
+        );
+        assert!(
+            cs[3].label.contains("noise_multiplier=1.0"),
+            "{}",
+            cs[3].label
+        );
+        // Overrides apply before the sweep.
+        let cs = expand(text, &[("rounds".into(), "5".into())]).unwrap();
+        assert!(cs.iter().all(|c| c.config.rounds == 5));
+    }
+
+    #[test]
+    fn variants_multiply_with_the_sweep() {
+        let text = r#"
+[[variant]]
+label = "fedavg"
+[[variant]]
+label = "fedprox"
+set = { "train.prox_mu" = 0.01 }
+[sweep]
+seed = [1, 2]
+"#;
+        let cs = expand(text, &[]).unwrap();
+        assert_eq!(cs.len(), 4);
+        assert_eq!(cs[0].label, "fedavg seed=1");
+        assert_eq!(cs[3].label, "fedprox seed=2");
+        assert_eq!(cs[3].config.train.base.prox_mu, 0.01);
+        assert_eq!(cs[1].config.train.base.prox_mu, 0.0);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_sweeps_are_errors() {
+        assert!(expand("roundz = 3", &[]).is_err());
+        assert!(expand("[sweep]\nseed = 3", &[]).is_err());
+        assert!(expand("[dp]\nmode = \"distributed\"", &[]).is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! The simulator end to end: a small sweep writes every promised file, and the in-memory
+//! transport and the real QUIC transport reach the same model from the same seed.
+
+use dpfl_sim::experiment::{expand, Transport};
+
+const SMALL: &str = r#"
+name = "tiny"
+rounds = 2
+seed = 3
+test_limit = 500
+threads = 2
+[model]
+layers = [784, 16, 10]
+[population]
+clients = 20
+examples_per_client = 30
+[train]
+batch_size = 10
+lr = 0.1
+[dp]
+mode = "central"
+sampling_rate = 0.5
+clip_norm = 0.5
+[sweep]
+"dp.noise_multiplier" = [0.5, 2.0]
+"#;
+
+#[test]
+fn a_small_sweep_writes_csv_jsonl_and_both_plot_formats() {
+    let out = tempfile::tempdir().unwrap();
+    let configs = expand(SMALL, &[]).unwrap();
+    assert_eq!(configs.len(), 2);
+    let mut calls = 0;
+    let (dir, finished) =
+        dpfl_sim::run_experiment(configs, out.path(), &mut |_, _, _| calls += 1).unwrap();
+    assert_eq!(
+        calls, 4,
+        "progress after every round of every configuration"
+    );
+    let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], dpfl_sim::report::CSV_HEADER);
+    assert_eq!(lines.len(), 3, "one row per configuration:\n{csv}");
+    for f in &finished {
+        assert_eq!(f.result.rounds, 2);
+        let eps = f.result.epsilon.unwrap();
+        let expect =
+            dpfl_common::dp::accountant::epsilon(0.5, f.config.config.dp.noise_multiplier, 2, 1e-5)
+                .unwrap()
+                .0;
+        assert!((eps - expect).abs() < 1e-9);
+        let jsonl = std::fs::read_to_string(dir.join(format!("{}.jsonl", f.config.id))).unwrap();
+        assert_eq!(jsonl.lines().count(), 2);
+    }
+    // More noise, less epsilon.
+    assert!(finished[1].result.epsilon < finished[0].result.epsilon);
+    for name in ["accuracy.png", "frontier.png"] {
+        let b = std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{name}");
+    }
+    for (name, axis) in [("accuracy.svg", "round"), ("frontier.svg", "epsilon")] {
+        let s = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(s.starts_with("<svg") && s.contains("</svg>"), "{name}");
+        assert!(s.contains(axis), "{name} has no {axis} axis");
+    }
+}
+
+#[test]
+fn memory_and_quic_transports_reach_the_same_model() {
+    let text = r#"
+name = "transport"
+rounds = 2
+seed = 11
+test_limit = 300
+threads = 2
+[model]
+layers = [784, 16, 10]
+[population]
+clients = 3
+examples_per_client = 120
+[train]
+batch_size = 16
+lr = 0.1
+[strategy]
+min_fit_clients = 3
+"#;
+    let run = |t: Transport| {
+        let mut cs = expand(text, &[]).unwrap();
+        cs[0].config.transport = t;
+        dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap()
+    };
+    let mem = run(Transport::Memory);
+    let quic = run(Transport::Quic);
+    assert_eq!(mem.rounds, 2);
+    assert_eq!(quic.rounds, 2);
+    assert_eq!(mem.final_params.len(), quic.final_params.len());
+    // Documented non-determinism: updates are summed in arrival order (f32).
+    let max_diff = mem
+        .final_params
+        .iter()
+        .zip(&quic.final_params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-5, "max parameter difference {max_diff}");
+    let (a, b) = (
+        mem.final_accuracy().unwrap(),
+        quic.final_accuracy().unwrap(),
+    );
+    assert!((a - b).abs() < 0.01, "{a} vs {b}");
+}
