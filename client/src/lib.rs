@@ -51,6 +51,9 @@ pub struct ClientConfig {
     pub max_message_bytes: usize,
     /// Give up after this long without a working connection.
     pub give_up_after: Duration,
+    /// QUIC idle timeout: a server silent this long is presumed dead and the node
+    /// reconnects (keep-alives every third of it keep a healthy connection open).
+    pub idle_timeout: Duration,
     /// Per-round JSON lines of the node's own record.
     pub log_file: Option<PathBuf>,
 }
@@ -73,6 +76,7 @@ impl ClientConfig {
             min_noise_multiplier: 0.0,
             max_message_bytes: dpfl_common::wire::DEFAULT_MAX_MESSAGE_BYTES,
             give_up_after: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(60),
             log_file: None,
         }
     }
@@ -140,7 +144,7 @@ pub async fn run_with_noise(
         dp_mode: cfg.dp_mode,
         min_noise_multiplier: cfg.min_noise_multiplier,
         max_message_bytes: cfg.max_message_bytes,
-        idle_timeout: Duration::from_secs(60),
+        idle_timeout: cfg.idle_timeout,
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_secs(10),
         give_up_after: cfg.give_up_after,

@@ -53,6 +53,9 @@ struct Args {
     /// Give up after this many seconds without a working connection.
     #[arg(long, default_value_t = 600)]
     give_up_after_secs: u64,
+    /// Seconds of silence after which the server is presumed dead and the node reconnects.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
     /// Append a JSON line per round (own epsilon, loss, timings) to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -90,6 +93,7 @@ async fn main() -> Result<()> {
     cfg.dp_mode = a.dp_mode.parse()?;
     cfg.min_noise_multiplier = a.min_noise_multiplier;
     cfg.give_up_after = std::time::Duration::from_secs(a.give_up_after_secs);
+    cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout_secs.max(3));
     cfg.log_file = a.log_file;
     let s = dpfl_client::run(cfg).await?;
     println!(

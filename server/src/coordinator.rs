@@ -656,11 +656,15 @@ impl Coordinator {
     }
 
     fn maybe_start(&mut self, now: Instant) {
-        if !matches!(self.phase, Phase::Waiting) || self.connected.len() < self.cfg.min_clients {
+        if !matches!(self.phase, Phase::Waiting) {
             return;
         }
+        // Finishing must not wait for clients that dropped out of the last round.
         if self.completed >= self.cfg.rounds {
             self.finish(FinishReason::Completed);
+            return;
+        }
+        if self.connected.len() < self.cfg.min_clients {
             return;
         }
         if let (Some(target), true) = (self.cfg.dp.target_epsilon, self.cfg.dp.mode.is_private()) {
@@ -1037,6 +1041,60 @@ mod tests {
         assert_eq!(round2, 2);
         let late = c.handle_update(&nodes[3], 1, meta(1, 1), vec![0.0; P], t0);
         assert!(matches!(late, Err(Rejection::Stale { got: 1, current: 2 })));
+    }
+
+    #[test]
+    fn last_round_finishes_even_below_min_clients() {
+        let t0 = Instant::now();
+        let mut c = coordinator(1, DpParams::default(), 0);
+        c.cfg.rounds = 1;
+        connect_all(&mut c, t0);
+        let (round, nodes) = train_nodes(&mut c);
+        c.handle_disconnect(&nodes[0], t0);
+        for n in &nodes[1..] {
+            c.handle_update(n, round, meta(round, 1), vec![1.0; P], t0)
+                .unwrap();
+        }
+        let mut finished = false;
+        while let Some(a) = c.poll_action() {
+            finished |= matches!(a, Action::Finish { .. });
+        }
+        assert!(finished);
+    }
+
+    #[test]
+    fn replayed_answer_is_rejected_and_fails_the_round_for_that_node() {
+        let t0 = Instant::now();
+        let mut c = coordinator(1, DpParams::default(), 0);
+        connect_all(&mut c, t0);
+        let (r1, nodes) = train_nodes(&mut c);
+        for n in &nodes {
+            c.handle_update(n, r1, meta(r1, 1), vec![1.0; P], t0)
+                .unwrap();
+        }
+        let (r2, nodes) = train_nodes(&mut c);
+        let e = c
+            .handle_update(&nodes[0], r2, meta(r1, 1), vec![1.0; P], t0)
+            .unwrap_err();
+        assert_eq!(e.kind(), "replayed");
+        let e = c
+            .handle_update(&nodes[1], r2, meta(r2 + 3, 1), vec![1.0; P], t0)
+            .unwrap_err();
+        assert_eq!(e.kind(), "wrong_round");
+        // An error from an old request does not fail the node in the open round.
+        c.handle_transport_error(&nodes[2], r1, "timeout", "late", t0);
+        c.handle_update(&nodes[2], r2, meta(r2, 1), vec![1.0; P], t0)
+            .unwrap();
+        c.handle_update(&nodes[3], r2, meta(r2, 1), vec![1.0; P], t0)
+            .unwrap();
+        let report = loop {
+            if let Some(Action::RoundCompleted(r)) = c.poll_action() {
+                break r;
+            }
+        };
+        assert_eq!(report.round, r2);
+        assert_eq!(report.participants.len(), 2);
+        assert_eq!(report.failures.len(), 2);
     }
 
     #[test]

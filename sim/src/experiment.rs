@@ -228,11 +228,19 @@ impl SimConfig {
 fn to_string(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
-        toml::Value::Table(t) => t
-            .iter()
-            .map(|(k, v)| format!("{k}={}", to_string(v)))
-            .collect::<Vec<_>>()
-            .join(","),
+        toml::Value::Table(t) => {
+            let rest = t
+                .iter()
+                .filter(|(k, _)| k.as_str() != "kind")
+                .map(|(k, v)| format!("{k}={}", to_string(v)))
+                .collect::<Vec<_>>()
+                .join(",");
+            match t.get("kind") {
+                Some(kind) if rest.is_empty() => to_string(kind),
+                Some(kind) => format!("{}({rest})", to_string(kind)),
+                None => rest,
+            }
+        }
         other => other.to_string(),
     }
 }

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+#[path = "../../server/examples/custom_strategy.rs"]
+mod custom_strategy;
+
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(TIMEOUT, f)
         .await
@@ -30,12 +33,17 @@ async fn three_clients_improve_the_global_model_over_quic_mtls() {
             ("rounds", "3"),
             ("min_clients", "3"),
             ("strategy.min_fit_clients", "3"),
+            ("strategy.fraction_evaluate", "1.0"),
         ],
     );
     let spec = cfg.spec();
     let s = start(Server::bind(cfg).unwrap());
     let clients: Vec<_> = (1..=3)
-        .map(|i| tokio::spawn(dpfl_client::run(fed.client(s.addr, i, 3, 1500))))
+        .map(|i| {
+            let mut c = fed.client(s.addr, i, 3, 1500);
+            c.val_fraction = 0.2;
+            tokio::spawn(dpfl_client::run(c))
+        })
         .collect();
     let summary = within(s.done).await.unwrap().unwrap();
     for c in clients {
@@ -48,6 +56,9 @@ async fn three_clients_improve_the_global_model_over_quic_mtls() {
     assert_eq!(m.len(), 3);
     for line in &m {
         assert_eq!(line["participants"], 3);
+        // Federated evaluation on each node's held-out 20 %, next to the central one.
+        assert_eq!(line["federated_examples"], 900);
+        assert!(line["federated_accuracy"].as_f64().unwrap() > 0.3);
         for key in [
             "round",
             "participants",
@@ -362,4 +373,290 @@ async fn central_dp_ledger_matches_the_calculator_and_training_stops_at_target_e
         // The node's own central-mode figure as of the last round it saw.
         assert!((r.epsilon.unwrap() - calc).abs() < 1e-9);
     }
+}
+
+/// What a scripted node answers to a train request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Behaviour {
+    /// A constant delta of this value (honest, predictable).
+    Constant(f32),
+    /// Never answers (a killed process as seen from the server).
+    Silent,
+    /// Drops the connection on the first request.
+    Crash,
+    /// Round 1 honest; afterwards re-sends its round-1 update.
+    Replay,
+    /// Claims a later round.
+    WrongRound,
+    /// A NaN in the delta.
+    Nan,
+    /// A delta of the wrong length.
+    Short,
+    /// More bytes than the server accepts.
+    Oversized,
+}
+
+/// A node driven by a script instead of training, with a valid certificate.
+async fn scripted_node(
+    layout: &Layout,
+    name: &str,
+    addr: std::net::SocketAddr,
+    dp: DpMode,
+    b: Behaviour,
+) -> Result<(), String> {
+    let conn = raw_connection(layout, name, addr).await;
+    let welcome = match send_hello(&conn, &hello(dp)).await? {
+        Message {
+            header: Header::Welcome(w),
+            ..
+        } => w,
+        other => return Err(format!("{name}: {:?}", other.header)),
+    };
+    let n = welcome.spec.num_params();
+    let mut first: Option<Vec<u8>> = None;
+    loop {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return Ok(());
+        };
+        let req = recv
+            .read_to_end(64 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = wire::decode(&req, 64 << 20).map_err(|e| e.to_string())?;
+        let Header::Train(t) = req.header else {
+            return Ok(()); // finish
+        };
+        let meta = |round: u64| wire::UpdateMeta {
+            round,
+            spec_hash: t.spec_hash,
+            num_examples: 10,
+            metrics: None,
+            clipped: None,
+        };
+        let bytes = match b {
+            Behaviour::Constant(v) => wire::encode(&Header::Update(meta(t.round)), &vec![v; n]),
+            Behaviour::Silent => {
+                // Hold the stream open and never answer.
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            Behaviour::Crash => {
+                conn.close(0u32.into(), b"crash");
+                return Ok(());
+            }
+            Behaviour::Replay => match &first {
+                None => {
+                    let b = wire::encode(&Header::Update(meta(t.round)), &vec![0.0; n]);
+                    first = Some(b.clone());
+                    b
+                }
+                Some(old) => old.clone(),
+            },
+            Behaviour::WrongRound => {
+                wire::encode(&Header::Update(meta(t.round + 5)), &vec![0.0; n])
+            }
+            Behaviour::Nan => {
+                let mut d = vec![0.0; n];
+                d[n / 2] = f32::NAN;
+                wire::encode(&Header::Update(meta(t.round)), &d)
+            }
+            Behaviour::Short => wire::encode(&Header::Update(meta(t.round)), &vec![0.0; n - 1]),
+            Behaviour::Oversized => vec![0u8; 300_000],
+        };
+        // The server may reset the stream once the answer exceeds its limit.
+        let _ = send.write_all(&bytes).await;
+        let _ = send.finish();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_with_thirty_percent_of_clients_killed_completes_at_quorum() {
+    init_logs();
+    let fed = Federation::new(10);
+    let cfg = fed.server_config(
+        "dropouts",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "10"),
+            ("strategy.min_fit_clients", "7"),
+            ("round_timeout_secs", "3"),
+            ("dp.mode", "\"local\""),
+            ("dp.noise_multiplier", "1.0"),
+            ("dp.sampling_rate", "1.0"),
+        ],
+    );
+    let spec = cfg.spec();
+    let init = init_params(&spec, cfg.model.init_seed);
+    let s = start(Server::bind(cfg).unwrap());
+    let mut nodes = Vec::new();
+    for i in 1..=10 {
+        let b = match i {
+            1 | 2 => Behaviour::Silent,
+            3 => Behaviour::Crash,
+            _ => Behaviour::Constant(i as f32 * 0.01),
+        };
+        let (layout, addr) = (Layout::new(fed.layout.dir()), s.addr);
+        nodes.push(tokio::spawn(async move {
+            scripted_node(&layout, &format!("node-{i}"), addr, DpMode::Local, b).await
+        }));
+    }
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 1);
+    let m = metrics(&fed.out("dropouts"));
+    assert_eq!(m[0]["participants"], 7);
+    assert_eq!(m[0]["failed"], 3);
+    // The model moved by the equal-weight mean of the 7 updates that arrived, nothing else.
+    let mean: f32 = (4..=10).map(|i| i as f32 * 0.01).sum::<f32>() / 7.0;
+    let (_, params) =
+        dpfl_ml::export::load_safetensors(&fed.out("dropouts").join("model.safetensors")).unwrap();
+    for (p, w) in params.iter().zip(&init) {
+        assert!((p - (w + mean)).abs() < 1e-5);
+    }
+    // The ledger charges exactly the nodes whose updates arrived.
+    let joined: Vec<&String> = summary.ledger.clients.keys().collect();
+    let expect: Vec<String> = (4..=10).map(|i| format!("node-{i}")).collect();
+    let mut expect_sorted: Vec<&String> = expect.iter().collect();
+    expect_sorted.sort();
+    assert_eq!(joined, expect_sorted);
+    assert!(summary
+        .ledger
+        .clients
+        .values()
+        .all(|c| c.rounds_joined == 1));
+    for n in nodes {
+        n.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_inputs_are_each_rejected_with_their_own_error_and_the_run_finishes() {
+    init_logs();
+    let fed = Federation::new(9);
+    let other = Federation::new(1);
+    // The model needs 101,800 payload bytes; 200 kB leaves room for a header, not for more.
+    let cfg = fed.server_config(
+        "hostile",
+        &[
+            ("rounds", "2"),
+            ("min_clients", "7"),
+            ("strategy.min_fit_clients", "2"),
+            ("round_timeout_secs", "20"),
+            ("max_message_bytes", "200000"),
+            ("admission.deny", "[\"node-9\"]"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    // A revoked node is refused at the hello, with its reason.
+    let revoked = raw_connection(&fed.layout, "node-9", s.addr).await;
+    match send_hello(&revoked, &hello(DpMode::None)).await {
+        Ok(Message {
+            header: Header::Refused(r),
+            ..
+        }) => {
+            assert_eq!(r.kind, wire::RefusalKind::NotAdmitted);
+            assert!(r.detail.contains("revoked"), "{r:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A certificate from another CA never gets past TLS.
+    let mut stranger = fed.client(s.addr, 1, 2, 100);
+    stranger.credentials = Credentials {
+        ca: fed.layout.ca_cert(),
+        ..Credentials::node(&other.layout, "node-1")
+    };
+    assert!(matches!(
+        within(dpfl_client::run(stranger)).await,
+        Err(NodeError::Authentication(_))
+    ));
+    let script = [
+        (3, Behaviour::Replay),
+        (4, Behaviour::WrongRound),
+        (5, Behaviour::Nan),
+        (6, Behaviour::Short),
+        (7, Behaviour::Oversized),
+    ];
+    let mut scripted = Vec::new();
+    for (i, b) in script {
+        let (layout, addr) = (Layout::new(fed.layout.dir()), s.addr);
+        scripted.push(tokio::spawn(async move {
+            scripted_node(&layout, &format!("node-{i}"), addr, DpMode::None, b).await
+        }));
+    }
+    let honest: Vec<_> = (1..=2)
+        .map(|i| tokio::spawn(dpfl_client::run(fed.client(s.addr, i, 2, 1500))))
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 2, "{:?}", summary.finish);
+    for h in honest {
+        assert_eq!(within(h).await.unwrap().unwrap().rounds_trained, 2);
+    }
+    let r = &summary.rejected;
+    for (kind, at_least) in [
+        ("replayed", 1),
+        ("wrong_round", 2),
+        ("non_finite", 2),
+        ("length", 2),
+        ("oversized", 2),
+    ] {
+        assert!(
+            r.get(kind).copied().unwrap_or(0) >= at_least,
+            "{kind}: {r:?}"
+        );
+    }
+    // Only the honest nodes' updates were used, and the model is finite and learned.
+    let m = metrics(&fed.out("hostile"));
+    assert!(m
+        .iter()
+        .all(|l| l["participants"] == 2 || l["round"] == 1 && l["participants"] == 3));
+    let acc = summary.test_accuracy.unwrap();
+    assert!(acc > 0.5, "test accuracy {acc}");
+    for h in scripted {
+        h.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn user_defined_strategy_from_examples_runs_a_federation() {
+    init_logs();
+    use custom_strategy::LossFilteredFedAvg;
+    use dpfl_server::strategy::{FitResult, Strategy};
+    // The strategy itself: the update with the worst loss is left out.
+    let mut s = LossFilteredFedAvg::new(Default::default(), Default::default(), 2);
+    let mut rng = rand::rngs::mock::StepRng::new(0, 1);
+    let plan = s.configure_fit(1, &["a".into(), "b".into(), "c".into()], &mut rng);
+    assert_eq!(plan.nodes.len(), 3);
+    for (n, loss, v) in [("a", 0.5, 1.0), ("b", 0.4, 3.0), ("c", 9.0, 100.0)] {
+        s.accumulate(
+            1,
+            FitResult {
+                node: n.into(),
+                delta: vec![v, v],
+                num_examples: 1,
+                metrics: Some(wire::TrainMetrics {
+                    loss,
+                    accuracy: 0.0,
+                    steps: 1,
+                    seconds: 0.0,
+                }),
+                clipped: None,
+            },
+        )
+        .unwrap();
+    }
+    let w = s.aggregate_fit(1, &[0.0, 0.0], &[]).unwrap().unwrap();
+    assert_eq!(w, vec![2.0, 2.0]);
+    assert_eq!(s.dropped, vec!["c".to_string()]);
+    // And end to end, through the real server and nodes.
+    let dir = tempfile::tempdir().unwrap();
+    let summary = within(custom_strategy::run_demo(dir.path(), 3))
+        .await
+        .unwrap();
+    assert_eq!(summary.rounds_completed, 3);
+    // Three short rounds on 1,000 examples a node, half the updates filtered: well above
+    // chance (0.1), not yet converged.
+    assert!(
+        summary.test_accuracy.unwrap() > 0.4,
+        "{:?}",
+        summary.test_accuracy
+    );
 }
