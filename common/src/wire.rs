@@ -260,6 +260,9 @@ pub enum DecodeError {
     /// Another protocol version.
     #[error("protocol version mismatch: expected {PROTOCOL_VERSION}, got {0}")]
     Version(u16),
+    /// The reserved prefix field is not zero (a future version, or corruption).
+    #[error("reserved prefix field is {0:#06x}, expected 0")]
+    Reserved(u16),
     /// Header larger than [`MAX_HEADER_BYTES`].
     #[error("header of {0} bytes exceeds {MAX_HEADER_BYTES}")]
     HeaderTooLarge(u32),
@@ -357,6 +360,10 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, DecodeError> {
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::Version(version));
+    }
+    let reserved = u16::from_le_bytes([bytes[6], bytes[7]]);
+    if reserved != 0 {
+        return Err(DecodeError::Reserved(reserved));
     }
     let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if header_len as usize > MAX_HEADER_BYTES {

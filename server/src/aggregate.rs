@@ -118,18 +118,34 @@ impl Accumulator {
 
     /// Folds in one update with a weight (ignored by robust rules).
     pub fn add(&mut self, delta: Vec<f32>, weight: f64) -> Result<(), AggregateError> {
+        if self.kind.is_streaming() {
+            self.add_slice(&delta, weight)
+        } else {
+            self.check_len(&delta)?;
+            self.count += 1;
+            self.buffered.push(delta);
+            Ok(())
+        }
+    }
+
+    /// As [`Accumulator::add`] without taking ownership (robust rules copy the update).
+    pub fn add_slice(&mut self, delta: &[f32], weight: f64) -> Result<(), AggregateError> {
+        if !self.kind.is_streaming() {
+            return self.add(delta.to_vec(), weight);
+        }
+        self.check_len(delta)?;
+        self.count += 1;
+        add_scaled(&mut self.sum, delta, weight as f32);
+        self.weight += weight;
+        Ok(())
+    }
+
+    fn check_len(&self, delta: &[f32]) -> Result<(), AggregateError> {
         if delta.len() != self.len {
             return Err(AggregateError::Length {
                 expected: self.len,
                 got: delta.len(),
             });
-        }
-        self.count += 1;
-        if self.kind.is_streaming() {
-            add_scaled(&mut self.sum, &delta, weight as f32);
-            self.weight += weight;
-        } else {
-            self.buffered.push(delta);
         }
         Ok(())
     }

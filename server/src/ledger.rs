@@ -137,10 +137,7 @@ impl Ledger {
     /// The epsilon after one more round like `p` with `participants` accepted updates,
     /// without recording it (for `target_epsilon` checks before a round starts).
     pub fn epsilon_if(&self, p: &RoundPrivacy, participants: usize) -> Result<f64, AccountError> {
-        let mut next = self.clone();
-        let all: Vec<NodeId> = Vec::new();
-        next.push(0, p, participants, &all)?;
-        Ok(match self.mode {
+        match self.mode {
             // Worst case for the budget: a client that joined every round so far joins again.
             DpMode::Local => {
                 let most = self
@@ -149,20 +146,26 @@ impl Ledger {
                     .map(|c| c.rounds_joined)
                     .max()
                     .unwrap_or(0);
-                local_client_epsilon(p.noise_multiplier, most + 1, self.delta)?
+                local_client_epsilon(p.noise_multiplier, most + 1, self.delta)
             }
-            _ => next.epsilon(),
-        })
+            _ => {
+                let mut steps = self.steps();
+                let next = Self::row(0, p, participants);
+                steps.push((next.sampling_rate, Self::round_multiplier(&next)));
+                Ok(Self::epsilon_of(&steps, self.delta)?.0)
+            }
+        }
     }
 
-    fn push(
-        &mut self,
-        round: u64,
-        p: &RoundPrivacy,
-        participants: usize,
-        joined: &[NodeId],
-    ) -> Result<(), AccountError> {
-        let mut row = LedgerRound {
+    fn steps(&self) -> Vec<(f64, f64)> {
+        self.rounds
+            .iter()
+            .map(|r| (r.sampling_rate, Self::round_multiplier(r)))
+            .collect()
+    }
+
+    fn row(round: u64, p: &RoundPrivacy, participants: usize) -> LedgerRound {
+        LedgerRound {
             round,
             mode: p.mode,
             sampling_rate: p.sampling_rate,
@@ -172,12 +175,18 @@ impl Ledger {
             population: p.population,
             epsilon: 0.0,
             method: Method::Rdp,
-        };
-        let mut steps: Vec<(f64, f64)> = self
-            .rounds
-            .iter()
-            .map(|r| (r.sampling_rate, Self::round_multiplier(r)))
-            .collect();
+        }
+    }
+
+    fn push(
+        &mut self,
+        round: u64,
+        p: &RoundPrivacy,
+        participants: usize,
+        joined: &[NodeId],
+    ) -> Result<(), AccountError> {
+        let mut row = Self::row(round, p, participants);
+        let mut steps = self.steps();
         steps.push((row.sampling_rate, Self::round_multiplier(&row)));
         let (eps, method) = Self::epsilon_of(&steps, self.delta)?;
         row.epsilon = eps;
@@ -194,9 +203,19 @@ impl Ledger {
         let central = self.epsilon();
         let delta = self.delta;
         let mode = self.mode;
+        // One accountant call per distinct participation count, not per client: a
+        // population of thousands shares a few dozen counts.
+        let mut by_count: BTreeMap<u64, f64> = BTreeMap::new();
         for c in self.clients.values_mut() {
             c.epsilon = match (mode, z) {
-                (DpMode::Local, Some(z)) => local_client_epsilon(z, c.rounds_joined, delta)?,
+                (DpMode::Local, Some(z)) => match by_count.get(&c.rounds_joined) {
+                    Some(e) => *e,
+                    None => {
+                        let e = local_client_epsilon(z, c.rounds_joined, delta)?;
+                        by_count.insert(c.rounds_joined, e);
+                        e
+                    }
+                },
                 _ => central,
             };
         }

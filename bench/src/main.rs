@@ -1,0 +1,634 @@
+//! `dpfl-bench`: one table of every stage of a round, each figure next to the limit it is
+//! compared with, measured in the same run; also written as JSON.
+//!
+//! Stages: codec (encode/decode vs a plain copy), aggregation (streaming fold of K updates
+//! vs a copy, with peak heap), noise per sampler and clipping, QUIC/mTLS transfer of one
+//! update vs TCP on loopback, local training with tch vs PyTorch (same loop, threads,
+//! batch and data; PyTorch figure from `bench/torch_baseline.py`), and one whole round of
+//! the main job (real processes) with its framework overhead and peak memory.
+//!
+//! Timings are medians of repeated runs.
+
+use dpfl_common::dp::{clip_in_place, GaussianNoise, OpenDpGaussian, SimulationGaussian};
+use dpfl_common::wire::{self, Header, TrainMetrics, UpdateMeta};
+use dpfl_server::aggregate::{Accumulator, AggregatorKind};
+use serde::Serialize;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Counts heap bytes in use and the peak since the last reset.
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn reset_peak() -> usize {
+    let now = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
+
+fn peak_since(base: usize) -> usize {
+    PEAK.load(Ordering::Relaxed).saturating_sub(base)
+}
+
+#[derive(Serialize)]
+struct Row {
+    stage: String,
+    value: f64,
+    unit: String,
+    baseline: Option<f64>,
+    baseline_name: String,
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Table {
+    rows: Vec<Row>,
+}
+
+impl Table {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        stage: &str,
+        value: f64,
+        unit: &str,
+        baseline: Option<(f64, &str)>,
+        target: &str,
+        met: Option<bool>,
+    ) {
+        let ratio = baseline.map(|(b, _)| value / b);
+        println!(
+            "{:<48} {:>12} {:<10} {:>12} {:<22} {:>7} {:<26} {}",
+            stage,
+            fmt(value),
+            unit,
+            baseline.map_or("-".into(), |b| fmt(b.0)),
+            baseline.map_or("", |b| b.1),
+            ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            target,
+            match met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "",
+            }
+        );
+        self.rows.push(Row {
+            stage: stage.into(),
+            value,
+            unit: unit.into(),
+            baseline: baseline.map(|b| b.0),
+            baseline_name: baseline.map_or(String::new(), |b| b.1.into()),
+            ratio,
+            target: target.into(),
+            met,
+        });
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 1e6 {
+        format!("{:.3e}", v)
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Median seconds of `reps` runs of `f` (after one warm-up).
+fn median(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn gbs(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+fn update_header(round: u64) -> Header {
+    Header::Update(UpdateMeta {
+        round,
+        spec_hash: [0; 32],
+        num_examples: 600,
+        metrics: Some(TrainMetrics {
+            loss: 0.5,
+            accuracy: 0.8,
+            steps: 19,
+            seconds: 1.0,
+        }),
+        clipped: Some(false),
+    })
+}
+
+fn random_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    SimulationGaussian::seeded(seed)
+        .add_noise(&mut v, 0.01)
+        .expect("valid scale");
+    v
+}
+
+fn bench_codec(t: &mut Table) {
+    for (name, n) in [
+        ("0.2M", 200_000usize),
+        ("1M", 1_000_000),
+        ("10M", 10_000_000),
+    ] {
+        let payload = random_vec(n, 1);
+        let h = update_header(1);
+        let reps = if n >= 10_000_000 { 7 } else { 25 };
+        let bytes_len = std::mem::size_of_val(payload.as_slice());
+        let copy = median(reps, || {
+            std::hint::black_box(payload.to_vec());
+        });
+        let enc = median(reps, || {
+            std::hint::black_box(wire::encode(&h, &payload));
+        });
+        let bytes = wire::encode(&h, &payload);
+        let dec = median(reps, || {
+            std::hint::black_box(wire::decode(&bytes, usize::MAX).expect("valid"));
+        });
+        let base = gbs(bytes_len, copy);
+        let (e, d) = (gbs(bytes_len, enc), gbs(bytes_len, dec));
+        t.push(
+            &format!("codec encode {name} params"),
+            e,
+            "GB/s",
+            Some((base, "copy to new Vec")),
+            ">= 2 GB/s",
+            Some(e >= 2.0),
+        );
+        t.push(
+            &format!("codec decode {name} params"),
+            d,
+            "GB/s",
+            Some((base, "copy to new Vec")),
+            ">= 2 GB/s",
+            Some(d >= 2.0),
+        );
+    }
+}
+
+fn bench_aggregation(t: &mut Table) {
+    let p = 199_210usize;
+    let pool: Vec<Vec<f32>> = (0..10).map(|i| random_vec(p, 10 + i)).collect();
+    let mut dst = vec![0f32; p];
+    let copy = median(9, || {
+        for u in &pool {
+            dst.copy_from_slice(u);
+        }
+        std::hint::black_box(&dst);
+    }) / 10.0;
+    let base = gbs(p * 4, copy);
+    for k in [10usize, 100, 1000] {
+        let base_heap = reset_peak();
+        let secs = median(5, || {
+            let mut acc = Accumulator::new(AggregatorKind::Mean, p);
+            for i in 0..k {
+                acc.add_slice(&pool[i % pool.len()], 1.0).expect("length");
+            }
+            std::hint::black_box(acc.finish().expect("non-empty"));
+        });
+        let peak = peak_since(base_heap);
+        let rate = gbs(k * p * 4, secs);
+        t.push(
+            &format!("aggregate K={k} (fold into running sum)"),
+            rate,
+            "GB/s",
+            Some((base, "copy (same bytes)")),
+            ">= 2.5 GB/s per core",
+            Some(rate >= 2.5),
+        );
+        t.push(
+            &format!("aggregate K={k} peak heap"),
+            peak as f64 / 1e6,
+            "MB",
+            Some(((k * p * 4) as f64 / 1e6, "all K updates")),
+            "O(params), not O(K x params)",
+            Some(peak <= 2 * p * 4 + 4096),
+        );
+    }
+    // The server's real path: decode each message, fold, drop it.
+    let msgs: Vec<Vec<u8>> = pool
+        .iter()
+        .map(|u| wire::encode(&update_header(1), u))
+        .collect();
+    let base_heap = reset_peak();
+    let secs = median(3, || {
+        let mut acc = Accumulator::new(AggregatorKind::Mean, p);
+        for i in 0..1000 {
+            let m = wire::decode(&msgs[i % msgs.len()], usize::MAX).expect("valid");
+            acc.add(m.payload, 1.0).expect("length");
+        }
+        std::hint::black_box(acc.finish().expect("non-empty"));
+    });
+    let peak = peak_since(base_heap);
+    t.push(
+        "decode+fold K=1000 messages",
+        gbs(1000 * p * 4, secs),
+        "GB/s",
+        Some((base, "copy (same bytes)")),
+        "",
+        None,
+    );
+    t.push(
+        "decode+fold K=1000 peak heap",
+        peak as f64 / 1e6,
+        "MB",
+        Some(((1000 * p * 4) as f64 / 1e6, "all K updates")),
+        "O(params)",
+        Some(peak < 4 * p * 4 + 4096),
+    );
+}
+
+fn bench_noise(t: &mut Table) {
+    let p = 199_210usize;
+    let mut v = vec![0f32; p];
+    let secs = median(3, || {
+        OpenDpGaussian::with_threads(1)
+            .add_noise(&mut v, 1.0)
+            .expect("ok")
+    });
+    t.push(
+        "noise opendp, 1 thread (199,210 coords)",
+        p as f64 / secs,
+        "coords/s",
+        None,
+        "",
+        None,
+    );
+    t.push(
+        "noise opendp, one update, 1 thread",
+        secs,
+        "s",
+        None,
+        "",
+        None,
+    );
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let secs = median(3, || {
+        OpenDpGaussian::with_threads(threads)
+            .add_noise(&mut v, 1.0)
+            .expect("ok")
+    });
+    t.push(
+        &format!("noise opendp, one update, {threads} threads"),
+        secs,
+        "s",
+        None,
+        "",
+        None,
+    );
+    let mut sim = SimulationGaussian::seeded(1);
+    let secs = median(9, || sim.add_noise(&mut v, 1.0).expect("ok"));
+    let rate = p as f64 / secs;
+    t.push(
+        "noise simulation sampler (NOT fp-safe)",
+        rate,
+        "coords/s",
+        None,
+        ">= 2e7/core, fp-safe",
+        Some(false),
+    );
+    let base = v.clone();
+    let secs = median(25, || {
+        v.copy_from_slice(&base);
+        clip_in_place(&mut v, 1e-3);
+    });
+    t.push(
+        "clip to L2 bound (199,210 coords, incl. reset)",
+        gbs(p * 4, secs),
+        "GB/s",
+        None,
+        "",
+        None,
+    );
+}
+
+async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir()?;
+    dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 1, false)?;
+    let layout = dpfl_certs::Layout::new(dir.path());
+    let idle = Duration::from_secs(30);
+    let server = dpfl_certs::quic::server_endpoint(
+        &dpfl_certs::Credentials::server(&layout),
+        wire::ALPN,
+        "127.0.0.1:0".parse()?,
+        idle,
+    )?;
+    let addr = server.local_addr()?;
+    let srv = tokio::spawn(async move {
+        let conn = server
+            .accept()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("endpoint closed"))?
+            .await?;
+        while let Ok((mut s, mut r)) = conn.accept_bi().await {
+            let b = r.read_to_end(1 << 30).await?;
+            s.write_all(&[b.len() as u8]).await?;
+            s.finish()?;
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let client = dpfl_certs::quic::client_endpoint(
+        &dpfl_certs::Credentials::node(&layout, "node-1"),
+        wire::ALPN,
+        idle,
+    )?;
+    let conn = client.connect(addr, "localhost")?.await?;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let taddr = tcp.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            let mut b = Vec::new();
+            if s.read_to_end(&mut b).await.is_ok() {
+                let _ = s.write_all(&[b.len() as u8]).await;
+            }
+        }
+    });
+    for (name, n) in [("199,210", 199_210usize), ("1M", 1_000_000)] {
+        let bytes = wire::encode(&update_header(1), &random_vec(n, 3));
+        let mut times = Vec::new();
+        for _ in 0..15 {
+            let s = Instant::now();
+            let (mut tx, mut rx) = conn.open_bi().await?;
+            tx.write_all(&bytes).await?;
+            tx.finish()?;
+            rx.read_to_end(16).await?;
+            times.push(s.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let q = gbs(bytes.len(), times[times.len() / 2]);
+        let mut ttimes = Vec::new();
+        for _ in 0..15 {
+            let s = Instant::now();
+            let mut c = tokio::net::TcpStream::connect(taddr).await?;
+            c.write_all(&bytes).await?;
+            c.shutdown().await?;
+            let mut ack = Vec::new();
+            c.read_to_end(&mut ack).await?;
+            ttimes.push(s.elapsed().as_secs_f64());
+        }
+        ttimes.sort_by(f64::total_cmp);
+        let tcp_rate = gbs(bytes.len(), ttimes[ttimes.len() / 2]);
+        t.push(
+            &format!("QUIC/mTLS transfer of a {name}-param update"),
+            q,
+            "GB/s",
+            Some((tcp_rate, "TCP loopback (no TLS)")),
+            "",
+            None,
+        );
+    }
+    conn.close(0u32.into(), b"done");
+    srv.abort();
+    Ok(())
+}
+
+fn bench_training(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
+    let spec = dpfl_common::ModelSpec::default();
+    let data = dpfl_ml::DataSource::FashionMnistTrain.load()?.take(6000);
+    let cfg = dpfl_common::TrainConfig::default(); // E=1, B=32, SGD lr 0.05
+    let init = dpfl_common::model::init_params(&spec, 0);
+    for threads in [1usize, 2] {
+        dpfl_ml::model::set_threads(threads);
+        let dd = dpfl_ml::DeviceData::new(&data, &spec, tch::Device::Cpu)?;
+        let mut mlp = dpfl_ml::Mlp::new(&spec, tch::Device::Cpu)?;
+        let secs = median(5, || {
+            mlp.train(&dd, &cfg, &init).expect("training");
+        });
+        let ours = 6000.0 / secs;
+        let py = torch_baseline(root, threads);
+        let met = py.map(|p| ours >= 0.9 * p);
+        t.push(
+            &format!("local training tch, {threads} thread(s)"),
+            ours,
+            "samples/s",
+            py.map(|p| (p, "PyTorch, same loop")),
+            ">= 0.9x PyTorch",
+            met,
+        );
+    }
+    dpfl_ml::model::set_threads(1);
+    Ok(())
+}
+
+fn torch_baseline(root: &std::path::Path, threads: usize) -> Option<f64> {
+    let py = root.join(".venv/bin/python");
+    let out = std::process::Command::new(py)
+        .arg(root.join("bench/torch_baseline.py"))
+        .args(["--threads", &threads.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last()?).ok()?;
+    v["samples_per_sec"].as_f64()
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs the main job with the real binaries and reads its per-round timings.
+fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
+    let bin = root.join("target/release");
+    let certs = root.join("certs-dev");
+    if !certs.join("ca.pem").exists() {
+        std::process::Command::new(bin.join("dpfl-certs"))
+            .args(["init", "--out"])
+            .arg(&certs)
+            .args(["--nodes", "10"])
+            .status()?;
+    }
+    let out = tempfile::tempdir()?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = std::process::Command::new(bin.join("dpfl-server"))
+        .arg("--config")
+        .arg(root.join("configs/main-job.toml"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--certs"])
+        .arg(&certs)
+        .arg("--out")
+        .arg(out.path())
+        .arg("--fresh")
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut clients = Vec::new();
+    for i in 1..=10 {
+        clients.push(
+            std::process::Command::new(bin.join("dpfl-client"))
+                .args(["--server", &format!("127.0.0.1:{port}"), "--certs"])
+                .arg(&certs)
+                .args([
+                    "--name",
+                    &format!("node-{i}"),
+                    "--shard",
+                    &format!("{i}/10"),
+                    "--threads",
+                    "1",
+                ])
+                .arg("--log-file")
+                .arg(out.path().join(format!("node-{i}.jsonl")))
+                .stderr(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()?,
+        );
+    }
+    let (mut server_peak, mut client_peak) = (0u64, 0u64);
+    let started = Instant::now();
+    loop {
+        server_peak = server_peak.max(vm_hwm_kib(server.id()).unwrap_or(0));
+        client_peak = client_peak.max(vm_hwm_kib(clients[0].id()).unwrap_or(0));
+        if server.try_wait()?.is_some() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "main job did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in &mut clients {
+        c.wait()?;
+    }
+    let metrics = std::fs::read_to_string(out.path().join("metrics.jsonl"))?;
+    let rounds: Vec<serde_json::Value> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let mut round_secs: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r["seconds"].as_f64())
+        .collect();
+    // Longest local training of each round (wall clock, as the clients measured it).
+    let mut train: std::collections::BTreeMap<u64, f64> = Default::default();
+    for i in 1..=10 {
+        let s = std::fs::read_to_string(out.path().join(format!("node-{i}.jsonl")))?;
+        for l in s.lines() {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            let (r, ts) = (
+                v["round"].as_u64().unwrap_or(0),
+                v["train_seconds"].as_f64().unwrap_or(0.0),
+            );
+            let e = train.entry(r).or_default();
+            *e = e.max(ts);
+        }
+    }
+    let overheads: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| Some(1.0 - train.get(&r["round"].as_u64()?)? / r["seconds"].as_f64()?))
+        .collect();
+    round_secs.sort_by(f64::total_cmp);
+    let mut ov = overheads.clone();
+    ov.sort_by(f64::total_cmp);
+    let med_round = round_secs[round_secs.len() / 2];
+    let med_ov = ov[ov.len() / 2];
+    let acc = rounds
+        .last()
+        .and_then(|r| r["test_accuracy"].as_f64())
+        .unwrap_or(0.0);
+    t.push(
+        "main job round (10 clients, 2 cores)",
+        med_round,
+        "s",
+        Some((2.0, "Flower 1.42 (issue)")),
+        "<= 0.5x Flower",
+        Some(med_round <= 1.0),
+    );
+    t.push(
+        "main job framework overhead share",
+        med_ov * 100.0,
+        "% of round",
+        None,
+        "<= 10 %",
+        Some(med_ov <= 0.10),
+    );
+    t.push(
+        "main job accuracy after 10 rounds",
+        acc,
+        "",
+        Some((0.8375, "Flower 1.42 (issue)")),
+        ">= Flower",
+        Some(acc >= 0.8375),
+    );
+    t.push(
+        "main job peak memory, server",
+        server_peak as f64 / 1024.0,
+        "MiB",
+        None,
+        "",
+        None,
+    );
+    t.push(
+        "main job peak memory, one client",
+        client_peak as f64 / 1024.0,
+        "MiB",
+        Some((4800.0 / 11.0, "Flower avg per process")),
+        "",
+        None,
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = PathBuf::from(std::env::var("DPFL_ROOT").unwrap_or_else(|_| ".".into()));
+    let out = root.join("results/bench.json");
+    println!(
+        "{:<48} {:>12} {:<10} {:>12} {:<22} {:>7} {:<26}",
+        "stage", "value", "unit", "baseline", "", "ratio", "target"
+    );
+    let mut t = Table::default();
+    bench_codec(&mut t);
+    bench_aggregation(&mut t);
+    bench_noise(&mut t);
+    tokio::runtime::Runtime::new()?.block_on(quic_and_tcp(&mut t))?;
+    bench_training(&mut t, &root)?;
+    if std::env::args().any(|a| a == "--skip-main-job") {
+        println!("(main job skipped)");
+    } else {
+        bench_main_job(&mut t, &root)?;
+    }
+    std::fs::create_dir_all(root.join("results"))?;
+    std::fs::write(&out, serde_json::to_string_pretty(&t.rows)?)?;
+    println!("written to {}", out.display());
+    Ok(())
+}
