@@ -359,7 +359,17 @@ impl Server {
         let mut finished = false;
         while !finished {
             // Act on everything the coordinator wants first.
-            while let Some(action) = self.coordinator.poll_action() {
+            // Requests go out before the bookkeeping of the round that just closed
+            // (centralised evaluation, metrics, checkpoint), so that work overlaps the
+            // clients' training instead of delaying the next round.
+            let mut actions: Vec<Action> =
+                std::iter::from_fn(|| self.coordinator.poll_action()).collect();
+            actions.sort_by_key(|a| match a {
+                Action::Train { .. } | Action::Evaluate { .. } | Action::RoundRetried { .. } => 0,
+                Action::RoundCompleted(_) => 1,
+                Action::Finish { .. } => 2,
+            });
+            for action in actions {
                 match action {
                     Action::Train {
                         round,
