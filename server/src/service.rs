@@ -357,6 +357,10 @@ impl Server {
         );
         tokio::pin!(shutdown);
         let mut finished = false;
+        // When each round's first requests went out: a round's `seconds` runs from there to
+        // the moment its aggregate is ready (central noise included), whatever the
+        // coordinator's event timestamps say.
+        let mut sent_at: HashMap<u64, Instant> = HashMap::new();
         while !finished {
             // Act on everything the coordinator wants first.
             // Requests go out before the bookkeeping of the round that just closed
@@ -377,6 +381,7 @@ impl Server {
                         request,
                         params,
                     } => {
+                        sent_at.entry(round).or_insert_with(Instant::now);
                         let bytes = Arc::new(wire::encode(&Header::Train(request), &params));
                         let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
                         for n in nodes {
@@ -428,7 +433,8 @@ impl Server {
                         for (k, v) in &report.rejected {
                             *summary.rejected.entry(k.to_string()).or_default() += v;
                         }
-                        self.complete_round(*report, &mut metrics, &mut summary)
+                        let started = sent_at.remove(&report.round);
+                        self.complete_round(*report, started, &mut metrics, &mut summary)
                             .await?;
                     }
                     Action::Finish {
@@ -601,9 +607,18 @@ impl Server {
     async fn complete_round(
         &mut self,
         r: RoundReport,
+        sent_at: Option<Instant>,
         metrics: &mut std::fs::File,
         summary: &mut RunSummary,
     ) -> Result<(), ServerError> {
+        let seconds = sent_at.map_or_else(
+            || {
+                r.finished
+                    .saturating_duration_since(r.started)
+                    .as_secs_f64()
+            },
+            |t| t.elapsed().as_secs_f64(),
+        );
         let test = match &self.evaluator {
             Some(ev) if r.model_updated || summary.test_accuracy.is_none() => {
                 ev.evaluate(r.global.clone()).await
@@ -616,10 +631,6 @@ impl Server {
             summary.test_loss = Some(loss);
         }
         summary.rounds_completed = r.round;
-        let seconds = r
-            .finished
-            .saturating_duration_since(r.started)
-            .as_secs_f64();
         let p = r.privacy;
         let line = MetricsLine {
             round: r.round,
