@@ -108,3 +108,40 @@ min_fit_clients = 3
     );
     assert!((a - b).abs() < 0.01, "{a} vs {b}");
 }
+
+#[test]
+fn poisoned_updates_break_fedavg_but_not_the_robust_rules() {
+    let text = r#"
+name = "robust"
+rounds = 5
+seed = 2
+test_limit = 1000
+threads = 2
+[model]
+layers = [784, 32, 10]
+[population]
+clients = 10
+examples_per_client = 400
+attack = { fraction = 0.2, kind = "sign_flip", factor = 4.0 }
+[train]
+batch_size = 20
+lr = 0.1
+[sweep]
+"strategy.aggregator" = [{ kind = "mean" }, { kind = "median" }, { kind = "trimmed_mean", beta = 0.25 }, { kind = "multi_krum", f = 2, m = 5 }]
+"#;
+    let out = tempfile::tempdir().unwrap();
+    let (_, finished) =
+        dpfl_sim::run_experiment(expand(text, &[]).unwrap(), out.path(), &mut |_, _, _| {})
+            .unwrap();
+    let acc: Vec<f64> = finished
+        .iter()
+        .map(|f| f.result.final_accuracy().unwrap())
+        .collect();
+    let (mean, robust) = (acc[0], &acc[1..]);
+    for r in robust {
+        assert!(
+            *r > 0.6 && *r > mean + 0.2,
+            "robust {r} vs mean {mean}: {acc:?}"
+        );
+    }
+}
