@@ -56,6 +56,8 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// Per-round JSON lines of the node's own record.
     pub log_file: Option<PathBuf>,
+    /// Noise sampler for local mode.
+    pub sampler: NoiseSampler,
 }
 
 impl ClientConfig {
@@ -78,6 +80,7 @@ impl ClientConfig {
             give_up_after: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),
             log_file: None,
+            sampler: NoiseSampler::Opendp,
         }
     }
 }
@@ -102,9 +105,37 @@ pub fn prepare_data(cfg: &ClientConfig) -> Result<(dpfl_ml::Dataset, dpfl_ml::Da
     Ok(data.split_validation(cfg.val_fraction, cfg.shard_seed ^ 0x5eed))
 }
 
+/// Which noise sampler a node uses in local mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoiseSampler {
+    /// opendp's exact sampler (default).
+    #[default]
+    Opendp,
+    /// The grid discrete Gaussian (`GridGaussian`): floating-point safe, ~1000x faster,
+    /// statistical distance per coordinate below 5e-14 (see its docs).
+    Grid,
+}
+
+impl std::str::FromStr for NoiseSampler {
+    type Err = NodeError;
+    fn from_str(s: &str) -> Result<Self, NodeError> {
+        match s {
+            "opendp" => Ok(Self::Opendp),
+            "grid" => Ok(Self::Grid),
+            other => Err(NodeError::Setup(format!(
+                "unknown sampler {other:?}: use opendp or grid"
+            ))),
+        }
+    }
+}
+
 /// Loads the data, starts the training worker and runs the node until training ends.
 pub async fn run(cfg: ClientConfig) -> Result<NodeSummary, NodeError> {
-    run_with_noise(cfg, Box::new(OpenDpGaussian::with_threads(1))).await
+    let noise: Box<dyn GaussianNoise> = match cfg.sampler {
+        NoiseSampler::Opendp => Box::new(OpenDpGaussian::with_threads(1)),
+        NoiseSampler::Grid => Box::new(dpfl_common::dp::GridGaussian::default()),
+    };
+    run_with_noise(cfg, noise).await
 }
 
 /// As [`run`] with a given noise source (tests; nodes use opendp).

@@ -120,6 +120,9 @@ pub struct ServerConfig {
     pub admission: AdmissionConfig,
     /// Threads for centralised evaluation (libtorch intra-op).
     pub eval_threads: usize,
+    /// Central-mode noise sampler: `opendp` (exact, default) or `grid` (floating-point-safe
+    /// discrete Gaussian on a power-of-two grid, ~1000x faster; see `GridGaussian`).
+    pub noise_sampler: String,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +148,7 @@ impl Default for ServerConfig {
             dp: DpParams::default(),
             admission: AdmissionConfig::default(),
             eval_threads: 1,
+            noise_sampler: "opendp".into(),
         }
     }
 }
@@ -255,6 +259,12 @@ impl ServerConfig {
             return bad("train.lr_decay must be in (0, 1]".into());
         }
         self.dp.validate().map_err(ConfigError::Invalid)?;
+        if !matches!(self.noise_sampler.as_str(), "opendp" | "grid") {
+            return bad(format!(
+                "noise_sampler must be opendp or grid, got {:?}",
+                self.noise_sampler
+            ));
+        }
         self.strategy
             .aggregator
             .validate()

@@ -210,7 +210,11 @@ fn io_err(e: impl std::fmt::Display) -> ServerError {
 impl Server {
     /// Validates the configuration, loads test data and any checkpoint, and binds.
     pub fn bind(cfg: ServerConfig) -> Result<Self, ServerError> {
-        Self::bind_with_noise(cfg, Box::new(OpenDpGaussian::default()))
+        let noise: Box<dyn GaussianNoise> = match cfg.noise_sampler.as_str() {
+            "grid" => Box::new(dpfl_common::dp::GridGaussian::default()),
+            _ => Box::new(OpenDpGaussian::default()),
+        };
+        Self::bind_with_noise(cfg, noise)
     }
 
     /// As [`Server::bind`] with a given noise source (tests; deployments use opendp).

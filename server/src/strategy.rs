@@ -732,7 +732,7 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let mut sum = self.sum.take().unwrap_or_else(|| vec![0.0; self.len]);
         // Noise is released even when nobody answered: the mechanism (and the accountant)
         // covers every sampled round, and skipping it would reveal the empty sample.
-        self.noise.add_noise(&mut sum, z_update * self.clip)?;
+        self.noise.add_calibrated(&mut sum, z_update, self.clip)?;
         let inv = (1.0 / expected) as f32;
         sum.iter_mut().for_each(|v| *v *= inv);
         let clip_used = self.clip;
@@ -740,7 +740,7 @@ impl<S: Strategy> Strategy for CentralDp<S> {
             (self.participants > 0).then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
         if let (Some(a), Some(sb)) = (self.dp.adaptive_clipping, sigma_b) {
             let mut count = [self.unclipped as f32];
-            self.noise.add_noise(&mut count, sb)?;
+            self.noise.add_calibrated(&mut count, sb, 1.0)?;
             let b = count[0] as f64 / expected;
             self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
         }

@@ -55,6 +55,8 @@ pub enum Sampler {
     Simulation,
     /// opendp's exact sampler (the deployment sampler; slow for large populations).
     Opendp,
+    /// The grid discrete Gaussian: floating-point safe and fast (`GridGaussian`), seeded.
+    Grid,
 }
 
 /// The virtual population.

@@ -9,7 +9,7 @@
 
 use crate::experiment::{Sampler, SimConfig};
 use crate::run::{budget_epsilon, Population, RoundRow, RunResult, SimError};
-use dpfl_common::dp::{GaussianNoise, OpenDpGaussian, SimulationGaussian};
+use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGaussian};
 use dpfl_ml::partition::derive_seed;
 use dpfl_ml::DataSource;
 use dpfl_server::{Server, ServerConfig};
@@ -23,6 +23,7 @@ fn node_noise(sampler: Sampler, seed: u64) -> Box<dyn GaussianNoise> {
     match sampler {
         Sampler::Simulation => Box::new(SimulationGaussian::seeded(seed)),
         Sampler::Opendp => Box::new(OpenDpGaussian::with_threads(1)),
+        Sampler::Grid => Box::new(GridGaussian::seeded(seed)),
     }
 }
 

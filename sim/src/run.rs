@@ -9,7 +9,7 @@
 
 use crate::experiment::{Sampler, SimConfig, Transport};
 use dpfl_client::worker::train_and_privatize;
-use dpfl_common::dp::{GaussianNoise, OpenDpGaussian, SimulationGaussian};
+use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGaussian};
 use dpfl_common::model::{init_params, ModelSpec};
 use dpfl_ml::partition::{self, derive_seed, PartitionKind};
 use dpfl_ml::{DataSource, Dataset, DeviceData, Mlp};
@@ -164,6 +164,7 @@ fn noise(sampler: Sampler, seed: u64) -> Box<dyn GaussianNoise> {
     match sampler {
         Sampler::Simulation => Box::new(SimulationGaussian::seeded(seed)),
         Sampler::Opendp => Box::new(OpenDpGaussian::with_threads(1)),
+        Sampler::Grid => Box::new(GridGaussian::seeded(seed)),
     }
 }
 

@@ -244,6 +244,15 @@ async fn garbage_oversized_and_malformed_messages_do_not_take_the_server_down() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn local_dp_updates_on_the_wire_are_the_clipped_update_plus_noise_of_scale_zc() {
+    local_dp_on_the_wire(dpfl_client::NoiseSampler::Opendp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_dp_with_the_grid_sampler_puts_every_value_on_the_grid() {
+    local_dp_on_the_wire(dpfl_client::NoiseSampler::Grid).await;
+}
+
+async fn local_dp_on_the_wire(sampler: dpfl_client::NoiseSampler) {
     init_logs();
     let fed = Federation::new(2);
     let (z, c) = (0.5, 0.1);
@@ -267,8 +276,10 @@ async fn local_dp_updates_on_the_wire_are_the_clipped_update_plus_noise_of_scale
     let s = start(server);
     let mut node1 = fed.client(s.addr, 1, 2, 400);
     node1.dp_mode = DpMode::Local;
+    node1.sampler = sampler;
     let mut node2 = fed.client(s.addr, 2, 2, 400);
     node2.dp_mode = DpMode::Local;
+    node2.sampler = sampler;
     let (train, _) = dpfl_client::prepare_data(&node1).unwrap();
     let h1 = tokio::spawn(dpfl_client::run(node1));
     let h2 = tokio::spawn(dpfl_client::run(node2));
@@ -309,6 +320,13 @@ async fn local_dp_updates_on_the_wire_are_the_clipped_update_plus_noise_of_scale
         l2_norm(&seen.delta) > 10.0 * c,
         "the noise dominates a clipped update"
     );
+    if sampler == dpfl_client::NoiseSampler::Grid {
+        let g = dpfl_common::dp::GridGaussian::grid(z * c);
+        assert!(
+            seen.delta.iter().all(|v| (*v as f64 / g).fract() == 0.0),
+            "off-grid value"
+        );
+    }
     // Ledger: each client's spend against the server matches the calculator, and the node
     // computed the same figure on its own.
     let expect = accountant::epsilon(1.0, z / 2.0, 1, 1e-5).unwrap().0;

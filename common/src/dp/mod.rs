@@ -7,9 +7,11 @@
 //! noise source is passed in.
 
 pub mod accountant;
+pub mod grid;
 pub mod noise;
 
 use crate::config::{ClientPrivacy, DpMode};
+pub use grid::GridGaussian;
 pub use noise::{GaussianNoise, NoiseError, OpenDpGaussian, SimulationGaussian};
 
 /// L2 norm of a vector, accumulated in f64.
@@ -159,7 +161,7 @@ impl ClippedDelta {
         noise: &mut dyn GaussianNoise,
     ) -> Result<WireDelta, NoiseError> {
         let sigma = noise_multiplier * self.bound;
-        noise.add_noise(&mut self.values, sigma)?;
+        noise.add_calibrated(&mut self.values, noise_multiplier, self.bound)?;
         Ok(WireDelta {
             values: self.values,
             protection: Protection::Noised { sigma },

@@ -34,6 +34,26 @@ pub enum NoiseError {
 pub trait GaussianNoise: Send {
     /// Adds the noise in place.
     fn add_noise(&mut self, values: &mut [f32], sigma: f64) -> Result<(), NoiseError>;
+
+    /// The Gaussian mechanism for L2 sensitivity `sensitivity` and noise multiplier `z`
+    /// (privacy map rho = 1/(2 z^2)). Samplers that discretise the input (the grid
+    /// sampler) add the little extra noise that keeps that map exact; by default this is
+    /// `add_noise(values, z * sensitivity)`.
+    fn add_calibrated(
+        &mut self,
+        values: &mut [f32],
+        z: f64,
+        sensitivity: f64,
+    ) -> Result<(), NoiseError> {
+        self.add_noise(values, z * sensitivity)
+    }
+
+    /// Bound on the statistical distance between one sampled coordinate and the ideal
+    /// discrete Gaussian (0 for exact samplers).
+    fn distance_per_coordinate(&self) -> f64 {
+        0.0
+    }
+
     /// Name for logs and benchmarks.
     fn name(&self) -> &'static str;
 }
