@@ -792,10 +792,17 @@ impl Coordinator {
         }
         let privacy = if self.cfg.dp.mode.is_private() && !abandoned {
             let p = self.strategy.round_privacy();
-            if let Some(p) = &p {
-                if let Err(e) = self.ledger.record(f.round, p, &f.accepted) {
-                    tracing::error!("ledger: {e}");
+            match &p {
+                Some(p) => {
+                    if let Err(e) = self.ledger.record(f.round, p, &f.accepted) {
+                        tracing::error!("ledger: {e}");
+                    }
                 }
+                None => tracing::error!(
+                    round = f.round,
+                    "DP is on but the strategy reported no privacy record for this round; wrap \
+                     custom strategies in LocalDp or CentralDp so the ledger can account for them"
+                ),
             }
             p
         } else {
