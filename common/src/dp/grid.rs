@@ -262,7 +262,6 @@ impl GaussianNoise for GridGaussian {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dp::OpenDpGaussian;
 
     #[test]
     fn alias_table_is_exact_on_small_weights() {
@@ -310,26 +309,7 @@ mod tests {
 
     #[test]
     fn matches_opendp_in_distribution() {
-        let n = 40_000;
-        let mut a = vec![0f32; n];
-        let mut b = vec![0f32; n];
-        OpenDpGaussian::default().add_noise(&mut a, 1.0).unwrap();
-        GridGaussian::seeded(11).add_noise(&mut b, 1.0).unwrap();
-        a.sort_by(f32::total_cmp);
-        b.sort_by(f32::total_cmp);
-        let (mut i, mut j, mut d) = (0usize, 0usize, 0f64);
-        while i < n && j < n {
-            if a[i] <= b[j] {
-                i += 1;
-            } else {
-                j += 1;
-            }
-            d = d.max((i as f64 - j as f64).abs() / n as f64);
-        }
-        assert!(
-            d < 0.0138,
-            "KS distance {d} (critical 0.0138 at alpha 1e-4)"
-        );
+        crate::dp::noise::assert_matches_opendp(&mut GridGaussian::seeded(11));
     }
 
     #[test]

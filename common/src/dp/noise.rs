@@ -169,6 +169,33 @@ impl GaussianNoise for SimulationGaussian {
     }
 }
 
+/// Two-sample Kolmogorov-Smirnov check of a sampler against opendp's (40,000 draws each,
+/// unit scale; critical value at alpha = 1e-4 is ~1.95 * sqrt(2/n) = 0.0138).
+#[cfg(test)]
+pub(crate) fn assert_matches_opendp(noise: &mut dyn GaussianNoise) {
+    let n = 40_000;
+    let mut a = vec![0f32; n];
+    let mut b = vec![0f32; n];
+    OpenDpGaussian::default().add_noise(&mut a, 1.0).unwrap();
+    noise.add_noise(&mut b, 1.0).unwrap();
+    a.sort_by(f32::total_cmp);
+    b.sort_by(f32::total_cmp);
+    let (mut i, mut j, mut d) = (0usize, 0usize, 0f64);
+    while i < n && j < n {
+        if a[i] <= b[j] {
+            i += 1;
+        } else {
+            j += 1;
+        }
+        d = d.max((i as f64 - j as f64).abs() / n as f64);
+    }
+    assert!(
+        d < 0.0138,
+        "{}: KS distance {d} against opendp",
+        noise.name()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,28 +249,7 @@ mod tests {
 
     #[test]
     fn simulation_sampler_matches_opendp_distribution() {
-        // Two-sample comparison of quantiles between the fast and the exact sampler.
-        let n = 40_000;
-        let mut a = vec![0f32; n];
-        let mut b = vec![0f32; n];
-        OpenDpGaussian::default().add_noise(&mut a, 1.0).unwrap();
-        SimulationGaussian::seeded(7)
-            .add_noise(&mut b, 1.0)
-            .unwrap();
-        a.sort_by(f32::total_cmp);
-        b.sort_by(f32::total_cmp);
-        // Kolmogorov-Smirnov statistic on the two empirical CDFs.
-        let (mut i, mut j, mut d) = (0usize, 0usize, 0f64);
-        while i < n && j < n {
-            if a[i] <= b[j] {
-                i += 1;
-            } else {
-                j += 1;
-            }
-            d = d.max((i as f64 - j as f64).abs() / n as f64);
-        }
-        // Critical value at alpha = 1e-4 for two samples of 40k: ~1.95 * sqrt(2/n) = 0.0138.
-        assert!(d < 0.0138, "KS distance {d}");
+        assert_matches_opendp(&mut SimulationGaussian::seeded(7));
     }
 
     #[test]
