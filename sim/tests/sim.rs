@@ -145,3 +145,55 @@ lr = 0.1
         );
     }
 }
+
+#[test]
+fn natural_partition_gives_one_client_per_value_of_the_csv_column() {
+    // A small two-class problem with a `user` column: 4 users, uneven sizes.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("records.csv");
+    let mut csv = String::from("user,a,b,c,y\n");
+    for i in 0..400 {
+        let user = ["alice", "bob", "carol", "dave"][(i * 7 % 13) % 4];
+        let y = i % 2;
+        let s = if y == 0 { 1.0 } else { -1.0 };
+        let j = ((i as f64) * 0.37).sin() * 0.2;
+        csv.push_str(&format!("{user},{},{},{},{y}\n", s + j, -s + j, 0.5 * s));
+    }
+    std::fs::write(&path, csv).unwrap();
+    let text = format!(
+        r#"
+name = "natural"
+data = "csv:{},label=y"
+test_data = "csv:{},label=y"
+rounds = 3
+threads = 2
+[model]
+layers = [3, 8, 2]
+[population]
+partition = {{ kind = "natural", column = "user" }}
+[train]
+batch_size = 16
+lr = 0.1
+"#,
+        path.display(),
+        dir.path().join("test.csv").display()
+    );
+    // The test set is the same data without the user column.
+    let mut test = String::from("a,b,c,y\n");
+    for line in std::fs::read_to_string(&path).unwrap().lines().skip(1) {
+        test.push_str(&line.split_once(',').unwrap().1.to_string());
+        test.push('\n');
+    }
+    std::fs::write(dir.path().join("test.csv"), test).unwrap();
+    let cs = expand(&text, &[]).unwrap();
+    let pop = dpfl_sim::run::population(&cs[0].config).unwrap();
+    assert_eq!(pop.names.len(), 4, "one client per user");
+    assert_eq!(pop.parts.iter().map(Vec::len).sum::<usize>(), 400);
+    let r = dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap();
+    assert_eq!((r.clients, r.rounds), (4, 3));
+    assert!(
+        r.final_accuracy().unwrap() > 0.9,
+        "{:?}",
+        r.final_accuracy()
+    );
+}
