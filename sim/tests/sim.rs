@@ -181,7 +181,7 @@ lr = 0.1
     // The test set is the same data without the user column.
     let mut test = String::from("a,b,c,y\n");
     for line in std::fs::read_to_string(&path).unwrap().lines().skip(1) {
-        test.push_str(&line.split_once(',').unwrap().1.to_string());
+        test.push_str(line.split_once(',').unwrap().1);
         test.push('\n');
     }
     std::fs::write(dir.path().join("test.csv"), test).unwrap();
