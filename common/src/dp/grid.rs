@@ -15,15 +15,18 @@
 //! `sA = 1024`, `sB = sqrt(s^2 - sA^2) / t`. By Poisson summation the law of `K` is
 //! `D_{Z,s}` times `Sum_b rho_{s'}(b - mu_k)` with `s' = sA sB / s`, whose relative
 //! variation is at most `4 exp(-2 pi^2 s'^2)` (< 1e-60 here). `A` and `B` come from
-//! alias tables built with exact integer arithmetic over weights `round(2^62 p_k)` for
-//! `|k| <= 14 s`; the distance to the true discrete Gaussian is at most the rounding
-//! (`n 2^-62`), the f64 error of the probabilities (`4 * 2^-52`) and the cut tail
-//! (`< 1e-40`). [`GridGaussian::distance_per_coordinate`] gives the bound; the ledger adds
-//! it, times the coordinates released, to delta.
+//! alias tables built with exact integer arithmetic over weights `round(2^100 p_k)` for
+//! `|k| <= 14 s` (probabilities in double-double arithmetic, weights summing to exactly
+//! 2^100); the distance to the true discrete Gaussian is at most the rounding (`n 2^-100`),
+//! the double-double error (~1e-27) and the cut tail (`< 1e-40`): below 1e-25 per
+//! coordinate ([`GridGaussian::distance_per_coordinate`]). Over a whole run that adds at
+//! most `(1 + e^eps) T d 1e-25` to delta (4e-13 for d = 2e5, T = 1e3, eps = 10); the ledger
+//! does not add it.
 //!
 //! Randomness: ChaCha12 seeded from the operating system for every call (or from a seed in
 //! tests and simulations).
 
+use super::dd::Dd;
 use super::noise::{GaussianNoise, NoiseError};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha12Rng;
@@ -31,29 +34,32 @@ use rand_chacha::ChaCha12Rng;
 const T: i64 = 256;
 const S_A: f64 = 1024.0;
 const TAIL: f64 = 14.0;
-const WEIGHT_SCALE: f64 = (1u64 << 62) as f64;
+/// Weights are probabilities times 2^100, so rounding costs at most n 2^-101 in total.
+const WEIGHT_BITS: i32 = 100;
 
 /// An exact alias table over integer weights.
 #[derive(Debug, Clone)]
 struct Alias {
-    threshold: Vec<u64>,
+    threshold: Vec<u128>,
     alias: Vec<u32>,
-    total: u64,
+    total: u128,
     offset: i64,
 }
 
 impl Alias {
-    /// Vose's method in integer arithmetic: the sampled law equals `weights / sum` exactly.
-    fn new(weights: &[u64], offset: i64) -> Self {
+    /// Vose's method in integer arithmetic: the sampled law equals `weights / 2^100`
+    /// exactly. The weights must sum to exactly 2^100.
+    fn new(weights: &[u128], offset: i64) -> Self {
         let n = weights.len() as u128;
-        let total: u128 = weights.iter().map(|w| *w as u128).sum();
-        let mut scaled: Vec<u128> = weights.iter().map(|w| *w as u128 * n).collect();
-        let mut threshold = vec![0u64; weights.len()];
+        let total: u128 = weights.iter().sum();
+        debug_assert_eq!(total, 1u128 << WEIGHT_BITS);
+        let mut scaled: Vec<u128> = weights.iter().map(|w| w * n).collect();
+        let mut threshold = vec![0u128; weights.len()];
         let mut alias: Vec<u32> = (0..weights.len() as u32).collect();
         let (mut small, mut large): (Vec<usize>, Vec<usize>) =
             (0..weights.len()).partition(|i| scaled[*i] < total);
         while let (Some(s), Some(l)) = (small.pop(), large.pop()) {
-            threshold[s] = scaled[s] as u64;
+            threshold[s] = scaled[s];
             alias[s] = l as u32;
             scaled[l] -= total - scaled[s];
             if scaled[l] < total {
@@ -63,50 +69,62 @@ impl Alias {
             }
         }
         for i in small.into_iter().chain(large) {
-            threshold[i] = total as u64; // always itself
+            threshold[i] = total; // always itself
         }
         Self {
             threshold,
             alias,
-            total: total as u64,
+            total,
             offset,
         }
     }
 
+    /// Slot uniform, then `u < threshold` for `u` uniform on `[0, 2^100)`, comparing the
+    /// top 64 bits first and drawing the low 36 only on a tie (probability 2^-64): exact,
+    /// with one 64-bit draw in all but a vanishing fraction of samples.
     #[inline]
     fn sample(&self, rng: &mut impl RngCore) -> i64 {
-        let i = rng.gen_range(0..self.threshold.len());
-        let u = rng.gen_range(0..self.total);
-        let j = if u < self.threshold[i] {
-            i
+        let i = rng.gen_range(0..self.threshold.len() as u32) as usize;
+        let t = self.threshold[i];
+        let low_bits = WEIGHT_BITS as u32 - 64;
+        let t_hi = (t >> low_bits) as u64;
+        let hi = rng.next_u64();
+        let accept = if t == self.total {
+            true
+        } else if hi != t_hi {
+            hi < t_hi
         } else {
-            self.alias[i] as usize
+            let lo = (rng.next_u64() >> (64 - low_bits)) as u128;
+            (((hi as u128) << low_bits) | lo) < t
         };
+        let j = if accept { i } else { self.alias[i] as usize };
         j as i64 + self.offset
     }
 }
 
-/// Integer weights of a discrete Gaussian `D_{Z,s}` on `|k| <= 14 s`, and their offset.
-fn discrete_gaussian_weights(s: f64) -> (Vec<u64>, i64) {
+/// Integer weights of a discrete Gaussian `D_{Z,s}` on `|k| <= 14 s`, computed in
+/// double-double arithmetic, and their offset.
+fn discrete_gaussian_weights(s: f64) -> (Vec<u128>, i64) {
     let l = (TAIL * s).ceil() as i64;
-    let mut dens: Vec<f64> = (-l..=l)
-        .map(|k| (-((k * k) as f64) / (2.0 * s * s)).exp())
+    let two_s2 = Dd::from(s).mul(Dd::from(s)).mul_f64(2.0);
+    let dens: Vec<Dd> = (-l..=l)
+        .map(|k| Dd::from((k * k) as f64).div(two_s2).neg().exp())
         .collect();
-    // Kahan sum for the normaliser.
-    let (mut z, mut c) = (0f64, 0f64);
-    for d in &dens {
-        let y = d - c;
-        let t = z + y;
-        c = (t - z) - y;
-        z = t;
-    }
-    for d in &mut dens {
-        *d /= z;
-    }
-    let weights: Vec<u64> = dens
+    let z = dens.iter().fold(Dd::ZERO, |a, d| a.add(*d));
+    let mut weights: Vec<u128> = dens
         .iter()
-        .map(|p| (p * WEIGHT_SCALE).round() as u64)
+        .map(|d| d.div(z).ldexp(WEIGHT_BITS).to_u128())
         .collect();
+    // Make the weights sum to exactly 2^100 by moving the rounding residual (at most n/2
+    // units of 2^-100) onto the mode.
+    let sum: u128 = weights.iter().sum();
+    let target = 1u128 << WEIGHT_BITS;
+    let mode = l as usize;
+    if sum > target {
+        weights[mode] -= sum - target;
+    } else {
+        weights[mode] += target - sum;
+    }
     (weights, -l)
 }
 
@@ -158,13 +176,15 @@ impl GridGaussian {
         let s_prime = S_A * s_b / s;
         let conv = 4.0 * (-2.0 * std::f64::consts::PI.powi(2) * s_prime * s_prime).exp();
         let entries = 2.0 * TAIL * (S_A + s_b) + 2.0;
-        let table = 2.0 * (entries * 2f64.powi(-62) + 4.0 * f64::EPSILON);
+        // Per table: rounding plus the residual moved onto the mode (n 2^-100 in all) and
+        // double-double probabilities (~1e-27 relative).
+        let table = 2.0 * (entries * 2f64.powi(-WEIGHT_BITS) + 1e-27);
         let tail = 2.0 * (-TAIL * TAIL / 2.0).exp();
         conv + table + tail
     }
 
     /// Largest per-coordinate distance this sampler can have (any scale it builds).
-    pub const MAX_DISTANCE_PER_COORDINATE: f64 = 5e-14;
+    pub const MAX_DISTANCE_PER_COORDINATE: f64 = 1e-25;
 
     fn tables(&mut self, s: f64, g: f64) -> &Tables {
         let key = (s.to_bits(), g.to_bits());
@@ -265,12 +285,14 @@ mod tests {
 
     #[test]
     fn alias_table_is_exact_on_small_weights() {
-        let w = [1u64, 2, 3, 10, 0, 4];
+        // Weights summing to 2^100 (as the tables do).
+        let unit = 1u128 << (WEIGHT_BITS - 5); // 2^100 / 32
+        let w = [unit, 2 * unit, 3 * unit, 10 * unit, 0, 16 * unit];
         let a = Alias::new(&w, -2);
         // Enumerate all (slot, u) pairs exactly: each value's mass must equal its weight.
-        let total: u64 = w.iter().sum();
-        let n = w.len() as u64;
-        let mut mass = vec![0u64; w.len()];
+        let total: u128 = w.iter().sum();
+        let n = w.len() as u128;
+        let mut mass = vec![0u128; w.len()];
         for i in 0..w.len() {
             mass[i] += a.threshold[i];
             mass[a.alias[i] as usize] += total - a.threshold[i];

@@ -7,6 +7,7 @@
 //! noise source is passed in.
 
 pub mod accountant;
+mod dd;
 pub mod grid;
 pub mod noise;
 
