@@ -6,16 +6,19 @@
 #   scripts/run-main-job.sh                      # FedAvg, no DP
 #   scripts/run-main-job.sh --dp central         # same federation with central DP
 #   scripts/run-main-job.sh --dp local           # local DP (noise added on each node)
+#   scripts/run-main-job.sh --dp local --sampler grid   # fast fp-safe sampler instead of opendp
 #   scripts/run-main-job.sh --set KEY=VALUE ...  # any server config override
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DP=none
+SAMPLER=opendp
 EXTRA=()
 while (($#)); do
   case "$1" in
     --dp) DP="$2"; shift 2 ;;
+    --sampler) SAMPLER="$2"; shift 2 ;;
     --set) EXTRA+=(--set "$2"); shift 2 ;;
-    *) echo "usage: $0 [--dp none|central|local] [--set KEY=VALUE]..." >&2; exit 2 ;;
+    *) echo "usage: $0 [--dp none|central|local] [--sampler opendp|grid] [--set KEY=VALUE]..." >&2; exit 2 ;;
   esac
 done
 bash scripts/setup.sh
@@ -39,11 +42,11 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 "$BIN/dpfl-server" --config configs/main-job.toml --listen "127.0.0.1:$PORT" --out "$OUT" --fresh \
-  "${DPARGS[@]}" "${EXTRA[@]}" 2> >(tee "$OUT/server.log" | grep --line-buffered -E "round [0-9]+/|finished|error|ERROR|privacy|  node" >&2) &
+  --set "noise_sampler=\"$SAMPLER\"" "${DPARGS[@]}" "${EXTRA[@]}" 2> >(tee "$OUT/server.log" | grep --line-buffered -E "round [0-9]+/|finished|error|ERROR|privacy|  node" >&2) &
 server=$!
 for i in $(seq 1 $NODES); do
   "$BIN/dpfl-client" --server "127.0.0.1:$PORT" --certs certs-dev --name "node-$i" \
-    --data fashion-mnist --shard "$i/$NODES" --dp-mode "$DP" --threads 1 \
+    --data fashion-mnist --shard "$i/$NODES" --dp-mode "$DP" --sampler "$SAMPLER" --threads 1 \
     --log-file "$OUT/node-$i.jsonl" >"$OUT/node-$i.log" 2>&1 &
   pids+=($!)
 done
