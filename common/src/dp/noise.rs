@@ -170,7 +170,9 @@ impl GaussianNoise for SimulationGaussian {
 }
 
 /// Two-sample Kolmogorov-Smirnov check of a sampler against opendp's (40,000 draws each,
-/// unit scale; critical value at alpha = 1e-4 is ~1.95 * sqrt(2/n) = 0.0138).
+/// unit scale). Critical value at alpha = 1e-6 (opendp's draws are not seeded, so a false
+/// alarm must be negligible): sqrt(ln(2/alpha)/2) * sqrt(2/n) = 0.0186. (A scale off by 10 %
+/// has a distance of 0.023; the scale itself is checked to 3 % by the moment tests.)
 #[cfg(test)]
 pub(crate) fn assert_matches_opendp(noise: &mut dyn GaussianNoise) {
     let n = 40_000;
@@ -190,7 +192,7 @@ pub(crate) fn assert_matches_opendp(noise: &mut dyn GaussianNoise) {
         d = d.max((i as f64 - j as f64).abs() / n as f64);
     }
     assert!(
-        d < 0.0138,
+        d < 0.0186,
         "{}: KS distance {d} against opendp",
         noise.name()
     );
