@@ -7,9 +7,9 @@
 //! non-determinism: updates are folded into the running sum in arrival order, and f32
 //! addition is not associative, so the last bits can differ.
 
-use crate::experiment::{Sampler, SimConfig};
+use crate::experiment::SimConfig;
 use crate::run::{budget_epsilon, Population, RoundRow, RunResult, SimError};
-use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGaussian};
+use dpfl_common::dp::GaussianNoise;
 use dpfl_ml::partition::derive_seed;
 use dpfl_ml::DataSource;
 use dpfl_server::{Server, ServerConfig};
@@ -18,14 +18,6 @@ use std::time::{Duration, Instant};
 
 /// Largest population this transport accepts (one connection and thread per client).
 pub const MAX_QUIC_CLIENTS: usize = 200;
-
-fn node_noise(sampler: Sampler, seed: u64) -> Box<dyn GaussianNoise> {
-    match sampler {
-        Sampler::Simulation => Box::new(SimulationGaussian::seeded(seed)),
-        Sampler::Opendp => Box::new(OpenDpGaussian::with_threads(1)),
-        Sampler::Grid => Box::new(GridGaussian::seeded(seed)),
-    }
-}
 
 pub(crate) fn run_quic(
     cfg: &SimConfig,
@@ -87,7 +79,8 @@ pub(crate) fn run_quic(
         eval_threads: 1,
         ..ServerConfig::default()
     };
-    let server_noise: Box<dyn GaussianNoise> = node_noise(cfg.sampler, derive_seed(cfg.seed, 2));
+    let server_noise: Box<dyn GaussianNoise> =
+        crate::run::noise(cfg.sampler, derive_seed(cfg.seed, 2));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,7 +105,7 @@ pub(crate) fn run_quic(
             c.device = "cpu".into();
             c.dp_mode = cfg.dp.mode;
             c.give_up_after = Duration::from_secs(60);
-            let noise = node_noise(cfg.sampler, derive_seed(cfg.seed, 1000 + i as u64));
+            let noise = crate::run::noise(cfg.sampler, derive_seed(cfg.seed, 1000 + i as u64));
             clients.push(tokio::spawn(dpfl_client::run_with_noise(c, noise)));
         }
         let summary = handle

@@ -160,7 +160,8 @@ fn test_set(cfg: &SimConfig) -> Result<Option<Dataset>, SimError> {
     Ok(Some(d))
 }
 
-fn noise(sampler: Sampler, seed: u64) -> Box<dyn GaussianNoise> {
+/// The noise source of a simulation's server or virtual client.
+pub(crate) fn noise(sampler: Sampler, seed: u64) -> Box<dyn GaussianNoise> {
     match sampler {
         Sampler::Simulation => Box::new(SimulationGaussian::seeded(seed)),
         Sampler::Opendp => Box::new(OpenDpGaussian::with_threads(1)),
