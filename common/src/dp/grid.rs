@@ -27,7 +27,7 @@
 //! tests and simulations).
 
 use super::dd::Dd;
-use super::noise::{GaussianNoise, NoiseError};
+use super::noise::{check_input, GaussianNoise, NoiseError};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
@@ -128,21 +128,15 @@ fn discrete_gaussian_weights(s: f64) -> (Vec<u128>, i64) {
     (weights, -l)
 }
 
-#[derive(Debug, Clone)]
-struct Tables {
-    key: (u64, u64),
-    a: Alias,
-    b: Alias,
-    entries: usize,
-    s: f64,
-}
-
 /// The grid Gaussian sampler. See the module docs.
 #[derive(Debug, Clone)]
 pub struct GridGaussian {
     seed: Option<u64>,
     calls: u64,
-    tables: Option<Tables>,
+    /// `D_{Z,sA}`: the same for every scale, built once.
+    table_a: Option<Alias>,
+    /// `D_{Z,sB}` for the last scale `s` (by its bits).
+    table_b: Option<(u64, Alias)>,
 }
 
 impl Default for GridGaussian {
@@ -151,7 +145,8 @@ impl Default for GridGaussian {
         Self {
             seed: None,
             calls: 0,
-            tables: None,
+            table_a: None,
+            table_b: None,
         }
     }
 }
@@ -186,21 +181,20 @@ impl GridGaussian {
     /// Largest per-coordinate distance this sampler can have (any scale it builds).
     pub const MAX_DISTANCE_PER_COORDINATE: f64 = 1e-25;
 
-    fn tables(&mut self, s: f64, g: f64) -> &Tables {
-        let key = (s.to_bits(), g.to_bits());
-        if self.tables.as_ref().map(|t| t.key) != Some(key) {
-            let s_b = (s * s - S_A * S_A).sqrt() / T as f64;
-            let (wa, oa) = discrete_gaussian_weights(S_A);
-            let (wb, ob) = discrete_gaussian_weights(s_b);
-            self.tables = Some(Tables {
-                key,
-                entries: wa.len() + wb.len(),
-                a: Alias::new(&wa, oa),
-                b: Alias::new(&wb, ob),
-                s,
-            });
+    /// The alias tables for scale `s`, building what is missing.
+    fn tables(&mut self, s: f64) -> (&Alias, &Alias) {
+        if self.table_a.is_none() {
+            let (w, o) = discrete_gaussian_weights(S_A);
+            self.table_a = Some(Alias::new(&w, o));
         }
-        self.tables.as_ref().expect("just built")
+        if self.table_b.as_ref().map(|(k, _)| *k) != Some(s.to_bits()) {
+            let (w, o) = discrete_gaussian_weights((s * s - S_A * S_A).sqrt() / T as f64);
+            self.table_b = Some((s.to_bits(), Alias::new(&w, o)));
+        }
+        match (&self.table_a, &self.table_b) {
+            (Some(a), Some((_, b))) => (a, b),
+            _ => unreachable!("both tables were just built"),
+        }
     }
 
     fn rng(&mut self) -> ChaCha12Rng {
@@ -222,27 +216,24 @@ impl GridGaussian {
         sensitivity: f64,
     ) -> Result<f64, NoiseError> {
         let base = z * sensitivity;
-        if !(base.is_finite() && base > 0.0) {
-            return Err(NoiseError::Scale(base));
-        }
-        if values.iter().any(|v| !v.is_finite()) {
-            return Err(NoiseError::NonFinite);
-        }
+        check_input(values, base)?;
         let g = Self::grid(base);
         let sigma = z * (sensitivity + g * (values.len() as f64).sqrt());
-        let s = sigma / g;
+        self.add_on_grid(values, g, sigma / g);
+        Ok(g)
+    }
+
+    /// Snaps every value to the grid `g` and adds `g * K`, `K ~ D_{Z,s}`.
+    fn add_on_grid(&mut self, values: &mut [f32], g: f64, s: f64) {
         let mut rng = self.rng();
-        let t = self.tables(s, g).clone();
+        let (a, b) = self.tables(s);
         // Outputs are g * n with |n| < 2^24, so exactly representable in f32.
         let limit = (1i64 << 24) - 1;
         for v in values.iter_mut() {
             let n = (*v as f64 / g).round_ties_even() as i64;
-            let k = t.a.sample(&mut rng) + T * t.b.sample(&mut rng);
-            let out = (n + k).clamp(-limit, limit);
-            *v = (out as f64 * g) as f32;
+            let k = a.sample(&mut rng) + T * b.sample(&mut rng);
+            *v = ((n + k).clamp(-limit, limit) as f64 * g) as f32;
         }
-        debug_assert!(t.s > 0.0 && t.entries > 0);
-        Ok(g)
     }
 }
 
@@ -251,14 +242,10 @@ impl GaussianNoise for GridGaussian {
     /// of `sigma`, without the sensitivity inflation. Mechanisms call
     /// [`GaussianNoise::add_calibrated`] instead.
     fn add_noise(&mut self, values: &mut [f32], sigma: f64) -> Result<(), NoiseError> {
-        let d = values.len() as f64;
+        check_input(values, sigma)?;
         let g = Self::grid(sigma);
-        // Solve z (C + g sqrt(d)) = sigma for z*C with C chosen so that z = 1.
-        let c = sigma - g * d.sqrt();
-        if c <= 0.0 {
-            return Err(NoiseError::Scale(sigma));
-        }
-        self.privatize(values, 1.0, c).map(|_| ())
+        self.add_on_grid(values, g, sigma / g);
+        Ok(())
     }
 
     fn add_calibrated(
@@ -268,10 +255,6 @@ impl GaussianNoise for GridGaussian {
         sensitivity: f64,
     ) -> Result<(), NoiseError> {
         self.privatize(values, z, sensitivity).map(|_| ())
-    }
-
-    fn distance_per_coordinate(&self) -> f64 {
-        Self::MAX_DISTANCE_PER_COORDINATE
     }
 
     fn name(&self) -> &'static str {

@@ -48,17 +48,11 @@ pub trait GaussianNoise: Send {
         self.add_noise(values, z * sensitivity)
     }
 
-    /// Bound on the statistical distance between one sampled coordinate and the ideal
-    /// discrete Gaussian (0 for exact samplers).
-    fn distance_per_coordinate(&self) -> f64 {
-        0.0
-    }
-
     /// Name for logs and benchmarks.
     fn name(&self) -> &'static str;
 }
 
-fn check_input(values: &[f32], sigma: f64) -> Result<(), NoiseError> {
+pub(super) fn check_input(values: &[f32], sigma: f64) -> Result<(), NoiseError> {
     if !(sigma.is_finite() && sigma > 0.0) {
         return Err(NoiseError::Scale(sigma));
     }
