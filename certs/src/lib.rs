@@ -394,6 +394,18 @@ pub fn node_name(cert: &CertificateDer<'_>) -> Result<String, CertError> {
     Ok(cn)
 }
 
+/// SHA-256 of a certificate's public key (its SubjectPublicKeyInfo), lowercase hex: what a
+/// node's identity is bound to. It survives certificate renewal with the same key and
+/// changes with the key.
+pub fn key_fingerprint(cert: &CertificateDer<'_>) -> Result<String, CertError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| CertError::Identity(e.to_string()))?;
+    Ok(Sha256::digest(parsed.tbs_certificate.subject_pki.raw)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// SHA-256 fingerprint of a certificate, lowercase hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     Sha256::digest(cert.as_ref())
@@ -441,6 +453,12 @@ mod tests {
         let cert = &load_certs(&l.node_cert("hospital-a")).unwrap()[0];
         assert_eq!(node_name(cert).unwrap(), "hospital-a");
         assert_eq!(fingerprint(cert).len(), 64);
+        // A re-issued certificate for the same name has a new key, hence a new identity.
+        let key_a = key_fingerprint(cert).unwrap();
+        fed.issue_node("hospital-a", true).unwrap();
+        let cert_b = &load_certs(&l.node_cert("hospital-a")).unwrap()[0];
+        assert_ne!(key_fingerprint(cert_b).unwrap(), key_a);
+        assert_eq!(node_name(cert_b).unwrap(), "hospital-a");
         // TLS configs build from the files, including the re-signed node.
         server_tls(&Credentials::server(&l), b"x").unwrap();
         client_tls(&Credentials::node(&l, "hospital-a"), b"x").unwrap();

@@ -60,7 +60,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Print the node name and SHA-256 fingerprint of a certificate (for allow-lists).
+    /// Print the node name, the SHA-256 fingerprint of a certificate (for allow-lists) and
+    /// of its public key (the identity the server binds the name to; for `rekey`).
     Show {
         /// PEM certificate file.
         cert: PathBuf,
@@ -96,7 +97,11 @@ fn main() -> Result<()> {
         Command::Show { cert } => {
             for c in dpfl_certs::load_certs(&cert)? {
                 let name = dpfl_certs::node_name(&c).unwrap_or_else(|e| format!("({e})"));
-                println!("{name} sha256:{}", dpfl_certs::fingerprint(&c));
+                let key = dpfl_certs::key_fingerprint(&c).unwrap_or_else(|e| format!("({e})"));
+                println!(
+                    "{name} sha256:{} key sha256:{key}",
+                    dpfl_certs::fingerprint(&c)
+                );
             }
         }
     }

@@ -7,6 +7,7 @@
 //!
 //! It knows nothing about aggregation.
 
+pub mod budget;
 pub mod node;
 pub mod worker;
 
@@ -45,8 +46,11 @@ pub struct ClientConfig {
     pub threads: usize,
     /// DP mode the node agrees to.
     pub dp_mode: DpMode,
-    /// Refuse local-DP rounds with a smaller noise multiplier.
-    pub min_noise_multiplier: f64,
+    /// The node's own privacy policy: noise floor, budget, delta.
+    pub policy: budget::Policy,
+    /// Where the node keeps its privacy spend across restarts (`None`: in memory; only
+    /// for tests, a restart would forget the spend).
+    pub privacy_state: Option<PathBuf>,
     /// Largest message accepted.
     pub max_message_bytes: usize,
     /// Give up after this long without a working connection.
@@ -75,7 +79,8 @@ impl ClientConfig {
             device: "auto".into(),
             threads: 1,
             dp_mode: DpMode::None,
-            min_noise_multiplier: 0.0,
+            policy: budget::Policy::default(),
+            privacy_state: None,
             max_message_bytes: dpfl_common::wire::DEFAULT_MAX_MESSAGE_BYTES,
             give_up_after: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(60),
@@ -166,6 +171,7 @@ pub async fn run_with_noise(
         cfg.shard.map_or(String::new(), |s| format!(" shard {}/{}", s.index, s.count))
     );
     let input_dim = data_dim;
+    let (num_examples, num_eval_examples) = (train.len(), val.len());
     let worker =
         worker::Worker::start(device, cfg.threads, train, val, noise).map_err(|e| setup(&e))?;
     let ncfg = node::NodeConfig {
@@ -173,7 +179,8 @@ pub async fn run_with_noise(
         server_name: cfg.server_name,
         credentials: cfg.credentials,
         dp_mode: cfg.dp_mode,
-        min_noise_multiplier: cfg.min_noise_multiplier,
+        policy: cfg.policy,
+        privacy_state: cfg.privacy_state,
         max_message_bytes: cfg.max_message_bytes,
         idle_timeout: cfg.idle_timeout,
         backoff_initial: Duration::from_millis(200),
@@ -181,6 +188,8 @@ pub async fn run_with_noise(
         give_up_after: cfg.give_up_after,
         input_dim,
         num_classes,
+        num_examples,
+        num_eval_examples,
         log_file: cfg.log_file,
     };
     node::run(ncfg, worker).await

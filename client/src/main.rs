@@ -8,7 +8,7 @@ use std::path::PathBuf;
 /// (never sent anywhere), clips and noises each update as the federation's DP mode
 /// requires, and talks to the aggregation server over QUIC with mutual TLS.
 #[derive(Parser, Debug)]
-#[command(name = "dpfl-client", version)]
+#[command(name = "dpfl-client", version, allow_negative_numbers = true)]
 struct Args {
     /// Server address (host:port).
     #[arg(long, default_value = "127.0.0.1:4433")]
@@ -47,9 +47,20 @@ struct Args {
     /// DP mode this node agrees to: none, local or central. Must equal the server's.
     #[arg(long, default_value = "none")]
     dp_mode: String,
-    /// In local mode, refuse to take part with a noise multiplier below this.
-    #[arg(long, default_value_t = 0.0)]
+    /// In local mode, refuse rounds whose noise multiplier is below this (the node owns
+    /// its privacy: the server cannot lower it).
+    #[arg(long, default_value_t = 1.0)]
     min_noise_multiplier: f64,
+    /// Refuse any round that would bring this node's epsilon (its own books, across runs
+    /// and restarts) above this.
+    #[arg(long)]
+    max_epsilon: Option<f64>,
+    /// delta of the node's own (epsilon, delta).
+    #[arg(long, default_value_t = 1e-5)]
+    delta: f64,
+    /// Where the node records what its data has spent (default: <certs>/<name>.privacy.json).
+    #[arg(long)]
+    privacy_state: Option<PathBuf>,
     /// Give up after this many seconds without a working connection.
     #[arg(long, default_value_t = 600)]
     give_up_after_secs: u64,
@@ -95,7 +106,23 @@ async fn main() -> Result<()> {
     cfg.device = a.device;
     cfg.threads = a.threads;
     cfg.dp_mode = a.dp_mode.parse()?;
-    cfg.min_noise_multiplier = a.min_noise_multiplier;
+    anyhow::ensure!(
+        a.min_noise_multiplier.is_finite() && a.min_noise_multiplier >= 0.0,
+        "--min-noise-multiplier must be >= 0"
+    );
+    anyhow::ensure!(a.delta > 0.0 && a.delta < 1.0, "--delta must be in (0, 1)");
+    if let Some(m) = a.max_epsilon {
+        anyhow::ensure!(m.is_finite() && m > 0.0, "--max-epsilon must be > 0");
+    }
+    cfg.policy = dpfl_client::budget::Policy {
+        min_noise_multiplier: a.min_noise_multiplier,
+        max_epsilon: a.max_epsilon,
+        delta: a.delta,
+    };
+    cfg.privacy_state = Some(
+        a.privacy_state
+            .unwrap_or_else(|| a.certs.join(format!("{}.privacy.json", a.name))),
+    );
     cfg.give_up_after = std::time::Duration::from_secs(a.give_up_after_secs);
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout_secs.max(3));
     cfg.log_file = a.log_file;

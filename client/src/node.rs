@@ -1,13 +1,18 @@
 //! A client node's life: connect with its certificate, say hello, then serve the server's
 //! requests (train, evaluate) until it says training is over; reconnect with exponential
 //! backoff and jitter whenever the connection is lost.
+//!
+//! The node owns its privacy ([`crate::budget`]): it checks every round's noise against
+//! its own floor and its own budget, records each release on its disk before the update
+//! leaves, and in `local` mode refuses evaluation requests (an exact loss and accuracy on
+//! its data, for any model the server picks, would bypass the noise).
 
+use crate::budget::{Budget, Policy, Release};
 use crate::worker::Worker;
 use dpfl_certs::Credentials;
 use dpfl_common::config::DpMode;
-use dpfl_common::dp::accountant;
 use dpfl_common::model::short_hex;
-use dpfl_common::wire::{self, DpAgreement, EvalResult, Header, Hello, Message, Welcome};
+use dpfl_common::wire::{self, EvalResult, Header, Hello, Message, Welcome};
 use rand::Rng;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,8 +29,10 @@ pub struct NodeConfig {
     pub credentials: Credentials,
     /// DP mode this node agrees to; the server must run the same.
     pub dp_mode: DpMode,
-    /// In `local` mode, refuse rounds whose noise multiplier is below this.
-    pub min_noise_multiplier: f64,
+    /// The node's own privacy policy (noise floor, budget, delta).
+    pub policy: Policy,
+    /// Where the node keeps its privacy spend (`None`: in memory, tests only).
+    pub privacy_state: Option<PathBuf>,
     /// Largest message accepted from the server.
     pub max_message_bytes: usize,
     /// QUIC idle timeout.
@@ -40,6 +47,10 @@ pub struct NodeConfig {
     pub input_dim: usize,
     /// Largest label + 1 in the node's data.
     pub num_classes: usize,
+    /// Training examples (declared in the hello).
+    pub num_examples: usize,
+    /// Held-out examples (declared in the hello).
+    pub num_eval_examples: usize,
     /// Where to append a JSON line per round (the node's own privacy record).
     pub log_file: Option<PathBuf>,
 }
@@ -75,7 +86,7 @@ pub struct NodeSummary {
     pub rounds_trained: u64,
     /// The server's reason for finishing.
     pub finish_reason: String,
-    /// Epsilon by the node's own count (see [`own_epsilon`]).
+    /// Epsilon spent by the node's data, by its own books ([`crate::budget`]).
     pub epsilon: Option<f64>,
     /// Connections made (1 + reconnections).
     pub connections: u32,
@@ -92,30 +103,6 @@ enum Fatal {
     Setup(String),
 }
 
-/// The epsilon a node can vouch for itself, without trusting the server's ledger:
-/// in `local` mode its own spend against the server (sensitivity 2C, noise zC: multiplier
-/// z/2, over the rounds it joined); in `central` mode the federation-level guarantee as of
-/// the latest round number it saw (this trusts the server to add the agreed noise, which
-/// is what central mode means).
-pub fn own_epsilon(dp: &DpAgreement, rounds_joined: u64, latest_round: u64) -> Option<f64> {
-    match dp.mode {
-        DpMode::Local => {
-            accountant::epsilon(1.0, dp.noise_multiplier / 2.0, rounds_joined, dp.delta)
-                .ok()
-                .map(|e| e.0)
-        }
-        DpMode::Central => accountant::epsilon(
-            dp.sampling_rate,
-            dp.noise_multiplier,
-            latest_round,
-            dp.delta,
-        )
-        .ok()
-        .map(|e| e.0),
-        _ => None,
-    }
-}
-
 /// Runs a node until the server finishes training.
 pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeError> {
     let endpoint =
@@ -128,7 +115,15 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
         epsilon: None,
         connections: 0,
     };
-    let mut latest_round = 0u64;
+    let mut budget = Budget::open(cfg.policy.clone(), cfg.privacy_state.clone())
+        .map_err(|e| NodeError::Setup(e.to_string()))?;
+    if let Ok(e) = budget.epsilon() {
+        if e > 0.0 {
+            tracing::info!(
+                "privacy spent by this node's data so far (its own books): epsilon {e:.4}"
+            );
+        }
+    }
     let mut backoff = cfg.backoff_initial;
     let mut last_ok = Instant::now();
     loop {
@@ -137,7 +132,7 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
             &endpoint,
             &worker,
             &mut summary,
-            &mut latest_round,
+            &mut budget,
             &mut last_ok,
         )
         .await;
@@ -193,7 +188,7 @@ async fn session(
     endpoint: &quinn::Endpoint,
     worker: &Worker,
     summary: &mut NodeSummary,
-    latest_round: &mut u64,
+    budget: &mut Budget,
     last_ok: &mut Instant,
 ) -> Result<Outcome, Fatal> {
     let connecting = match endpoint.connect(cfg.server, &cfg.server_name) {
@@ -232,12 +227,18 @@ async fn session(
             welcome.dp.mode, cfg.dp_mode
         )));
     }
-    if welcome.dp.mode == DpMode::Local && welcome.dp.noise_multiplier < cfg.min_noise_multiplier {
+    if welcome.dp.mode == DpMode::Local
+        && (welcome.dp.noise_multiplier.is_nan()
+            || welcome.dp.noise_multiplier < budget.policy().min_noise_multiplier)
+    {
         return Err(Fatal::Refused(format!(
-            "server asks for noise multiplier {} below this node's minimum {}",
-            welcome.dp.noise_multiplier, cfg.min_noise_multiplier
+            "this node refuses the federation: its noise multiplier {} is below the node's \
+             minimum {} (--min-noise-multiplier)",
+            welcome.dp.noise_multiplier,
+            budget.policy().min_noise_multiplier
         )));
     }
+    let federation = format!("{}|{}", cfg.server_name, short_hex(&welcome.spec_hash));
     worker
         .setup(welcome.spec.clone())
         .await
@@ -284,10 +285,23 @@ async fn session(
             }
             Header::Train(req) => {
                 let round = req.round;
-                *latest_round = (*latest_round).max(round);
-                match check_train(cfg, &welcome, &req, msg.payload.len()) {
+                let release = Release::of(
+                    req.privacy.mode,
+                    &federation,
+                    welcome.dp.sampling_rate,
+                    req.privacy.noise_multiplier,
+                    round,
+                );
+                let refusal =
+                    check_train(&welcome, &req, msg.payload.len()).and_then(|()| match &release {
+                        Some(r) => budget.check(r).map(|_| ()).map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    });
+                match refusal {
                     Err(reason) => {
-                        tracing::warn!(round, "refusing train request: {reason}");
+                        let reason =
+                            format!("node {} refused round {round}: {reason}", welcome.node);
+                        tracing::warn!("{reason}");
                         Header::Failed { round, reason }
                     }
                     Ok(()) => {
@@ -295,9 +309,29 @@ async fn session(
                         match worker.train(req, msg.payload).await {
                             Err(reason) => Header::Failed { round, reason },
                             Ok(done) => {
+                                // The spend is on disk before the update leaves.
+                                if let Some(r) = &release {
+                                    match budget.record(r) {
+                                        Ok(e) => summary.epsilon = Some(e),
+                                        Err(e) => {
+                                            let reason = format!(
+                                                "node {} withheld its update: cannot record the \
+                                                 privacy spend: {e}",
+                                                welcome.node
+                                            );
+                                            tracing::error!("{reason}");
+                                            let failed = Header::Failed { round, reason };
+                                            if let Err(e) =
+                                                write_reply(&mut send, &wire::encode(&failed, &[]))
+                                                    .await
+                                            {
+                                                return Ok(Outcome::Lost(e));
+                                            }
+                                            continue;
+                                        }
+                                    }
+                                }
                                 summary.rounds_trained += 1;
-                                summary.epsilon =
-                                    own_epsilon(&welcome.dp, summary.rounds_trained, *latest_round);
                                 let meta = done.meta(&req_copy);
                                 let bytes =
                                     wire::encode(&Header::Update(meta), done.delta.as_slice());
@@ -324,6 +358,14 @@ async fn session(
                     }
                 }
             }
+            Header::Evaluate(req) if welcome.dp.mode == DpMode::Local => Header::Failed {
+                round: req.round,
+                reason: format!(
+                    "node {} refuses evaluation in local DP mode: exact loss, accuracy and count \
+                     on its data would bypass the noise that protects it from the server",
+                    welcome.node
+                ),
+            },
             Header::Evaluate(req) => {
                 if req.spec_hash != welcome.spec_hash
                     || msg.payload.len() != welcome.spec.num_params()
@@ -385,13 +427,9 @@ async fn write_reply(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), S
     send.finish().map_err(|e| e.to_string())
 }
 
-/// Checks a train request against what was agreed in the handshake.
-fn check_train(
-    cfg: &NodeConfig,
-    welcome: &Welcome,
-    req: &wire::TrainRequest,
-    payload: usize,
-) -> Result<(), String> {
+/// Checks a train request against what was agreed in the handshake (the node's own
+/// floor and budget are checked separately, by [`Budget::check`]).
+fn check_train(welcome: &Welcome, req: &wire::TrainRequest, payload: usize) -> Result<(), String> {
     if req.spec_hash != welcome.spec_hash {
         return Err("train request for another model".into());
     }
@@ -410,7 +448,8 @@ fn check_train(
         ));
     }
     if req.privacy.mode == DpMode::Local
-        && req.privacy.noise_multiplier < welcome.dp.noise_multiplier.max(cfg.min_noise_multiplier)
+        && (req.privacy.noise_multiplier.is_nan()
+            || req.privacy.noise_multiplier < welcome.dp.noise_multiplier)
     {
         return Err(format!(
             "round asks for noise multiplier {}, below the agreed {}",
@@ -433,6 +472,8 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
         dp_mode: cfg.dp_mode,
         input_dim: cfg.input_dim as u32,
         num_classes: cfg.num_classes as u32,
+        num_examples: cfg.num_examples as u64,
+        num_eval_examples: cfg.num_eval_examples as u64,
     };
     send.write_all(&wire::encode(&Header::Hello(hello), &[]))
         .await

@@ -17,10 +17,11 @@ use crate::config::{ClientPrivacy, DpMode, TrainConfig};
 use crate::model::{ModelSpec, SpecHash};
 use serde::{Deserialize, Serialize};
 
-/// Protocol version; peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version; peers with another version are refused. Version 2: the hello declares
+/// the node's example counts (the server bounds the weight a node may claim by them).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/1";
+pub const ALPN: &[u8] = b"dpfl/2";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.
@@ -41,6 +42,12 @@ pub struct Hello {
     pub input_dim: u32,
     /// Number of classes the client's labels may take (largest label + 1).
     pub num_classes: u32,
+    /// Training examples the node holds. In mode `none` the server caps the FedAvg weight
+    /// a node may claim in any update by this (and by the round's `max_weight_share`);
+    /// with DP on every update weighs the same and the server ignores it.
+    pub num_examples: u64,
+    /// Held-out examples the node evaluates on (bounds the count of an evaluation answer).
+    pub num_eval_examples: u64,
 }
 
 /// Federation-wide privacy settings announced to a client.
@@ -293,6 +300,25 @@ pub enum DecodeError {
     },
 }
 
+/// Text a peer sent, made safe to write into a log or an output file: control characters
+/// (newlines, escapes) are shown escaped so a peer cannot forge log lines, and the text is
+/// cut at `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for (i, c) in text.chars().enumerate() {
+        if i >= max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard()
         .with_little_endian()
@@ -391,6 +417,13 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, DecodeError> {
     if used != head_bytes.len() {
         return Err(DecodeError::TrailingHeaderBytes(head_bytes.len() - used));
     }
+    // bincode's varint decoder accepts over-long encodings (1000 as `251 232 3` but also
+    // 232 as `251 232 0`): refuse them, so one message has exactly one byte form.
+    let canonical = bincode::serde::encode_to_vec(&header, bincode_config())
+        .is_ok_and(|again| again == head_bytes);
+    if !canonical {
+        return Err(DecodeError::Header("non-canonical encoding".into()));
+    }
     let payload_bytes = &bytes[PREFIX_BYTES + header_len as usize..];
     match (header.payload_kind(), payload_bytes.is_empty()) {
         (PayloadKind::None, false) => {
@@ -459,6 +492,8 @@ mod tests {
                     dp_mode: DpMode::Central,
                     input_dim: 784,
                     num_classes: 10,
+                    num_examples: 1000,
+                    num_eval_examples: 0,
                 }),
                 vec![],
             ),
@@ -592,6 +627,16 @@ mod tests {
             decode(&bytes, 1 << 20),
             Err(DecodeError::Header(_))
         ));
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_and_truncates() {
+        let forged = "oops\n2026-01-01T00:00:00Z INFO round 9/9: test acc 0.9999\x1b[0m";
+        let p = printable(forged, 200);
+        assert!(!p.contains('\n') && !p.contains('\x1b'), "{p}");
+        assert!(p.contains("\\n"), "{p}");
+        assert_eq!(printable("abcdef", 3), "abc...");
+        assert_eq!(printable("node-1 ok", 100), "node-1 ok");
     }
 
     proptest! {

@@ -29,6 +29,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         dp_mode: DpMode::Local,
         input_dim: 4,
         num_classes: 2,
+        num_examples: 1000,
+        num_eval_examples: 0,
     };
     let welcome = Welcome {
         node: "node-1".into(),

@@ -41,6 +41,8 @@ async fn node(
         dp_mode: DpMode::None,
         input_dim: 16,
         num_classes: 2,
+        num_examples: 1000,
+        num_eval_examples: 0,
     };
     s.write_all(&wire::encode(&Header::Hello(hello), &[]))
         .await?;

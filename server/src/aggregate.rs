@@ -1,7 +1,9 @@
 //! Aggregation rules: how the accepted client deltas of one round become one delta.
 //!
 //! - `mean`: weighted mean, **streaming**: each update is folded into a running sum as it
-//!   arrives, so memory is O(parameters) whatever the number of clients.
+//!   arrives, so memory is O(parameters) whatever the number of clients. The sum is kept in
+//!   f64: any f32 value times any u64 weight, summed over any number of clients, stays
+//!   finite, so one update can never poison the sum of the others.
 //! - `median`, `trimmed_mean`, `krum`, `multi_krum`: robust rules against poisoned updates.
 //!   They need all updates of the round at once (O(clients x parameters) memory) and ignore
 //!   example-count weights, as their definitions do.
@@ -83,7 +85,7 @@ pub enum AggregateError {
 pub struct Accumulator {
     kind: AggregatorKind,
     len: usize,
-    sum: Vec<f32>,
+    sum: Vec<f64>,
     weight: f64,
     buffered: Vec<Vec<f32>>,
     count: usize,
@@ -135,7 +137,9 @@ impl Accumulator {
         }
         self.check_len(delta)?;
         self.count += 1;
-        add_scaled(&mut self.sum, delta, weight as f32);
+        for (a, b) in self.sum.iter_mut().zip(delta) {
+            *a += weight * *b as f64;
+        }
         self.weight += weight;
         Ok(())
     }
@@ -152,7 +156,9 @@ impl Accumulator {
 
     /// The weighted sum and total weight (mean rule only; robust rules return `None`).
     pub fn into_sum(self) -> Option<(Vec<f32>, f64)> {
-        self.kind.is_streaming().then_some((self.sum, self.weight))
+        self.kind
+            .is_streaming()
+            .then(|| (self.sum.iter().map(|v| *v as f32).collect(), self.weight))
     }
 
     /// The aggregated delta under the rule.
@@ -162,14 +168,12 @@ impl Accumulator {
         }
         match self.kind {
             AggregatorKind::Mean => {
-                let mut sum = self.sum;
                 let inv = if self.weight > 0.0 {
-                    (1.0 / self.weight) as f32
+                    1.0 / self.weight
                 } else {
                     0.0
                 };
-                sum.iter_mut().for_each(|v| *v *= inv);
-                Ok(sum)
+                Ok(self.sum.iter().map(|v| (v * inv) as f32).collect())
             }
             AggregatorKind::Median => Ok(coordinate_wise(&self.buffered, self.len, |col| {
                 let n = col.len();
@@ -315,6 +319,20 @@ mod tests {
             run(AggregatorKind::Krum { f: 2 }, &ups),
             Err(AggregateError::TooFewForKrum { .. })
         ));
+    }
+
+    #[test]
+    fn one_huge_update_cannot_poison_the_sum() {
+        // Audit: updates near f32::MAX overflowed the f32 sum to infinity and the whole
+        // round was discarded. In f64 the honest part survives exactly.
+        let mut acc = Accumulator::new(AggregatorKind::Mean, 2);
+        acc.add(vec![f32::MAX, -f32::MAX], 1e12).unwrap();
+        acc.add(vec![f32::MAX, -f32::MAX], 1e12).unwrap();
+        assert!(acc.sum.iter().all(|v| v.is_finite()));
+        let mut acc = Accumulator::new(AggregatorKind::Mean, 2);
+        acc.add(vec![1.0, 2.0], 1.0).unwrap();
+        acc.add(vec![3.0, 4.0], 1.0).unwrap();
+        assert_eq!(acc.finish().unwrap(), vec![2.0, 3.0]);
     }
 
     #[test]

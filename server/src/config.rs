@@ -1,6 +1,7 @@
 //! Server configuration: a TOML file, overridden by command-line flags and `--set
 //! key.path=value`, validated into one struct before anything runs.
 
+use crate::coordinator::UpdateLimits;
 use crate::strategy::{DpParams, FedAvgConfig, TrainSettings};
 use dpfl_common::model::ModelSpec;
 use serde::{Deserialize, Serialize};
@@ -91,10 +92,9 @@ pub struct ServerConfig {
     pub round_timeout_secs: f64,
     /// Seconds a federated evaluation may take.
     pub eval_timeout_secs: f64,
-    /// Re-selections of a round that misses its quorum before it is abandoned.
+    /// Re-selections of a round that misses its quorum before it is abandoned (with DP on,
+    /// the same sample is asked again; `central` rounds are released after the last one).
     pub max_round_retries: u32,
-    /// Seed for client selection and local shuffling.
-    pub seed: u64,
     /// Output directory: metrics.jsonl, ledger.json, model.safetensors, checkpoint.
     pub out_dir: PathBuf,
     /// Held-out test data for centralised evaluation (`fashion-mnist-test`, `idx:...`,
@@ -118,6 +118,8 @@ pub struct ServerConfig {
     pub dp: DpParams,
     /// Admission control.
     pub admission: AdmissionConfig,
+    /// Bounds on every update (magnitude, norm, claimed weight).
+    pub update_limits: UpdateLimits,
     /// Threads for centralised evaluation (libtorch intra-op).
     pub eval_threads: usize,
     /// Central-mode noise sampler: `opendp` (exact, default) or `grid` (floating-point-safe
@@ -135,7 +137,6 @@ impl Default for ServerConfig {
             round_timeout_secs: 600.0,
             eval_timeout_secs: 120.0,
             max_round_retries: 2,
-            seed: 0,
             out_dir: "runs/latest".into(),
             test_data: None,
             test_limit: None,
@@ -147,10 +148,65 @@ impl Default for ServerConfig {
             strategy: FedAvgConfig::default(),
             dp: DpParams::default(),
             admission: AdmissionConfig::default(),
+            update_limits: UpdateLimits::default(),
             eval_threads: 1,
             noise_sampler: "opendp".into(),
         }
     }
+}
+
+/// Keys that were removed, with what replaced them (shown instead of "unknown key").
+const REMOVED_KEYS: &[(&str, &str)] = &[(
+    "seed",
+    "removed: deployments select clients with fresh randomness from the OS CSPRNG (a seed \
+     would make the sample predictable); `strategy.seed` seeds the nodes' local shuffling",
+)];
+
+/// Every dotted key of `input` that `parsed` (the same document after deserialising into
+/// the typed configuration and serialising back) does not have: keys the configuration
+/// silently ignored, e.g. a misspelled `dp.noise_multipler`. This catches unknown keys in
+/// every section, including those `#[serde(flatten)]` keeps `deny_unknown_fields` from
+/// covering.
+pub fn unknown_keys(input: &toml::Table, parsed: &toml::Table) -> Vec<String> {
+    fn walk(prefix: &str, input: &toml::Table, parsed: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in input {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match (v, parsed.get(k)) {
+                (_, None) => out.push(key),
+                (toml::Value::Table(i), Some(toml::Value::Table(p))) => walk(&key, i, p, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", input, parsed, &mut out);
+    out
+}
+
+/// Refuses a configuration with keys the typed structure does not read.
+pub fn deny_unknown_keys(input: &toml::Table, parsed: &impl Serialize) -> Result<(), ConfigError> {
+    let back = toml::Table::try_from(parsed)
+        .map_err(|e| ConfigError::Parse(format!("cannot re-serialise configuration: {e}")))?;
+    let unknown = unknown_keys(input, &back);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let explain: Vec<String> = unknown
+        .iter()
+        .map(|k| match REMOVED_KEYS.iter().find(|(r, _)| r == k) {
+            Some((_, why)) => format!("`{k}`: {why}"),
+            None => format!("`{k}`"),
+        })
+        .collect();
+    Err(ConfigError::Parse(format!(
+        "unknown configuration key(s) {} (misspelled? every key is listed in configs/ and \
+         ARCHITECTURE.md)",
+        explain.join(", ")
+    )))
 }
 
 /// Sets `a.b.c = value` in a TOML table, creating tables on the way.
@@ -206,9 +262,13 @@ impl ServerConfig {
         for (k, v) in overrides {
             set_dotted(&mut table, k, parse_value(v))?;
         }
-        let cfg: ServerConfig = toml::Value::Table(table)
+        if let Some((k, why)) = REMOVED_KEYS.iter().find(|(k, _)| table.contains_key(*k)) {
+            return Err(ConfigError::Parse(format!("configuration key `{k}` {why}")));
+        }
+        let cfg: ServerConfig = toml::Value::Table(table.clone())
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        deny_unknown_keys(&table, &cfg)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -259,6 +319,20 @@ impl ServerConfig {
             return bad("train.lr_decay must be in (0, 1]".into());
         }
         self.dp.validate().map_err(ConfigError::Invalid)?;
+        if self.dp.mode == dpfl_common::config::DpMode::Local
+            && self.strategy.fraction_evaluate > 0.0
+        {
+            return bad(
+                "strategy.fraction_evaluate must be 0 in local DP mode: an evaluation answer \
+                 (exact loss, accuracy and count on a node's data, for a model the server \
+                 chooses) is an un-noised query of the data local DP protects from the \
+                 server; nodes refuse it too"
+                    .into(),
+            );
+        }
+        self.update_limits
+            .validate()
+            .map_err(ConfigError::Invalid)?;
         if !matches!(self.noise_sampler.as_str(), "opendp" | "grid") {
             return bad(format!(
                 "noise_sampler must be opendp or grid, got {:?}",
@@ -291,8 +365,8 @@ impl ServerConfig {
     /// The parts of the configuration that must not change across a resume.
     pub fn fingerprint(&self) -> String {
         format!(
-            "{:?}|{:?}|{:?}|{:?}|{}",
-            self.model, self.dp, self.strategy, self.train, self.seed
+            "{:?}|{:?}|{:?}|{:?}",
+            self.model, self.dp, self.strategy, self.train
         )
     }
 }
@@ -332,6 +406,50 @@ mod tests {
         let e = ServerConfig::load(None, &[("train.lr".into(), "-1".into())]).unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
         assert!(ServerConfig::load(None, &[("max_message_bytes".into(), "2000".into())]).is_err());
+    }
+
+    #[test]
+    fn misspelled_keys_in_every_section_are_refused() {
+        // Audit: `dp.noise_multipler = 5` ran at z = 1.0 without a word.
+        for key in [
+            "dp.noise_multipler",
+            "train.learning_rate",
+            "strategy.fraction_fitt",
+            "dp.adaptive_clipping.target_quantil",
+            "strategy.server_optimizer.momentum_typo",
+            "update_limits.max_abs",
+        ] {
+            let e = ServerConfig::load(None, &[(key.into(), "5".into())]).unwrap_err();
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            assert!(e.to_string().contains(leaf), "{key}: {e}");
+        }
+        let e = ServerConfig::load(None, &[("seed".into(), "1".into())]).unwrap_err();
+        assert!(e.to_string().contains("OS CSPRNG"), "{e}");
+        // Known keys still load.
+        ServerConfig::load(
+            None,
+            &[
+                ("dp.adaptive_clipping.target_quantile".into(), "0.5".into()),
+                ("dp.mode".into(), "\"central\"".into()),
+                ("train.lr_decay".into(), "0.9".into()),
+                ("strategy.aggregator.kind".into(), "\"trimmed_mean\"".into()),
+                ("strategy.aggregator.beta".into(), "0.1".into()),
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn local_mode_refuses_federated_evaluation() {
+        let e = ServerConfig::load(
+            None,
+            &[
+                ("dp.mode".into(), "\"local\"".into()),
+                ("strategy.fraction_evaluate".into(), "1.0".into()),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("local DP"), "{e}");
     }
 
     #[test]

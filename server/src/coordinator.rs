@@ -5,16 +5,24 @@
 //! and when to wake it up ([`Coordinator::poll_timeout`]). The real server drives it from
 //! QUIC connections; the simulator and the unit tests drive it directly.
 //!
-//! A round: select (strategy), send train requests, collect updates until every selected
-//! client answered or the deadline passed, then aggregate if at least the quorum answered,
-//! otherwise retry (re-select) or, after `max_round_retries`, abandon the round. Every
-//! update is validated before the strategy sees it; a rejected update changes neither the
-//! model nor the ledger. Then optional federated evaluation, then the next round.
+//! A round: check the privacy budget, select (strategy; selection randomness from the OS
+//! CSPRNG in deployments, seeded only in simulations and tests), send train requests,
+//! collect updates until every selected client answered or the deadline passed, then
+//! aggregate if at least the quorum answered, otherwise retry or, after
+//! `max_round_retries`, abandon the round. With DP on a retry asks the **same** Poisson
+//! sample again (a fresh sample would make the released sample no longer Poisson(q)), the
+//! budget is checked before every attempt, and in `central` mode a round is never
+//! abandoned: after its last attempt it is released with what arrived (the decision to
+//! release must not depend on how many clients answered). Every update is validated
+//! (round, sender, spec, length, finite, magnitude, norm plausibility, claimed weight,
+//! metric ranges) before the strategy sees it; a rejected update changes neither the model
+//! nor the ledger. Then optional federated evaluation, then the next round.
 
 use crate::ledger::Ledger;
 use crate::strategy::{DpParams, EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy};
 use dpfl_common::config::{ClientPrivacy, DpMode};
 use dpfl_common::model::{ModelSpec, SpecHash};
+use dpfl_common::wire::printable;
 use dpfl_common::wire::{EvalResult, EvaluateRequest, TrainRequest, UpdateMeta};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -37,12 +45,167 @@ pub struct CoordinatorConfig {
     pub eval_timeout: Duration,
     /// Re-selections of a round that missed its quorum before it is abandoned.
     pub max_round_retries: u32,
-    /// Seed for selection.
-    pub seed: u64,
+    /// Where selection randomness comes from.
+    pub selection: Selection,
+    /// Bounds every update must respect.
+    pub limits: UpdateLimits,
     /// The model.
     pub spec: ModelSpec,
     /// DP parameters (for the ledger and the budget check).
     pub dp: DpParams,
+}
+
+/// Where client selection draws its randomness from.
+///
+/// Amplification by sampling, which every `q < 1` epsilon relies on, holds only if nobody
+/// can predict the sample: deployments use [`Selection::Os`]. A seed makes simulations and
+/// tests reproducible and must never drive a deployment's selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// A fresh ChaCha20 key from the operating system's CSPRNG for every draw.
+    Os,
+    /// Reproducible draws from a seed (simulations and tests only).
+    Seeded(u64),
+}
+
+/// What a node declared when it joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeInfo {
+    /// Training examples it holds (bounds the weight it may claim in mode `none`).
+    pub num_examples: u64,
+    /// Held-out examples (bounds the count of its evaluation answers).
+    pub num_eval_examples: u64,
+}
+
+/// Bounds every accepted update respects (one node must not be able to veto or steer a
+/// round by sending extreme values).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpdateLimits {
+    /// Largest absolute value of any coordinate (finite is not enough: values near
+    /// f32::MAX overflow any sum).
+    pub max_abs_value: f32,
+    /// Mode `none` only: largest L2 norm of an update (`None`: unbounded). With DP on the
+    /// clip norm bounds it (central re-clips; local checks plausibility against C and z).
+    pub max_update_norm: Option<f64>,
+    /// Mode `none` only: the largest share of a round's total weight one node may carry,
+    /// enforced by capping claimed example counts (1 = no cap). A node also never claims
+    /// more examples than it declared when it joined.
+    pub max_weight_share: f64,
+    /// Log updates whose norm exceeds this multiple of the round's median norm.
+    pub outlier_factor: f64,
+}
+
+impl Default for UpdateLimits {
+    fn default() -> Self {
+        Self {
+            max_abs_value: 1e4,
+            max_update_norm: None,
+            max_weight_share: 0.5,
+            outlier_factor: 10.0,
+        }
+    }
+}
+
+impl UpdateLimits {
+    /// Range checks.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.max_abs_value.is_finite() && self.max_abs_value > 0.0) {
+            return Err(format!(
+                "update_limits.max_abs_value must be finite and > 0, got {}",
+                self.max_abs_value
+            ));
+        }
+        if let Some(n) = self.max_update_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return Err(format!(
+                    "update_limits.max_update_norm must be finite and > 0, got {n}"
+                ));
+            }
+        }
+        if !(self.max_weight_share > 0.0 && self.max_weight_share <= 1.0) {
+            return Err(format!(
+                "update_limits.max_weight_share must be in (0, 1], got {}",
+                self.max_weight_share
+            ));
+        }
+        if !(self.outlier_factor.is_finite() && self.outlier_factor > 1.0) {
+            return Err(format!(
+                "update_limits.outlier_factor must be > 1, got {}",
+                self.outlier_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Per-node caps on the FedAvg weight in one round: `cap_i = min(d_i, T)` with the
+/// largest `T` such that no node carries more than `share` of the total (water-filling).
+/// When `share` is below `1/k` no `T` can satisfy it and everyone gets the smallest
+/// declared count (equal weights).
+pub fn weight_caps(declared: &[(NodeId, u64)], share: f64) -> BTreeMap<NodeId, u64> {
+    let ok = |t: u64| {
+        let total: u128 = declared.iter().map(|(_, d)| (*d).min(t) as u128).sum();
+        let top = declared.iter().map(|(_, d)| (*d).min(t)).max().unwrap_or(0) as f64;
+        total == 0 || top <= share * total as f64 + 1e-9
+    };
+    let max = declared.iter().map(|(_, d)| *d).max().unwrap_or(0);
+    let t = if share >= 1.0 || ok(max) {
+        max
+    } else {
+        let (mut lo, mut hi) = (1u64, max);
+        if !ok(lo) {
+            declared.iter().map(|(_, d)| *d).min().unwrap_or(0)
+        } else {
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if ok(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        }
+    };
+    declared
+        .iter()
+        .map(|(n, d)| (n.clone(), (*d).min(t)))
+        .collect()
+}
+
+/// Accepted senders whose norm exceeds `factor` times the median norm of the round (at
+/// least three updates needed for a median to mean anything).
+fn outliers(norms: &[(NodeId, f64)], factor: f64) -> Vec<NodeId> {
+    if norms.len() < 3 {
+        return Vec::new();
+    }
+    let mut v: Vec<f64> = norms.iter().map(|(_, n)| *n).collect();
+    v.sort_by(f64::total_cmp);
+    let median = v[v.len() / 2];
+    norms
+        .iter()
+        .filter(|(_, n)| *n > factor * median)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Range checks on training metrics a peer reports (they end up in logs and outputs).
+fn check_metrics(m: &dpfl_common::wire::TrainMetrics) -> Result<(), Rejection> {
+    let bad = |what: &str, v: f64| Err(Rejection::Metrics(format!("{what} = {v:e}")));
+    if !(m.loss.is_finite() && (0.0..=1e6).contains(&m.loss)) {
+        return bad("loss", m.loss);
+    }
+    if !(0.0..=1.0).contains(&m.accuracy) {
+        return bad("accuracy", m.accuracy);
+    }
+    if !(m.seconds.is_finite() && (0.0..=1e7).contains(&m.seconds)) {
+        return bad("seconds", m.seconds);
+    }
+    if m.steps > 1 << 40 {
+        return bad("steps", m.steps as f64);
+    }
+    Ok(())
 }
 
 /// Why an update was rejected. Each kind is counted in the metrics.
@@ -105,6 +268,37 @@ pub enum Rejection {
     /// NaN or infinity.
     #[error("update contains a non-finite value at index {0}")]
     NonFinite(usize),
+    /// A coordinate beyond `max_abs_value`.
+    #[error("update value {value:e} at index {index} exceeds the bound {bound:e}")]
+    Magnitude {
+        /// Index.
+        index: usize,
+        /// Value.
+        value: f32,
+        /// Bound.
+        bound: f32,
+    },
+    /// An L2 norm the mechanism cannot produce (local mode) or above the configured bound.
+    #[error("update norm {norm:.4} exceeds {bound:.4} ({why})")]
+    Norm {
+        /// Norm of the update.
+        norm: f64,
+        /// The bound.
+        bound: f64,
+        /// Which bound.
+        why: &'static str,
+    },
+    /// More examples claimed than declared at join.
+    #[error("update claims {claimed} examples; the node declared {declared} when it joined")]
+    Weight {
+        /// Claimed in the update.
+        claimed: u64,
+        /// Declared in the hello.
+        declared: u64,
+    },
+    /// Metrics out of range.
+    #[error("metrics out of range: {0}")]
+    Metrics(String),
     /// The strategy refused it.
     #[error("strategy: {0}")]
     Strategy(String),
@@ -124,6 +318,10 @@ impl Rejection {
             Rejection::SpecHash => "spec_hash",
             Rejection::Length { .. } => "length",
             Rejection::NonFinite(_) => "non_finite",
+            Rejection::Magnitude { .. } => "magnitude",
+            Rejection::Norm { .. } => "norm",
+            Rejection::Weight { .. } => "weight",
+            Rejection::Metrics(_) => "metrics",
             Rejection::Strategy(_) => "strategy",
         }
     }
@@ -187,6 +385,10 @@ pub struct RoundReport {
     pub abandoned: bool,
     /// Whether the global model changed.
     pub model_updated: bool,
+    /// Why the model did not change, or what was unusual about the release.
+    pub note: Option<String>,
+    /// Accepted senders whose update norm stood far above the round's median.
+    pub outliers: Vec<NodeId>,
     /// Privacy layer's record.
     pub privacy: Option<RoundPrivacy>,
     /// Epsilon after the round (ledger figure).
@@ -265,7 +467,12 @@ pub enum Action {
 struct FitRound {
     round: u64,
     attempt: u32,
+    /// The sample of this attempt (with DP on, the same in every attempt of the round).
     selected: BTreeSet<NodeId>,
+    /// Mode `none`: the largest weight each selected node may carry this round.
+    caps: BTreeMap<NodeId, u64>,
+    /// Norms of accepted updates (outlier log).
+    norms: Vec<(NodeId, f64)>,
     pending: BTreeSet<NodeId>,
     accepted: Vec<NodeId>,
     failures: Vec<Failure>,
@@ -300,6 +507,7 @@ pub struct Coordinator {
     ledger: Ledger,
     completed: u64,
     connected: BTreeSet<NodeId>,
+    infos: BTreeMap<NodeId, NodeInfo>,
     phase: Phase,
     actions: std::collections::VecDeque<Action>,
     rejected: BTreeMap<&'static str, u64>,
@@ -321,6 +529,7 @@ impl Coordinator {
                 cfg.spec.num_params()
             ));
         }
+        cfg.limits.validate()?;
         strategy
             .restore(&snapshot.strategy)
             .map_err(|e| e.to_string())?;
@@ -332,6 +541,7 @@ impl Coordinator {
             ledger: snapshot.ledger,
             completed: snapshot.completed_rounds,
             connected: BTreeSet::new(),
+            infos: BTreeMap::new(),
             phase: Phase::Waiting,
             actions: Default::default(),
             rejected: BTreeMap::new(),
@@ -397,8 +607,9 @@ impl Coordinator {
         }
     }
 
-    /// A client completed its handshake.
-    pub fn handle_connect(&mut self, node: NodeId, now: Instant) {
+    /// A client completed its handshake, declaring `info`.
+    pub fn handle_connect(&mut self, node: NodeId, info: NodeInfo, now: Instant) {
+        self.infos.insert(node.clone(), info);
         self.connected.insert(node);
         self.maybe_start(now);
     }
@@ -409,10 +620,15 @@ impl Coordinator {
         self.fail(node, "disconnected", now);
     }
 
-    /// A client reported that it could not serve a request.
+    /// A client reported that it could not serve a request (`reason` is peer text: it is
+    /// escaped and cut before it is stored).
     pub fn handle_failed(&mut self, node: &str, round: u64, reason: &str, now: Instant) {
         if self.open_round() == Some(round) {
-            self.fail(node, &format!("client error: {reason}"), now);
+            self.fail(
+                node,
+                &format!("client error: {}", printable(reason, 300)),
+                now,
+            );
         }
     }
 
@@ -495,29 +711,48 @@ impl Coordinator {
             }
             return Err(e);
         }
-        let res = self.validate_update(node, &meta, &delta);
-        if let Err(e) = &res {
-            *self.rejected.entry(e.kind()).or_default() += 1;
-            // A selected sender whose update for this round is malformed has failed it.
-            if matches!(
-                e,
-                Rejection::SpecHash | Rejection::Length { .. } | Rejection::NonFinite(_)
-            ) {
-                self.fail(node, &format!("rejected: {e}"), now);
+        let norm = match self.validate_update(node, &meta, &delta) {
+            Ok(norm) => norm,
+            Err(e) => {
+                *self.rejected.entry(e.kind()).or_default() += 1;
+                // A selected sender whose update for this round is malformed has failed it.
+                if matches!(
+                    e,
+                    Rejection::SpecHash
+                        | Rejection::Length { .. }
+                        | Rejection::NonFinite(_)
+                        | Rejection::Magnitude { .. }
+                        | Rejection::Norm { .. }
+                        | Rejection::Weight { .. }
+                        | Rejection::Metrics(_)
+                ) {
+                    self.fail(node, &format!("rejected: {e}"), now);
+                }
+                return Err(e);
             }
-            return res;
-        }
+        };
         let Phase::Fit(f) = &mut self.phase else {
             return Err(Rejection::NoOpenRound);
         };
-        if f.privacy.mode == DpMode::Central {
-            let norm = dpfl_common::dp::l2_norm(&delta);
-            if norm > f.privacy.clip_norm * (1.0 + 1e-4) {
-                self.norm_exceeded += 1;
-            }
+        if f.privacy.mode == DpMode::Central && norm > f.privacy.clip_norm * (1.0 + 1e-4) {
+            self.norm_exceeded += 1;
         }
-        if let Some(m) = &meta.metrics {
-            let w = meta.num_examples.max(1) as f64;
+        f.norms.push((node.to_string(), norm));
+        // Mode `none`: the weight is the claimed count, capped so no node carries more than
+        // `max_weight_share` of the round (DP wrappers weigh every update equally anyway).
+        let num_examples = match f.privacy.mode {
+            DpMode::None => meta
+                .num_examples
+                .min(f.caps.get(node).copied().unwrap_or(meta.num_examples)),
+            _ => meta.num_examples,
+        };
+        // In local mode nothing but the noised delta may be used: metrics are ignored.
+        let metrics = match f.privacy.mode {
+            DpMode::Local => None,
+            _ => meta.metrics,
+        };
+        if let Some(m) = &metrics {
+            let w = num_examples.max(1) as f64;
             f.loss_sum += m.loss * w;
             f.acc_sum += m.accuracy * w;
             f.metric_weight += w;
@@ -525,8 +760,8 @@ impl Coordinator {
         let result = FitResult {
             node: node.to_string(),
             delta,
-            num_examples: meta.num_examples,
-            metrics: meta.metrics,
+            num_examples,
+            metrics,
             clipped: meta.clipped,
         };
         let round = f.round;
@@ -546,12 +781,13 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Checks an update against the open round and the limits; returns its L2 norm.
     fn validate_update(
         &self,
         node: &str,
         meta: &UpdateMeta,
         delta: &[f32],
-    ) -> Result<(), Rejection> {
+    ) -> Result<f64, Rejection> {
         let Phase::Fit(f) = &self.phase else {
             return Err(Rejection::NoOpenRound);
         };
@@ -585,7 +821,58 @@ impl Coordinator {
         if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
             return Err(Rejection::NonFinite(i));
         }
-        Ok(())
+        let lim = &self.cfg.limits;
+        if let Some((index, value)) = delta
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.abs() > lim.max_abs_value)
+        {
+            return Err(Rejection::Magnitude {
+                index,
+                value: *value,
+                bound: lim.max_abs_value,
+            });
+        }
+        let norm = dpfl_common::dp::l2_norm(delta);
+        match f.privacy.mode {
+            DpMode::None => {
+                if let Some(bound) = lim.max_update_norm {
+                    if norm > bound {
+                        return Err(Rejection::Norm {
+                            norm,
+                            bound,
+                            why: "update_limits.max_update_norm",
+                        });
+                    }
+                }
+                let declared = self.infos.get(node).map_or(0, |i| i.num_examples);
+                if meta.num_examples > declared {
+                    return Err(Rejection::Weight {
+                        claimed: meta.num_examples,
+                        declared,
+                    });
+                }
+            }
+            DpMode::Local => {
+                let bound = dpfl_common::dp::local_norm_bound(
+                    f.privacy.clip_norm,
+                    f.privacy.noise_multiplier,
+                    delta.len(),
+                );
+                if norm > bound {
+                    return Err(Rejection::Norm {
+                        norm,
+                        bound,
+                        why: "no honest local-DP update has this norm; false rejection < e^-72",
+                    });
+                }
+            }
+            _ => {}
+        }
+        if let Some(m) = &meta.metrics {
+            check_metrics(m)?;
+        }
+        Ok(norm)
     }
 
     /// A federated evaluation result.
@@ -607,8 +894,20 @@ impl Coordinator {
         if !e.pending.remove(node) {
             return Err(Rejection::Duplicate(result.round));
         }
-        if !(result.loss.is_finite() && (0.0..=1.0).contains(&result.accuracy)) {
-            return Err(Rejection::Strategy("evaluation result out of range".into()));
+        let declared = self.infos.get(node).map_or(0, |i| i.num_eval_examples);
+        let in_range = result.loss.is_finite()
+            && (0.0..=1e6).contains(&result.loss)
+            && (0.0..=1.0).contains(&result.accuracy);
+        if !in_range || result.num_examples > declared {
+            let r = Rejection::Metrics(format!(
+                "evaluation answer: loss {:e}, accuracy {}, {} examples ({} declared)",
+                result.loss, result.accuracy, result.num_examples, declared
+            ));
+            *self.rejected.entry(r.kind()).or_default() += 1;
+            if e.pending.is_empty() {
+                self.close_eval(now);
+            }
+            return Err(r);
         }
         e.results.push((node.to_string(), result));
         if e.pending.is_empty() {
@@ -635,12 +934,19 @@ impl Coordinator {
         }
     }
 
+    /// Randomness for one draw (selection, evaluation). Deployments: a fresh key from the
+    /// OS CSPRNG every time, so no configuration value predicts a sample.
     fn round_rng(&self, round: u64, attempt: u32, salt: u64) -> rand_chacha::ChaCha20Rng {
-        let s = self.cfg.seed
-            ^ round.wrapping_mul(0xA24B_AED4_963E_E407)
-            ^ (attempt as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25)
-            ^ salt;
-        rand_chacha::ChaCha20Rng::seed_from_u64(s)
+        match self.cfg.selection {
+            Selection::Os => rand_chacha::ChaCha20Rng::from_entropy(),
+            Selection::Seeded(seed) => {
+                let s = seed
+                    ^ round.wrapping_mul(0xA24B_AED4_963E_E407)
+                    ^ (attempt as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25)
+                    ^ salt;
+                rand_chacha::ChaCha20Rng::seed_from_u64(s)
+            }
+        }
     }
 
     fn planned_privacy(&self) -> RoundPrivacy {
@@ -650,8 +956,34 @@ impl Coordinator {
             noise_multiplier: self.cfg.dp.noise_multiplier,
             clip_norm: self.cfg.dp.clip_norm,
             clipped_fraction: None,
+            clipped_fraction_noised: None,
             population: self.connected.len(),
             released: true,
+        }
+    }
+
+    /// With a target epsilon, whether one more release would exceed it (checked before
+    /// every attempt, retries included).
+    fn over_budget(&self) -> Option<FinishReason> {
+        let target = self.cfg.dp.target_epsilon?;
+        if !self.cfg.dp.mode.is_private() {
+            return None;
+        }
+        match self.ledger.epsilon_if(&self.planned_privacy()) {
+            Ok(next) if next > target => Some(FinishReason::BudgetReached {
+                epsilon: self.ledger.budget_epsilon(),
+                next,
+                target,
+            }),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!("privacy accounting failed, stopping: {e}");
+                Some(FinishReason::BudgetReached {
+                    epsilon: self.ledger.budget_epsilon(),
+                    next: f64::INFINITY,
+                    target,
+                })
+            }
         }
     }
 
@@ -667,56 +999,69 @@ impl Coordinator {
         if self.connected.len() < self.cfg.min_clients {
             return;
         }
-        if let (Some(target), true) = (self.cfg.dp.target_epsilon, self.cfg.dp.mode.is_private()) {
-            let p = self.planned_privacy();
-            let expected = ((p.sampling_rate * p.population as f64).round() as usize).max(2);
-            match self.ledger.epsilon_if(&p, expected) {
-                Ok(next) if next > target => {
-                    self.finish(FinishReason::BudgetReached {
-                        epsilon: self.ledger.budget_epsilon(),
-                        next,
-                        target,
-                    });
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!("privacy accounting failed, stopping: {e}");
-                    self.finish(FinishReason::BudgetReached {
-                        epsilon: self.ledger.budget_epsilon(),
-                        next: f64::INFINITY,
-                        target,
-                    });
-                    return;
-                }
-            }
-        }
         self.round_started = Some(now);
-        self.start_attempt(self.completed + 1, 1, now);
+        self.start_attempt(self.completed + 1, 1, None, now);
     }
 
-    fn start_attempt(&mut self, round: u64, attempt: u32, now: Instant) {
+    /// Starts an attempt of `round`. `sample`: with DP on, the round's Poisson sample,
+    /// asked again on a retry.
+    fn start_attempt(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        sample: Option<BTreeSet<NodeId>>,
+        now: Instant,
+    ) {
+        if let Some(reason) = self.over_budget() {
+            self.finish(reason);
+            return;
+        }
         let available: Vec<NodeId> = self.connected.iter().cloned().collect();
         let mut rng = self.round_rng(round, attempt, 1);
         let plan = self.strategy.configure_fit(round, &available, &mut rng);
-        let selected: BTreeSet<NodeId> = plan
-            .nodes
-            .into_iter()
-            .filter(|n| self.connected.contains(n))
-            .collect();
+        let selected: BTreeSet<NodeId> = match sample {
+            Some(s) => s,
+            None => plan
+                .nodes
+                .into_iter()
+                .filter(|n| self.connected.contains(n))
+                .collect(),
+        };
         let request = TrainRequest {
             round,
             spec_hash: self.spec_hash,
             config: plan.config,
             privacy: plan.privacy,
         };
+        let caps = if plan.privacy.mode == DpMode::None {
+            let declared: Vec<(NodeId, u64)> = selected
+                .iter()
+                .map(|n| (n.clone(), self.infos.get(n).map_or(0, |i| i.num_examples)))
+                .collect();
+            weight_caps(&declared, self.cfg.limits.max_weight_share)
+        } else {
+            BTreeMap::new()
+        };
+        // A sampled node that is gone fails this attempt at once.
+        let (pending, gone): (BTreeSet<NodeId>, BTreeSet<NodeId>) = selected
+            .iter()
+            .cloned()
+            .partition(|n| self.connected.contains(n));
         self.phase = Phase::Fit(FitRound {
             round,
             attempt,
-            pending: selected.clone(),
+            pending: pending.clone(),
             selected: selected.clone(),
+            caps,
+            norms: Vec::new(),
             accepted: Vec::new(),
-            failures: Vec::new(),
+            failures: gone
+                .into_iter()
+                .map(|node| Failure {
+                    node,
+                    reason: "not connected".into(),
+                })
+                .collect(),
             deadline: now + self.cfg.round_timeout,
             started: now,
             privacy: plan.privacy,
@@ -725,14 +1070,14 @@ impl Coordinator {
             metric_weight: 0.0,
         });
         tracing::debug!(round, attempt, selected = selected.len(), "round started");
-        if selected.is_empty() {
+        if pending.is_empty() {
             // Poisson sampling may pick nobody; the round still closes (and in central
             // mode still releases noise).
             self.close_fit(now);
         } else {
             self.actions.push_back(Action::Train {
                 round,
-                nodes: selected.into_iter().collect(),
+                nodes: pending.into_iter().collect(),
                 request,
                 params: self.global.clone(),
             });
@@ -743,12 +1088,14 @@ impl Coordinator {
         let Phase::Fit(f) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             return;
         };
+        let mode = self.cfg.dp.mode;
         let quorum = self.cfg.min_fit_clients.min(f.selected.len());
         let mut abandoned = false;
         let mut model_updated = false;
+        let mut note = None;
         if f.accepted.len() < quorum {
             // Local mode: the accepted updates were released to the server; they count.
-            if self.cfg.dp.mode == DpMode::Local && !f.accepted.is_empty() {
+            if mode == DpMode::Local && !f.accepted.is_empty() {
                 let mut p = self.planned_privacy();
                 p.population = f.selected.len().max(p.population);
                 if let Err(e) = self.ledger.record(f.round, &p, &f.accepted) {
@@ -763,11 +1110,24 @@ impl Coordinator {
                     accepted: f.accepted.len(),
                     quorum,
                 });
-                self.start_attempt(f.round, f.attempt + 1, now);
+                let sample = mode.is_private().then(|| f.selected.clone());
+                self.start_attempt(f.round, f.attempt + 1, sample, now);
                 return;
             }
-            abandoned = true;
-        } else {
+            if mode == DpMode::Central {
+                // Whether a round is released must not depend on how many sampled clients
+                // answered: release what arrived (noise is calibrated to one client, the
+                // division is by the expected count).
+                note = Some(format!(
+                    "released below quorum ({} of {quorum} after {} attempts)",
+                    f.accepted.len(),
+                    f.attempt
+                ));
+            } else {
+                abandoned = true;
+            }
+        }
+        if !abandoned {
             match self
                 .strategy
                 .aggregate_fit(f.round, &self.global, &f.failures)
@@ -777,20 +1137,22 @@ impl Coordinator {
                         self.global = Arc::new(new);
                         model_updated = true;
                     } else {
-                        tracing::error!(
-                            round = f.round,
-                            "strategy produced an invalid model; keeping the previous one"
+                        note = Some(
+                            "model unchanged: the aggregate was not a finite model of the right \
+                             size"
+                                .into(),
                         );
                     }
                 }
-                Ok(None) => {}
+                Ok(None) => note = Some("model unchanged: nothing to aggregate".into()),
                 Err(e) => {
                     tracing::error!(round = f.round, "aggregation failed, round abandoned: {e}");
+                    note = Some(format!("abandoned: aggregation failed: {e}"));
                     abandoned = true;
                 }
             }
         }
-        let privacy = if self.cfg.dp.mode.is_private() && !abandoned {
+        let privacy = if mode.is_private() && !abandoned {
             let p = self.strategy.round_privacy();
             match &p {
                 Some(p) => {
@@ -808,6 +1170,7 @@ impl Coordinator {
         } else {
             None
         };
+        let outliers = outliers(&f.norms, self.cfg.limits.outlier_factor);
         self.completed = f.round;
         let w = f.metric_weight;
         let report = RoundReport {
@@ -822,6 +1185,8 @@ impl Coordinator {
             train_accuracy: (w > 0.0).then(|| f.acc_sum / w),
             abandoned,
             model_updated,
+            note,
+            outliers,
             privacy,
             epsilon: self.cfg.dp.mode.is_private().then(|| self.ledger.epsilon()),
             federated_eval: None,
@@ -924,7 +1289,8 @@ mod tests {
             round_timeout: Duration::from_secs(10),
             eval_timeout: Duration::from_secs(5),
             max_round_retries: retries,
-            seed: 7,
+            selection: Selection::Seeded(7),
+            limits: UpdateLimits::default(),
             spec: spec(),
             dp,
         };
@@ -934,6 +1300,13 @@ mod tests {
             Coordinator::initial_snapshot(vec![0.0; P], &dp),
         )
         .unwrap()
+    }
+
+    fn info() -> NodeInfo {
+        NodeInfo {
+            num_examples: 1000,
+            num_eval_examples: 100,
+        }
     }
 
     fn meta(round: u64, n: u64) -> UpdateMeta {
@@ -963,7 +1336,7 @@ mod tests {
 
     fn connect_all(c: &mut Coordinator, t: Instant) {
         for i in 0..4 {
-            c.handle_connect(format!("n{i}"), t);
+            c.handle_connect(format!("n{i}"), info(), t);
         }
     }
 
@@ -972,10 +1345,10 @@ mod tests {
         let t0 = Instant::now();
         let mut c = coordinator(2, DpParams::default(), 0);
         for i in 0..3 {
-            c.handle_connect(format!("n{i}"), t0);
+            c.handle_connect(format!("n{i}"), info(), t0);
         }
         assert!(c.poll_action().is_none());
-        c.handle_connect("n3".into(), t0);
+        c.handle_connect("n3".into(), info(), t0);
         for expected_round in 1..=3 {
             let (round, nodes) = train_nodes(&mut c);
             assert_eq!(round, expected_round);
@@ -1042,7 +1415,7 @@ mod tests {
         assert_eq!(c.global()[0], 5.0);
         // Below min_clients no round starts; the dropped client rejoins for the next one.
         assert!(c.poll_action().is_none());
-        c.handle_connect(nodes[2].clone(), t0);
+        c.handle_connect(nodes[2].clone(), info(), t0);
         // A late update for the closed round is stale.
         let (round2, _) = train_nodes(&mut c);
         assert_eq!(round2, 2);
@@ -1240,5 +1613,265 @@ mod tests {
         assert_eq!(done, 1);
         assert!(matches!(reason, FinishReason::BudgetReached { target, .. } if target == 6.0));
         assert!((c.ledger().epsilon() - 4.728).abs() < 0.01);
+    }
+
+    fn central(q: f64) -> DpParams {
+        DpParams {
+            mode: DpMode::Central,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sampling_rate: q,
+            delta: 1e-5,
+            target_epsilon: None,
+            adaptive_clipping: None,
+        }
+    }
+
+    fn with_nodes(mut c: Coordinator, n: usize, t: Instant) -> Coordinator {
+        for i in 0..n {
+            c.handle_connect(format!("n{i:03}"), info(), t);
+        }
+        c
+    }
+
+    #[test]
+    fn deployment_selection_is_unpredictable_and_seeded_selection_reproducible() {
+        // Audit: selection was ChaCha seeded from the config `seed`, so the sample of every
+        // round could be predicted and amplification by sampling did not hold.
+        let t0 = Instant::now();
+        let sample = |selection: Selection| {
+            let mut c = coordinator(1, central(0.5), 0);
+            c.cfg.selection = selection;
+            c.cfg.min_clients = 200;
+            let mut c = with_nodes(c, 200, t0);
+            train_nodes(&mut c).1
+        };
+        let (a, b) = (sample(Selection::Os), sample(Selection::Os));
+        assert_ne!(
+            a, b,
+            "two deployments with one config must select differently"
+        );
+        assert_eq!(sample(Selection::Seeded(3)), sample(Selection::Seeded(3)));
+    }
+
+    #[test]
+    fn dp_retry_asks_the_same_sample_and_checks_the_budget_first() {
+        // Audit: a retry drew a fresh Poisson sample (the released sample was then no
+        // longer Poisson(q)) and local retries skipped the budget check.
+        let t0 = Instant::now();
+        let mut dp = central(0.5);
+        dp.mode = DpMode::Local;
+        let mut c = coordinator(1000, dp, 3);
+        c.cfg.min_clients = 50;
+        let mut c = with_nodes(c, 50, t0);
+        let (round, first) = train_nodes(&mut c);
+        // Two of the sample answer (released to the server in local mode), then the
+        // deadline: quorum missed.
+        for n in &first[..2] {
+            c.handle_update(n, round, meta(round, 0), vec![0.01; P], t0)
+                .unwrap();
+        }
+        c.handle_timeout(t0 + Duration::from_secs(11));
+        let (r2, second) = train_nodes(&mut c);
+        assert_eq!(r2, round);
+        assert_eq!(second, first, "a DP retry must ask the same sample");
+        assert_eq!(
+            c.ledger().rounds.len(),
+            1,
+            "the released attempt is charged"
+        );
+        // A budget that the next release would exceed stops before the next attempt.
+        let spent = c.ledger().epsilon();
+        c.cfg.dp.target_epsilon = Some(spent * 1.01);
+        c.handle_timeout(t0 + Duration::from_secs(30));
+        let mut finish = None;
+        while let Some(a) = c.poll_action() {
+            assert!(
+                !matches!(a, Action::Train { .. }),
+                "no attempt beyond the budget"
+            );
+            if let Action::Finish { reason, .. } = a {
+                finish = Some(reason);
+            }
+        }
+        assert!(
+            matches!(finish, Some(FinishReason::BudgetReached { .. })),
+            "{finish:?}"
+        );
+    }
+
+    #[test]
+    fn a_central_round_is_released_even_below_quorum() {
+        // Whether a round is released must not depend on how many sampled clients answered.
+        let t0 = Instant::now();
+        let mut c = coordinator(3, central(1.0), 0);
+        connect_all(&mut c, t0);
+        let (round, nodes) = train_nodes(&mut c);
+        c.handle_update(&nodes[0], round, meta(round, 1), vec![0.1; P], t0)
+            .unwrap();
+        c.handle_timeout(t0 + Duration::from_secs(11));
+        let report = loop {
+            if let Some(Action::RoundCompleted(r)) = c.poll_action() {
+                break r;
+            }
+        };
+        assert!(!report.abandoned);
+        assert!(report.model_updated);
+        assert!(report
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("below quorum"));
+        assert_eq!(c.ledger().rounds.len(), 1);
+    }
+
+    #[test]
+    fn extreme_values_and_claims_are_rejected_per_update_not_per_round() {
+        // Audit: values near f32::MAX vetoed every round; num_examples = 10^12 steered it.
+        let t0 = Instant::now();
+        let mut c = coordinator(1, DpParams::default(), 0);
+        connect_all(&mut c, t0);
+        let (round, nodes) = train_nodes(&mut c);
+        let e = c
+            .handle_update(
+                &nodes[0],
+                round,
+                meta(round, 10),
+                vec![f32::MAX / 2.0; P],
+                t0,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), "magnitude");
+        let e = c
+            .handle_update(
+                &nodes[1],
+                round,
+                meta(round, 1_000_000_000_000),
+                vec![0.0; P],
+                t0,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), "weight");
+        let mut bad = meta(round, 10);
+        bad.metrics.as_mut().unwrap().loss = 1e300;
+        let e = c
+            .handle_update(&nodes[2], round, bad, vec![0.0; P], t0)
+            .unwrap_err();
+        assert_eq!(e.kind(), "metrics");
+        c.handle_update(&nodes[3], round, meta(round, 10), vec![1.0; P], t0)
+            .unwrap();
+        let report = loop {
+            if let Some(Action::RoundCompleted(r)) = c.poll_action() {
+                break r;
+            }
+        };
+        assert!(report.model_updated, "the honest update still counts");
+        assert_eq!(c.global()[0], 1.0);
+    }
+
+    #[test]
+    fn no_node_carries_more_than_its_share_of_the_weight() {
+        let caps = weight_caps(
+            &[
+                ("a".into(), 100),
+                ("b".into(), 100),
+                ("evil".into(), 1_000_000),
+            ],
+            0.5,
+        );
+        assert_eq!(caps["a"], 100);
+        assert_eq!(caps["evil"], 200, "{caps:?}");
+        // Honest equal nodes are untouched.
+        let caps = weight_caps(&[("a".into(), 7), ("b".into(), 7), ("c".into(), 7)], 0.5);
+        assert!(caps.values().all(|v| *v == 7));
+        // share = 1 disables the cap; a share below 1/k gives equal weights.
+        assert_eq!(
+            weight_caps(&[("a".into(), 1), ("b".into(), 9)], 1.0)["b"],
+            9
+        );
+        let eq = weight_caps(&[("a".into(), 1), ("b".into(), 9)], 0.1);
+        assert_eq!(eq["a"], eq["b"]);
+        // End to end: the big claimant weighs as much as all others together at most.
+        let t0 = Instant::now();
+        let mut c = coordinator(1, DpParams::default(), 0);
+        c.handle_connect(
+            "big".into(),
+            NodeInfo {
+                num_examples: 1_000_000,
+                num_eval_examples: 0,
+            },
+            t0,
+        );
+        for i in 0..3 {
+            c.handle_connect(format!("n{i}"), info(), t0);
+        }
+        let (round, nodes) = train_nodes(&mut c);
+        for n in &nodes {
+            let (claim, v) = if n == "big" {
+                (1_000_000, -30.0)
+            } else {
+                (1000, 1.0)
+            };
+            c.handle_update(n, round, meta(round, claim), vec![v; P], t0)
+                .unwrap();
+        }
+        // caps: others 1000 each (3000), big capped at 3000 -> (3000 * 1 - 3000 * 30) / 6000
+        assert!(
+            (c.global()[0] - (3000.0 - 90_000.0) / 6000.0).abs() < 1e-3,
+            "{}",
+            c.global()[0]
+        );
+    }
+
+    #[test]
+    fn local_updates_with_impossible_norms_are_rejected() {
+        // Audit: a norm-1000 update (honest ~ sqrt(C^2 + (zC)^2 d)) was accepted in local mode.
+        let t0 = Instant::now();
+        let mut dp = central(1.0);
+        dp.mode = DpMode::Local;
+        dp.noise_multiplier = 0.5;
+        let mut c = coordinator(1, dp, 0);
+        connect_all(&mut c, t0);
+        let (round, nodes) = train_nodes(&mut c);
+        let e = c
+            .handle_update(&nodes[0], round, meta(round, 0), vec![100.0; P], t0)
+            .unwrap_err();
+        assert_eq!(e.kind(), "norm");
+        c.handle_update(&nodes[1], round, meta(round, 0), vec![0.3; P], t0)
+            .unwrap();
+    }
+
+    #[test]
+    fn evaluation_answers_with_impossible_counts_are_rejected() {
+        let t0 = Instant::now();
+        let s = build(
+            FedAvgConfig {
+                fraction_evaluate: 1.0,
+                ..Default::default()
+            },
+            TrainSettings::default(),
+            DpParams::default(),
+            P,
+            Box::new(SimulationGaussian::seeded(1)),
+        )
+        .unwrap();
+        let mut c = coordinator(1, DpParams::default(), 0);
+        c.strategy = s;
+        connect_all(&mut c, t0);
+        let (round, nodes) = train_nodes(&mut c);
+        for n in &nodes {
+            c.handle_update(n, round, meta(round, 10), vec![0.0; P], t0)
+                .unwrap();
+        }
+        let r = EvalResult {
+            round,
+            loss: 0.5,
+            accuracy: 0.9,
+            num_examples: u64::MAX,
+        };
+        assert_eq!(
+            c.handle_eval_result(&nodes[0], r, t0).unwrap_err().kind(),
+            "metrics"
+        );
     }
 }

@@ -1,26 +1,32 @@
-//! The privacy ledger: what every round released and what every client spent.
+//! The privacy ledger: what every release cost and what every client spent.
 //!
-//! Per round: mode, q, z, C, participants, and epsilon so far at the configured delta. Per
-//! client: rounds joined and epsilon spent. Epsilons are recomputed from the recorded
-//! rounds (never accumulated by hand), so a ledger restored from a checkpoint reports
-//! exactly what an uninterrupted run would.
+//! A row is one **release**: a round (or, in `local` mode, an attempt of a round) whose
+//! output left the mechanism: a noised model in `central` mode, noised updates received by
+//! the server in `local` mode. A round re-run after a crash is a second release and gets a
+//! second row. Epsilons are recomputed from the rows (never accumulated by hand), so a
+//! ledger restored from disk reports exactly what an uninterrupted run would.
 //!
-//! What "epsilon" means per mode (DESIGN.md section 4):
-//! - `central`: the federation-level guarantee for every client: the sampled Gaussian with
-//!   multiplier z at rate q over all released rounds; the tighter of RDP (with
-//!   amplification) and opendp zCDP (without).
-//! - `local`, **against the server** (`client_epsilon`): each client's own spend over the
-//!   rounds it took part in; sensitivity 2C against noise zC, i.e. multiplier z/2, no
-//!   amplification (the server sees who was sampled).
-//! - `local`, **aggregate view** (`epsilon`): against someone who sees only the aggregates
-//!   or the final model, the sum of m noised updates carries noise z*C*sqrt(m) for
-//!   sensitivity C; counted conservatively with sqrt(m - 1) (the other participants' noise
-//!   only) and amplified by sampling. It assumes the other participants add their noise
-//!   honestly.
+//! What "epsilon" means per mode (neighbouring relation: add or remove one client with all
+//! of its data):
+//! - `central` (adversary: anyone who sees the released models, including other nodes;
+//!   the server is trusted): the sampled Gaussian with multiplier z at rate q over every
+//!   release; the tighter of RDP (with amplification by Poisson sampling, which holds
+//!   because selection draws from the OS CSPRNG and the sample is not published) and
+//!   opendp zCDP (without).
+//! - `local` (adversary: the server, and anyone who sees what it sees): each participation
+//!   releases the client's clipped update plus `N(0, (zC)^2)`; against the server the
+//!   sensitivity is 2C (the update can be anything in the ball), multiplier z/2, no
+//!   amplification (the server knows who was sampled). [`Ledger::epsilon`] is the bound for
+//!   a client that took part in every release (public: it does not depend on who took
+//!   part); [`Ledger::clients`] holds each client's actual spend (operator-only: it reveals
+//!   participation). No "aggregate view" figure is reported: under add/remove the removed
+//!   client's noise disappears with it, so the variance of the sum itself reveals presence.
+//!
+//! [`Ledger::public`] is the part that may be published.
 
-use crate::strategy::{NodeId, RoundPrivacy};
+use crate::strategy::{DpParams, NodeId, RoundPrivacy};
 use dpfl_common::config::DpMode;
-use dpfl_common::dp::accountant::{self, AccountError, Method, RdpAccountant};
+use dpfl_common::dp::accountant::{self, AccountError, Method};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -41,7 +47,8 @@ pub struct LedgerRound {
     pub participants: usize,
     /// Population sampled from.
     pub population: usize,
-    /// Epsilon after this round (central: federation level; local: aggregate view).
+    /// Epsilon after this release (central: every client; local: a client that took part
+    /// in every release).
     pub epsilon: f64,
     /// Which bound gave `epsilon`.
     pub method: Method,
@@ -50,9 +57,10 @@ pub struct LedgerRound {
 /// One client's spend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ClientSpend {
-    /// Rounds in which this client's update was accepted.
+    /// Releases in which this client's update was accepted.
     pub rounds_joined: u64,
-    /// Epsilon spent: local mode, against the server; central mode, the federation level.
+    /// Epsilon spent: local mode, against the server over its own releases; central mode,
+    /// the federation level (the same for everyone).
     pub epsilon: f64,
 }
 
@@ -74,6 +82,92 @@ pub fn local_client_epsilon(z: f64, rounds: u64, delta: f64) -> Result<f64, Acco
     Ok(accountant::epsilon(1.0, z / 2.0, rounds, delta)?.0)
 }
 
+/// The publishable part of the ledger: per release, the mechanism's parameters and the
+/// epsilon so far; nothing that depends on who took part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublicLedger {
+    /// Mode of the federation.
+    pub mode: DpMode,
+    /// delta of every reported epsilon.
+    pub delta: f64,
+    /// Neighbouring relation of the guarantee.
+    pub neighbouring: String,
+    /// Who the epsilon protects against.
+    pub adversary: String,
+    /// Epsilon so far (see `adversary`).
+    pub epsilon: f64,
+    /// Releases, in order.
+    pub releases: Vec<PublicRelease>,
+}
+
+/// One release in the public ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublicRelease {
+    /// Round number (a round re-run after a crash appears twice).
+    pub round: u64,
+    /// Sampling rate q.
+    pub sampling_rate: f64,
+    /// Noise multiplier z.
+    pub noise_multiplier: f64,
+    /// Clipping bound C.
+    pub clip_norm: f64,
+    /// Epsilon after this release.
+    pub epsilon: f64,
+    /// Which bound gave it.
+    pub method: Method,
+}
+
+/// What a configuration will cost, computed before the first round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Epsilon after all configured rounds (one release each).
+    pub epsilon: f64,
+    /// With a target: how many releases fit under it.
+    pub affordable: Option<u64>,
+    /// Who the figure protects against.
+    pub adversary: &'static str,
+}
+
+/// The epsilon `rounds` releases under `dp` would reach, and how many the target allows.
+pub fn plan(dp: &DpParams, rounds: u64) -> Result<Plan, AccountError> {
+    let (q, z, adversary) = match dp.mode {
+        DpMode::Local => (
+            1.0,
+            dp.noise_multiplier / 2.0,
+            "against the server, per client",
+        ),
+        _ => (
+            dp.sampling_rate,
+            dp.noise_multiplier,
+            "against observers of the released models",
+        ),
+    };
+    let eps = |t: u64| accountant::epsilon(q, z, t, dp.delta).map(|e| e.0);
+    let epsilon = eps(rounds)?;
+    let affordable = match dp.target_epsilon {
+        None => None,
+        Some(target) if epsilon <= target => Some(rounds),
+        Some(target) => {
+            // Largest t in [0, rounds) with eps(t) <= target.
+            let (mut lo, mut hi) = (0u64, rounds);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if eps(mid)? <= target {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            Some(lo)
+        }
+    };
+    Ok(Plan {
+        epsilon,
+        affordable,
+        adversary,
+    })
+}
+
 impl Ledger {
     /// An empty ledger.
     pub fn new(mode: DpMode, delta: f64) -> Self {
@@ -85,83 +179,56 @@ impl Ledger {
         }
     }
 
-    /// Epsilon so far (0 when DP is off or nothing was released).
+    /// Epsilon so far (0 when DP is off or nothing was released): `central`, every
+    /// client's; `local`, that of a client that took part in every release.
     pub fn epsilon(&self) -> f64 {
         self.rounds.last().map_or(0.0, |r| r.epsilon)
     }
 
-    /// Largest epsilon any single client has spent.
+    /// Largest epsilon any single client has actually spent (operator-only figure).
     pub fn max_client_epsilon(&self) -> f64 {
         self.clients.values().map(|c| c.epsilon).fold(0.0, f64::max)
     }
 
-    /// The figure a `target_epsilon` is compared with: central, the federation epsilon;
-    /// local, the largest per-client spend.
+    /// The figure a `target_epsilon` is compared with: [`Ledger::epsilon`] in every mode.
+    /// In `local` mode it is the worst case over clients whatever their actual
+    /// participation, so the decision to stop reveals nothing about who took part.
     pub fn budget_epsilon(&self) -> f64 {
-        match self.mode {
-            DpMode::Local => self.max_client_epsilon(),
-            _ => self.epsilon(),
-        }
+        self.epsilon()
     }
 
-    fn round_multiplier(r: &LedgerRound) -> f64 {
+    /// What the mechanism of one release counts as: (sampling rate, multiplier).
+    fn step(r: &LedgerRound) -> (f64, f64) {
         match r.mode {
-            DpMode::Local => r.noise_multiplier * ((r.participants.max(2) - 1) as f64).sqrt(),
-            _ => r.noise_multiplier,
+            // Against the server: sensitivity 2C, no amplification.
+            DpMode::Local => (1.0, r.noise_multiplier / 2.0),
+            _ => (r.sampling_rate, r.noise_multiplier),
         }
     }
 
-    /// Epsilon over a list of (q, z) rounds: min of RDP and opendp zCDP.
+    /// Epsilon over a list of (q, z) steps: the tighter of RDP and opendp zCDP.
     fn epsilon_of(steps: &[(f64, f64)], delta: f64) -> Result<(f64, Method), AccountError> {
-        if steps.is_empty() {
-            return Ok((0.0, Method::Rdp));
-        }
         let mut groups: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         for (q, z) in steps {
             *groups.entry((q.to_bits(), z.to_bits())).or_default() += 1;
         }
-        let mut rdp = RdpAccountant::default();
-        for ((q, z), n) in &groups {
-            rdp.compose(f64::from_bits(*q), f64::from_bits(*z), *n)?;
-        }
-        let rdp_eps = rdp.epsilon(delta)?;
-        let zs: Vec<f64> = steps.iter().map(|(_, z)| *z).collect();
-        let zcdp = accountant::zcdp_epsilon(&zs, delta).unwrap_or(f64::INFINITY);
-        Ok(if zcdp < rdp_eps {
-            (zcdp, Method::Zcdp)
-        } else {
-            (rdp_eps, Method::Rdp)
-        })
+        let groups: Vec<(f64, f64, u64)> = groups
+            .into_iter()
+            .map(|((q, z), n)| (f64::from_bits(q), f64::from_bits(z), n))
+            .collect();
+        accountant::epsilon_of_rounds(&groups, delta)
     }
 
-    /// The epsilon after one more round like `p` with `participants` accepted updates,
-    /// without recording it (for `target_epsilon` checks before a round starts).
-    pub fn epsilon_if(&self, p: &RoundPrivacy, participants: usize) -> Result<f64, AccountError> {
-        match self.mode {
-            // Worst case for the budget: a client that joined every round so far joins again.
-            DpMode::Local => {
-                let most = self
-                    .clients
-                    .values()
-                    .map(|c| c.rounds_joined)
-                    .max()
-                    .unwrap_or(0);
-                local_client_epsilon(p.noise_multiplier, most + 1, self.delta)
-            }
-            _ => {
-                let mut steps = self.steps();
-                let next = Self::row(0, p, participants);
-                steps.push((next.sampling_rate, Self::round_multiplier(&next)));
-                Ok(Self::epsilon_of(&steps, self.delta)?.0)
-            }
-        }
+    /// The epsilon after one more release like `p`, without recording it (for the
+    /// `target_epsilon` check before every attempt).
+    pub fn epsilon_if(&self, p: &RoundPrivacy) -> Result<f64, AccountError> {
+        let mut steps = self.steps();
+        steps.push(Self::step(&Self::row(0, p, 0)));
+        Ok(Self::epsilon_of(&steps, self.delta)?.0)
     }
 
     fn steps(&self) -> Vec<(f64, f64)> {
-        self.rounds
-            .iter()
-            .map(|r| (r.sampling_rate, Self::round_multiplier(r)))
-            .collect()
+        self.rounds.iter().map(Self::step).collect()
     }
 
     fn row(round: u64, p: &RoundPrivacy, participants: usize) -> LedgerRound {
@@ -187,7 +254,7 @@ impl Ledger {
     ) -> Result<(), AccountError> {
         let mut row = Self::row(round, p, participants);
         let mut steps = self.steps();
-        steps.push((row.sampling_rate, Self::round_multiplier(&row)));
+        steps.push(Self::step(&row));
         let (eps, method) = Self::epsilon_of(&steps, self.delta)?;
         row.epsilon = eps;
         row.method = method;
@@ -222,38 +289,84 @@ impl Ledger {
         Ok(())
     }
 
-    /// Records a released round and the clients whose updates it used.
+    /// Records a release and the clients whose updates it used.
     pub fn record(
         &mut self,
         round: u64,
         p: &RoundPrivacy,
         joined: &[NodeId],
     ) -> Result<(), AccountError> {
-        if !p.released && p.mode != DpMode::Local {
+        if !p.released {
             return Ok(());
         }
         self.push(round, p, joined.len(), joined)
     }
 
-    /// A human-readable summary for the end of a run.
+    /// Whether `self` extends `earlier`: same mode and delta, and `earlier`'s releases are
+    /// a prefix of this ledger's. A ledger journaled before a release extends the
+    /// checkpoint's ledger when the process died between the two writes.
+    pub fn extends(&self, earlier: &Ledger) -> bool {
+        self.mode == earlier.mode
+            && self.delta == earlier.delta
+            && self.rounds.len() >= earlier.rounds.len()
+            && self.rounds[..earlier.rounds.len()] == earlier.rounds[..]
+    }
+
+    /// The publishable view (see [`PublicLedger`]).
+    pub fn public(&self) -> PublicLedger {
+        let adversary = match self.mode {
+            DpMode::None => "none: differential privacy is off",
+            DpMode::Local => {
+                "the server and everyone who sees what it sees (each client's own noised \
+                 updates); epsilon of a client that took part in every release, sensitivity \
+                 2C, no amplification by sampling"
+            }
+            _ => {
+                "everyone who sees the released models, other nodes included (the server is \
+                 trusted with clipped updates); Poisson sampling at rate q from the OS \
+                 CSPRNG, sample not published"
+            }
+        };
+        PublicLedger {
+            mode: self.mode,
+            delta: self.delta,
+            neighbouring: "add or remove one client with all of its data".into(),
+            adversary: adversary.into(),
+            epsilon: self.epsilon(),
+            releases: self
+                .rounds
+                .iter()
+                .map(|r| PublicRelease {
+                    round: r.round,
+                    sampling_rate: r.sampling_rate,
+                    noise_multiplier: r.noise_multiplier,
+                    clip_norm: r.clip_norm,
+                    epsilon: r.epsilon,
+                    method: r.method,
+                })
+                .collect(),
+        }
+    }
+
+    /// A human-readable summary for the end of a run (operator log: names clients).
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "privacy ledger: mode={} delta={:e} rounds released={} ",
+            "privacy ledger: mode={} delta={:e} releases={} ",
             self.mode,
             self.delta,
             self.rounds.len()
         );
         match self.mode {
             DpMode::Local => s.push_str(&format!(
-                "| per-client epsilon against the server: max {:.4} | aggregate-view epsilon {:.4}",
-                self.max_client_epsilon(),
-                self.epsilon()
+                "| epsilon against the server: {:.4} for a client in every release, max actual {:.4}",
+                self.epsilon(),
+                self.max_client_epsilon()
             )),
             _ => s.push_str(&format!("| epsilon {:.4} (every client)", self.epsilon())),
         }
         for (n, c) in &self.clients {
             s.push_str(&format!(
-                "\n  {n}: rounds joined {}, epsilon {:.4}",
+                "\n  {n}: releases joined {}, epsilon {:.4}",
                 c.rounds_joined, c.epsilon
             ));
         }
@@ -272,6 +385,7 @@ mod tests {
             noise_multiplier: z,
             clip_norm: 1.0,
             clipped_fraction: None,
+            clipped_fraction_noised: None,
             population: 100,
             released: true,
         }
@@ -309,10 +423,85 @@ mod tests {
             l.clients["b"].epsilon
         );
         assert!(l.clients["a"].epsilon > l.clients["b"].epsilon);
-        assert_eq!(l.budget_epsilon(), l.clients["a"].epsilon);
-        // The next round's worst case is a client joining for the third time.
-        let next = l.epsilon_if(&p, 2).unwrap();
+        // The public figure and the budget are the worst case: a client in every release.
+        assert!((l.epsilon() - local_client_epsilon(2.0, 2, 1e-5).unwrap()).abs() < 1e-12);
+        assert_eq!(l.budget_epsilon(), l.epsilon());
+        // The next release's worst case is a client joining for the third time.
+        let next = l.epsilon_if(&p).unwrap();
         assert!((next - local_client_epsilon(2.0, 3, 1e-5).unwrap()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn local_mode_reports_no_aggregate_view_epsilon() {
+        // Audit: with one participant per round the ledger printed a finite "aggregate
+        // view" epsilon (z * sqrt(max(m, 2) - 1) amplified by sampling), far below the
+        // client's real spend against the server. Under add/remove that figure is not a
+        // valid bound; the only local figure is the spend against the server.
+        let mut l = Ledger::new(DpMode::Local, 1e-5);
+        let p = privacy(DpMode::Local, 0.1, 1.0);
+        for r in 1..=10 {
+            l.record(r, &p, &["solo".to_string()]).unwrap();
+        }
+        let against_server = local_client_epsilon(1.0, 10, 1e-5).unwrap();
+        assert!(
+            (l.epsilon() - against_server).abs() < 1e-9,
+            "{}",
+            l.epsilon()
+        );
+        assert!((l.clients["solo"].epsilon - against_server).abs() < 1e-9);
+        assert!(!l.summary().contains("aggregate"));
+    }
+
+    #[test]
+    fn public_view_names_no_client_and_no_counts() {
+        let mut l = Ledger::new(DpMode::Central, 1e-5);
+        l.record(
+            1,
+            &privacy(DpMode::Central, 0.2, 1.5),
+            &["hospital-a".into()],
+        )
+        .unwrap();
+        let json = serde_json::to_string(&l.public()).unwrap();
+        assert!(!json.contains("hospital-a"), "{json}");
+        assert!(!json.contains("participants") && !json.contains("population"));
+        assert_eq!(l.public().releases.len(), 1);
+        assert!(l.public().adversary.contains("released models"));
+    }
+
+    #[test]
+    fn plan_reports_the_final_epsilon_and_the_rounds_a_target_allows() {
+        let dp = DpParams {
+            mode: DpMode::Central,
+            noise_multiplier: 1.0,
+            sampling_rate: 0.1,
+            target_epsilon: Some(3.442),
+            ..Default::default()
+        };
+        let p = plan(&dp, 100).unwrap();
+        assert!((p.epsilon / 7.904 - 1.0).abs() < 0.01, "{}", p.epsilon);
+        // Reference: 10 rounds reach 3.442.
+        assert!(matches!(p.affordable, Some(9..=10)), "{:?}", p.affordable);
+        let tiny = DpParams {
+            target_epsilon: Some(0.01),
+            ..dp
+        };
+        assert_eq!(plan(&tiny, 100).unwrap().affordable, Some(0));
+    }
+
+    #[test]
+    fn a_journaled_ledger_extends_the_checkpointed_one() {
+        let p = privacy(DpMode::Central, 0.1, 1.0);
+        let mut ckpt = Ledger::new(DpMode::Central, 1e-5);
+        ckpt.record(1, &p, &[]).unwrap();
+        let mut journal = ckpt.clone();
+        journal.record(2, &p, &[]).unwrap();
+        assert!(journal.extends(&ckpt));
+        assert!(!ckpt.extends(&journal));
+        let mut other = Ledger::new(DpMode::Central, 1e-5);
+        other
+            .record(1, &privacy(DpMode::Central, 0.5, 1.0), &[])
+            .unwrap();
+        assert!(!journal.extends(&other));
     }
 
     #[test]

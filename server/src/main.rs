@@ -12,7 +12,7 @@ use std::path::PathBuf;
 /// Settings come from a TOML file (see configs/) and can be overridden by the flags
 /// below or by `--set key=value` for any key of the file (e.g. `--set dp.noise_multiplier=1.1`).
 #[derive(Parser, Debug)]
-#[command(name = "dpfl-server", version)]
+#[command(name = "dpfl-server", version, allow_negative_numbers = true)]
 struct Args {
     /// TOML configuration file. Without it, built-in defaults are used.
     #[arg(long, short)]
@@ -52,9 +52,6 @@ struct Args {
     /// Stop before the round that would exceed this epsilon (key `dp.target_epsilon`).
     #[arg(long)]
     target_epsilon: Option<f64>,
-    /// Seed for selection and shuffling (key `seed`).
-    #[arg(long)]
-    seed: Option<u64>,
     /// Ignore an existing checkpoint and start from round 1 (key `resume = false`).
     #[arg(long)]
     fresh: bool,
@@ -98,9 +95,6 @@ fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
     }
     if let Some(v) = a.target_epsilon {
         o.push(("dp.target_epsilon".into(), format!("{v:?}")));
-    }
-    if let Some(v) = a.seed {
-        o.push(("seed".into(), v.to_string()));
     }
     if a.fresh {
         o.push(("resume".into(), "false".into()));

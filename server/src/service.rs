@@ -8,23 +8,36 @@
 //! network traffic, metrics lines, checkpoints and centralised evaluations.
 //!
 //! Identity: the node name is the common name of the client certificate, which must chain
-//! to the federation CA (rustls verifies it during the handshake). A second connection
-//! with the same identity **replaces** the first: a node that crashed and restarted must
-//! be able to rejoin before the old connection times out; both hold the same private key,
-//! so this admits no one new.
+//! to the federation CA (rustls verifies it during the handshake), **bound to the
+//! certificate's key** on first use ([`Pins`], persisted in `out_dir/identities.json`): a
+//! certificate with a known name and another key is refused, loudly. A second connection
+//! with the same name and key replaces the first: a node that crashed and restarted must
+//! be able to rejoin before the old connection times out. Revocation (deny list) is
+//! re-checked every round and every few seconds for connected nodes.
+//!
+//! Outputs: what may be published (`metrics.jsonl`, `ledger.json`, `summary.json`,
+//! `model.safetensors`) holds, with DP on, only what the guarantee covers: released
+//! models, their evaluation on the server's own test data, the mechanism's parameters and
+//! noised statistics, the epsilon curve. Everything else (participants, failures and their
+//! reasons, sample sizes, exact clipped fractions, training metrics, federated evaluation,
+//! timings, rejections) goes to the operator-only `operator/` folder and the log. The
+//! ledger is written durably **before** any model it accounts for leaves the server.
 
-use crate::admission::{admit, RateLimiter};
+use crate::admission::{AdmissionError, Lists, Pins, RateLimiter};
 use crate::checkpoint;
 use crate::config::ServerConfig;
-use crate::coordinator::{Action, Coordinator, CoordinatorConfig, FinishReason, RoundReport};
-use crate::ledger::Ledger;
+use crate::coordinator::{
+    Action, Coordinator, CoordinatorConfig, FinishReason, NodeInfo, RoundReport, Selection,
+};
+use crate::ledger::{Ledger, PublicLedger};
 use crate::strategy::{self, NodeId, Strategy};
 use dpfl_certs::{Credentials, Layout};
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::{GaussianNoise, OpenDpGaussian};
 use dpfl_common::model::{init_params, short_hex, ModelSpec};
 use dpfl_common::wire::{
-    self, DpAgreement, Finish, Header, Message, Refusal, RefusalKind, UpdateMeta, Welcome,
+    self, printable, DpAgreement, Finish, Header, Message, Refusal, RefusalKind, UpdateMeta,
+    Welcome,
 };
 use dpfl_ml::{DataSource, DeviceData, Mlp};
 use serde::Serialize;
@@ -32,9 +45,14 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Test-only fault injection (`DPFL_FAULT=abort-after-release:N`): abort the process right
+/// after the model of round N has been sent out and before that round's checkpoint, the
+/// window in which a crash used to release a model the ledger never recorded.
+const FAULT_ENV: &str = "DPFL_FAULT";
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -89,15 +107,45 @@ pub struct RunSummary {
     pub rejected: HashMap<String, u64>,
 }
 
-/// One line of `metrics.jsonl`.
+/// What `summary.json` publishes with DP on: nothing about who took part.
+#[derive(Debug, Serialize)]
+struct PublicSummary<'a> {
+    rounds_completed: u64,
+    finish: &'a Option<String>,
+    test_accuracy: Option<f64>,
+    test_loss: Option<f64>,
+    ledger: PublicLedger,
+}
+
+/// One line of `metrics.jsonl` with DP on: only what the guarantee covers.
+#[derive(Debug, Serialize)]
+struct PublicLine {
+    round: u64,
+    dp_mode: DpMode,
+    epsilon: Option<f64>,
+    delta: Option<f64>,
+    noise_multiplier: Option<f64>,
+    clip_norm: Option<f64>,
+    /// From the noised count of adaptive clipping (covered by the round's mechanism).
+    clipped_fraction: Option<f64>,
+    model_updated: bool,
+    test_accuracy: Option<f64>,
+    test_loss: Option<f64>,
+}
+
+/// One line of `operator/metrics.jsonl` (and of `metrics.jsonl` when DP is off).
 #[derive(Debug, Serialize)]
 struct MetricsLine {
     round: u64,
+    unix_time: f64,
+    note: Option<String>,
+    outliers: Vec<String>,
     participants: usize,
     selected: usize,
     failed: usize,
     attempts: u32,
     abandoned: bool,
+    model_updated: bool,
     train_loss: Option<f64>,
     train_accuracy: Option<f64>,
     test_accuracy: Option<f64>,
@@ -122,6 +170,9 @@ enum Event {
     Connected {
         node: NodeId,
         conn: quinn::Connection,
+        info: NodeInfo,
+        /// Certificate fingerprint (for re-checking the deny list).
+        cert: String,
     },
     Disconnected {
         node: NodeId,
@@ -201,6 +252,10 @@ pub struct Server {
     evaluator: Option<Evaluator>,
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
     out: PathBuf,
+    pins: Arc<Mutex<Pins>>,
+    /// Releases of the ledger already on disk (`None`: not written yet by this process).
+    ledger_persisted: Option<usize>,
+    fault_abort_after: Option<u64>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> ServerError {
@@ -250,6 +305,25 @@ impl Server {
             true => checkpoint::load(&ckpt, &cfg.fingerprint())?,
             false => None,
         };
+        // A ledger journaled before a release that the checkpoint never saw (the process
+        // died between the two writes) is the truth: those releases happened.
+        let snapshot = match snapshot {
+            Some(mut s) => {
+                if let Some(journal) = read_ledger_journal(&cfg.out_dir)? {
+                    if journal.extends(&s.ledger) && journal.rounds.len() > s.ledger.rounds.len() {
+                        tracing::warn!(
+                            checkpointed = s.ledger.rounds.len(),
+                            journaled = journal.rounds.len(),
+                            "the ledger journal records releases after the last checkpoint \
+                             (a crash between release and checkpoint); they stay charged"
+                        );
+                        s.ledger = journal;
+                    }
+                }
+                Some(s)
+            }
+            None => None,
+        };
         let snapshot = match snapshot {
             Some(s) => {
                 tracing::info!(
@@ -269,10 +343,13 @@ impl Server {
             round_timeout: cfg.round_timeout(),
             eval_timeout: Duration::from_secs_f64(cfg.eval_timeout_secs),
             max_round_retries: cfg.max_round_retries,
-            seed: cfg.seed,
+            // Deployments always draw selection from the OS CSPRNG.
+            selection: Selection::Os,
+            limits: cfg.update_limits,
             spec: spec.clone(),
             dp: cfg.dp,
         };
+        log_privacy_plan(&cfg);
         let coordinator =
             Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
         let evaluator = match &cfg.test_data {
@@ -295,13 +372,22 @@ impl Server {
             cfg.listen,
             Duration::from_secs_f64(cfg.idle_timeout_secs),
         )?;
+        let pins = Pins::open(&cfg.out_dir.join("identities.json"))
+            .map_err(|e| ServerError::Io(e.to_string()))?;
+        let fault_abort_after = std::env::var(FAULT_ENV).ok().and_then(|v| {
+            v.strip_prefix("abort-after-release:")
+                .and_then(|n| n.parse().ok())
+        });
         Ok(Self {
             out: cfg.out_dir.clone(),
+            ledger_persisted: None,
             cfg,
             endpoint,
             coordinator,
             evaluator,
             observer: None,
+            pins: Arc::new(Mutex::new(pins)),
+            fault_abort_after,
         })
     }
 
@@ -334,8 +420,13 @@ impl Server {
             spec.clone(),
             ev_tx.clone(),
             conns,
+            self.pins.clone(),
         ));
         let mut registry: HashMap<NodeId, quinn::Connection> = HashMap::new();
+        // Certificate fingerprint of each connected node, for re-checking revocation.
+        let mut certs: HashMap<NodeId, String> = HashMap::new();
+        let mut admission_tick = tokio::time::interval(Duration::from_secs(2));
+        admission_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut summary = RunSummary {
             rounds_completed: self.coordinator.completed_rounds(),
             finish: None,
@@ -345,11 +436,18 @@ impl Server {
             seconds: 0.0,
             rejected: HashMap::new(),
         };
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.out.join("metrics.jsonl"))
-            .map_err(io_err)?;
+        let open_append = |path: PathBuf| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io_err)
+        };
+        std::fs::create_dir_all(self.out.join("operator")).map_err(io_err)?;
+        let mut metrics = Outputs {
+            public: open_append(self.out.join("metrics.jsonl"))?,
+            operator: open_append(self.out.join("operator").join("metrics.jsonl"))?,
+        };
         tracing::info!(
             addr = %self.local_addr()?,
             model = ?spec.layers,
@@ -377,6 +475,13 @@ impl Server {
                 Action::RoundCompleted(_) => 1,
                 Action::Finish { .. } => 2,
             });
+            // No model leaves before the ledger that accounts for it is on disk (the
+            // checkpoint may follow; the ledger write is small).
+            self.persist_ledger()?;
+            if actions.iter().any(|a| matches!(a, Action::Train { .. })) {
+                // Revocation takes effect before a round's requests go out.
+                self.enforce_admission(&mut registry, &mut certs);
+            }
             for action in actions {
                 match action {
                     Action::Train {
@@ -438,6 +543,14 @@ impl Server {
                             *summary.rejected.entry(k.to_string()).or_default() += v;
                         }
                         let started = sent_at.remove(&report.round);
+                        if self.fault_abort_after == Some(report.round) {
+                            tracing::error!(
+                                round = report.round,
+                                "{FAULT_ENV}: aborting after the release, before the checkpoint"
+                            );
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            std::process::abort();
+                        }
                         self.complete_round(*report, started, &mut metrics, &mut summary)
                             .await?;
                     }
@@ -460,7 +573,10 @@ impl Server {
             tokio::select! {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { break };
-                    self.handle_event(ev, &mut registry);
+                    self.handle_event(ev, &mut registry, &mut certs);
+                }
+                _ = admission_tick.tick() => {
+                    self.enforce_admission(&mut registry, &mut certs);
                 }
                 _ = sleep_until(wake) => {
                     self.coordinator.handle_timeout(Instant::now());
@@ -478,10 +594,22 @@ impl Server {
             .map_err(io_err)?;
         summary.ledger = self.coordinator.ledger().clone();
         summary.seconds = started.elapsed().as_secs_f64();
-        write_json(&self.out.join("ledger.json"), &summary.ledger)?;
-        write_json(&self.out.join("summary.json"), &summary)?;
+        self.persist_ledger()?;
+        write_json(&self.out.join("operator").join("summary.json"), &summary)?;
         if self.cfg.dp.mode.is_private() {
+            write_json(
+                &self.out.join("summary.json"),
+                &PublicSummary {
+                    rounds_completed: summary.rounds_completed,
+                    finish: &summary.finish,
+                    test_accuracy: summary.test_accuracy,
+                    test_loss: summary.test_loss,
+                    ledger: summary.ledger.public(),
+                },
+            )?;
             tracing::info!("{}", summary.ledger.summary());
+        } else {
+            write_json(&self.out.join("summary.json"), &summary)?;
         }
         // Give Finish messages a moment to be delivered before closing.
         if finished {
@@ -496,21 +624,85 @@ impl Server {
         Ok(summary)
     }
 
-    fn handle_event(&mut self, ev: Event, registry: &mut HashMap<NodeId, quinn::Connection>) {
+    /// Writes the ledger (full, operator-only, and its public view) if it has releases not
+    /// yet on disk. Called before anything that carries a model leaves the server.
+    fn persist_ledger(&mut self) -> Result<(), ServerError> {
+        let ledger = self.coordinator.ledger();
+        if self.ledger_persisted == Some(ledger.rounds.len()) {
+            return Ok(());
+        }
+        write_json(&self.out.join("operator").join("ledger.json"), ledger)?;
+        if self.cfg.dp.mode.is_private() {
+            write_json(&self.out.join("ledger.json"), &ledger.public())?;
+        } else {
+            write_json(&self.out.join("ledger.json"), ledger)?;
+        }
+        self.ledger_persisted = Some(ledger.rounds.len());
+        Ok(())
+    }
+
+    /// Re-reads the allow/deny lists and disconnects connected nodes that are no longer
+    /// admitted (revocation must not wait for a node to reconnect).
+    fn enforce_admission(
+        &mut self,
+        registry: &mut HashMap<NodeId, quinn::Connection>,
+        certs: &mut HashMap<NodeId, String>,
+    ) {
+        if registry.is_empty() {
+            return;
+        }
+        let lists = match Lists::load(&self.cfg.admission) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot re-check admission of connected nodes: {e}");
+                return;
+            }
+        };
+        let revoked: Vec<(NodeId, AdmissionError)> = registry
+            .keys()
+            .filter_map(|n| {
+                let fp = certs.get(n).map(String::as_str).unwrap_or("");
+                lists.admit(n, fp).err().map(|e| (n.clone(), e))
+            })
+            .collect();
+        let now = Instant::now();
+        for (node, why) in revoked {
+            tracing::warn!(%node, "disconnecting a connected node: {why}");
+            if let Some(conn) = registry.remove(&node) {
+                conn.close(4u32.into(), b"revoked");
+            }
+            certs.remove(&node);
+            self.coordinator.handle_disconnect(&node, now);
+        }
+    }
+
+    fn handle_event(
+        &mut self,
+        ev: Event,
+        registry: &mut HashMap<NodeId, quinn::Connection>,
+        certs: &mut HashMap<NodeId, String>,
+    ) {
         let now = Instant::now();
         match ev {
-            Event::Connected { node, conn } => {
+            Event::Connected {
+                node,
+                conn,
+                info,
+                cert,
+            } => {
                 if let Some(old) = registry.insert(node.clone(), conn) {
-                    tracing::warn!(%node, "second connection with the same identity replaces the first");
+                    tracing::warn!(%node, "second connection with the same identity and key replaces the first");
                     old.close(2u32.into(), b"replaced by a newer connection");
                     self.coordinator.handle_disconnect(&node, now);
                 }
+                certs.insert(node.clone(), cert);
                 tracing::info!(%node, connected = registry.len(), "client joined");
-                self.coordinator.handle_connect(node, now);
+                self.coordinator.handle_connect(node, info, now);
             }
             Event::Disconnected { node, id } => {
                 if registry.get(&node).map(|c| c.stable_id()) == Some(id) {
                     registry.remove(&node);
+                    certs.remove(&node);
                     tracing::info!(%node, connected = registry.len(), "client left");
                     self.coordinator.handle_disconnect(&node, now);
                 }
@@ -550,7 +742,12 @@ impl Server {
                     header: Header::Failed { round, reason },
                     ..
                 }) => {
-                    tracing::warn!(%node, round, "client could not serve the request: {reason}");
+                    tracing::warn!(
+                        %node,
+                        round,
+                        "client could not serve the request: {}",
+                        printable(&reason, 300)
+                    );
                     self.coordinator.handle_failed(&node, round, &reason, now);
                 }
                 Ok(other) => {
@@ -612,7 +809,7 @@ impl Server {
         &mut self,
         r: RoundReport,
         sent_at: Option<Instant>,
-        metrics: &mut std::fs::File,
+        out: &mut Outputs,
         summary: &mut RunSummary,
     ) -> Result<(), ServerError> {
         let seconds = sent_at.map_or_else(
@@ -636,13 +833,20 @@ impl Server {
         }
         summary.rounds_completed = r.round;
         let p = r.privacy;
+        let private = self.cfg.dp.mode.is_private();
         let line = MetricsLine {
             round: r.round,
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            note: r.note.clone(),
+            outliers: r.outliers.clone(),
             participants: r.participants.len(),
             selected: r.selected,
             failed: r.failures.len(),
             attempts: r.attempts,
             abandoned: r.abandoned,
+            model_updated: r.model_updated,
             train_loss: r.train_loss,
             train_accuracy: r.train_accuracy,
             test_accuracy: test.map(|t| t.0),
@@ -652,7 +856,7 @@ impl Server {
             federated_examples: r.federated_eval.map(|e| e.num_examples),
             seconds,
             epsilon: r.epsilon,
-            delta: self.cfg.dp.mode.is_private().then_some(self.cfg.dp.delta),
+            delta: private.then_some(self.cfg.dp.delta),
             dp_mode: self.cfg.dp.mode,
             noise_multiplier: p.map(|p| p.noise_multiplier),
             clip_norm: p.map(|p| p.clip_norm),
@@ -664,19 +868,38 @@ impl Server {
             failures: r
                 .failures
                 .iter()
-                .map(|f| format!("{}: {}", f.node, f.reason))
+                .map(|f| format!("{}: {}", f.node, printable(&f.reason, 300)))
                 .collect(),
         };
         let json = serde_json::to_string(&line).map_err(io_err)?;
-        writeln!(metrics, "{json}")
-            .and_then(|_| metrics.sync_data())
+        writeln!(out.operator, "{json}")
+            .and_then(|_| out.operator.sync_data())
+            .map_err(io_err)?;
+        let public = if private {
+            serde_json::to_string(&PublicLine {
+                round: r.round,
+                dp_mode: self.cfg.dp.mode,
+                epsilon: r.epsilon,
+                delta: Some(self.cfg.dp.delta),
+                noise_multiplier: p.map(|p| p.noise_multiplier),
+                clip_norm: p.map(|p| p.clip_norm),
+                clipped_fraction: p.and_then(|p| p.clipped_fraction_noised),
+                model_updated: r.model_updated,
+                test_accuracy: test.map(|t| t.0),
+                test_loss: test.map(|t| t.1),
+            })
+            .map_err(io_err)?
+        } else {
+            json
+        };
+        writeln!(out.public, "{public}")
+            .and_then(|_| out.public.sync_data())
             .map_err(io_err)?;
         checkpoint::save(
             &self.out.join("checkpoint.bin"),
             &self.cfg.fingerprint(),
             &r.snapshot,
         )?;
-        write_json(&self.out.join("ledger.json"), &r.snapshot.ledger)?;
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
         let eps = match r.epsilon {
             Some(e) => format!(" epsilon {e:.3}"),
@@ -686,13 +909,18 @@ impl Server {
             Some(e) => format!(" fed-eval acc {:.4} ({} clients)", e.accuracy, e.clients),
             None => String::new(),
         };
+        let status = match (&r.note, r.abandoned) {
+            (_, true) => " ABANDONED".to_string(),
+            (Some(n), false) => format!(" [{n}]"),
+            (None, false) => String::new(),
+        };
         tracing::info!(
             "round {}/{}: {} participants ({} failed){} train loss {} test acc {} loss {}{}{} {:.2}s",
             r.round,
             self.cfg.rounds,
             r.participants.len(),
             r.failures.len(),
-            if r.abandoned { " ABANDONED" } else { "" },
+            status,
             fmt(r.train_loss),
             fmt(test.map(|t| t.0)),
             fmt(test.map(|t| t.1)),
@@ -700,7 +928,77 @@ impl Server {
             fed,
             seconds
         );
+        if !r.outliers.is_empty() {
+            tracing::warn!(
+                round = r.round,
+                "updates far above the round's median norm (factor {}): {:?}; consider a robust \
+                 aggregator (strategy.aggregator) if nodes are not fully trusted",
+                self.cfg.update_limits.outlier_factor,
+                r.outliers
+            );
+        }
         Ok(())
+    }
+}
+
+/// The two metrics streams: publishable and operator-only.
+struct Outputs {
+    public: std::fs::File,
+    operator: std::fs::File,
+}
+
+/// The full ledger journaled in `operator/ledger.json`, if present.
+fn read_ledger_journal(out: &std::path::Path) -> Result<Option<Ledger>, ServerError> {
+    let path = out.join("operator").join("ledger.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ServerError::Io(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ServerError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Logs the privacy plan at start-up: the mechanism, the epsilon the configured rounds
+/// would reach, and how many rounds the target allows.
+fn log_privacy_plan(cfg: &ServerConfig) {
+    let dp = &cfg.dp;
+    if !dp.mode.is_private() {
+        tracing::warn!("differential privacy is off (dp.mode = none): no privacy guarantee");
+        return;
+    }
+    match crate::ledger::plan(dp, cfg.rounds) {
+        Ok(plan) => {
+            tracing::info!(
+                mode = %dp.mode,
+                z = dp.noise_multiplier,
+                clip = dp.clip_norm,
+                q = dp.sampling_rate,
+                delta = dp.delta,
+                target = ?dp.target_epsilon,
+                "privacy plan: {} rounds reach epsilon {:.4} ({}){}",
+                cfg.rounds,
+                plan.epsilon,
+                plan.adversary,
+                plan.affordable.map_or(String::new(), |n| format!(
+                    "; the target allows {n} of them"
+                ))
+            );
+            if let Some(n) = plan.affordable {
+                if n == 0 {
+                    tracing::warn!(
+                        "the target epsilon stops training before round 1: one round already \
+                         exceeds it"
+                    );
+                } else if n * 2 < cfg.rounds {
+                    tracing::warn!(
+                        "the target epsilon stops training after round {n} of {}",
+                        cfg.rounds
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::error!("privacy plan: {e}"),
     }
 }
 
@@ -772,6 +1070,7 @@ async fn accept_loop(
     spec: ModelSpec,
     ev_tx: mpsc::Sender<Event>,
     conns: Arc<Semaphore>,
+    pins: Arc<Mutex<Pins>>,
 ) {
     let mut limiter = RateLimiter::new(cfg.admission.handshakes_per_sec, Instant::now());
     let cfg = Arc::new(cfg);
@@ -786,10 +1085,10 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let (cfg, spec, tx) = (cfg.clone(), spec.clone(), ev_tx.clone());
+        let (cfg, spec, tx, pins) = (cfg.clone(), spec.clone(), ev_tx.clone(), pins.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = serve_connection(incoming, &cfg, &spec, &tx).await {
+            if let Err(e) = serve_connection(incoming, &cfg, &spec, &tx, &pins).await {
                 tracing::warn!(%remote, "connection refused: {e}");
             }
             drop(permit);
@@ -802,6 +1101,7 @@ async fn serve_connection(
     cfg: &ServerConfig,
     spec: &ModelSpec,
     tx: &mpsc::Sender<Event>,
+    pins: &Mutex<Pins>,
 ) -> Result<(), String> {
     const HANDSHAKE: Duration = Duration::from_secs(10);
     let conn = tokio::time::timeout(HANDSHAKE, incoming)
@@ -818,6 +1118,7 @@ async fn serve_connection(
     let leaf = certs.first().ok_or("empty client certificate chain")?;
     let node = dpfl_certs::node_name(leaf).map_err(|e| e.to_string())?;
     let fingerprint = dpfl_certs::fingerprint(leaf);
+    let key = dpfl_certs::key_fingerprint(leaf).map_err(|e| e.to_string())?;
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE, conn.accept_bi())
         .await
         .map_err(|_| format!("{node}: no hello within {HANDSHAKE:?}"))?
@@ -829,7 +1130,7 @@ async fn serve_connection(
     .await
     .map_err(|_| format!("{node}: hello timed out"))?
     .map_err(|e| format!("{node}: hello: {e}"))?;
-    let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint) {
+    let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint, &key, pins) {
         Ok(w) => w,
         Err(refusal) => {
             let detail = refusal.detail.clone();
@@ -841,7 +1142,7 @@ async fn serve_connection(
             return Err(format!("{node}: {detail}"));
         }
     };
-    send.write_all(&wire::encode(&Header::Welcome(welcome), &[]))
+    send.write_all(&wire::encode(&Header::Welcome(welcome.0.clone()), &[]))
         .await
         .map_err(|e| format!("{node}: {e}"))?;
     send.finish().map_err(|e| format!("{node}: {e}"))?;
@@ -849,6 +1150,8 @@ async fn serve_connection(
     tx.send(Event::Connected {
         node: node.clone(),
         conn: conn.clone(),
+        info: welcome.1,
+        cert: fingerprint,
     })
     .await
     .map_err(|_| "server stopped".to_string())?;
@@ -860,14 +1163,17 @@ async fn serve_connection(
     Ok(())
 }
 
-/// Decides whether a verified peer's hello is accepted.
+/// Decides whether a verified peer's hello is accepted: admission lists, the identity's
+/// key binding, DP mode, model shape. Returns the welcome and what the node declared.
 fn check_hello(
     bytes: &[u8],
     cfg: &ServerConfig,
     spec: &ModelSpec,
     node: &str,
     fingerprint: &str,
-) -> Result<Welcome, Refusal> {
+    key: &str,
+    pins: &Mutex<Pins>,
+) -> Result<(Welcome, NodeInfo), Refusal> {
     let refuse = |kind, detail: String| Err(Refusal { kind, detail });
     let hello = match wire::decode(bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
         Ok(Message {
@@ -891,7 +1197,21 @@ fn check_hello(
         }
         Err(e) => return refuse(RefusalKind::Version, format!("malformed hello: {e}")),
     };
-    if let Err(e) = admit(&cfg.admission, node, fingerprint) {
+    let lists = match Lists::load(&cfg.admission) {
+        Ok(l) => l,
+        Err(e) => return refuse(RefusalKind::Unavailable, e.to_string()),
+    };
+    if let Err(e) = lists.admit(node, fingerprint) {
+        return refuse(RefusalKind::NotAdmitted, e.to_string());
+    }
+    let pinned = match pins.lock() {
+        Ok(mut p) => p.check(node, key, &lists),
+        Err(_) => Err(AdmissionError::Store("identity store lock poisoned".into())),
+    };
+    if let Err(e) = pinned {
+        if matches!(e, AdmissionError::KeyMismatch { .. }) {
+            tracing::error!(%node, "IMPERSONATION ATTEMPT? {e}");
+        }
         return refuse(RefusalKind::NotAdmitted, e.to_string());
     }
     if hello.dp_mode != cfg.dp.mode {
@@ -915,7 +1235,7 @@ fn check_hello(
             ),
         );
     }
-    Ok(Welcome {
+    let welcome = Welcome {
         node: node.to_string(),
         spec: spec.clone(),
         spec_hash: spec.hash(),
@@ -925,7 +1245,12 @@ fn check_hello(
             sampling_rate: cfg.dp.sampling_rate,
             delta: cfg.dp.delta,
         },
-    })
+    };
+    let info = NodeInfo {
+        num_examples: hello.num_examples,
+        num_eval_examples: hello.num_eval_examples,
+    };
+    Ok((welcome, info))
 }
 
 /// Installs a tracing subscriber that logs to stderr (`RUST_LOG` overrides `default`).

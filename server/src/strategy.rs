@@ -73,8 +73,13 @@ pub struct RoundPrivacy {
     pub noise_multiplier: f64,
     /// Clipping bound used this round.
     pub clip_norm: f64,
-    /// Fraction of participants whose update was clipped (`None` when not observable).
+    /// Exact fraction of participants whose update was clipped (`None` when not
+    /// observable). Operator-only: it is not covered by the guarantee.
     pub clipped_fraction: Option<f64>,
+    /// The clipped fraction estimated from the noised count of adaptive clipping: covered
+    /// by the round's mechanism, so it may be published.
+    #[serde(default)]
+    pub clipped_fraction_noised: Option<f64>,
     /// Population the round sampled from.
     pub population: usize,
     /// Whether noise was actually released this round (false for an abandoned central round).
@@ -558,6 +563,7 @@ impl<S: Strategy> Strategy for LocalDp<S> {
             noise_multiplier: self.dp.noise_multiplier,
             clip_norm: self.dp.clip_norm,
             clipped_fraction: None,
+            clipped_fraction_noised: None,
             population: self.population,
             released: self.participants > 0,
         });
@@ -569,21 +575,16 @@ impl<S: Strategy> Strategy for LocalDp<S> {
         self.inner.apply_delta(global, delta)
     }
 
+    /// Never: an evaluation answer (exact loss, accuracy and count on the node's data, for
+    /// any model the untrusted server chooses) is an un-noised query of the data local DP
+    /// protects from the server. Nodes refuse it too.
     fn configure_evaluate(
         &mut self,
-        round: u64,
-        available: &[NodeId],
-        rng: &mut dyn RngCore,
+        _round: u64,
+        _available: &[NodeId],
+        _rng: &mut dyn RngCore,
     ) -> Vec<NodeId> {
-        self.inner.configure_evaluate(round, available, rng)
-    }
-
-    fn aggregate_evaluate(
-        &mut self,
-        round: u64,
-        results: &[(NodeId, EvalResult)],
-    ) -> Option<EvalSummary> {
-        self.inner.aggregate_evaluate(round, results)
+        Vec::new()
     }
 
     fn round_privacy(&self) -> Option<RoundPrivacy> {
@@ -653,6 +654,14 @@ impl<S: Strategy> CentralDp<S> {
     }
 
     /// (noise multiplier for the update sum, s.d. of the count noise) this round.
+    ///
+    /// The count query is the **centred** sum `sum_i (b_i - 1/2)` over the participants
+    /// (`b_i` = 1 when client i's update was within C), as in TF-Privacy's quantile
+    /// estimator: adding or removing one client moves it by exactly 1/2. Together with the
+    /// update sum (sensitivity C, noise `z_delta C`) the pair is one Gaussian mechanism with
+    /// multiplier `(z_delta^-2 + (2 sigma_b)^-2)^-1/2`; choosing
+    /// `z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2` makes that exactly `z`, the multiplier the
+    /// ledger records (Andrew et al. 2021, whose split assumes this sensitivity of 1/2).
     fn split_noise(&self, expected: f64) -> Result<(f64, Option<f64>), StrategyError> {
         let z = self.dp.noise_multiplier;
         match self.dp.adaptive_clipping {
@@ -738,10 +747,14 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let clip_used = self.clip;
         let clipped_fraction =
             (self.participants > 0).then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
+        let mut clipped_fraction_noised = None;
         if let (Some(a), Some(sb)) = (self.dp.adaptive_clipping, sigma_b) {
-            let mut count = [self.unclipped as f32];
-            self.noise.add_calibrated(&mut count, sb, 1.0)?;
-            let b = count[0] as f64 / expected;
+            // Centred count: sensitivity 1/2 (see `split_noise`), noise s.d. sigma_b.
+            let centred = self.unclipped as f64 - 0.5 * self.participants as f64;
+            let mut count = [centred as f32];
+            self.noise.add_calibrated(&mut count, 2.0 * sb, 0.5)?;
+            let b = count[0] as f64 / expected + 0.5;
+            clipped_fraction_noised = Some(1.0 - b);
             self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
         }
         self.last = Some(RoundPrivacy {
@@ -750,6 +763,7 @@ impl<S: Strategy> Strategy for CentralDp<S> {
             noise_multiplier: self.dp.noise_multiplier,
             clip_norm: clip_used,
             clipped_fraction,
+            clipped_fraction_noised,
             population: self.population,
             released: true,
         });
@@ -990,6 +1004,102 @@ mod tests {
         );
         bad.configure_fit(1, &nodes(8), &mut rng);
         assert!(bad.aggregate_fit(1, &[0.0; 4], &[]).is_err());
+    }
+
+    /// One mechanism call: (input, z, sensitivity).
+    type Call = (Vec<f32>, f64, f64);
+
+    /// Records every mechanism call and adds no noise.
+    #[derive(Default)]
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Call>>>);
+
+    impl GaussianNoise for Recorder {
+        fn add_noise(
+            &mut self,
+            _v: &mut [f32],
+            _sigma: f64,
+        ) -> Result<(), dpfl_common::dp::NoiseError> {
+            Ok(())
+        }
+        fn add_calibrated(
+            &mut self,
+            v: &mut [f32],
+            z: f64,
+            sensitivity: f64,
+        ) -> Result<(), dpfl_common::dp::NoiseError> {
+            self.0.lock().unwrap().push((v.to_vec(), z, sensitivity));
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+    }
+
+    #[test]
+    fn adaptive_clipping_pair_is_one_gaussian_mechanism_with_the_recorded_multiplier() {
+        // Audit: the raw 0/1 unclipped count (sensitivity 1) was noised with the split that
+        // assumes sensitivity 1/2, so the true multiplier exceeded the recorded one.
+        let z = 0.8;
+        let sigma_b = 0.5; // 10 clients' default would be m/20 = 0.5
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut s = CentralDp::new(
+            FedAvg::new(FedAvgConfig::default(), TrainSettings::default(), 4),
+            DpParams {
+                mode: DpMode::Central,
+                noise_multiplier: z,
+                clip_norm: 1.0,
+                sampling_rate: 1.0,
+                adaptive_clipping: Some(AdaptiveClipping {
+                    count_stddev: Some(sigma_b),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Box::new(Recorder(calls.clone())),
+            4,
+        );
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        s.configure_fit(1, &nodes(4), &mut rng);
+        for (i, clipped) in [false, false, false, true].into_iter().enumerate() {
+            let mut r = fit(&format!("n{i}"), vec![0.1, 0.0, 0.0, 0.0], 1);
+            r.clipped = Some(clipped);
+            s.accumulate(1, r).unwrap();
+        }
+        s.aggregate_fit(1, &[0.0; 4], &[]).unwrap();
+        let calls = calls.lock().unwrap();
+        let update = calls
+            .iter()
+            .find(|c| c.0.len() == 4)
+            .expect("update sum noised");
+        let count = calls.iter().find(|c| c.0.len() == 1).expect("count noised");
+        // Per-client contribution to each query, for b in {0, 1} (within C or not): the
+        // update sum moves by at most C; the count query must be what was actually noised.
+        let c = 1.0;
+        let unclipped = 3.0;
+        let participants = 4.0;
+        let count_query = count.0[0] as f64;
+        // Work out the per-client contribution the query uses from its value: a raw count
+        // has 3, a centred one 3 - 4/2 = 1.
+        let per_client: [f64; 2] = if (count_query - unclipped).abs() < 1e-6 {
+            [0.0, 1.0] // raw bit
+        } else {
+            assert!((count_query - (unclipped - 0.5 * participants)).abs() < 1e-6);
+            [-0.5, 0.5] // centred bit
+        };
+        let count_sensitivity = per_client.iter().fold(0f64, |m, v| m.max(v.abs()));
+        // Noise actually added: s.d. = z_call * sensitivity_call for each call.
+        let sigma_update = update.1 * update.2;
+        let sigma_count = count.1 * count.2;
+        let effective =
+            ((c / sigma_update).powi(2) + (count_sensitivity / sigma_count).powi(2)).powf(-0.5);
+        let recorded = s.round_privacy().unwrap().noise_multiplier;
+        assert!(
+            (effective - recorded).abs() < 1e-9,
+            "effective multiplier {effective} != recorded {recorded}"
+        );
+        // The published clipped fraction is the noised estimate (here noise-free: 1/4).
+        let p = s.round_privacy().unwrap();
+        assert!((p.clipped_fraction_noised.unwrap() - 0.25).abs() < 1e-6);
     }
 
     #[test]

@@ -101,3 +101,64 @@ fn bad_input_fails_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sampling rate"));
 }
+
+#[test]
+fn negative_and_zero_sampling_rates_are_refused_as_values() {
+    // Audit: `--sampling-rate -0.1` was parsed as a flag, and q = 0 was accepted.
+    for q in ["-0.1", "0"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+            .args([
+                "epsilon",
+                "--sampling-rate",
+                q,
+                "--noise-multiplier",
+                "1",
+                "--steps",
+                "10",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "q = {q} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("sampling rate must be in (0, 1]"),
+            "q = {q}: {err}"
+        );
+    }
+}
+
+#[test]
+fn huge_step_counts_are_answered_without_a_huge_allocation() {
+    // Audit: T = 1e8 allocated 1.5 GB; T = u64::MAX panicked.
+    let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+        .args([
+            "epsilon",
+            "--sampling-rate",
+            "1",
+            "--noise-multiplier",
+            "1000",
+            "--steps",
+            "100000000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+        .args([
+            "epsilon",
+            "--sampling-rate",
+            "0.01",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            &u64::MAX.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -367,9 +367,13 @@ pub fn expand(
                 set_dotted(&mut t, k, v.clone())
                     .map_err(|e| ExperimentError::Parse(e.to_string()))?;
             }
-            let config: SimConfig = toml::Value::Table(t)
+            let config: SimConfig = toml::Value::Table(t.clone())
                 .try_into()
                 .map_err(|e: toml::de::Error| ExperimentError::Parse(e.to_string()))?;
+            // Keys the typed configuration ignores (a misspelled `dp.noise_multipler`, or
+            // one inside a flattened section) are errors, not silent defaults.
+            dpfl_server::config::deny_unknown_keys(&t, &config)
+                .map_err(|e| ExperimentError::Parse(e.to_string()))?;
             config.validate()?;
             Ok(Configuration {
                 id: format!("c{:0width$}", i + 1),
@@ -450,5 +454,15 @@ seed = [1, 2]
         assert!(expand("roundz = 3", &[]).is_err());
         assert!(expand("[sweep]\nseed = 3", &[]).is_err());
         assert!(expand("[dp]\nmode = \"distributed\"", &[]).is_err());
+        // Audit: misspelled keys in [dp], [train] and [strategy] were silently ignored.
+        for bad in [
+            "[dp]\nnoise_multipler = 5.0",
+            "[train]\nlearning_rate = 0.1",
+            "[strategy]\nfraction_fitt = 0.5",
+            "[sweep]\n\"dp.noise_multipler\" = [1.0, 2.0]",
+        ] {
+            let e = expand(bad, &[]).unwrap_err().to_string();
+            assert!(e.contains("unknown"), "{bad}: {e}");
+        }
     }
 }

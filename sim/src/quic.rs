@@ -67,7 +67,6 @@ pub(crate) fn run_quic(
         round_timeout_secs: 3600.0,
         eval_timeout_secs: 600.0,
         max_round_retries: cfg.max_round_retries,
-        seed: cfg.seed,
         out_dir: out.clone(),
         test_data: test_path,
         test_limit: None,
@@ -77,6 +76,11 @@ pub(crate) fn run_quic(
         strategy: cfg.strategy.clone(),
         dp: cfg.dp,
         eval_threads: 1,
+        // As the in-memory transport: simulated clients' weights are not capped.
+        update_limits: dpfl_server::coordinator::UpdateLimits {
+            max_weight_share: 1.0,
+            ..Default::default()
+        },
         ..ServerConfig::default()
     };
     let server_noise: Box<dyn GaussianNoise> =
@@ -104,6 +108,9 @@ pub(crate) fn run_quic(
             );
             c.device = "cpu".into();
             c.dp_mode = cfg.dp.mode;
+            // Simulated nodes take the experiment's noise as given (a real node's floor is
+            // its operator's choice; see dpfl-client --min-noise-multiplier).
+            c.policy.min_noise_multiplier = 0.0;
             c.give_up_after = Duration::from_secs(60);
             let noise = crate::run::noise(cfg.sampler, derive_seed(cfg.seed, 1000 + i as u64));
             clients.push(tokio::spawn(dpfl_client::run_with_noise(c, noise)));
@@ -121,7 +128,8 @@ pub(crate) fn run_quic(
     })?;
     let (_, params) = dpfl_ml::export::load_safetensors(&out.join("model.safetensors"))
         .map_err(|e| SimError::Transport(e.to_string()))?;
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
+    // The operator stream has every field (the public one, with DP on, only covered ones).
+    let metrics = std::fs::read_to_string(out.join("operator").join("metrics.jsonl"))
         .map_err(|e| SimError::Transport(e.to_string()))?;
     let mut rows = Vec::new();
     for line in metrics.lines() {
@@ -133,21 +141,18 @@ pub(crate) fn run_quic(
             participants: v["participants"].as_u64().unwrap_or(0) as usize,
             test_accuracy: v["test_accuracy"].as_f64(),
             test_loss: v["test_loss"].as_f64(),
-            epsilon: match cfg.dp.mode {
-                dpfl_common::DpMode::Local => v["max_client_epsilon"].as_f64(),
-                _ => v["epsilon"].as_f64(),
-            },
+            epsilon: v["epsilon"].as_f64(),
             elapsed: started.elapsed().as_secs_f64(),
         });
         progress(round);
     }
-    let (epsilon, epsilon_aggregate) = budget_epsilon(cfg, &summary.ledger);
+    let (epsilon, epsilon_max_client) = budget_epsilon(cfg, &summary.ledger);
     Ok(RunResult {
         rounds: summary.rounds_completed,
         rows,
         final_params: params,
         epsilon,
-        epsilon_aggregate,
+        epsilon_max_client,
         delta: cfg.dp.mode.is_private().then_some(cfg.dp.delta),
         finish: summary.finish.unwrap_or_else(|| "stopped".into()),
         seconds: started.elapsed().as_secs_f64(),

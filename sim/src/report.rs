@@ -44,7 +44,7 @@ pub fn write_rounds(dir: &Path, f: &Finished) -> std::io::Result<()> {
 }
 
 /// Header of `summary.csv`.
-pub const CSV_HEADER: &str = "config,label,transport,clients,dp_mode,noise_multiplier,sampling_rate,rounds,final_accuracy,best_accuracy,epsilon,epsilon_aggregate,delta,seconds,peak_rss_mib,finish";
+pub const CSV_HEADER: &str = "config,label,transport,clients,dp_mode,noise_multiplier,sampling_rate,rounds,final_accuracy,best_accuracy,epsilon,epsilon_max_client,delta,seconds,peak_rss_mib,finish";
 
 /// Writes `summary.csv`.
 pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
@@ -75,7 +75,7 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
             opt(r.final_accuracy(), 4),
             opt(r.best_accuracy(), 4),
             opt(r.epsilon, 4),
-            opt(r.epsilon_aggregate, 4),
+            opt(r.epsilon_max_client, 4),
             r.delta.map_or(String::new(), |d| format!("{d:e}")),
             r.seconds,
             opt(f.peak_rss_mib, 0),

@@ -13,7 +13,9 @@ use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGau
 use dpfl_common::model::{init_params, ModelSpec};
 use dpfl_ml::partition::{self, derive_seed, PartitionKind};
 use dpfl_ml::{DataSource, Dataset, DeviceData, Mlp};
-use dpfl_server::coordinator::{Action, Coordinator, CoordinatorConfig};
+use dpfl_server::coordinator::{
+    Action, Coordinator, CoordinatorConfig, NodeInfo, Selection, UpdateLimits,
+};
 use dpfl_server::strategy;
 use serde::Serialize;
 use std::sync::Arc;
@@ -44,7 +46,8 @@ pub struct RoundRow {
     pub test_accuracy: Option<f64>,
     /// Test loss.
     pub test_loss: Option<f64>,
-    /// Epsilon after the round (budget figure: central federation-level; local max per client).
+    /// Epsilon after the round (the ledger's figure: central, every client; local, a client
+    /// in every release, against the server).
     pub epsilon: Option<f64>,
     /// Seconds since the configuration started.
     pub elapsed: f64,
@@ -60,10 +63,11 @@ pub struct RunResult {
     /// Final global parameters.
     #[serde(skip)]
     pub final_params: Vec<f32>,
-    /// Epsilon against the server in local mode, federation-level in central mode.
+    /// Central: against observers of the released models (every client). Local: against
+    /// the server, for a client that took part in every release.
     pub epsilon: Option<f64>,
-    /// Local mode: the aggregate-view epsilon.
-    pub epsilon_aggregate: Option<f64>,
+    /// Local mode: the largest spend against the server any client actually reached.
+    pub epsilon_max_client: Option<f64>,
     /// delta.
     pub delta: Option<f64>,
     /// Why training ended.
@@ -210,7 +214,7 @@ pub(crate) fn budget_epsilon(
     use dpfl_common::DpMode;
     match cfg.dp.mode {
         DpMode::Central => (Some(ledger.epsilon()), None),
-        DpMode::Local => (Some(ledger.max_client_epsilon()), Some(ledger.epsilon())),
+        DpMode::Local => (Some(ledger.epsilon()), Some(ledger.max_client_epsilon())),
         _ => (None, None),
     }
 }
@@ -239,7 +243,13 @@ fn run_memory(
         round_timeout: Duration::from_secs(1 << 30),
         eval_timeout: Duration::from_secs(1 << 30),
         max_round_retries: cfg.max_round_retries,
-        seed: cfg.seed,
+        // Simulations are reproducible: the seed drives selection here, and only here.
+        selection: Selection::Seeded(cfg.seed),
+        limits: UpdateLimits {
+            // Simulated clients are the simulator's own; attacks are configured explicitly.
+            max_weight_share: 1.0,
+            ..UpdateLimits::default()
+        },
         spec: spec.clone(),
         dp: cfg.dp,
     };
@@ -253,8 +263,12 @@ fn run_memory(
         .collect();
     let mut eval = test.map(|t| TestEval::new(&spec, t)).transpose()?;
     let t0 = Instant::now();
-    for n in &pop.names {
-        coord.handle_connect(n.clone(), t0);
+    for (n, part) in pop.names.iter().zip(&pop.parts) {
+        let info = NodeInfo {
+            num_examples: part.len() as u64,
+            num_eval_examples: 0,
+        };
+        coord.handle_connect(n.clone(), info, t0);
     }
     let mut rows = Vec::new();
     let mut finish = String::from("stopped");
@@ -413,13 +427,13 @@ fn run_memory(
             last.test_loss = t.map(|t| t.1);
         }
     }
-    let (epsilon, epsilon_aggregate) = budget_epsilon(cfg, coord.ledger());
+    let (epsilon, epsilon_max_client) = budget_epsilon(cfg, coord.ledger());
     Ok(RunResult {
         rounds: coord.completed_rounds(),
         rows,
         final_params: coord.global().to_vec(),
         epsilon,
-        epsilon_aggregate,
+        epsilon_max_client,
         delta: cfg.dp.mode.is_private().then_some(cfg.dp.delta),
         finish,
         seconds: started.elapsed().as_secs_f64(),

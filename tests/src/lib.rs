@@ -125,3 +125,8 @@ pub fn metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
         .collect()
 }
+
+/// Reads `operator/metrics.jsonl` of a run (every field, operator-only).
+pub fn operator_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
+    metrics(&out.join("operator"))
+}

@@ -9,7 +9,7 @@ use dpfl_common::model::init_params;
 use dpfl_common::wire::{self, Header, Hello, Message};
 use dpfl_server::strategy::TrainSettings;
 use dpfl_server::Server;
-use dpfl_tests::{init_logs, metrics, start, Federation};
+use dpfl_tests::{init_logs, metrics, operator_metrics, start, Federation};
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -148,6 +148,8 @@ fn hello(dp: DpMode) -> Vec<u8> {
             dp_mode: dp,
             input_dim: 784,
             num_classes: 10,
+            num_examples: 1000,
+            num_eval_examples: 0,
         }),
         &[],
     )
@@ -277,9 +279,12 @@ async fn local_dp_on_the_wire(sampler: dpfl_client::NoiseSampler) {
     let mut node1 = fed.client(s.addr, 1, 2, 400);
     node1.dp_mode = DpMode::Local;
     node1.sampler = sampler;
+    // The nodes' own floor (default z = 1) must be lowered by each node, not the server.
+    node1.policy.min_noise_multiplier = z;
     let mut node2 = fed.client(s.addr, 2, 2, 400);
     node2.dp_mode = DpMode::Local;
     node2.sampler = sampler;
+    node2.policy.min_noise_multiplier = z;
     let (train, _) = dpfl_client::prepare_data(&node1).unwrap();
     let h1 = tokio::spawn(dpfl_client::run(node1));
     let h2 = tokio::spawn(dpfl_client::run(node2));
@@ -376,15 +381,49 @@ async fn central_dp_ledger_matches_the_calculator_and_training_stops_at_target_e
     assert!(summary.ledger.epsilon() < e4);
     let m = metrics(&fed.out("central"));
     assert_eq!(m.len(), 3);
+    // With DP on, the public outputs carry only what the guarantee covers (audit: train
+    // loss, exact clipped fraction, sample sizes, failures and participation were public).
+    let covered = [
+        "round",
+        "dp_mode",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "clip_norm",
+        "clipped_fraction",
+        "model_updated",
+        "test_accuracy",
+        "test_loss",
+    ];
     for (i, line) in m.iter().enumerate() {
+        for key in line.as_object().unwrap().keys() {
+            assert!(
+                covered.contains(&key.as_str()),
+                "public metrics publish {key}"
+            );
+        }
         assert_eq!(line["dp_mode"], "central");
         assert_eq!(line["noise_multiplier"], 2.0);
         assert_eq!(line["clip_norm"], 0.5);
         assert_eq!(line["delta"], 1e-5);
-        assert!(line["clipped_fraction"].is_number());
+        // Only a noised estimate could be published; without adaptive clipping, none.
+        assert!(line["clipped_fraction"].is_null());
         let e = accountant::epsilon(1.0, 2.0, i as u64 + 1, 1e-5).unwrap().0;
         assert!((line["epsilon"].as_f64().unwrap() - e).abs() < 1e-9);
     }
+    for file in ["ledger.json", "summary.json", "metrics.jsonl"] {
+        let text = std::fs::read_to_string(fed.out("central").join(file)).unwrap();
+        assert!(!text.contains("node-"), "{file} names a node");
+        assert!(
+            !text.contains("participants"),
+            "{file} publishes participation"
+        );
+    }
+    // The operator's stream has everything.
+    let op = operator_metrics(&fed.out("central"));
+    assert_eq!(op.len(), 3);
+    assert_eq!(op[0]["participants"], 2);
+    assert!(op[0]["clipped_fraction"].is_number());
     for c in clients {
         let r = within(c).await.unwrap().unwrap();
         assert!(r.finish_reason.contains("privacy budget"));
@@ -412,6 +451,14 @@ enum Behaviour {
     Short,
     /// More bytes than the server accepts.
     Oversized,
+    /// Finite values near f32::MAX (vetoed every round on main).
+    Huge,
+    /// Claims 10^12 examples (steered every round on main).
+    HeavyClaim,
+    /// A norm-1000 update (accepted in local mode on main).
+    NormBomb,
+    /// A `failed` answer whose reason forges log lines.
+    ForgeLog,
 }
 
 /// A node driven by a script instead of training, with a valid certificate.
@@ -480,6 +527,25 @@ async fn scripted_node(
             }
             Behaviour::Short => wire::encode(&Header::Update(meta(t.round)), &vec![0.0; n - 1]),
             Behaviour::Oversized => vec![0u8; 300_000],
+            Behaviour::Huge => {
+                wire::encode(&Header::Update(meta(t.round)), &vec![f32::MAX / 4.0; n])
+            }
+            Behaviour::HeavyClaim => {
+                let mut m = meta(t.round);
+                m.num_examples = 1_000_000_000_000;
+                wire::encode(&Header::Update(m), &vec![-1.0; n])
+            }
+            Behaviour::NormBomb => {
+                let v = 1000.0 / (n as f32).sqrt();
+                wire::encode(&Header::Update(meta(t.round)), &vec![v; n])
+            }
+            Behaviour::ForgeLog => wire::encode(
+                &Header::Failed {
+                    round: t.round,
+                    reason: "oops\n2026-11-29T00:00:00Z  INFO round 9/9: 10 participants test acc 0.9999\x1b[0m".into(),
+                },
+                &[],
+            ),
         };
         // The server may reset the stream once the answer exceeds its limit.
         let _ = send.write_all(&bytes).await;
@@ -520,7 +586,7 @@ async fn round_with_thirty_percent_of_clients_killed_completes_at_quorum() {
     }
     let summary = within(s.done).await.unwrap().unwrap();
     assert_eq!(summary.rounds_completed, 1);
-    let m = metrics(&fed.out("dropouts"));
+    let m = operator_metrics(&fed.out("dropouts"));
     assert_eq!(m[0]["participants"], 7);
     assert_eq!(m[0]["failed"], 3);
     // The model moved by the equal-weight mean of the 7 updates that arrived, nothing else.
@@ -676,5 +742,214 @@ async fn user_defined_strategy_from_examples_runs_a_federation() {
         summary.test_accuracy.unwrap() > 0.4,
         "{:?}",
         summary.test_accuracy
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_can_neither_veto_nor_steer_a_round_nor_forge_log_lines() {
+    // Audit (hostile-peer test): values near f32::MAX overflowed the sum and discarded every
+    // round; num_examples = 10^12 outweighed everyone; a newline in a `failed` reason forged
+    // log lines.
+    init_logs();
+    let fed = Federation::new(5);
+    let cfg = fed.server_config(
+        "veto",
+        &[
+            ("rounds", "3"),
+            ("min_clients", "5"),
+            ("strategy.min_fit_clients", "2"),
+            ("round_timeout_secs", "20"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let mut scripted = Vec::new();
+    for (i, b) in [
+        (3, Behaviour::Huge),
+        (4, Behaviour::HeavyClaim),
+        (5, Behaviour::ForgeLog),
+    ] {
+        let (layout, addr) = (Layout::new(fed.layout.dir()), s.addr);
+        scripted.push(tokio::spawn(async move {
+            scripted_node(&layout, &format!("node-{i}"), addr, DpMode::None, b).await
+        }));
+    }
+    let honest: Vec<_> = (1..=2)
+        .map(|i| tokio::spawn(dpfl_client::run(fed.client(s.addr, i, 2, 1500))))
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for h in honest {
+        assert_eq!(within(h).await.unwrap().unwrap().rounds_trained, 3);
+    }
+    let r = &summary.rejected;
+    assert!(r.get("magnitude").copied().unwrap_or(0) >= 3, "{r:?}");
+    assert!(r.get("weight").copied().unwrap_or(0) >= 3, "{r:?}");
+    let m = operator_metrics(&fed.out("veto"));
+    assert_eq!(m.len(), 3);
+    for line in &m {
+        assert_eq!(line["model_updated"], true, "{line}");
+        assert_eq!(line["participants"], 2, "{line}");
+        for f in line["failures"].as_array().unwrap() {
+            let f = f.as_str().unwrap();
+            assert!(
+                !f.contains('\n') && !f.contains('\x1b'),
+                "unescaped peer text: {f:?}"
+            );
+        }
+    }
+    let acc = summary.test_accuracy.unwrap();
+    assert!(acc > 0.5, "test accuracy {acc}");
+    for h in scripted {
+        h.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_mode_rejects_updates_no_honest_node_can_produce() {
+    // Audit: a norm-1000 update (honest ~ sqrt(C^2 + (zC)^2 d)) was accepted in local mode.
+    init_logs();
+    let fed = Federation::new(4);
+    let cfg = fed.server_config(
+        "normbomb",
+        &[
+            ("rounds", "2"),
+            ("min_clients", "4"),
+            ("strategy.min_fit_clients", "1"),
+            ("round_timeout_secs", "10"),
+            ("dp.mode", "\"local\""),
+            ("dp.noise_multiplier", "0.05"),
+            ("dp.clip_norm", "1.0"),
+            ("dp.sampling_rate", "1.0"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let mut nodes = Vec::new();
+    for i in 1..=4 {
+        let b = if i == 4 {
+            Behaviour::NormBomb
+        } else {
+            Behaviour::Constant(0.001)
+        };
+        let (layout, addr) = (Layout::new(fed.layout.dir()), s.addr);
+        nodes.push(tokio::spawn(async move {
+            scripted_node(&layout, &format!("node-{i}"), addr, DpMode::Local, b).await
+        }));
+    }
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 2);
+    assert_eq!(
+        summary.rejected.get("norm").copied(),
+        Some(2),
+        "{:?}",
+        summary.rejected
+    );
+    let m = operator_metrics(&fed.out("normbomb"));
+    assert!(m.iter().all(|l| l["participants"] == 3), "{m:?}");
+    for n in nodes {
+        n.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_with_a_known_name_and_another_key_cannot_impersonate_the_node() {
+    // Audit: a CA-signed certificate with an existing node's name but a new key replaced the
+    // honest node and zeroed the model every round.
+    init_logs();
+    let fed = Federation::new(2);
+    // Keep the honest node-1's credentials apart, then issue a second certificate for the
+    // name "node-1" with a new key (the impostor's).
+    let honest_dir = fed.dir.path().join("honest");
+    std::fs::create_dir_all(&honest_dir).unwrap();
+    for f in ["ca.pem", "node-1.pem", "node-1.key"] {
+        std::fs::copy(fed.layout.dir().join(f), honest_dir.join(f)).unwrap();
+    }
+    let honest_creds = Credentials::node(&Layout::new(&honest_dir), "node-1");
+    let cfg = fed.server_config(
+        "impostor",
+        &[
+            ("rounds", "3"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let mut c1 = fed.client(s.addr, 1, 2, 800);
+    c1.credentials = honest_creds;
+    let h1 = tokio::spawn(dpfl_client::run(c1));
+    // Wait until the honest node-1 is known, then bring the impostor.
+    let t0 = std::time::Instant::now();
+    while !fed.out("impostor").join("identities.json").exists() {
+        assert!(t0.elapsed() < TIMEOUT, "node-1 never joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dpfl_certs::Federation::open(fed.layout.dir())
+        .unwrap()
+        .issue_node("node-1", true)
+        .unwrap();
+    let impostor = raw_connection(&fed.layout, "node-1", s.addr).await;
+    match send_hello(&impostor, &hello(DpMode::None)).await {
+        Ok(Message {
+            header: Header::Refused(r),
+            ..
+        }) => {
+            assert_eq!(r.kind, wire::RefusalKind::NotAdmitted);
+            assert!(r.detail.contains("bound to key"), "{r:?}");
+        }
+        other => panic!("the impostor must be refused, got {other:?}"),
+    }
+    let h2 = tokio::spawn(dpfl_client::run(fed.client(s.addr, 2, 2, 800)));
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 3);
+    let r1 = within(h1).await.unwrap().unwrap();
+    assert_eq!(r1.rounds_trained, 3);
+    assert_eq!(r1.connections, 1, "the honest node never lost its seat");
+    within(h2).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_a_connected_node_takes_effect_by_the_next_round() {
+    // Audit: a node added to the deny list kept being aggregated until it reconnected.
+    init_logs();
+    let fed = Federation::new(3);
+    let lists = fed.dir.path().join("lists");
+    std::fs::write(&lists, "# none revoked\n").unwrap();
+    let cfg = fed.server_config(
+        "revoke",
+        &[
+            ("rounds", "8"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            (
+                "admission.lists_file",
+                &format!("{:?}", lists.display().to_string()),
+            ),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let clients: Vec<_> = (1..=3)
+        .map(|i| tokio::spawn(dpfl_client::run(fed.client(s.addr, i, 3, 1000))))
+        .collect();
+    let out = fed.out("revoke");
+    let t0 = std::time::Instant::now();
+    while operator_metrics(&out).len() < 2 {
+        assert!(t0.elapsed() < TIMEOUT, "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    std::fs::write(&lists, "deny node-3\n").unwrap();
+    let revoked_after = operator_metrics(&out).len();
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 8);
+    let m = operator_metrics(&out);
+    // At most the round open when the list changed still had node-3; every later round not.
+    for line in &m[revoked_after + 1..] {
+        assert_eq!(line["participants"], 2, "{line}");
+    }
+    let mut results = Vec::new();
+    for c in clients {
+        results.push(within(c).await.unwrap());
+    }
+    assert!(
+        matches!(&results[2], Err(NodeError::Refused(m)) if m.contains("revoked")),
+        "node-3 must end refused: {:?}",
+        results[2]
     );
 }

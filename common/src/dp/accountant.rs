@@ -61,7 +61,9 @@ fn domain(
 }
 
 fn check_params(q: f64, z: f64) -> Result<(), AccountError> {
-    domain((0.0..=1.0).contains(&q), "sampling rate", "in [0, 1]", q)?;
+    // q = 0 is not a round at all: a release that sampled nobody by construction is a
+    // configuration error, not a free round.
+    domain(q > 0.0 && q <= 1.0, "sampling rate", "in (0, 1]", q)?;
     domain(
         z.is_finite() && z > 0.0,
         "noise multiplier",
@@ -248,28 +250,34 @@ pub fn rdp_epsilon(q: f64, z: f64, steps: u64, delta: f64) -> Result<f64, Accoun
 /// Epsilon of unsampled Gaussian rounds via opendp: one Gaussian measurement per round
 /// (multiplier `z_i`, sensitivity 1), composed in zCDP, converted to (epsilon, delta).
 pub fn zcdp_epsilon(multipliers: &[f64], delta: f64) -> Result<f64, AccountError> {
+    let groups: Vec<(f64, u64)> = multipliers.iter().map(|z| (*z, 1)).collect();
+    zcdp_epsilon_grouped(&groups, delta)
+}
+
+/// As [`zcdp_epsilon`] for `(z, n)` groups: `n` rounds at multiplier `z` each. Memory and
+/// time do not depend on `n` (a billion rounds cost what one does).
+pub fn zcdp_epsilon_grouped(groups: &[(f64, u64)], delta: f64) -> Result<f64, AccountError> {
     check_delta(delta)?;
-    if multipliers.is_empty() {
-        return Ok(0.0);
-    }
     let od = |e: opendp::error::Error| AccountError::OpenDp(e.to_string());
     // n identical Gaussian rounds have rho = n / (2 z^2), the rho of one round with
-    // multiplier z / sqrt(n): opendp composes one measurement per distinct multiplier, so a
-    // ledger of thousands of equal rounds stays cheap.
-    let mut sorted = multipliers.to_vec();
-    for &z in &sorted {
+    // multiplier z / sqrt(n): opendp composes one measurement per distinct multiplier.
+    let mut merged: Vec<(f64, u64)> = Vec::new();
+    for &(z, n) in groups {
         check_params(1.0, z)?;
-    }
-    sorted.sort_by(f64::total_cmp);
-    let mut groups: Vec<(f64, usize)> = Vec::new();
-    for z in sorted {
-        match groups.last_mut() {
-            Some((g, n)) if *g == z => *n += 1,
-            _ => groups.push((z, 1)),
+        if n == 0 {
+            continue;
+        }
+        match merged.iter_mut().find(|(g, _)| *g == z) {
+            Some((_, m)) => *m = m.saturating_add(n),
+            None => merged.push((z, n)),
         }
     }
-    let mut rounds = Vec::with_capacity(groups.len());
-    for (z, n) in groups {
+    if merged.is_empty() {
+        return Ok(0.0);
+    }
+    merged.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut rounds = Vec::with_capacity(merged.len());
+    for (z, n) in merged {
         let z = z / (n as f64).sqrt();
         rounds.push(
             make_gaussian::<_, _, ZeroConcentratedDivergence>(
@@ -302,20 +310,37 @@ pub enum Method {
 /// amplification by sampling) and opendp's zCDP (which ignores sampling and so is valid
 /// for any `q`).
 pub fn epsilon(q: f64, z: f64, steps: u64, delta: f64) -> Result<(f64, Method), AccountError> {
-    check_params(q, z)?;
+    epsilon_of_rounds(&[(q, z, steps)], delta)
+}
+
+/// Epsilon of heterogeneous rounds given as `(q, z, count)` groups: the tighter of RDP
+/// (every group, amplified by its sampling rate) and opendp's zCDP (no amplification).
+/// Time and memory grow with the number of groups, never with the counts.
+pub fn epsilon_of_rounds(
+    groups: &[(f64, f64, u64)],
+    delta: f64,
+) -> Result<(f64, Method), AccountError> {
     check_delta(delta)?;
-    if steps == 0 || q == 0.0 {
+    for &(q, z, _) in groups {
+        check_params(q, z)?;
+    }
+    if groups.iter().all(|g| g.2 == 0) {
         return Ok((0.0, Method::Rdp));
     }
-    let rdp = rdp_epsilon(q, z, steps, delta)?;
+    let mut rdp = RdpAccountant::default();
+    for &(q, z, n) in groups {
+        rdp.compose(q, z, n)?;
+    }
+    let rdp_eps = rdp.epsilon(delta)?;
     // opendp's exact arithmetic can overflow at extreme parameters (a multiplier far below
     // 1 composed over millions of rounds); the RDP bound is valid on its own, so a failed
     // zCDP evaluation only means there is no tighter bound to take.
-    let zcdp = zcdp_epsilon(&vec![z; steps as usize], delta).unwrap_or(f64::INFINITY);
-    Ok(if zcdp < rdp {
+    let zs: Vec<(f64, u64)> = groups.iter().map(|&(_, z, n)| (z, n)).collect();
+    let zcdp = zcdp_epsilon_grouped(&zs, delta).unwrap_or(f64::INFINITY);
+    Ok(if zcdp < rdp_eps {
         (zcdp, Method::Zcdp)
     } else {
-        (rdp, Method::Rdp)
+        (rdp_eps, Method::Rdp)
     })
 }
 
@@ -433,6 +458,44 @@ mod tests {
         // The reference row (q=0.1, z=2, T=100) needs about z = 2 for its own epsilon.
         let z = noise_for_epsilon(0.1, 100, 1e-5, 2.581).unwrap();
         assert!((z - 2.0).abs() < 0.03, "{z}");
+    }
+
+    #[test]
+    fn huge_step_counts_cost_nothing_and_never_panic() {
+        // Audit: T = 1e8 allocated a vector of T entries (1.5 GB); T = u64::MAX panicked.
+        let t0 = std::time::Instant::now();
+        let (e, _) = epsilon(0.01, 1.0, 100_000_000, 1e-5).unwrap();
+        assert!(e.is_finite() && e > 0.0);
+        assert!(t0.elapsed().as_secs_f64() < 5.0);
+        let r = epsilon(0.01, 1.0, u64::MAX, 1e-5);
+        assert!(
+            r.is_ok() || matches!(r, Err(AccountError::OpenDp(_))),
+            "{r:?}"
+        );
+        // Grouped zCDP equals the ungrouped sum of rho.
+        let a = zcdp_epsilon(&[2.0, 2.0, 2.0, 2.0, 3.0], 1e-5).unwrap();
+        let b = zcdp_epsilon_grouped(&[(2.0, 4), (3.0, 1)], 1e-5).unwrap();
+        assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        // Heterogeneous rounds compose.
+        let (mixed, _) = epsilon_of_rounds(&[(0.1, 1.0, 50), (0.2, 1.5, 50)], 1e-5).unwrap();
+        let (first, _) = epsilon(0.1, 1.0, 50, 1e-5).unwrap();
+        assert!(mixed > first);
+    }
+
+    #[test]
+    fn zero_sampling_rate_is_refused() {
+        assert!(matches!(
+            epsilon(0.0, 1.0, 10, 1e-5),
+            Err(AccountError::Domain {
+                what: "sampling rate",
+                ..
+            })
+        ));
+        assert!(matches!(
+            epsilon(-0.1, 1.0, 10, 1e-5),
+            Err(AccountError::Domain { .. })
+        ));
+        assert!(noise_for_epsilon(0.0, 10, 1e-5, 1.0).is_err());
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! pick a grid `g = 2^k` about `zC / 2^16`; snap each coordinate to the grid,
 //! `n_i = round(x_i / g)` (this moves a neighbouring pair by at most `g * sqrt(d)` more in
 //! L2); add integer noise `K_i ~ D_{Z,s}` with `s = z (C + g sqrt(d)) / g`; release
-//! `g (n_i + K_i)`. Every output is an exact multiple of `g` representable in `f32`, so the
-//! set of possible outputs does not depend on the input's floating-point bits (Mironov 2012),
+//! `g (n_i + K_i)`. The mechanism's output is the integer `n_i + K_i`, computed exactly, so
+//! the set of possible outputs does not depend on the input's floating-point bits (Mironov
+//! 2012); its conversion to `f32` is post-processing (it may round, it never saturates),
 //! and with sensitivity at most `C + g sqrt(d)` on the grid and noise `z (C + g sqrt(d))`
 //! the mechanism is a discrete Gaussian mechanism with multiplier `z`: rho = 1/(2 z^2), the
 //! privacy map opendp reports for `make_gaussian` (Canonne, Kamath, Steinke 2020).
@@ -219,21 +220,36 @@ impl GridGaussian {
         check_input(values, base)?;
         let g = Self::grid(base);
         let sigma = z * (sensitivity + g * (values.len() as f64).sqrt());
-        self.add_on_grid(values, g, sigma / g);
+        self.add_on_grid(values, g, sigma / g)?;
         Ok(g)
     }
 
     /// Snaps every value to the grid `g` and adds `g * K`, `K ~ D_{Z,s}`.
-    fn add_on_grid(&mut self, values: &mut [f32], g: f64, s: f64) {
+    ///
+    /// The mechanism's output is the integer `n + K` (times the public `g`): it is computed
+    /// exactly in `i64` and converted to `f32` afterwards. That conversion is
+    /// post-processing of a DP output, so it may round (values beyond 2^24 grid steps are
+    /// not all representable in `f32`) without touching the guarantee; what it must not
+    /// do is saturate, which would destroy large inputs such as a central sum. The range
+    /// follows the input: only a coordinate beyond 2^62 grid steps (far outside anything a
+    /// model delta or a sum of them can be) is refused, loudly, before any noise is drawn.
+    fn add_on_grid(&mut self, values: &mut [f32], g: f64, s: f64) -> Result<(), NoiseError> {
+        const LIMIT: f64 = (1u64 << 62) as f64;
+        if let Some(v) = values.iter().find(|v| (**v as f64 / g).abs() >= LIMIT) {
+            return Err(NoiseError::Range {
+                value: *v as f64,
+                grid: g,
+            });
+        }
         let mut rng = self.rng();
         let (a, b) = self.tables(s);
-        // Outputs are g * n with |n| < 2^24, so exactly representable in f32.
-        let limit = (1i64 << 24) - 1;
         for v in values.iter_mut() {
+            // x / g is exact (g is a power of two); the rounding is deterministic.
             let n = (*v as f64 / g).round_ties_even() as i64;
             let k = a.sample(&mut rng) + T * b.sample(&mut rng);
-            *v = ((n + k).clamp(-limit, limit) as f64 * g) as f32;
+            *v = (n.saturating_add(k) as f64 * g) as f32;
         }
+        Ok(())
     }
 }
 
@@ -244,8 +260,7 @@ impl GaussianNoise for GridGaussian {
     fn add_noise(&mut self, values: &mut [f32], sigma: f64) -> Result<(), NoiseError> {
         check_input(values, sigma)?;
         let g = Self::grid(sigma);
-        self.add_on_grid(values, g, sigma / g);
-        Ok(())
+        self.add_on_grid(values, g, sigma / g)
     }
 
     fn add_calibrated(
@@ -310,6 +325,33 @@ mod tests {
         assert!((sd / expect - 1.0).abs() < 0.02, "{sd} vs {expect}");
         assert!(mean.abs() < 6.0 * expect / (n as f64).sqrt());
         assert!(expect / (z * c) < 1.01, "grid inflation stays below 1 %");
+    }
+
+    #[test]
+    fn large_inputs_are_noised_not_saturated() {
+        // Audit: outputs saturated at 2^24 grid steps (about 256 zC), destroying a central
+        // sum with large coordinates. The noise must be the same at any magnitude.
+        let mut g = GridGaussian::seeded(3);
+        let n = 20_000;
+        let (z, c) = (1.0, 1.0);
+        let big: Vec<f32> = (0..n)
+            .map(|i| if i % 2 == 0 { 5e4 } else { -3e5 })
+            .collect();
+        let mut v = big.clone();
+        let grid = g.privatize(&mut v, z, c).unwrap();
+        let diff: Vec<f64> = v.iter().zip(&big).map(|(a, b)| (*a - *b) as f64).collect();
+        let mean = diff.iter().sum::<f64>() / n as f64;
+        let sd = (diff.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        let expect = z * (c + grid * (n as f64).sqrt());
+        // f32 rounding at 3e5 is 1/64: far below the noise.
+        assert!((sd / expect - 1.0).abs() < 0.03, "{sd} vs {expect}");
+        assert!(mean.abs() < 0.1, "{mean}");
+        // Absurd magnitudes are refused loudly rather than clamped.
+        let mut absurd = vec![3e38f32; 4];
+        assert!(matches!(
+            g.privatize(&mut absurd, 1.0, 1e-6),
+            Err(NoiseError::Range { .. })
+        ));
     }
 
     #[test]

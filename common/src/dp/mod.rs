@@ -56,6 +56,26 @@ pub fn clip_in_place(values: &mut [f32], bound: f64) -> (f64, bool) {
     (norm, true)
 }
 
+/// Tail exponent of [`local_norm_bound`]: an honest update exceeds the bound with
+/// probability at most `e^-72` (about 5e-32).
+pub const LOCAL_NORM_TAIL: f64 = 72.0;
+
+/// The largest L2 norm an honest `local`-mode update can have, except with probability at
+/// most `e^-LOCAL_NORM_TAIL`: a clipped delta (norm at most `C`) plus noise of
+/// per-coordinate s.d. at most `sigma = z (C + g sqrt(d))` (the grid sampler's calibrated
+/// scale, `g` its grid; opendp's is smaller). The noise vector is `sigma^2`-sub-Gaussian
+/// (exactly Gaussian, or discrete Gaussian: Canonne, Kamath, Steinke 2020), so by Hsu,
+/// Kakade and Zhang (2012, Thm. 1) `|n|^2 <= sigma^2 (d + 2 sqrt(d t) + 2 t)` with
+/// probability at least `1 - e^-t`. A 1 % margin covers f32 rounding.
+pub fn local_norm_bound(clip_norm: f64, noise_multiplier: f64, dim: usize) -> f64 {
+    let d = dim as f64;
+    let g = GridGaussian::grid(noise_multiplier * clip_norm);
+    let sigma = noise_multiplier * (clip_norm + g * d.sqrt());
+    let t = LOCAL_NORM_TAIL;
+    let noise = sigma * (d + 2.0 * (d * t).sqrt() + 2.0 * t).sqrt();
+    (clip_norm + noise) * 1.01
+}
+
 /// A model delta fresh from local training; it must not leave the node as is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawDelta(Vec<f32>);
@@ -299,6 +319,30 @@ mod tests {
             &mut noise,
         );
         assert!(matches!(distributed, Err(PrivatizeError::Config(_))));
+    }
+
+    #[test]
+    fn honest_local_updates_stay_inside_the_norm_bound_and_attacks_do_not() {
+        // Main-job shape: d = 199,210, C = 1, z = 0.05. An honest update's norm is about
+        // sqrt(C^2 + (zC)^2 d) = 22.3; the audit's attack sent norm 1000.
+        let d = 199_210;
+        let bound = local_norm_bound(1.0, 0.05, d);
+        let typical = (1.0f64 + 0.05f64.powi(2) * d as f64).sqrt();
+        assert!(
+            bound > typical && bound < 1.2 * typical,
+            "{bound} vs {typical}"
+        );
+        for (sampler, seed) in [("grid", 1u64), ("sim", 2)] {
+            let mut v = vec![0f32; d];
+            v[0] = 1.0; // a clipped update at the bound
+            let mut noise: Box<dyn GaussianNoise> = match sampler {
+                "grid" => Box::new(GridGaussian::seeded(seed)),
+                _ => Box::new(SimulationGaussian::seeded(seed)),
+            };
+            noise.add_calibrated(&mut v, 0.05, 1.0).unwrap();
+            assert!(l2_norm(&v) < bound, "{sampler}: {} >= {bound}", l2_norm(&v));
+        }
+        assert!(1000.0 > bound);
     }
 
     proptest! {

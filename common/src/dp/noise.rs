@@ -25,6 +25,15 @@ pub enum NoiseError {
     /// The input contains NaN or infinity (opendp's domain excludes them).
     #[error("cannot add noise to a vector with non-finite values")]
     NonFinite,
+    /// A value too large for the sampler's integer grid (the grid sampler refuses it
+    /// rather than clamp it).
+    #[error("value {value:e} is beyond the sampler's range on grid {grid:e}")]
+    Range {
+        /// The offending value.
+        value: f64,
+        /// Grid spacing.
+        grid: f64,
+    },
     /// opendp refused or failed.
     #[error("opendp: {0}")]
     OpenDp(String),

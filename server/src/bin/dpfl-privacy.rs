@@ -27,6 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Epsilon spent after T rounds.
+    #[command(allow_negative_numbers = true)]
     Epsilon {
         /// Poisson sampling rate q of clients per round, in (0, 1].
         #[arg(long)]
@@ -42,6 +43,7 @@ enum Command {
         delta: f64,
     },
     /// Smallest noise multiplier that keeps epsilon within a target after T rounds.
+    #[command(allow_negative_numbers = true)]
     Noise {
         /// Poisson sampling rate q, in (0, 1].
         #[arg(long)]
@@ -71,9 +73,10 @@ fn main() -> Result<()> {
             println!("q={sampling_rate} z={noise_multiplier} T={steps} delta={delta:e}");
             println!("rdp (subsampled Gaussian, improved conversion): {rdp:.6}");
             if sampling_rate == 1.0 || method == accountant::Method::Zcdp {
-                let zcdp =
-                    accountant::zcdp_epsilon(&vec![noise_multiplier; steps as usize], delta)?;
-                println!("zcdp (opendp, no amplification): {zcdp:.6}");
+                match accountant::zcdp_epsilon_grouped(&[(noise_multiplier, steps)], delta) {
+                    Ok(zcdp) => println!("zcdp (opendp, no amplification): {zcdp:.6}"),
+                    Err(e) => println!("zcdp (opendp, no amplification): not computable ({e})"),
+                }
             }
             println!("reported: the tighter bound ({method:?})");
             println!("epsilon={eps:.6}");
