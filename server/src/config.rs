@@ -102,8 +102,9 @@ pub struct ServerConfig {
     pub test_data: Option<String>,
     /// Evaluate on at most this many test examples.
     pub test_limit: Option<usize>,
-    /// Largest message accepted from a client, in bytes.
-    pub max_message_bytes: usize,
+    /// Largest message accepted from a client, in bytes. Absent: derived from the model
+    /// (see [`ServerConfig::message_limit`]), which is what answers can legitimately need.
+    pub max_message_bytes: Option<usize>,
     /// QUIC idle timeout in seconds (keep-alives every third of it keep training peers alive).
     pub idle_timeout_secs: f64,
     /// Resume from `out_dir/checkpoint.json` when it exists.
@@ -139,7 +140,7 @@ impl Default for ServerConfig {
             out_dir: "runs/latest".into(),
             test_data: None,
             test_limit: None,
-            max_message_bytes: dpfl_common::wire::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: None,
             idle_timeout_secs: 60.0,
             resume: true,
             model: ModelConfig::default(),
@@ -236,17 +237,16 @@ impl ServerConfig {
         if !(0.0..=1.0).contains(&self.strategy.fraction_evaluate) {
             return bad("strategy.fraction_evaluate must be in [0, 1]".into());
         }
-        if self.max_message_bytes < 1024 {
-            return bad("max_message_bytes must be >= 1024".into());
-        }
-        let needed = dpfl_common::wire::PREFIX_BYTES
-            + dpfl_common::wire::MAX_HEADER_BYTES
-            + 4 * self.spec().num_params();
-        if self.max_message_bytes < needed {
-            return bad(format!(
-                "max_message_bytes {} cannot carry this model ({} bytes needed)",
-                self.max_message_bytes, needed
-            ));
+        if let Some(max) = self.max_message_bytes {
+            if max < 1024 {
+                return bad("max_message_bytes must be >= 1024".into());
+            }
+            let needed = dpfl_common::wire::max_message_bytes(self.spec().num_params());
+            if max < needed {
+                return bad(format!(
+                    "max_message_bytes {max} cannot carry this model ({needed} bytes needed)"
+                ));
+            }
         }
         if self.idle_timeout_secs.is_nan() || self.idle_timeout_secs < 3.0 {
             return bad("idle_timeout_secs must be >= 3".into());
@@ -281,6 +281,14 @@ impl ServerConfig {
         ModelSpec {
             layers: self.model.layers.clone(),
         }
+    }
+
+    /// The largest message read from a client: `max_message_bytes` when set, else the
+    /// largest legitimate message for the model (prefix + largest header + a full
+    /// parameter vector), e.g. 0.9 MB for a 200k-parameter model instead of a fixed 64 MiB.
+    pub fn message_limit(&self) -> usize {
+        self.max_message_bytes
+            .unwrap_or_else(|| dpfl_common::wire::max_message_bytes(self.spec().num_params()))
     }
 
     /// Round deadline.
@@ -332,6 +340,42 @@ mod tests {
         let e = ServerConfig::load(None, &[("train.lr".into(), "-1".into())]).unwrap_err();
         assert!(e.to_string().contains("lr"), "{e}");
         assert!(ServerConfig::load(None, &[("max_message_bytes".into(), "2000".into())]).is_err());
+    }
+
+    #[test]
+    fn message_limit_is_derived_from_the_model_unless_set() {
+        let c =
+            ServerConfig::load(None, &[("model.layers".into(), "[784, 32, 10]".into())]).unwrap();
+        let params = 784 * 32 + 32 + 32 * 10 + 10;
+        assert_eq!(c.max_message_bytes, None);
+        assert_eq!(
+            c.message_limit(),
+            dpfl_common::wire::PREFIX_BYTES + dpfl_common::wire::MAX_HEADER_BYTES + 4 * params
+        );
+        assert!(c.message_limit() < 200_000);
+        // A larger model gets a larger limit.
+        let big =
+            ServerConfig::load(None, &[("model.layers".into(), "[784, 256, 10]".into())]).unwrap();
+        assert!(big.message_limit() > c.message_limit());
+        // An explicit value still works, and must carry the model.
+        let set = ServerConfig::load(
+            None,
+            &[
+                ("model.layers".into(), "[784, 32, 10]".into()),
+                ("max_message_bytes".into(), "200000".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(set.message_limit(), 200_000);
+        let e = ServerConfig::load(
+            None,
+            &[
+                ("model.layers".into(), "[784, 32, 10]".into()),
+                ("max_message_bytes".into(), "100000".into()),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot carry"), "{e}");
     }
 
     #[test]

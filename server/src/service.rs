@@ -592,7 +592,7 @@ impl Server {
         };
         let tx = ev_tx.clone();
         let node = node.clone();
-        let max = self.cfg.max_message_bytes;
+        let max = self.cfg.message_limit();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(deadline, request(&conn, &bytes, max)).await {
                 Ok(r) => r,
@@ -716,7 +716,10 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// Sends one request on a new stream and reads the bounded answer.
+/// Sends one request on a new stream and reads the answer with [`wire::read_message`]:
+/// an answer announcing more than `max` bytes is refused from its 20-byte prefix, and a
+/// valid one is read once, its payload straight into the `Vec<f32>` the coordinator gets.
+/// Dropping the stream on an error tells the peer to stop sending.
 async fn request(
     conn: &quinn::Connection,
     bytes: &[u8],
@@ -730,11 +733,15 @@ async fn request(
         .await
         .map_err(|e| ("connection", e.to_string()))?;
     send.finish().map_err(|e| ("connection", e.to_string()))?;
-    let answer = recv.read_to_end(max).await.map_err(|e| match e {
-        quinn::ReadToEndError::TooLong => ("oversized", format!("answer exceeds {max} bytes")),
-        other => ("connection", other.to_string()),
-    })?;
-    wire::decode(&answer, max).map_err(|e| ("malformed", e.to_string()))
+    wire::read_message(&mut recv, max)
+        .await
+        .map_err(|e| match e {
+            wire::ReadError::Decode(e @ wire::DecodeError::TooLarge { .. }) => {
+                ("oversized", e.to_string())
+            }
+            wire::ReadError::Decode(e) => ("malformed", e.to_string()),
+            wire::ReadError::Io(e) => ("connection", e.to_string()),
+        })
 }
 
 async fn tell_finish(
