@@ -26,7 +26,10 @@ pub struct NodeConfig {
     pub dp_mode: DpMode,
     /// In `local` mode, refuse rounds whose noise multiplier is below this.
     pub min_noise_multiplier: f64,
-    /// Largest message accepted from the server.
+    /// Largest message this node accepts from the server. The read limit is derived from
+    /// the model in the server's welcome (`wire::max_message_bytes`); a federation whose
+    /// model needs more than this is refused. Before the welcome only hello-sized messages
+    /// are read.
     pub max_message_bytes: usize,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
@@ -238,6 +241,15 @@ async fn session(
             welcome.dp.noise_multiplier, cfg.min_noise_multiplier
         )));
     }
+    // Requests carry at most the model's parameters: read nothing larger.
+    let limit = wire::max_message_bytes(welcome.spec.num_params());
+    if limit > cfg.max_message_bytes {
+        return Err(Fatal::Refused(format!(
+            "the server's model needs messages of {limit} bytes, above this node's \
+             max_message_bytes {}",
+            cfg.max_message_bytes
+        )));
+    }
     worker
         .setup(welcome.spec.clone())
         .await
@@ -257,16 +269,13 @@ async fn session(
             Err(e) => return Ok(Outcome::Lost(e.to_string())),
         };
         *last_ok = Instant::now();
-        let bytes = match recv.read_to_end(cfg.max_message_bytes).await {
-            Ok(b) => b,
-            Err(e) => {
+        let msg = match wire::read_message(&mut recv, limit).await {
+            Ok(m) => m,
+            Err(wire::ReadError::Io(e)) => {
                 tracing::warn!("could not read request: {e}");
                 continue;
             }
-        };
-        let msg = match wire::decode(&bytes, cfg.max_message_bytes) {
-            Ok(m) => m,
-            Err(e) => {
+            Err(wire::ReadError::Decode(e)) => {
                 tracing::warn!("malformed request from the server: {e}");
                 continue;
             }
@@ -442,19 +451,13 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
         })?;
     send.finish()
         .map_err(|e| HelloError::Other(e.to_string()))?;
-    let bytes = tokio::time::timeout(
+    let answer = tokio::time::timeout(
         Duration::from_secs(15),
-        recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
+        wire::read_message(&mut recv, wire::MAX_HELLO_BYTES),
     )
     .await
-    .map_err(|_| HelloError::Other("no welcome within 15s".into()))?
-    .map_err(|e| match e {
-        quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => {
-            HelloError::Connection(c)
-        }
-        other => HelloError::Other(other.to_string()),
-    })?;
-    match wire::decode(&bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
+    .map_err(|_| HelloError::Other("no welcome within 15s".into()))?;
+    match answer {
         Ok(Message {
             header: Header::Welcome(w),
             ..
@@ -467,6 +470,19 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
             "expected welcome, got `{}`",
             m.header.name()
         ))),
-        Err(e) => Err(HelloError::Other(format!("malformed welcome: {e}"))),
+        Err(wire::ReadError::Decode(e)) => {
+            Err(HelloError::Other(format!("malformed welcome: {e}")))
+        }
+        Err(wire::ReadError::Io(e)) => {
+            // quinn reports a lost connection (which may carry a TLS alert) inside the
+            // I/O error; keep it so authentication failures stay recognisable.
+            let lost = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<quinn::ReadError>());
+            match lost {
+                Some(quinn::ReadError::ConnectionLost(c)) => Err(HelloError::Connection(c.clone())),
+                _ => Err(HelloError::Other(format!("reading the welcome: {e}"))),
+            }
+        }
     }
 }
