@@ -121,9 +121,17 @@ pub fn own_epsilon(dp: &DpAgreement, rounds_joined: u64, latest_round: u64) -> O
 
 /// Runs a node until the server finishes training.
 pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeError> {
-    let endpoint =
-        dpfl_certs::quic::client_endpoint(&cfg.credentials, wire::ALPN, cfg.idle_timeout)
-            .map_err(|e| NodeError::Setup(e.to_string()))?;
+    // Until the welcome the server can only send a hello-sized message; `session` opens
+    // the connection window once the model (hence the largest message) is known.
+    let windows = dpfl_certs::quic::Windows::for_messages(cfg.max_message_bytes as u64)
+        .with_connection(wire::HELLO_WINDOW_BYTES as u64);
+    let endpoint = dpfl_certs::quic::client_endpoint_with(
+        &cfg.credentials,
+        wire::ALPN,
+        cfg.idle_timeout,
+        windows,
+    )
+    .map_err(|e| NodeError::Setup(e.to_string()))?;
     let mut summary = NodeSummary {
         node: String::new(),
         rounds_trained: 0,
@@ -241,7 +249,8 @@ async fn session(
             welcome.dp.noise_multiplier, cfg.min_noise_multiplier
         )));
     }
-    // Requests carry at most the model's parameters: read nothing larger.
+    // Requests carry at most the model's parameters: read nothing larger, and let the
+    // server have no more than two such messages in flight.
     let limit = wire::max_message_bytes(welcome.spec.num_params());
     if limit > cfg.max_message_bytes {
         return Err(Fatal::Refused(format!(
@@ -250,6 +259,7 @@ async fn session(
             cfg.max_message_bytes
         )));
     }
+    dpfl_certs::quic::open_windows(&conn, dpfl_certs::quic::Windows::for_messages(limit as u64));
     worker
         .setup(welcome.spec.clone())
         .await

@@ -289,11 +289,15 @@ impl Server {
             None => None,
         };
         let creds = Credentials::server(&Layout::new(&cfg.certs_dir));
+        // Before admission a peer may send only what a hello needs (see `serve_connection`).
+        let windows = dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64)
+            .with_connection(wire::HELLO_WINDOW_BYTES as u64);
         let endpoint = dpfl_certs::quic::server_endpoint(
             &creds,
             wire::ALPN,
             cfg.listen,
             Duration::from_secs_f64(cfg.idle_timeout_secs),
+            windows,
         )?;
         Ok(Self {
             out: cfg.out_dir.clone(),
@@ -829,6 +833,9 @@ async fn serve_connection(
         .await
         .map_err(|_| format!("{node}: no hello within {HANDSHAKE:?}"))?
         .map_err(|e| format!("{node}: {e}"))?;
+    // The hello stream is the only one a client ever opens (the server opens one per
+    // request): a stream the server would never read must not be able to hold its memory.
+    conn.set_max_concurrent_bi_streams(0u32.into());
     let hello_bytes = tokio::time::timeout(
         HANDSHAKE,
         recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
@@ -848,6 +855,12 @@ async fn serve_connection(
             return Err(format!("{node}: {detail}"));
         }
     };
+    // Admitted: open the windows to what answers need (two messages of `message_limit()`
+    // bytes) before the node can get requests. Until now it could send one hello.
+    dpfl_certs::quic::open_windows(
+        &conn,
+        dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64),
+    );
     send.write_all(&wire::encode(&Header::Welcome(welcome), &[]))
         .await
         .map_err(|e| format!("{node}: {e}"))?;
@@ -859,8 +872,8 @@ async fn serve_connection(
     })
     .await
     .map_err(|_| "server stopped".to_string())?;
-    // Clients never open more streams after the hello: any that arrives is refused by the
-    // stream limit or ignored here. Wait for the connection to end.
+    // Clients cannot open more streams after the hello (the limit is 0). Wait for the
+    // connection to end.
     let reason = conn.closed().await;
     tracing::debug!(%node, "connection closed: {reason}");
     let _ = tx.send(Event::Disconnected { node, id }).await;
