@@ -40,8 +40,20 @@ pub struct AdmissionConfig {
     pub lists_file: Option<PathBuf>,
     /// Most concurrent client connections.
     pub max_connections: usize,
-    /// Most TLS handshakes started per second (excess connections are refused).
+    /// Most TLS handshakes started per second (excess connections are refused). Only
+    /// peers that proved their address (by answering a stateless retry) count.
     pub handshakes_per_sec: u32,
+    /// Most handshakes in progress (TLS and hello not yet done) from one IP address;
+    /// more are refused until some finish. Loopback tests run every node from one address,
+    /// so keep it above the number of nodes that may (re)connect at once from one host.
+    pub max_handshakes_per_source: usize,
+    /// Seconds a peer may take to complete the TLS handshake.
+    pub handshake_timeout_secs: f64,
+    /// Seconds an authenticated peer may take to send its hello.
+    pub hello_timeout_secs: f64,
+    /// Refused connection attempts are counted and logged as one line per this many
+    /// seconds (by reason), not one line each.
+    pub refusal_log_secs: f64,
 }
 
 impl Default for AdmissionConfig {
@@ -52,6 +64,10 @@ impl Default for AdmissionConfig {
             lists_file: None,
             max_connections: 2048,
             handshakes_per_sec: 500,
+            max_handshakes_per_source: 32,
+            handshake_timeout_secs: 5.0,
+            hello_timeout_secs: 5.0,
+            refusal_log_secs: 10.0,
         }
     }
 }
@@ -248,6 +264,19 @@ impl ServerConfig {
                 ));
             }
         }
+        let a = &self.admission;
+        if a.max_handshakes_per_source == 0 {
+            return bad("admission.max_handshakes_per_source must be >= 1".into());
+        }
+        for (name, v) in [
+            ("handshake_timeout_secs", a.handshake_timeout_secs),
+            ("hello_timeout_secs", a.hello_timeout_secs),
+            ("refusal_log_secs", a.refusal_log_secs),
+        ] {
+            if !(v > 0.0 && v <= 3600.0) {
+                return bad(format!("admission.{name} must be in (0, 3600], got {v}"));
+            }
+        }
         if self.idle_timeout_secs.is_nan() || self.idle_timeout_secs < 3.0 {
             return bad("idle_timeout_secs must be >= 3".into());
         }
@@ -376,6 +405,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("cannot carry"), "{e}");
+    }
+
+    #[test]
+    fn admission_transport_keys_have_defaults_and_are_checked() {
+        let c = ServerConfig::load(None, &[]).unwrap();
+        assert_eq!(c.admission.max_handshakes_per_source, 32);
+        assert_eq!(c.admission.handshake_timeout_secs, 5.0);
+        let c = ServerConfig::load(
+            None,
+            &[
+                ("admission.max_handshakes_per_source".into(), "4".into()),
+                ("admission.hello_timeout_secs".into(), "2.5".into()),
+                ("admission.refusal_log_secs".into(), "1".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.admission.max_handshakes_per_source, 4);
+        assert_eq!(c.admission.hello_timeout_secs, 2.5);
+        for (k, v) in [
+            ("admission.max_handshakes_per_source", "0"),
+            ("admission.handshake_timeout_secs", "0"),
+            ("admission.hello_timeout_secs", "nan"),
+            ("admission.refusal_log_secs", "-1"),
+        ] {
+            assert!(
+                ServerConfig::load(None, &[(k.into(), v.into())]).is_err(),
+                "{k}"
+            );
+        }
     }
 
     #[test]

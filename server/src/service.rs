@@ -13,7 +13,7 @@
 //! be able to rejoin before the old connection times out; both hold the same private key,
 //! so this admits no one new.
 
-use crate::admission::{admit, RateLimiter};
+use crate::admission::{admit, RateLimiter, RefusalLog, SourceLimiter, SourceSlot, RETRY};
 use crate::checkpoint;
 use crate::config::ServerConfig;
 use crate::coordinator::{Action, Coordinator, CoordinatorConfig, FinishReason, RoundReport};
@@ -777,6 +777,19 @@ async fn tell_finish(
     .await;
 }
 
+/// Accepts connections, spending handshake capacity only on peers that proved their
+/// address.
+///
+/// - An Initial from an address not yet validated gets a stateless retry and nothing
+///   else: no TLS work, no state, no rate-limit token, no connection permit. A real QUIC
+///   client answers it with a token bound to its address (one extra round trip); spoofed
+///   or never-completed Initials end there, however many arrive.
+/// - A validated peer needs a free slot among `admission.max_handshakes_per_source`
+///   handshakes in progress from its IP, a token of the `handshakes_per_sec` limiter and a
+///   connection permit; otherwise it is refused (it can receive the refusal, so the honest
+///   ones back off at once).
+/// - Attempts turned away are counted by reason and logged as one line per
+///   `admission.refusal_log_secs`, not one line each.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     cfg: ServerConfig,
@@ -784,65 +797,174 @@ async fn accept_loop(
     ev_tx: mpsc::Sender<Event>,
     conns: Arc<Semaphore>,
 ) {
-    let mut limiter = RateLimiter::new(cfg.admission.handshakes_per_sec, Instant::now());
+    let a = &cfg.admission;
+    let mut limiter = RateLimiter::new(a.handshakes_per_sec, Instant::now());
+    let sources = SourceLimiter::new(a.max_handshakes_per_source);
+    let refusals = Arc::new(RefusalLog::default());
+    let interval = Duration::from_secs_f64(a.refusal_log_secs);
+    let mut report = tokio::time::interval_at((Instant::now() + interval).into(), interval);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let cfg = Arc::new(cfg);
-    while let Some(incoming) = endpoint.accept().await {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = report.tick() => {
+                log_refusals(&refusals, interval);
+                continue;
+            }
+        };
+        if !incoming.remote_address_validated() {
+            // Unvalidated implies `may_retry`, so this cannot fail; if it did, drop silently.
+            match incoming.retry() {
+                Ok(()) => refusals.count(RETRY),
+                Err(e) => {
+                    e.into_incoming().ignore();
+                    refusals.count("retry_failed");
+                }
+            }
+            continue;
+        }
+        let Some(slot) = sources.try_enter(incoming.remote_address().ip()) else {
+            refusals.count("per_source");
+            incoming.refuse();
+            continue;
+        };
         if !limiter.try_acquire(Instant::now()) {
-            tracing::warn!(remote = %incoming.remote_address(), "handshake rate limit exceeded; refused");
+            refusals.count("rate_limit");
             incoming.refuse();
             continue;
         }
         let Ok(permit) = conns.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refused");
+            refusals.count("connection_limit");
             incoming.refuse();
             continue;
         };
-        let (cfg, spec, tx) = (cfg.clone(), spec.clone(), ev_tx.clone());
+        let (cfg, spec, tx, refusals) =
+            (cfg.clone(), spec.clone(), ev_tx.clone(), refusals.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = serve_connection(incoming, &cfg, &spec, &tx).await {
-                tracing::warn!(%remote, "connection refused: {e}");
+            match serve_connection(incoming, slot, &cfg, &spec, &tx).await {
+                Ok(()) => {}
+                // A decision about an identified node (revoked, wrong DP mode, ...): worth
+                // a line each, and only holders of federation certificates can cause them.
+                Err(Refused {
+                    reason: "refused",
+                    detail,
+                }) => tracing::warn!(%remote, "connection refused: {detail}"),
+                Err(Refused { reason, detail }) => {
+                    refusals.count(reason);
+                    tracing::debug!(%remote, reason, "connection refused: {detail}");
+                }
             }
             drop(permit);
         });
     }
+    log_refusals(&refusals, interval);
 }
 
+fn log_refusals(refusals: &RefusalLog, interval: Duration) {
+    let Some(s) = refusals.take() else { return };
+    let secs = interval.as_secs_f64();
+    if s.refused > 0 {
+        tracing::warn!(
+            "{} connection attempts refused in the last {secs:.0}s: {}",
+            s.refused,
+            s.line()
+        );
+    } else {
+        tracing::info!("address validation in the last {secs:.0}s: {}", s.line());
+    }
+}
+
+/// Why a connection ended before its node joined: a counter key and the details.
+#[derive(Debug)]
+struct Refused {
+    /// `refused` for a hello decision about an identified node; otherwise the reason the
+    /// attempt is counted under in the periodic refusal line.
+    reason: &'static str,
+    detail: String,
+}
+
+fn refused(reason: &'static str, detail: impl Into<String>) -> Refused {
+    Refused {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// One connection from TLS to its end.
+///
+/// Until the hello is accepted the peer is held to the endpoint's pre-admission transport
+/// settings: one client-opened stream, a connection receive window of
+/// [`wire::HELLO_WINDOW_BYTES`], `admission.handshake_timeout_secs` for TLS and
+/// `admission.hello_timeout_secs` for the hello, and its handshake slot (`slot`) is held
+/// only for that long. Once the hello stream is accepted the peer may open no further
+/// streams, ever (the server opens one per request). After admission the windows open to
+/// what answers need (two messages of `message_limit()` bytes), no more.
 async fn serve_connection(
     incoming: quinn::Incoming,
+    slot: SourceSlot,
     cfg: &ServerConfig,
     spec: &ModelSpec,
     tx: &mpsc::Sender<Event>,
-) -> Result<(), String> {
-    const HANDSHAKE: Duration = Duration::from_secs(10);
-    let conn = tokio::time::timeout(HANDSHAKE, incoming)
+) -> Result<(), Refused> {
+    let a = &cfg.admission;
+    let handshake = Duration::from_secs_f64(a.handshake_timeout_secs);
+    let conn = tokio::time::timeout(handshake, incoming)
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let certs = conn
-        .peer_identity()
-        .and_then(|id| {
-            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .ok_or("no client certificate")?;
-    let leaf = certs.first().ok_or("empty client certificate chain")?;
-    let node = dpfl_certs::node_name(leaf).map_err(|e| e.to_string())?;
+        .map_err(|_| refused("handshake_timeout", "TLS handshake timed out"))?
+        .map_err(|e| refused("handshake_failed", format!("TLS handshake failed: {e}")))?;
+    let close = |code: u32, why: &'static str, detail: String| {
+        conn.close(code.into(), why.as_bytes());
+        refused(why, detail)
+    };
+    let certs = conn.peer_identity().and_then(|id| {
+        id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+        return Err(close(4, "no_identity", "no client certificate".into()));
+    };
+    let node = match dpfl_certs::node_name(leaf) {
+        Ok(n) => n,
+        Err(e) => return Err(close(4, "no_identity", e.to_string())),
+    };
     let fingerprint = dpfl_certs::fingerprint(leaf);
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE, conn.accept_bi())
-        .await
-        .map_err(|_| format!("{node}: no hello within {HANDSHAKE:?}"))?
-        .map_err(|e| format!("{node}: {e}"))?;
-    // The hello stream is the only one a client ever opens (the server opens one per
-    // request): a stream the server would never read must not be able to hold its memory.
+    let hello_deadline =
+        tokio::time::Instant::now() + Duration::from_secs_f64(a.hello_timeout_secs);
+    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(close(4, "no_hello", format!("{node}: {e}"))),
+        Err(_) => {
+            return Err(close(
+                4,
+                "hello_timeout",
+                format!("{node}: no hello in time"),
+            ))
+        }
+    };
+    // The hello stream is the only one a client ever opens.
     conn.set_max_concurrent_bi_streams(0u32.into());
-    let hello_bytes = tokio::time::timeout(
-        HANDSHAKE,
-        recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
+    let hello_bytes = match tokio::time::timeout_at(
+        hello_deadline,
+        recv.read_to_end(wire::MAX_HELLO_BYTES),
     )
     .await
-    .map_err(|_| format!("{node}: hello timed out"))?
-    .map_err(|e| format!("{node}: hello: {e}"))?;
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(close(4, "bad_hello", format!("{node}: hello: {e}"))),
+        Err(_) => {
+            return Err(close(
+                4,
+                "hello_timeout",
+                format!("{node}: hello timed out"),
+            ))
+        }
+    };
     let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint) {
         Ok(w) => w,
         Err(refusal) => {
@@ -852,26 +974,27 @@ async fn serve_connection(
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             conn.close(3u32.into(), b"refused");
-            return Err(format!("{node}: {detail}"));
+            return Err(refused("refused", format!("{node}: {detail}")));
         }
     };
-    // Admitted: open the windows to what answers need (two messages of `message_limit()`
-    // bytes) before the node can get requests. Until now it could send one hello.
+    // Admitted: open the windows to what answers need before the node can get requests.
     dpfl_certs::quic::open_windows(
         &conn,
         dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64),
     );
+    drop(slot);
     send.write_all(&wire::encode(&Header::Welcome(welcome), &[]))
         .await
-        .map_err(|e| format!("{node}: {e}"))?;
-    send.finish().map_err(|e| format!("{node}: {e}"))?;
+        .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
+    send.finish()
+        .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
     let id = conn.stable_id();
     tx.send(Event::Connected {
         node: node.clone(),
         conn: conn.clone(),
     })
     .await
-    .map_err(|_| "server stopped".to_string())?;
+    .map_err(|_| refused("server_stopped", "server stopped"))?;
     // Clients cannot open more streams after the hello (the limit is 0). Wait for the
     // connection to end.
     let reason = conn.closed().await;
