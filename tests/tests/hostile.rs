@@ -122,8 +122,8 @@ fn flood(
 }
 
 /// Issue 16 item 2: 4,000 never-completed Initials a second (each a valid ClientHello)
-/// used to take the handshake rate limiter and connection permits, so honest nodes were
-/// refused and backed off for tens of seconds. With stateless retries they only cost a
+/// used to take the handshake rate limiter and, held for 10 s each, every connection
+/// permit, so honest nodes were refused and backed off until the flood ended. With stateless retries they only cost a
 /// retry packet each; honest nodes must join and train within a few seconds, during the
 /// flood, and the server must accept nodes normally afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -137,8 +137,9 @@ async fn honest_nodes_join_during_an_initial_flood() {
             ("min_clients", "2"),
             ("strategy.min_fit_clients", "2"),
             ("round_timeout_secs", "20"),
-            // A deployment-like budget of handshakes that the flood must not be able to use.
-            ("admission.handshakes_per_sec", "100"),
+            // A small deployment's connection budget (the default handshake rate of 500/s
+            // fills it in 0.4 s): half-open handshakes must not be able to take it.
+            ("admission.max_connections", "200"),
         ],
     );
     let mut server = Server::bind(cfg).unwrap();
@@ -307,6 +308,59 @@ async fn before_admission_a_peer_gets_one_stream_and_a_hello_sized_window() {
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // 3. The server is unharmed: a proper hello is welcomed.
+    let conn = raw_connection(&fed.layout, "node-2", s.addr).await;
+    assert!(matches!(
+        send_hello(&conn).await,
+        Ok(Message {
+            header: Header::Welcome(_),
+            ..
+        })
+    ));
+    let _ = s.shutdown.take().unwrap().send(());
+    within(s.done).await.unwrap().unwrap();
+}
+
+/// Issue 16 item 2, validated peers: one address may hold only
+/// `admission.max_handshakes_per_source` handshakes in progress (here: connections that
+/// finished TLS but send no hello); more are refused at once, and the slots come back when
+/// those peers are dropped at `hello_timeout_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_address_cannot_hold_more_than_its_share_of_handshakes() {
+    init_logs();
+    let fed = Federation::new(2);
+    let cfg = fed.server_config(
+        "per-source",
+        &[
+            ("min_clients", "2"),
+            ("admission.max_handshakes_per_source", "3"),
+            ("admission.hello_timeout_secs", "2"),
+        ],
+    );
+    let mut s = start(Server::bind(cfg).unwrap());
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(raw_connection(&fed.layout, "node-1", s.addr).await);
+    }
+    // A fourth from 127.0.0.1 is refused while those three are pending.
+    let ep = dpfl_certs::quic::client_endpoint(
+        &Credentials::node(&fed.layout, "node-2"),
+        wire::ALPN,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let fourth = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep.connect(s.addr, "localhost").unwrap(),
+    )
+    .await
+    .expect("refused at once, not left waiting");
+    assert!(fourth.is_err(), "a fourth half-open handshake was accepted");
+    // The silent ones are dropped after the hello timeout; their slots are free again.
+    for c in &silent {
+        tokio::time::timeout(Duration::from_secs(6), c.closed())
+            .await
+            .expect("a peer without a hello is dropped");
+    }
     let conn = raw_connection(&fed.layout, "node-2", s.addr).await;
     assert!(matches!(
         send_hello(&conn).await,
