@@ -358,6 +358,7 @@ async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
         wire::ALPN,
         "127.0.0.1:0".parse()?,
         idle,
+        dpfl_certs::quic::Windows::for_messages(64 << 20),
     )?;
     let addr = server.local_addr()?;
     let srv = tokio::spawn(async move {

@@ -484,18 +484,62 @@ mod tests {
 
 /// QUIC endpoints over the mutual-TLS configs, with transport settings suited to FL:
 /// keep-alives well inside the idle timeout so that minutes of local training never look
-/// like a dead peer, flow-control windows large enough for multi-megabyte updates, and a
-/// cap on the streams a peer may open.
+/// like a dead peer, flow-control windows sized from the largest legitimate message (see
+/// [`quic::Windows`]), and a cap on the streams a peer may open.
+///
+/// Memory a peer can make this side hold is bounded by the connection receive window (data
+/// sent but not yet read). The server starts every connection with a window that fits the
+/// hello and one client-opened stream, and opens it to [`quic::Windows::for_messages`] only
+/// after admission ([`quic::open_windows`]); the node does the same after the welcome.
 pub mod quic {
     use super::{client_tls, server_tls, CertError, Credentials};
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
 
-    /// Transport settings shared by server and clients.
+    /// Flow-control windows of a connection, in bytes.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Windows {
+        /// What the peer may send on one stream beyond what this side has read.
+        pub stream: u64,
+        /// What the peer may send on all streams together beyond what this side has read:
+        /// the most memory the peer's unread data can take.
+        pub connection: u64,
+        /// Unacknowledged data this side buffers for sending on one connection.
+        pub send: u64,
+    }
+
+    impl Windows {
+        /// For messages of at most `max_message` bytes: one stream may carry a whole
+        /// message, the connection two (an answer and another request's in flight), and
+        /// as much may be in flight outbound. Nothing legitimate needs more.
+        pub fn for_messages(max_message: u64) -> Self {
+            let two = max_message.saturating_mul(2);
+            Self {
+                stream: max_message,
+                connection: two,
+                send: two,
+            }
+        }
+
+        /// The same with the connection window lowered to `connection` bytes (the phase
+        /// before the peer is admitted, when only a hello is expected).
+        pub fn with_connection(self, connection: u64) -> Self {
+            Self { connection, ..self }
+        }
+    }
+
+    /// A window size as a QUIC variable-length integer (saturating at the largest one).
+    pub fn varint(bytes: u64) -> quinn::VarInt {
+        quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX)
+    }
+
+    /// Transport settings shared by server and clients: `peer_bidi_streams` streams the
+    /// peer may open at once, no unidirectional streams, and the given windows.
     pub fn transport(
         idle_timeout: Duration,
         peer_bidi_streams: u32,
+        windows: Windows,
     ) -> Result<quinn::TransportConfig, CertError> {
         let mut t = quinn::TransportConfig::default();
         let idle = quinn::IdleTimeout::try_from(idle_timeout)
@@ -504,41 +548,62 @@ pub mod quic {
         t.keep_alive_interval(Some(idle_timeout / 3));
         t.max_concurrent_bidi_streams(peer_bidi_streams.into());
         t.max_concurrent_uni_streams(0u8.into());
-        t.stream_receive_window((16u32 << 20).into());
-        t.receive_window((32u32 << 20).into());
-        t.send_window(32 << 20);
+        t.stream_receive_window(varint(windows.stream));
+        t.receive_window(varint(windows.connection));
+        t.send_window(windows.send);
         Ok(t)
     }
 
+    /// Opens an established connection's windows to `windows` (after admission or
+    /// welcome). The stream window is a transport parameter fixed at the handshake; the
+    /// connection and send windows change here.
+    pub fn open_windows(conn: &quinn::Connection, windows: Windows) {
+        conn.set_receive_window(varint(windows.connection));
+        conn.set_send_window(windows.send);
+    }
+
     /// A server endpoint bound to `listen` that requires client certificates from the CA.
+    /// A client may open one bidirectional stream (the hello) and send at most
+    /// `windows.connection` bytes until the server opens its windows ([`open_windows`]).
     pub fn server_endpoint(
         creds: &Credentials,
         alpn: &[u8],
         listen: SocketAddr,
         idle_timeout: Duration,
+        windows: Windows,
     ) -> Result<quinn::Endpoint, CertError> {
         let tls = server_tls(creds, alpn)?;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| CertError::Tls(e.to_string()))?;
         let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        // Clients open one stream (the hello) at a time.
-        sc.transport_config(Arc::new(transport(idle_timeout, 4)?));
+        sc.transport_config(Arc::new(transport(idle_timeout, 1, windows)?));
         quinn::Endpoint::server(sc, listen)
             .map_err(|e| CertError::Tls(format!("bind {listen}: {e}")))
     }
 
-    /// A client endpoint presenting the node certificate and pinning the CA.
+    /// A client endpoint presenting the node certificate and pinning the CA, with windows
+    /// for messages of up to 64 MiB (tools and tests; nodes use [`client_endpoint_with`]).
     pub fn client_endpoint(
         creds: &Credentials,
         alpn: &[u8],
         idle_timeout: Duration,
     ) -> Result<quinn::Endpoint, CertError> {
+        client_endpoint_with(creds, alpn, idle_timeout, Windows::for_messages(64 << 20))
+    }
+
+    /// A client endpoint with the given windows (the server opens one stream per request,
+    /// up to 8 at once).
+    pub fn client_endpoint_with(
+        creds: &Credentials,
+        alpn: &[u8],
+        idle_timeout: Duration,
+        windows: Windows,
+    ) -> Result<quinn::Endpoint, CertError> {
         let tls = client_tls(creds, alpn)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| CertError::Tls(e.to_string()))?;
         let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
-        // The server opens one stream per request.
-        cc.transport_config(Arc::new(transport(idle_timeout, 8)?));
+        cc.transport_config(Arc::new(transport(idle_timeout, 8, windows)?));
         let bind: SocketAddr = "0.0.0.0:0"
             .parse()
             .map_err(|e| CertError::Tls(format!("{e}")))?;
@@ -546,5 +611,20 @@ pub mod quic {
             .map_err(|e| CertError::Tls(format!("client socket: {e}")))?;
         ep.set_default_client_config(cc);
         Ok(ep)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn windows_follow_the_message_size() {
+            let w = Windows::for_messages(1000);
+            assert_eq!((w.stream, w.connection, w.send), (1000, 2000, 2000));
+            let pre = w.with_connection(70);
+            assert_eq!((pre.stream, pre.connection, pre.send), (1000, 70, 2000));
+            assert_eq!(varint(u64::MAX), quinn::VarInt::MAX);
+            transport(Duration::from_secs(9), 1, Windows::for_messages(u64::MAX)).unwrap();
+        }
     }
 }

@@ -33,7 +33,10 @@ pub struct NodeConfig {
     pub policy: Policy,
     /// Where the node keeps its privacy spend (`None`: in memory, tests only).
     pub privacy_state: Option<PathBuf>,
-    /// Largest message accepted from the server.
+    /// Largest message this node accepts from the server. The read limit is derived from
+    /// the model in the server's welcome (`wire::max_message_bytes`); a federation whose
+    /// model needs more than this is refused. Before the welcome only hello-sized messages
+    /// are read.
     pub max_message_bytes: usize,
     /// QUIC idle timeout.
     pub idle_timeout: Duration,
@@ -105,9 +108,17 @@ enum Fatal {
 
 /// Runs a node until the server finishes training.
 pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeError> {
-    let endpoint =
-        dpfl_certs::quic::client_endpoint(&cfg.credentials, wire::ALPN, cfg.idle_timeout)
-            .map_err(|e| NodeError::Setup(e.to_string()))?;
+    // Until the welcome the server can only send a hello-sized message; `session` opens
+    // the connection window once the model (hence the largest message) is known.
+    let windows = dpfl_certs::quic::Windows::for_messages(cfg.max_message_bytes as u64)
+        .with_connection(wire::HELLO_WINDOW_BYTES as u64);
+    let endpoint = dpfl_certs::quic::client_endpoint_with(
+        &cfg.credentials,
+        wire::ALPN,
+        cfg.idle_timeout,
+        windows,
+    )
+    .map_err(|e| NodeError::Setup(e.to_string()))?;
     let mut summary = NodeSummary {
         node: String::new(),
         rounds_trained: 0,
@@ -239,6 +250,17 @@ async fn session(
         )));
     }
     let federation = format!("{}|{}", cfg.server_name, short_hex(&welcome.spec_hash));
+    // Requests carry at most the model's parameters: read nothing larger, and let the
+    // server have no more than two such messages in flight.
+    let limit = wire::max_message_bytes(welcome.spec.num_params());
+    if limit > cfg.max_message_bytes {
+        return Err(Fatal::Refused(format!(
+            "the server's model needs messages of {limit} bytes, above this node's \
+             max_message_bytes {}",
+            cfg.max_message_bytes
+        )));
+    }
+    dpfl_certs::quic::open_windows(&conn, dpfl_certs::quic::Windows::for_messages(limit as u64));
     worker
         .setup(welcome.spec.clone())
         .await
@@ -258,16 +280,13 @@ async fn session(
             Err(e) => return Ok(Outcome::Lost(e.to_string())),
         };
         *last_ok = Instant::now();
-        let bytes = match recv.read_to_end(cfg.max_message_bytes).await {
-            Ok(b) => b,
-            Err(e) => {
+        let msg = match wire::read_message(&mut recv, limit).await {
+            Ok(m) => m,
+            Err(wire::ReadError::Io(e)) => {
                 tracing::warn!("could not read request: {e}");
                 continue;
             }
-        };
-        let msg = match wire::decode(&bytes, cfg.max_message_bytes) {
-            Ok(m) => m,
-            Err(e) => {
+            Err(wire::ReadError::Decode(e)) => {
                 tracing::warn!("malformed request from the server: {e}");
                 continue;
             }
@@ -483,19 +502,13 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
         })?;
     send.finish()
         .map_err(|e| HelloError::Other(e.to_string()))?;
-    let bytes = tokio::time::timeout(
+    let answer = tokio::time::timeout(
         Duration::from_secs(15),
-        recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
+        wire::read_message(&mut recv, wire::MAX_HELLO_BYTES),
     )
     .await
-    .map_err(|_| HelloError::Other("no welcome within 15s".into()))?
-    .map_err(|e| match e {
-        quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(c)) => {
-            HelloError::Connection(c)
-        }
-        other => HelloError::Other(other.to_string()),
-    })?;
-    match wire::decode(&bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
+    .map_err(|_| HelloError::Other("no welcome within 15s".into()))?;
+    match answer {
         Ok(Message {
             header: Header::Welcome(w),
             ..
@@ -508,6 +521,19 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
             "expected welcome, got `{}`",
             m.header.name()
         ))),
-        Err(e) => Err(HelloError::Other(format!("malformed welcome: {e}"))),
+        Err(wire::ReadError::Decode(e)) => {
+            Err(HelloError::Other(format!("malformed welcome: {e}")))
+        }
+        Err(wire::ReadError::Io(e)) => {
+            // quinn reports a lost connection (which may carry a TLS alert) inside the
+            // I/O error; keep it so authentication failures stay recognisable.
+            let lost = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<quinn::ReadError>());
+            match lost {
+                Some(quinn::ReadError::ConnectionLost(c)) => Err(HelloError::Connection(c.clone())),
+                _ => Err(HelloError::Other(format!("reading the welcome: {e}"))),
+            }
+        }
     }
 }

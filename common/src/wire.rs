@@ -10,12 +10,22 @@
 //!
 //! Encoding a 1M-parameter update is one `memcpy` of the payload; decoding checks every
 //! length against the bytes that arrived before allocating, and every failure is a typed
-//! [`DecodeError`]. This module does not touch sockets: the transport reads the bytes
-//! (bounded by `max_message_bytes`) and hands them to [`decode`].
+//! [`DecodeError`]. This module does not open sockets: [`decode`] checks bytes already in
+//! memory, and [`read_message`] reads one message from any [`AsyncRead`] (a QUIC stream)
+//! without a second copy: it reads the prefix first and refuses an announced size over the
+//! limit before reading further, then reads the header, then the payload straight into
+//! the `Vec<f32>` it returns. Both share the checks ([`parse_prefix`], [`decode_header`],
+//! [`decode_parts`]) and agree on every input (see `read_message`'s docs for the one
+//! intended difference).
+//!
+//! Limits: a hello, welcome or refusal is at most [`MAX_HELLO_BYTES`]; any other message
+//! at most [`max_message_bytes`] of the model's parameter count. Nothing larger is
+//! legitimate, so peers should read with those limits rather than a fixed large one.
 
 use crate::config::{ClientPrivacy, DpMode, TrainConfig};
 use crate::model::{ModelSpec, SpecHash};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version; peers with another version are refused. Version 2: the hello declares
 /// the node's example counts (the server bounds the weight a node may claim by them).
@@ -28,8 +38,23 @@ pub const MAGIC: [u8; 4] = *b"DPFL";
 pub const PREFIX_BYTES: usize = 20;
 /// Largest header accepted (headers are small; payloads carry the tensors).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Default bound on one message (fits a 10M-parameter model with room to spare).
+/// Default ceiling on one message for a peer that does not know the model yet (fits a
+/// 10M-parameter model with room to spare). Peers that know the model use
+/// [`max_message_bytes`] instead.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest message without a payload: the hello, welcome and refusal are at most this.
+pub const MAX_HELLO_BYTES: usize = PREFIX_BYTES + MAX_HEADER_BYTES;
+
+/// Connection receive window for a peer that has not finished the hello exchange: one
+/// hello-sized message plus slack. Until then it can make the other side hold no more.
+pub const HELLO_WINDOW_BYTES: usize = MAX_HELLO_BYTES + 4096;
+
+/// The largest legitimate message for a model of `num_params` parameters: a prefix, the
+/// largest header and a full parameter vector. Train and evaluate requests and updates
+/// are never larger, so this is the natural read limit once the model is known.
+pub fn max_message_bytes(num_params: usize) -> usize {
+    MAX_HELLO_BYTES.saturating_add(num_params.saturating_mul(4))
+}
 
 /// Client's first message on a new connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,6 +393,114 @@ pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// Lengths announced by a message prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lengths {
+    /// Header bytes (at most [`MAX_HEADER_BYTES`]).
+    pub header: usize,
+    /// Payload bytes.
+    pub payload: u64,
+}
+
+impl Lengths {
+    /// Prefix + header + payload, the whole message as announced.
+    pub fn total(&self) -> u64 {
+        (PREFIX_BYTES as u64)
+            .saturating_add(self.header as u64)
+            .saturating_add(self.payload)
+    }
+}
+
+/// The checks of a prefix that need nothing else: magic, version, reserved field, header
+/// length.
+fn check_prefix(p: &[u8; PREFIX_BYTES]) -> Result<Lengths, DecodeError> {
+    let magic = [p[0], p[1], p[2], p[3]];
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes([p[4], p[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let reserved = u16::from_le_bytes([p[6], p[7]]);
+    if reserved != 0 {
+        return Err(DecodeError::Reserved(reserved));
+    }
+    let header_len = u32::from_le_bytes([p[8], p[9], p[10], p[11]]);
+    if header_len as usize > MAX_HEADER_BYTES {
+        return Err(DecodeError::HeaderTooLarge(header_len));
+    }
+    let payload = u64::from_le_bytes([p[12], p[13], p[14], p[15], p[16], p[17], p[18], p[19]]);
+    Ok(Lengths {
+        header: header_len as usize,
+        payload,
+    })
+}
+
+/// Checks a prefix before anything else of the message is read: magic, version, reserved
+/// field, header length, the announced total against `limit` ([`DecodeError::TooLarge`]
+/// with the announced size) and the payload's alignment.
+pub fn parse_prefix(prefix: &[u8; PREFIX_BYTES], limit: usize) -> Result<Lengths, DecodeError> {
+    let lengths = check_prefix(prefix)?;
+    if lengths.total() > limit as u64 {
+        return Err(DecodeError::TooLarge {
+            got: lengths.total(),
+            limit,
+        });
+    }
+    if lengths.payload % 4 != 0 {
+        return Err(DecodeError::PayloadAlignment(lengths.payload));
+    }
+    Ok(lengths)
+}
+
+/// Decodes the header bytes of a message whose payload has `payload_len` bytes: the header
+/// must use all its bytes, and carry a payload exactly when its kind requires one.
+pub fn decode_header(bytes: &[u8], payload_len: u64) -> Result<Header, DecodeError> {
+    let (header, used): (Header, usize) =
+        bincode::serde::decode_from_slice(bytes, bincode_config())
+            .map_err(|e| DecodeError::Header(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(DecodeError::TrailingHeaderBytes(bytes.len() - used));
+    }
+    // bincode's varint decoder accepts over-long encodings (1000 as `251 232 3` but also
+    // 232 as `251 232 0`): refuse them, so one message has exactly one byte form.
+    let canonical =
+        bincode::serde::encode_to_vec(&header, bincode_config()).is_ok_and(|again| again == bytes);
+    if !canonical {
+        return Err(DecodeError::Header("non-canonical encoding".into()));
+    }
+    match (header.payload_kind(), payload_len == 0) {
+        (PayloadKind::None, false) => Err(DecodeError::Payload {
+            kind: header.name(),
+            problem: "must not carry a payload",
+        }),
+        (PayloadKind::Params, true) => Err(DecodeError::Payload {
+            kind: header.name(),
+            problem: "requires a parameter payload",
+        }),
+        _ => Ok(header),
+    }
+}
+
+/// Assembles a message from parts read separately (the prefix's [`Lengths`], the header
+/// bytes and the payload already converted to `f32`), with the same checks as [`decode`].
+pub fn decode_parts(
+    lengths: Lengths,
+    header_bytes: &[u8],
+    payload: Vec<f32>,
+) -> Result<Message, DecodeError> {
+    let got = PREFIX_BYTES + header_bytes.len() + 4 * payload.len();
+    if header_bytes.len() != lengths.header || 4 * payload.len() as u64 != lengths.payload {
+        return Err(DecodeError::LengthMismatch {
+            announced: lengths.total(),
+            got,
+        });
+    }
+    let header = decode_header(header_bytes, lengths.payload)?;
+    Ok(Message { header, payload })
+}
+
 /// Decodes and checks one message of at most `max_bytes` bytes.
 pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, DecodeError> {
     if bytes.len() > max_bytes {
@@ -376,74 +509,165 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Message, DecodeError> {
             limit: max_bytes,
         });
     }
-    if bytes.len() < PREFIX_BYTES {
+    let Some(prefix) = bytes.first_chunk::<PREFIX_BYTES>() else {
         return Err(DecodeError::Truncated { got: bytes.len() });
-    }
-    let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
-    if magic != MAGIC {
-        return Err(DecodeError::BadMagic(magic));
-    }
-    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != PROTOCOL_VERSION {
-        return Err(DecodeError::Version(version));
-    }
-    let reserved = u16::from_le_bytes([bytes[6], bytes[7]]);
-    if reserved != 0 {
-        return Err(DecodeError::Reserved(reserved));
-    }
-    let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if header_len as usize > MAX_HEADER_BYTES {
-        return Err(DecodeError::HeaderTooLarge(header_len));
-    }
-    let mut pl = [0u8; 8];
-    pl.copy_from_slice(&bytes[12..20]);
-    let payload_len = u64::from_le_bytes(pl);
-    let announced = (PREFIX_BYTES as u64)
-        .saturating_add(header_len as u64)
-        .saturating_add(payload_len);
-    if announced != bytes.len() as u64 {
+    };
+    let lengths = check_prefix(prefix)?;
+    if lengths.total() != bytes.len() as u64 {
         return Err(DecodeError::LengthMismatch {
-            announced,
+            announced: lengths.total(),
             got: bytes.len(),
         });
     }
-    if payload_len % 4 != 0 {
-        return Err(DecodeError::PayloadAlignment(payload_len));
+    if lengths.payload % 4 != 0 {
+        return Err(DecodeError::PayloadAlignment(lengths.payload));
     }
-    let head_bytes = &bytes[PREFIX_BYTES..PREFIX_BYTES + header_len as usize];
-    let (header, used): (Header, usize) =
-        bincode::serde::decode_from_slice(head_bytes, bincode_config())
-            .map_err(|e| DecodeError::Header(e.to_string()))?;
-    if used != head_bytes.len() {
-        return Err(DecodeError::TrailingHeaderBytes(head_bytes.len() - used));
-    }
-    // bincode's varint decoder accepts over-long encodings (1000 as `251 232 3` but also
-    // 232 as `251 232 0`): refuse them, so one message has exactly one byte form.
-    let canonical = bincode::serde::encode_to_vec(&header, bincode_config())
-        .is_ok_and(|again| again == head_bytes);
-    if !canonical {
-        return Err(DecodeError::Header("non-canonical encoding".into()));
-    }
-    let payload_bytes = &bytes[PREFIX_BYTES + header_len as usize..];
-    match (header.payload_kind(), payload_bytes.is_empty()) {
-        (PayloadKind::None, false) => {
-            return Err(DecodeError::Payload {
-                kind: header.name(),
-                problem: "must not carry a payload",
-            })
-        }
-        (PayloadKind::Params, true) => {
-            return Err(DecodeError::Payload {
-                kind: header.name(),
-                problem: "requires a parameter payload",
-            })
-        }
-        _ => {}
-    }
+    let (head_bytes, payload_bytes) = bytes[PREFIX_BYTES..].split_at(lengths.header);
+    let header = decode_header(head_bytes, lengths.payload)?;
     Ok(Message {
         header,
         payload: f32_from_le_bytes(payload_bytes),
     })
+}
+
+/// Why a message could not be read from a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The bytes are not a valid message (or announce more than the limit).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The stream failed (reset, connection lost).
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads as many bytes as fit in `buf` or until the end of the stream; returns how many.
+async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// After an error found before the end of the stream: discards the rest of the stream,
+/// never more than `limit` bytes in all and without keeping them, so that the error is the
+/// one [`decode`] gives for the whole stream (a stream over the limit is `TooLarge`
+/// whatever its first bytes; a header or payload fault yields to a length mismatch).
+async fn settle<R: AsyncRead + Unpin>(
+    r: &mut R,
+    err: DecodeError,
+    announced: Option<u64>,
+    seen: usize,
+    limit: usize,
+) -> ReadError {
+    let mut seen = seen as u64;
+    let mut scratch = [0u8; 8192];
+    loop {
+        if seen > limit as u64 {
+            return DecodeError::TooLarge { got: seen, limit }.into();
+        }
+        let room = (limit as u64 - seen + 1).min(scratch.len() as u64) as usize;
+        match r.read(&mut scratch[..room]).await {
+            Ok(0) => break,
+            Ok(n) => seen += n as u64,
+            // The peer sent a bad message and then broke the stream: the bad message is
+            // the more useful report.
+            Err(_) => return err.into(),
+        }
+    }
+    let after_lengths = matches!(
+        err,
+        DecodeError::PayloadAlignment(_)
+            | DecodeError::Header(_)
+            | DecodeError::TrailingHeaderBytes(_)
+            | DecodeError::Payload { .. }
+            | DecodeError::LengthMismatch { .. }
+    );
+    match announced {
+        Some(a) if after_lengths && a != seen => DecodeError::LengthMismatch {
+            announced: a,
+            got: seen as usize,
+        }
+        .into(),
+        _ => err.into(),
+    }
+}
+
+/// Reads one message, the whole stream, of at most `limit` bytes, with one copy of the
+/// payload (from the stream's buffers into the returned `Vec<f32>`).
+///
+/// The 20-byte prefix is read first and checked by [`parse_prefix`]: an announced size
+/// over `limit` is refused before anything else is read, so a peer cannot make the reader
+/// wait for, buffer or allocate an oversized message. Then the header (at most
+/// [`MAX_HEADER_BYTES`]) is read and decoded, then the payload straight into a `Vec<f32>`
+/// (on little-endian hosts by reading into its bytes), and the stream must end there.
+///
+/// It accepts exactly the streams whose bytes [`decode`] accepts, with the same message,
+/// and rejects the others with the same kind of error, with one intended difference: a
+/// prefix announcing more than `limit` is `TooLarge` at once, where `decode` of a short
+/// stream would say `LengthMismatch`. After a fault found before the end it discards the
+/// rest of the stream (at most `limit` bytes, into a small buffer) to tell an oversized
+/// stream from a merely malformed one.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> Result<Message, ReadError> {
+    let mut prefix = [0u8; PREFIX_BYTES];
+    let got = read_full(r, &mut prefix).await?;
+    if got < PREFIX_BYTES {
+        // The stream ended: `got` is its whole length.
+        return Err(if got > limit {
+            DecodeError::TooLarge {
+                got: got as u64,
+                limit,
+            }
+        } else {
+            DecodeError::Truncated { got }
+        }
+        .into());
+    }
+    let lengths = match check_prefix(&prefix) {
+        Ok(l) => l,
+        Err(e) => return Err(settle(r, e, None, PREFIX_BYTES, limit).await),
+    };
+    let announced = lengths.total();
+    let lengths = match parse_prefix(&prefix, limit) {
+        Ok(l) => l,
+        Err(e @ DecodeError::TooLarge { .. }) => return Err(e.into()),
+        Err(e) => return Err(settle(r, e, Some(announced), PREFIX_BYTES, limit).await),
+    };
+    let mismatch = |got: usize| DecodeError::LengthMismatch { announced, got };
+    let mut head = vec![0u8; lengths.header];
+    let got = read_full(r, &mut head).await?;
+    if got < head.len() {
+        return Err(mismatch(PREFIX_BYTES + got).into());
+    }
+    let seen = PREFIX_BYTES + head.len();
+    let header = match decode_header(&head, lengths.payload) {
+        Ok(h) => h,
+        Err(e) => return Err(settle(r, e, Some(announced), seen, limit).await),
+    };
+    // `parse_prefix` bounded the payload by `limit`, so it fits in memory and in usize.
+    let payload_bytes = lengths.payload as usize;
+    let mut payload = vec![0f32; payload_bytes / 4];
+    let got = read_full(r, bytemuck::cast_slice_mut::<f32, u8>(&mut payload)).await?;
+    if got < payload_bytes {
+        return Err(mismatch(seen + got).into());
+    }
+    #[cfg(not(target_endian = "little"))]
+    for v in payload.iter_mut() {
+        *v = f32::from_bits(u32::from_le(v.to_bits()));
+    }
+    let mut one = [0u8; 1];
+    if read_full(r, &mut one).await? != 0 {
+        let e = mismatch(seen + payload_bytes + 1);
+        return Err(settle(r, e, Some(announced), seen + payload_bytes + 1, limit).await);
+    }
+    Ok(Message { header, payload })
 }
 
 #[cfg(test)]
@@ -629,17 +853,194 @@ mod tests {
         ));
     }
 
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// Reads `bytes` as a stream with [`read_message`].
+    fn read_all(bytes: &[u8], limit: usize) -> Result<Message, ReadError> {
+        let mut r = bytes;
+        block_on(read_message(&mut r, limit))
+    }
+
+    /// The reader and `decode` agree on `bytes`: the same message, or the same kind of
+    /// error (an announced size over the limit is `TooLarge` for the reader at once).
+    fn assert_agree(bytes: &[u8], limit: usize) {
+        let streamed = read_all(bytes, limit);
+        let decoded = decode(bytes, limit);
+        match (&streamed, &decoded) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b),
+            (Err(ReadError::Decode(a)), Err(b)) => {
+                let announced_over = bytes
+                    .first_chunk::<PREFIX_BYTES>()
+                    .and_then(|p| check_prefix(p).ok())
+                    .is_some_and(|l| l.total() > limit as u64);
+                if announced_over {
+                    assert!(matches!(a, DecodeError::TooLarge { .. }), "{a:?}");
+                    assert!(
+                        matches!(
+                            b,
+                            DecodeError::TooLarge { .. } | DecodeError::LengthMismatch { .. }
+                        ),
+                        "{b:?}"
+                    );
+                } else {
+                    assert_eq!(
+                        std::mem::discriminant(a),
+                        std::mem::discriminant(b),
+                        "reader {a:?}, decode {b:?}"
+                    );
+                }
+            }
+            _ => panic!("reader {streamed:?}, decode {decoded:?}"),
+        }
+    }
+
     #[test]
-    fn printable_escapes_control_characters_and_truncates() {
-        let forged = "oops\n2026-01-01T00:00:00Z INFO round 9/9: test acc 0.9999\x1b[0m";
-        let p = printable(forged, 200);
-        assert!(!p.contains('\n') && !p.contains('\x1b'), "{p}");
-        assert!(p.contains("\\n"), "{p}");
-        assert_eq!(printable("abcdef", 3), "abc...");
-        assert_eq!(printable("node-1 ok", 100), "node-1 ok");
+    fn reader_reads_valid_messages_of_every_size() {
+        for n in [1usize, 3, 1000] {
+            let payload: Vec<f32> = (0..n).map(|i| i as f32 - 0.5).collect();
+            let bytes = encode(&update(9), &payload);
+            let m = read_all(&bytes, bytes.len()).unwrap();
+            assert_eq!(m.header, update(9));
+            assert_eq!(m.payload, payload);
+        }
+        let fin = Header::Finish(Finish {
+            reason: "x".into(),
+            rounds_completed: 1,
+        });
+        let m = read_all(&encode(&fin, &[]), MAX_HELLO_BYTES).unwrap();
+        assert_eq!(m.header, fin);
+        assert!(m.payload.is_empty());
+    }
+
+    #[test]
+    fn reader_refuses_an_oversized_announcement_from_the_prefix_alone() {
+        block_on(async {
+            // The peer announces 1 GiB and sends only the prefix, keeping the stream open:
+            // the reader answers from the prefix, without waiting for (or allocating) more.
+            let (mut tx, mut rx) = tokio::io::duplex(64);
+            let good = encode(&update(1), &[1.0; 4]);
+            let mut prefix = good[..PREFIX_BYTES].to_vec();
+            prefix[12..20].copy_from_slice(&(1u64 << 30).to_le_bytes());
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(&prefix).await.unwrap();
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                read_message(&mut rx, 1 << 20),
+            )
+            .await
+            .expect("answered from the prefix");
+            match r {
+                Err(ReadError::Decode(DecodeError::TooLarge { got, limit })) => {
+                    let header_len = u32::from_le_bytes([good[8], good[9], good[10], good[11]]);
+                    assert_eq!(got, (1u64 << 30) + PREFIX_BYTES as u64 + header_len as u64);
+                    assert_eq!(limit, 1 << 20);
+                }
+                other => panic!("{other:?}"),
+            }
+            drop(tx);
+        });
+    }
+
+    #[test]
+    fn reader_limit_is_exact() {
+        let bytes = encode(&update(2), &[0.5; 100]);
+        assert!(read_all(&bytes, bytes.len()).is_ok());
+        assert!(matches!(
+            read_all(&bytes, bytes.len() - 1),
+            Err(ReadError::Decode(DecodeError::TooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn reader_and_decode_agree_on_hand_made_faults() {
+        let good = encode(&update(1), &[1.0; 100]);
+        let limit = 1 << 20;
+        let mut cases: Vec<Vec<u8>> = vec![
+            good.clone(),
+            good[..10].to_vec(),
+            good[..good.len() - 4].to_vec(),
+            [good.clone(), vec![0; 3]].concat(),
+            vec![0u8; 300_000], // garbage over the limit: TooLarge, like decode
+            vec![0u8; 30],
+        ];
+        for (off, v) in [
+            (0usize, b'X'),
+            (4, 9),
+            (6, 1),
+            (10, 0xff),
+            (12, 1),
+            (21, 0xff),
+        ] {
+            let mut b = good.clone();
+            b[off] = v;
+            cases.push(b);
+        }
+        let fin = Header::Finish(Finish {
+            reason: String::new(),
+            rounds_completed: 0,
+        });
+        cases.push(encode(&fin, &[1.0]));
+        cases.push(encode(&update(1), &[]));
+        for c in &cases {
+            assert_agree(c, limit);
+            assert_agree(c, 200_000);
+        }
+        assert!(matches!(
+            read_all(&vec![0u8; 300_000], 200_000),
+            Err(ReadError::Decode(DecodeError::TooLarge { .. }))
+        ));
+    }
+
+    #[test]
+    fn reader_reports_a_broken_stream_as_io() {
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+            }
+        }
+        assert!(matches!(
+            block_on(read_message(&mut Broken, 1 << 20)),
+            Err(ReadError::Io(_))
+        ));
     }
 
     proptest! {
+        #[test]
+        fn reader_agrees_with_decode_on_mutated_messages(
+            n in 0usize..40,
+            edits in proptest::collection::vec((0usize..400, any::<u8>()), 0..4),
+            cut in proptest::option::of(0usize..400),
+            extra in 0usize..6,
+            limit in prop_oneof![Just(1usize << 16), 0usize..400],
+        ) {
+            let mut bytes = encode(&update(5), &vec![0.25; n]);
+            for (pos, val) in edits {
+                let p = pos % bytes.len();
+                bytes[p] = val;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.min(bytes.len()));
+            }
+            bytes.extend(std::iter::repeat_n(7u8, extra));
+            assert_agree(&bytes, limit);
+        }
+
+        #[test]
+        fn reader_agrees_with_decode_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            assert_agree(&bytes, 1 << 16);
+        }
+
         #[test]
         fn decode_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes, 1 << 16);

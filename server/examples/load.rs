@@ -153,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             cfg.transport_config(Arc::new(dpfl_certs::quic::transport(
                 Duration::from_secs(60),
                 8,
+                dpfl_certs::quic::Windows::for_messages(1 << 20),
             )?));
             tasks.push(tokio::spawn(node(
                 ep.clone(),

@@ -1,12 +1,16 @@
-//! Admission control after the TLS handshake: allow- and deny-lists of node names or
-//! certificate fingerprints (re-read from a file on every connection and every round, so a
-//! revocation takes effect without a restart, for connected nodes too), identities bound
-//! to keys ([`Pins`]), and a handshake rate limit.
+//! Admission control: allow- and deny-lists of node names or certificate fingerprints
+//! checked after the TLS handshake (re-read from a file on every connection and every
+//! round, so a revocation takes effect without a restart, for connected nodes too),
+//! identities bound to keys ([`Pins`]), a handshake rate limit, a cap on the handshakes in
+//! progress from one source address ([`SourceLimiter`]), and the counters that report
+//! refused attempts as one log line per interval ([`RefusalLog`]).
 
 use crate::config::AdmissionConfig;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// Why a verified peer is not admitted.
@@ -206,6 +210,124 @@ impl RateLimiter {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps stay consistent even if a holder panicked mid-update.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Caps the handshakes in progress (TLS and hello not yet done) from one IP address, so
+/// that one host with a real address cannot take every connection slot with half-open
+/// handshakes. A slot is released when its [`SourceSlot`] is dropped.
+#[derive(Debug)]
+pub struct SourceLimiter {
+    max: usize,
+    in_progress: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One handshake in progress from an address; dropping it frees the slot.
+#[derive(Debug)]
+pub struct SourceSlot {
+    owner: Arc<SourceLimiter>,
+    ip: IpAddr,
+}
+
+impl SourceLimiter {
+    /// At most `max` handshakes at once from one address.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            in_progress: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for `ip` (IPv4-mapped IPv6 counts as IPv4), or `None` when it has `max`.
+    pub fn try_enter(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        let ip = ip.to_canonical();
+        let mut map = lock(&self.in_progress);
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            owner: self.clone(),
+            ip,
+        })
+    }
+
+    /// Handshakes in progress from `ip`.
+    pub fn in_progress(&self, ip: IpAddr) -> usize {
+        lock(&self.in_progress)
+            .get(&ip.to_canonical())
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = lock(&self.owner.in_progress);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Reason counted for a stateless retry (not a refusal: every new connection gets one).
+pub const RETRY: &str = "retry";
+
+/// Connection attempts turned away before a node joined, counted by reason and reported as
+/// one line per interval: a flood of Initials or half-open handshakes must not become a
+/// flood of log lines.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// What [`RefusalLog::take`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalSummary {
+    /// Counts by reason since the previous report.
+    pub counts: BTreeMap<&'static str, u64>,
+    /// Attempts refused (everything but stateless retries).
+    pub refused: u64,
+}
+
+impl RefusalSummary {
+    /// `reason=count` pairs, in reason order.
+    pub fn line(&self) -> String {
+        self.counts
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl RefusalLog {
+    /// Counts one attempt turned away for `reason`.
+    pub fn count(&self, reason: &'static str) {
+        *lock(&self.counts).entry(reason).or_insert(0) += 1;
+    }
+
+    /// The counts since the last call (and resets them); `None` when there were none.
+    pub fn take(&self) -> Option<RefusalSummary> {
+        let counts = std::mem::take(&mut *lock(&self.counts));
+        if counts.is_empty() {
+            return None;
+        }
+        let refused = counts
+            .iter()
+            .filter(|(k, _)| **k != RETRY)
+            .map(|(_, v)| v)
+            .sum();
+        Some(RefusalSummary { counts, refused })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +400,43 @@ mod tests {
         assert!(again.check("node-1", "cccc", &lists).is_err());
         again.check("node-1", "bbbb", &lists).unwrap();
         assert!(again.check("node-1", "aaaa", &Lists::default()).is_err());
+    }
+
+    #[test]
+    fn source_limiter_caps_each_address_and_frees_slots_on_drop() {
+        let l = SourceLimiter::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let s1 = l.try_enter(a).unwrap();
+        let s2 = l.try_enter(mapped).unwrap();
+        assert!(l.try_enter(a).is_none(), "mapped IPv6 is the same source");
+        let s3 = l.try_enter(b).unwrap();
+        assert_eq!(l.in_progress(a), 2);
+        drop(s1);
+        assert_eq!(l.in_progress(a), 1);
+        let s4 = l.try_enter(a).unwrap();
+        drop((s2, s3, s4));
+        assert_eq!(l.in_progress(a), 0);
+        assert!(lock(&l.in_progress).is_empty(), "no entries left behind");
+    }
+
+    #[test]
+    fn refusal_log_reports_counts_once_per_take() {
+        let log = RefusalLog::default();
+        assert_eq!(log.take(), None);
+        for _ in 0..5000 {
+            log.count(RETRY);
+        }
+        log.count("rate_limit");
+        log.count("per_source");
+        log.count("rate_limit");
+        let s = log.take().unwrap();
+        assert_eq!(s.refused, 3);
+        assert_eq!(s.line(), "per_source=1 rate_limit=2 retry=5000");
+        assert_eq!(log.take(), None, "counts reset after a report");
+        log.count(RETRY);
+        assert_eq!(log.take().unwrap().refused, 0);
     }
 
     #[test]

@@ -41,8 +41,20 @@ pub struct AdmissionConfig {
     pub lists_file: Option<PathBuf>,
     /// Most concurrent client connections.
     pub max_connections: usize,
-    /// Most TLS handshakes started per second (excess connections are refused).
+    /// Most TLS handshakes started per second (excess connections are refused). Only
+    /// peers that proved their address (by answering a stateless retry) count.
     pub handshakes_per_sec: u32,
+    /// Most handshakes in progress (TLS and hello not yet done) from one IP address;
+    /// more are refused until some finish. Loopback tests run every node from one address,
+    /// so keep it above the number of nodes that may (re)connect at once from one host.
+    pub max_handshakes_per_source: usize,
+    /// Seconds a peer may take to complete the TLS handshake.
+    pub handshake_timeout_secs: f64,
+    /// Seconds an authenticated peer may take to send its hello.
+    pub hello_timeout_secs: f64,
+    /// Refused connection attempts are counted and logged as one line per this many
+    /// seconds (by reason), not one line each.
+    pub refusal_log_secs: f64,
 }
 
 impl Default for AdmissionConfig {
@@ -53,6 +65,10 @@ impl Default for AdmissionConfig {
             lists_file: None,
             max_connections: 2048,
             handshakes_per_sec: 500,
+            max_handshakes_per_source: 32,
+            handshake_timeout_secs: 5.0,
+            hello_timeout_secs: 5.0,
+            refusal_log_secs: 10.0,
         }
     }
 }
@@ -102,8 +118,9 @@ pub struct ServerConfig {
     pub test_data: Option<String>,
     /// Evaluate on at most this many test examples.
     pub test_limit: Option<usize>,
-    /// Largest message accepted from a client, in bytes.
-    pub max_message_bytes: usize,
+    /// Largest message accepted from a client, in bytes. Absent: derived from the model
+    /// (see [`ServerConfig::message_limit`]), which is what answers can legitimately need.
+    pub max_message_bytes: Option<usize>,
     /// QUIC idle timeout in seconds (keep-alives every third of it keep training peers alive).
     pub idle_timeout_secs: f64,
     /// Resume from `out_dir/checkpoint.json` when it exists.
@@ -140,7 +157,7 @@ impl Default for ServerConfig {
             out_dir: "runs/latest".into(),
             test_data: None,
             test_limit: None,
-            max_message_bytes: dpfl_common::wire::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: None,
             idle_timeout_secs: 60.0,
             resume: true,
             model: ModelConfig::default(),
@@ -296,17 +313,29 @@ impl ServerConfig {
         if !(0.0..=1.0).contains(&self.strategy.fraction_evaluate) {
             return bad("strategy.fraction_evaluate must be in [0, 1]".into());
         }
-        if self.max_message_bytes < 1024 {
-            return bad("max_message_bytes must be >= 1024".into());
+        if let Some(max) = self.max_message_bytes {
+            if max < 1024 {
+                return bad("max_message_bytes must be >= 1024".into());
+            }
+            let needed = dpfl_common::wire::max_message_bytes(self.spec().num_params());
+            if max < needed {
+                return bad(format!(
+                    "max_message_bytes {max} cannot carry this model ({needed} bytes needed)"
+                ));
+            }
         }
-        let needed = dpfl_common::wire::PREFIX_BYTES
-            + dpfl_common::wire::MAX_HEADER_BYTES
-            + 4 * self.spec().num_params();
-        if self.max_message_bytes < needed {
-            return bad(format!(
-                "max_message_bytes {} cannot carry this model ({} bytes needed)",
-                self.max_message_bytes, needed
-            ));
+        let a = &self.admission;
+        if a.max_handshakes_per_source == 0 {
+            return bad("admission.max_handshakes_per_source must be >= 1".into());
+        }
+        for (name, v) in [
+            ("handshake_timeout_secs", a.handshake_timeout_secs),
+            ("hello_timeout_secs", a.hello_timeout_secs),
+            ("refusal_log_secs", a.refusal_log_secs),
+        ] {
+            if !(v > 0.0 && v <= 3600.0) {
+                return bad(format!("admission.{name} must be in (0, 3600], got {v}"));
+            }
         }
         if self.idle_timeout_secs.is_nan() || self.idle_timeout_secs < 3.0 {
             return bad("idle_timeout_secs must be >= 3".into());
@@ -355,6 +384,14 @@ impl ServerConfig {
         ModelSpec {
             layers: self.model.layers.clone(),
         }
+    }
+
+    /// The largest message read from a client: `max_message_bytes` when set, else the
+    /// largest legitimate message for the model (prefix + largest header + a full
+    /// parameter vector), e.g. 0.9 MB for a 200k-parameter model instead of a fixed 64 MiB.
+    pub fn message_limit(&self) -> usize {
+        self.max_message_bytes
+            .unwrap_or_else(|| dpfl_common::wire::max_message_bytes(self.spec().num_params()))
     }
 
     /// Round deadline.
@@ -450,6 +487,71 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("local DP"), "{e}");
+    }
+
+    #[test]
+    fn message_limit_is_derived_from_the_model_unless_set() {
+        let c =
+            ServerConfig::load(None, &[("model.layers".into(), "[784, 32, 10]".into())]).unwrap();
+        let params = 784 * 32 + 32 + 32 * 10 + 10;
+        assert_eq!(c.max_message_bytes, None);
+        assert_eq!(
+            c.message_limit(),
+            dpfl_common::wire::PREFIX_BYTES + dpfl_common::wire::MAX_HEADER_BYTES + 4 * params
+        );
+        assert!(c.message_limit() < 200_000);
+        // A larger model gets a larger limit.
+        let big =
+            ServerConfig::load(None, &[("model.layers".into(), "[784, 256, 10]".into())]).unwrap();
+        assert!(big.message_limit() > c.message_limit());
+        // An explicit value still works, and must carry the model.
+        let set = ServerConfig::load(
+            None,
+            &[
+                ("model.layers".into(), "[784, 32, 10]".into()),
+                ("max_message_bytes".into(), "200000".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(set.message_limit(), 200_000);
+        let e = ServerConfig::load(
+            None,
+            &[
+                ("model.layers".into(), "[784, 32, 10]".into()),
+                ("max_message_bytes".into(), "100000".into()),
+            ],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot carry"), "{e}");
+    }
+
+    #[test]
+    fn admission_transport_keys_have_defaults_and_are_checked() {
+        let c = ServerConfig::load(None, &[]).unwrap();
+        assert_eq!(c.admission.max_handshakes_per_source, 32);
+        assert_eq!(c.admission.handshake_timeout_secs, 5.0);
+        let c = ServerConfig::load(
+            None,
+            &[
+                ("admission.max_handshakes_per_source".into(), "4".into()),
+                ("admission.hello_timeout_secs".into(), "2.5".into()),
+                ("admission.refusal_log_secs".into(), "1".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.admission.max_handshakes_per_source, 4);
+        assert_eq!(c.admission.hello_timeout_secs, 2.5);
+        for (k, v) in [
+            ("admission.max_handshakes_per_source", "0"),
+            ("admission.handshake_timeout_secs", "0"),
+            ("admission.hello_timeout_secs", "nan"),
+            ("admission.refusal_log_secs", "-1"),
+        ] {
+            assert!(
+                ServerConfig::load(None, &[(k.into(), v.into())]).is_err(),
+                "{k}"
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //! timings, rejections) goes to the operator-only `operator/` folder and the log. The
 //! ledger is written durably **before** any model it accounts for leaves the server.
 
-use crate::admission::{AdmissionError, Lists, Pins, RateLimiter};
+use crate::admission::{
+    AdmissionError, Lists, Pins, RateLimiter, RefusalLog, SourceLimiter, SourceSlot, RETRY,
+};
 use crate::checkpoint;
 use crate::config::ServerConfig;
 use crate::coordinator::{
@@ -366,11 +368,15 @@ impl Server {
             None => None,
         };
         let creds = Credentials::server(&Layout::new(&cfg.certs_dir));
+        // Before admission a peer may send only what a hello needs (see `serve_connection`).
+        let windows = dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64)
+            .with_connection(wire::HELLO_WINDOW_BYTES as u64);
         let endpoint = dpfl_certs::quic::server_endpoint(
             &creds,
             wire::ALPN,
             cfg.listen,
             Duration::from_secs_f64(cfg.idle_timeout_secs),
+            windows,
         )?;
         let pins = Pins::open(&cfg.out_dir.join("identities.json"))
             .map_err(|e| ServerError::Io(e.to_string()))?;
@@ -789,7 +795,7 @@ impl Server {
         };
         let tx = ev_tx.clone();
         let node = node.clone();
-        let max = self.cfg.max_message_bytes;
+        let max = self.cfg.message_limit();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(deadline, request(&conn, &bytes, max)).await {
                 Ok(r) => r,
@@ -1014,7 +1020,10 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// Sends one request on a new stream and reads the bounded answer.
+/// Sends one request on a new stream and reads the answer with [`wire::read_message`]:
+/// an answer announcing more than `max` bytes is refused from its 20-byte prefix, and a
+/// valid one is read once, its payload straight into the `Vec<f32>` the coordinator gets.
+/// Dropping the stream on an error tells the peer to stop sending.
 async fn request(
     conn: &quinn::Connection,
     bytes: &[u8],
@@ -1028,11 +1037,15 @@ async fn request(
         .await
         .map_err(|e| ("connection", e.to_string()))?;
     send.finish().map_err(|e| ("connection", e.to_string()))?;
-    let answer = recv.read_to_end(max).await.map_err(|e| match e {
-        quinn::ReadToEndError::TooLong => ("oversized", format!("answer exceeds {max} bytes")),
-        other => ("connection", other.to_string()),
-    })?;
-    wire::decode(&answer, max).map_err(|e| ("malformed", e.to_string()))
+    wire::read_message(&mut recv, max)
+        .await
+        .map_err(|e| match e {
+            wire::ReadError::Decode(e @ wire::DecodeError::TooLarge { .. }) => {
+                ("oversized", e.to_string())
+            }
+            wire::ReadError::Decode(e) => ("malformed", e.to_string()),
+            wire::ReadError::Io(e) => ("connection", e.to_string()),
+        })
 }
 
 async fn tell_finish(
@@ -1064,6 +1077,19 @@ async fn tell_finish(
     .await;
 }
 
+/// Accepts connections, spending handshake capacity only on peers that proved their
+/// address.
+///
+/// - An Initial from an address not yet validated gets a stateless retry and nothing
+///   else: no TLS work, no state, no rate-limit token, no connection permit. A real QUIC
+///   client answers it with a token bound to its address (one extra round trip); spoofed
+///   or never-completed Initials end there, however many arrive.
+/// - A validated peer needs a free slot among `admission.max_handshakes_per_source`
+///   handshakes in progress from its IP, a token of the `handshakes_per_sec` limiter and a
+///   connection permit; otherwise it is refused (it can receive the refusal, so the honest
+///   ones back off at once).
+/// - Attempts turned away are counted by reason and logged as one line per
+///   `admission.refusal_log_secs`, not one line each.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     cfg: ServerConfig,
@@ -1072,64 +1098,184 @@ async fn accept_loop(
     conns: Arc<Semaphore>,
     pins: Arc<Mutex<Pins>>,
 ) {
-    let mut limiter = RateLimiter::new(cfg.admission.handshakes_per_sec, Instant::now());
+    let a = &cfg.admission;
+    let mut limiter = RateLimiter::new(a.handshakes_per_sec, Instant::now());
+    let sources = SourceLimiter::new(a.max_handshakes_per_source);
+    let refusals = Arc::new(RefusalLog::default());
+    let interval = Duration::from_secs_f64(a.refusal_log_secs);
+    let mut report = tokio::time::interval_at((Instant::now() + interval).into(), interval);
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let cfg = Arc::new(cfg);
-    while let Some(incoming) = endpoint.accept().await {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = report.tick() => {
+                log_refusals(&refusals, interval);
+                continue;
+            }
+        };
+        if !incoming.remote_address_validated() {
+            // Unvalidated implies `may_retry`, so this cannot fail; if it did, drop silently.
+            match incoming.retry() {
+                Ok(()) => refusals.count(RETRY),
+                Err(e) => {
+                    e.into_incoming().ignore();
+                    refusals.count("retry_failed");
+                }
+            }
+            continue;
+        }
+        let Some(slot) = sources.try_enter(incoming.remote_address().ip()) else {
+            refusals.count("per_source");
+            incoming.refuse();
+            continue;
+        };
         if !limiter.try_acquire(Instant::now()) {
-            tracing::warn!(remote = %incoming.remote_address(), "handshake rate limit exceeded; refused");
+            refusals.count("rate_limit");
             incoming.refuse();
             continue;
         }
         let Ok(permit) = conns.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refused");
+            refusals.count("connection_limit");
             incoming.refuse();
             continue;
         };
-        let (cfg, spec, tx, pins) = (cfg.clone(), spec.clone(), ev_tx.clone(), pins.clone());
+        let (cfg, spec, tx, refusals, pins) = (
+            cfg.clone(),
+            spec.clone(),
+            ev_tx.clone(),
+            refusals.clone(),
+            pins.clone(),
+        );
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(e) = serve_connection(incoming, &cfg, &spec, &tx, &pins).await {
-                tracing::warn!(%remote, "connection refused: {e}");
+            match serve_connection(incoming, slot, &cfg, &spec, &tx, &pins).await {
+                Ok(()) => {}
+                // A decision about an identified node (revoked, wrong DP mode, ...): worth
+                // a line each, and only holders of federation certificates can cause them.
+                Err(Refused {
+                    reason: "refused",
+                    detail,
+                }) => tracing::warn!(%remote, "connection refused: {detail}"),
+                Err(Refused { reason, detail }) => {
+                    refusals.count(reason);
+                    tracing::debug!(%remote, reason, "connection refused: {detail}");
+                }
             }
             drop(permit);
         });
     }
+    log_refusals(&refusals, interval);
 }
 
+fn log_refusals(refusals: &RefusalLog, interval: Duration) {
+    let Some(s) = refusals.take() else { return };
+    let secs = interval.as_secs_f64();
+    if s.refused > 0 {
+        tracing::warn!(
+            "{} connection attempts refused in the last {secs:.0}s: {}",
+            s.refused,
+            s.line()
+        );
+    } else {
+        tracing::info!("address validation in the last {secs:.0}s: {}", s.line());
+    }
+}
+
+/// Why a connection ended before its node joined: a counter key and the details.
+#[derive(Debug)]
+struct Refused {
+    /// `refused` for a hello decision about an identified node; otherwise the reason the
+    /// attempt is counted under in the periodic refusal line.
+    reason: &'static str,
+    detail: String,
+}
+
+fn refused(reason: &'static str, detail: impl Into<String>) -> Refused {
+    Refused {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// One connection from TLS to its end.
+///
+/// Until the hello is accepted the peer is held to the endpoint's pre-admission transport
+/// settings: one client-opened stream, a connection receive window of
+/// [`wire::HELLO_WINDOW_BYTES`], `admission.handshake_timeout_secs` for TLS and
+/// `admission.hello_timeout_secs` for the hello, and its handshake slot (`slot`) is held
+/// only for that long. Once the hello stream is accepted the peer may open no further
+/// streams, ever (the server opens one per request). After admission the windows open to
+/// what answers need (two messages of `message_limit()` bytes), no more.
 async fn serve_connection(
     incoming: quinn::Incoming,
+    slot: SourceSlot,
     cfg: &ServerConfig,
     spec: &ModelSpec,
     tx: &mpsc::Sender<Event>,
     pins: &Mutex<Pins>,
-) -> Result<(), String> {
-    const HANDSHAKE: Duration = Duration::from_secs(10);
-    let conn = tokio::time::timeout(HANDSHAKE, incoming)
+) -> Result<(), Refused> {
+    let a = &cfg.admission;
+    let handshake = Duration::from_secs_f64(a.handshake_timeout_secs);
+    let conn = tokio::time::timeout(handshake, incoming)
         .await
-        .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let certs = conn
-        .peer_identity()
-        .and_then(|id| {
-            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .ok_or("no client certificate")?;
-    let leaf = certs.first().ok_or("empty client certificate chain")?;
-    let node = dpfl_certs::node_name(leaf).map_err(|e| e.to_string())?;
+        .map_err(|_| refused("handshake_timeout", "TLS handshake timed out"))?
+        .map_err(|e| refused("handshake_failed", format!("TLS handshake failed: {e}")))?;
+    let close = |code: u32, why: &'static str, detail: String| {
+        conn.close(code.into(), why.as_bytes());
+        refused(why, detail)
+    };
+    let certs = conn.peer_identity().and_then(|id| {
+        id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()
+    });
+    let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+        return Err(close(4, "no_identity", "no client certificate".into()));
+    };
+    let node = match dpfl_certs::node_name(leaf) {
+        Ok(n) => n,
+        Err(e) => return Err(close(4, "no_identity", e.to_string())),
+    };
     let fingerprint = dpfl_certs::fingerprint(leaf);
-    let key = dpfl_certs::key_fingerprint(leaf).map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE, conn.accept_bi())
-        .await
-        .map_err(|_| format!("{node}: no hello within {HANDSHAKE:?}"))?
-        .map_err(|e| format!("{node}: {e}"))?;
-    let hello_bytes = tokio::time::timeout(
-        HANDSHAKE,
-        recv.read_to_end(wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES),
+    let key = match dpfl_certs::key_fingerprint(leaf) {
+        Ok(k) => k,
+        Err(e) => return Err(close(4, "no_identity", e.to_string())),
+    };
+    let hello_deadline =
+        tokio::time::Instant::now() + Duration::from_secs_f64(a.hello_timeout_secs);
+    let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(close(4, "no_hello", format!("{node}: {e}"))),
+        Err(_) => {
+            return Err(close(
+                4,
+                "hello_timeout",
+                format!("{node}: no hello in time"),
+            ))
+        }
+    };
+    // The hello stream is the only one a client ever opens.
+    conn.set_max_concurrent_bi_streams(0u32.into());
+    let hello_bytes = match tokio::time::timeout_at(
+        hello_deadline,
+        recv.read_to_end(wire::MAX_HELLO_BYTES),
     )
     .await
-    .map_err(|_| format!("{node}: hello timed out"))?
-    .map_err(|e| format!("{node}: hello: {e}"))?;
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return Err(close(4, "bad_hello", format!("{node}: hello: {e}"))),
+        Err(_) => {
+            return Err(close(
+                4,
+                "hello_timeout",
+                format!("{node}: hello timed out"),
+            ))
+        }
+    };
     let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint, &key, pins) {
         Ok(w) => w,
         Err(refusal) => {
@@ -1139,13 +1285,20 @@ async fn serve_connection(
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             conn.close(3u32.into(), b"refused");
-            return Err(format!("{node}: {detail}"));
+            return Err(refused("refused", format!("{node}: {detail}")));
         }
     };
+    // Admitted: open the windows to what answers need before the node can get requests.
+    dpfl_certs::quic::open_windows(
+        &conn,
+        dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64),
+    );
+    drop(slot);
     send.write_all(&wire::encode(&Header::Welcome(welcome.0.clone()), &[]))
         .await
-        .map_err(|e| format!("{node}: {e}"))?;
-    send.finish().map_err(|e| format!("{node}: {e}"))?;
+        .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
+    send.finish()
+        .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
     let id = conn.stable_id();
     tx.send(Event::Connected {
         node: node.clone(),
@@ -1154,9 +1307,9 @@ async fn serve_connection(
         cert: fingerprint,
     })
     .await
-    .map_err(|_| "server stopped".to_string())?;
-    // Clients never open more streams after the hello: any that arrives is refused by the
-    // stream limit or ignored here. Wait for the connection to end.
+    .map_err(|_| refused("server_stopped", "server stopped"))?;
+    // Clients cannot open more streams after the hello (the limit is 0). Wait for the
+    // connection to end.
     let reason = conn.closed().await;
     tracing::debug!(%node, "connection closed: {reason}");
     let _ = tx.send(Event::Disconnected { node, id }).await;
