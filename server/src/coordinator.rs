@@ -570,6 +570,12 @@ impl Coordinator {
         &self.ledger
     }
 
+    /// The strategy's empirical privacy audit (canaries), against the model `initial`.
+    pub fn audit(&self, initial: &[f32]) -> Option<dpfl_common::dp::audit::AuditReport> {
+        let theoretical = self.cfg.dp.mode.is_private().then(|| self.ledger.epsilon());
+        self.strategy.audit(initial, &self.global, theoretical)
+    }
+
     /// Rounds completed.
     pub fn completed_rounds(&self) -> u64 {
         self.completed
@@ -1591,6 +1597,7 @@ mod tests {
             // one round (q=1, z=1) costs 4.73; two cost ~7.3
             target_epsilon: Some(6.0),
             adaptive_clipping: None,
+            audit_canaries: 0,
         };
         let mut c = coordinator(1, dp, 0);
         connect_all(&mut c, t0);
@@ -1624,6 +1631,7 @@ mod tests {
             delta: 1e-5,
             target_epsilon: None,
             adaptive_clipping: None,
+            audit_canaries: 0,
         }
     }
 

@@ -107,6 +107,8 @@ pub struct RunSummary {
     pub seconds: f64,
     /// Messages rejected over the whole run, by kind.
     pub rejected: HashMap<String, u64>,
+    /// The empirical privacy audit (`dp.audit_canaries`), next to the theoretical epsilon.
+    pub audit: Option<dpfl_common::dp::audit::AuditReport>,
 }
 
 /// What `summary.json` publishes with DP on: nothing about who took part.
@@ -117,6 +119,9 @@ struct PublicSummary<'a> {
     test_accuracy: Option<f64>,
     test_loss: Option<f64>,
     ledger: PublicLedger,
+    /// Empirical estimate for observers of the final model (post-processing of released
+    /// models with the server's secret canaries).
+    audit: Option<dpfl_common::dp::audit::AuditReport>,
 }
 
 /// One line of `metrics.jsonl` with DP on: only what the guarantee covers.
@@ -441,6 +446,7 @@ impl Server {
             ledger: self.coordinator.ledger().clone(),
             seconds: 0.0,
             rejected: HashMap::new(),
+            audit: None,
         };
         let open_append = |path: PathBuf| {
             std::fs::OpenOptions::new()
@@ -600,6 +606,29 @@ impl Server {
             .map_err(io_err)?;
         summary.ledger = self.coordinator.ledger().clone();
         summary.seconds = started.elapsed().as_secs_f64();
+        if self.cfg.dp.audit_canaries > 0 {
+            summary.audit = self
+                .coordinator
+                .audit(&init_params(&spec, self.cfg.model.init_seed));
+            if let Some(a) = &summary.audit {
+                let fmt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.3}"));
+                let line = format!(
+                    "privacy audit ({} canaries in, {} out): theoretical epsilon {}, empirical \
+                     estimate {} (final model), one-run lower bound {:.3} at {:.0} % confidence",
+                    a.seen,
+                    a.unseen,
+                    fmt(a.theoretical),
+                    fmt(a.epsilon_estimate),
+                    a.epsilon_lower_bound,
+                    a.confidence * 100.0
+                );
+                if a.flagged {
+                    tracing::error!("{line}: FLAGGED, the noise does not protect as claimed");
+                } else {
+                    tracing::info!("{line}");
+                }
+            }
+        }
         self.persist_ledger()?;
         write_json(&self.out.join("operator").join("summary.json"), &summary)?;
         if self.cfg.dp.mode.is_private() {
@@ -611,6 +640,7 @@ impl Server {
                     test_accuracy: summary.test_accuracy,
                     test_loss: summary.test_loss,
                     ledger: summary.ledger.public(),
+                    audit: summary.audit,
                 },
             )?;
             tracing::info!("{}", summary.ledger.summary());

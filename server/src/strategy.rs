@@ -163,6 +163,17 @@ pub trait Strategy: Send {
         None
     }
 
+    /// The empirical privacy audit of the run, from the initial and the final model (only
+    /// strategies that planted canaries have one).
+    fn audit(
+        &self,
+        _initial: &[f32],
+        _final_model: &[f32],
+        _theoretical: Option<f64>,
+    ) -> Option<dpfl_common::dp::audit::AuditReport> {
+        None
+    }
+
     /// Serialisable state for checkpoints.
     fn state(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -406,6 +417,10 @@ pub struct DpParams {
     pub target_epsilon: Option<f64>,
     /// Adaptive clipping (central mode only).
     pub adaptive_clipping: Option<AdaptiveClipping>,
+    /// Central mode: virtual canary clients the server plants for the empirical privacy
+    /// audit (each included with probability 1/2, then Poisson-sampled like any client;
+    /// see `dpfl_common::dp::audit`). 0: no audit.
+    pub audit_canaries: usize,
 }
 
 impl Default for DpParams {
@@ -418,6 +433,7 @@ impl Default for DpParams {
             delta: 1e-5,
             target_epsilon: None,
             adaptive_clipping: None,
+            audit_canaries: 0,
         }
     }
 }
@@ -473,6 +489,13 @@ impl DpParams {
             if !(t.is_finite() && t > 0.0) {
                 return Err(format!("target_epsilon must be > 0, got {t}"));
             }
+        }
+        if self.audit_canaries > 0 && self.mode != DpMode::Central {
+            return Err(
+                "dp.audit_canaries: the server plants canaries in central mode only (the \
+                 simulator's [audit] covers local mode)"
+                    .into(),
+            );
         }
         if let Some(a) = self.adaptive_clipping {
             if self.mode != DpMode::Central {
@@ -616,6 +639,10 @@ pub struct CentralDp<S> {
     population: usize,
     len: usize,
     last: Option<RoundPrivacy>,
+    /// Secret seed of the audit's canaries (from the OS; checkpointed).
+    canary_seed: Option<u64>,
+    /// Canaries sampled for the open round.
+    canaries_sampled: Vec<u64>,
 }
 
 /// Checkpointed state of [`CentralDp`].
@@ -623,6 +650,8 @@ pub struct CentralDp<S> {
 struct CentralState {
     clip: f64,
     inner: serde_json::Value,
+    #[serde(default)]
+    canary_seed: Option<u64>,
 }
 
 impl<S: Strategy> CentralDp<S> {
@@ -640,6 +669,18 @@ impl<S: Strategy> CentralDp<S> {
             population: 0,
             len: num_params,
             last: None,
+            canary_seed: (dp.audit_canaries > 0).then(|| rand::rngs::OsRng.next_u64()),
+            canaries_sampled: Vec::new(),
+        }
+    }
+
+    /// Canaries included in the federation (each with probability 1/2).
+    fn included_canaries(&self) -> Vec<u64> {
+        match self.canary_seed {
+            Some(seed) => (0..self.dp.audit_canaries as u64)
+                .filter(|i| dpfl_common::dp::audit::canary_included(seed, *i))
+                .collect(),
+            None => Vec::new(),
         }
     }
 
@@ -699,7 +740,15 @@ impl<S: Strategy> Strategy for CentralDp<S> {
             clip_norm: self.clip,
             noise_multiplier: self.dp.noise_multiplier,
         };
-        self.population = available.len();
+        // Virtual canaries are clients too: sampled at the same rate, counted in the
+        // population the expected count is computed from.
+        let included = self.included_canaries();
+        self.canaries_sampled = included
+            .iter()
+            .copied()
+            .filter(|_| rng.gen_bool(self.dp.sampling_rate.clamp(0.0, 1.0)))
+            .collect();
+        self.population = available.len() + included.len();
         self.sum = Some(vec![0.0; self.len]);
         self.participants = 0;
         self.unclipped = 0;
@@ -739,6 +788,14 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let expected = (self.dp.sampling_rate * self.population as f64).max(1.0);
         let (z_update, sigma_b) = self.split_noise(expected)?;
         let mut sum = self.sum.take().unwrap_or_else(|| vec![0.0; self.len]);
+        // The sampled canaries' updates: their secret direction at the clipping norm.
+        if let Some(seed) = self.canary_seed {
+            let c = self.clip as f32;
+            for i in std::mem::take(&mut self.canaries_sampled) {
+                let u = dpfl_common::dp::audit::canary_direction(seed, i, self.len);
+                crate::aggregate::add_scaled(&mut sum, &u, c);
+            }
+        }
         // Noise is released even when nobody answered: the mechanism (and the accountant)
         // covers every sampled round, and skipping it would reveal the empty sample.
         self.noise.add_calibrated(&mut sum, z_update, self.clip)?;
@@ -795,10 +852,42 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         self.last
     }
 
+    fn audit(
+        &self,
+        initial: &[f32],
+        final_model: &[f32],
+        theoretical: Option<f64>,
+    ) -> Option<dpfl_common::dp::audit::AuditReport> {
+        let seed = self.canary_seed?;
+        let change: Vec<f32> = final_model
+            .iter()
+            .zip(initial)
+            .map(|(a, b)| a - b)
+            .collect();
+        let (mut seen, mut unseen) = (Vec::new(), Vec::new());
+        for i in 0..self.dp.audit_canaries as u64 {
+            let u = dpfl_common::dp::audit::canary_direction(seed, i, self.len);
+            let c = dpfl_common::dp::audit::cosine(&u, &change);
+            if dpfl_common::dp::audit::canary_included(seed, i) {
+                seen.push(c);
+            } else {
+                unseen.push(c);
+            }
+        }
+        Some(dpfl_common::dp::audit::AuditReport::new(
+            &seen,
+            &unseen,
+            None,
+            self.dp.delta,
+            theoretical,
+        ))
+    }
+
     fn state(&self) -> serde_json::Value {
         serde_json::to_value(CentralState {
             clip: self.clip,
             inner: self.inner.state(),
+            canary_seed: self.canary_seed,
         })
         .unwrap_or(serde_json::Value::Null)
     }
@@ -810,6 +899,9 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let s: CentralState = serde_json::from_value(state.clone())
             .map_err(|e| StrategyError::Invalid(format!("central dp state: {e}")))?;
         self.clip = s.clip;
+        if s.canary_seed.is_some() {
+            self.canary_seed = s.canary_seed;
+        }
         self.inner.restore(&s.inner)
     }
 }
@@ -1121,6 +1213,27 @@ mod tests {
         s.accumulate(1, fit("b", vec![3.0], 1)).unwrap();
         let w = s.aggregate_fit(1, &[0.0], &[]).unwrap().unwrap();
         assert_eq!(w, vec![2.0]);
+    }
+
+    #[test]
+    fn local_dp_never_asks_nodes_for_evaluation() {
+        // Audit: in local mode nodes answered exact loss, accuracy and count on any model
+        // the untrusted server sent, bypassing the noise.
+        let dp = DpParams {
+            mode: DpMode::Local,
+            ..Default::default()
+        };
+        let inner = FedAvg::new(
+            FedAvgConfig {
+                fraction_evaluate: 1.0,
+                ..Default::default()
+            },
+            TrainSettings::default(),
+            1,
+        );
+        let mut s = LocalDp::new(inner, dp);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+        assert!(s.configure_evaluate(1, &nodes(10), &mut rng).is_empty());
     }
 
     #[test]

@@ -162,6 +162,33 @@ pub struct SimConfig {
     pub dp: DpParams,
     /// Retries of a round that missed its quorum.
     pub max_round_retries: u32,
+    /// Empirical privacy audit with canary clients.
+    pub audit: AuditConfig,
+}
+
+/// The empirical privacy audit of a run (see `dpfl_common::dp::audit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Canaries; each is included in the federation with probability 1/2 (0: no audit).
+    pub canaries: usize,
+    /// Also estimate against observers of every round's model (keeps every canary's
+    /// direction in memory: `canaries x parameters x 4` bytes).
+    pub all_iterates: bool,
+    /// **Test-only fault injection**: multiply every noise standard deviation by this
+    /// (0 switches the noise off) while the ledger still records the configured z, so the
+    /// audit can be shown to catch a broken mechanism. Never set it for a real study.
+    pub fault_noise_factor: f64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            canaries: 0,
+            all_iterates: false,
+            fault_noise_factor: 1.0,
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -186,6 +213,7 @@ impl Default for SimConfig {
             },
             dp: DpParams::default(),
             max_round_retries: 0,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -223,6 +251,17 @@ impl SimConfig {
             .validate()
             .map_err(|e| ExperimentError::Invalid(e.to_string()))?;
         self.dp.validate().map_err(ExperimentError::Invalid)?;
+        if self.audit.canaries > 0 {
+            if !self.dp.mode.is_private() {
+                return bad("audit.canaries needs DP on (dp.mode = central or local)".into());
+            }
+            if self.transport != Transport::Memory {
+                return bad("the audit runs on the in-memory transport".into());
+            }
+        }
+        if !(self.audit.fault_noise_factor.is_finite() && self.audit.fault_noise_factor >= 0.0) {
+            return bad("audit.fault_noise_factor must be >= 0".into());
+        }
         Ok(())
     }
 }

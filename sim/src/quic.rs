@@ -148,6 +148,7 @@ pub(crate) fn run_quic(
     }
     let (epsilon, epsilon_max_client) = budget_epsilon(cfg, &summary.ledger);
     Ok(RunResult {
+        audit: None,
         rounds: summary.rounds_completed,
         rows,
         final_params: params,

@@ -44,7 +44,7 @@ pub fn write_rounds(dir: &Path, f: &Finished) -> std::io::Result<()> {
 }
 
 /// Header of `summary.csv`.
-pub const CSV_HEADER: &str = "config,label,transport,clients,dp_mode,noise_multiplier,sampling_rate,rounds,final_accuracy,best_accuracy,epsilon,epsilon_max_client,delta,seconds,peak_rss_mib,finish";
+pub const CSV_HEADER: &str = "config,label,transport,clients,dp_mode,noise_multiplier,sampling_rate,rounds,final_accuracy,best_accuracy,epsilon,epsilon_max_client,delta,epsilon_empirical,epsilon_lower_bound,audit_flagged,seconds,peak_rss_mib,finish";
 
 /// Writes `summary.csv`.
 pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
@@ -55,7 +55,7 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
         let r = &f.result;
         writeln!(
             out,
-            "{},\"{}\",{:?},{},{},{},{},{},{},{},{},{},{},{:.1},{},\"{}\"",
+            "{},\"{}\",{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{},\"{}\"",
             f.config.id,
             f.config.label.replace('"', "'"),
             c.transport,
@@ -77,6 +77,9 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
             opt(r.epsilon, 4),
             opt(r.epsilon_max_client, 4),
             r.delta.map_or(String::new(), |d| format!("{d:e}")),
+            opt(r.audit.and_then(|a| a.epsilon_estimate), 4),
+            opt(r.audit.map(|a| a.epsilon_lower_bound), 4),
+            r.audit.map_or(String::new(), |a| a.flagged.to_string()),
             r.seconds,
             opt(f.peak_rss_mib, 0),
             r.finish.replace('"', "'"),
@@ -88,8 +91,8 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
 /// A terminal table.
 pub fn table(all: &[Finished]) -> String {
     let mut s = format!(
-        "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8}\n",
-        "cfg", "label", "clients", "rounds", "final", "epsilon", "seconds", "rss_mib"
+        "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
+        "cfg", "label", "clients", "rounds", "final", "epsilon", "empirical", "seconds", "rss_mib"
     );
     for f in all {
         let r = &f.result;
@@ -100,13 +103,14 @@ pub fn table(all: &[Finished]) -> String {
         };
         let label: String = label.chars().take(40).collect();
         s.push_str(&format!(
-            "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>8.1} {:>8}\n",
+            "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8.1} {:>8}\n",
             f.config.id,
             label,
             r.clients,
             r.rounds,
             opt(r.final_accuracy(), 4),
             opt(r.epsilon, 3),
+            opt(r.audit.and_then(|a| a.epsilon_estimate), 3),
             r.seconds,
             opt(f.peak_rss_mib, 0),
         ));
@@ -235,6 +239,33 @@ where
             ("sans-serif", 13).into_font(),
         )
     }))?;
+    // Empirical estimates of audited runs, next to the theoretical points (red crosses).
+    let emp: Vec<(f64, f64)> = all
+        .iter()
+        .filter_map(|f| {
+            Some((
+                f.result.audit?.epsilon_estimate?,
+                f.result.final_accuracy()?,
+            ))
+        })
+        .filter(|(e, _)| e.is_finite() && *e <= max_eps)
+        .collect();
+    if !emp.is_empty() {
+        chart
+            .draw_series(emp.iter().map(|p| Cross::new(*p, 6, RED.stroke_width(2))))?
+            .label("empirical estimate (canaries)")
+            .legend(|(x, y)| Cross::new((x, y), 5, RED.stroke_width(2)));
+        chart
+            .draw_series(std::iter::once(Circle::new((-1.0, -1.0), 0, BLUE.filled())))?
+            .label("theoretical (accountant)")
+            .legend(|(x, y)| Circle::new((x, y), 5, BLUE.filled()));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }

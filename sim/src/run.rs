@@ -68,6 +68,8 @@ pub struct RunResult {
     pub epsilon: Option<f64>,
     /// Local mode: the largest spend against the server any client actually reached.
     pub epsilon_max_client: Option<f64>,
+    /// The empirical privacy audit, when canaries were configured.
+    pub audit: Option<dpfl_common::dp::audit::AuditReport>,
     /// delta.
     pub delta: Option<f64>,
     /// Why training ended.
@@ -173,6 +175,169 @@ pub(crate) fn noise(sampler: Sampler, seed: u64) -> Box<dyn GaussianNoise> {
     }
 }
 
+/// Test-only fault injection: scales every noise s.d. by `factor` (0: no noise), while
+/// everything else (and the ledger) believes the configured z.
+struct FaultyNoise {
+    inner: Box<dyn GaussianNoise>,
+    factor: f64,
+}
+
+impl GaussianNoise for FaultyNoise {
+    fn add_noise(
+        &mut self,
+        values: &mut [f32],
+        sigma: f64,
+    ) -> Result<(), dpfl_common::dp::NoiseError> {
+        if self.factor == 0.0 {
+            return Ok(());
+        }
+        self.inner.add_noise(values, sigma * self.factor)
+    }
+
+    fn add_calibrated(
+        &mut self,
+        values: &mut [f32],
+        z: f64,
+        sensitivity: f64,
+    ) -> Result<(), dpfl_common::dp::NoiseError> {
+        if self.factor == 0.0 {
+            return Ok(());
+        }
+        self.inner
+            .add_calibrated(values, z * self.factor, sensitivity)
+    }
+
+    fn name(&self) -> &'static str {
+        "fault-injected"
+    }
+}
+
+/// The run's noise source, with the audit's test-only fault injection applied.
+fn run_noise(cfg: &SimConfig, seed: u64) -> Box<dyn GaussianNoise> {
+    let inner = noise(cfg.sampler, seed);
+    if cfg.audit.fault_noise_factor == 1.0 {
+        inner
+    } else {
+        Box::new(FaultyNoise {
+            inner,
+            factor: cfg.audit.fault_noise_factor,
+        })
+    }
+}
+
+/// Canary clients of the audit: secret seed, who is included, and (for all-iterates)
+/// their directions.
+struct Canaries {
+    seed: u64,
+    included: Vec<bool>,
+    dirs: Option<Vec<Vec<f32>>>,
+    /// All-iterates score: max cosine over rounds, per canary.
+    max_cos: Vec<f64>,
+}
+
+impl Canaries {
+    fn new(cfg: &SimConfig, d: usize) -> Option<Self> {
+        let m = cfg.audit.canaries;
+        if m == 0 {
+            return None;
+        }
+        let seed = derive_seed(cfg.seed, 0xA0D1);
+        let included = (0..m as u64)
+            .map(|i| dpfl_common::dp::audit::canary_included(seed, i))
+            .collect();
+        let dirs = cfg.audit.all_iterates.then(|| {
+            (0..m as u64)
+                .map(|i| dpfl_common::dp::audit::canary_direction(seed, i, d))
+                .collect()
+        });
+        Some(Self {
+            seed,
+            included,
+            dirs,
+            max_cos: vec![f64::NEG_INFINITY; m],
+        })
+    }
+
+    fn name(i: usize) -> String {
+        format!("canary-{i:05}")
+    }
+
+    fn index(name: &str) -> Option<usize> {
+        name.strip_prefix("canary-").and_then(|n| n.parse().ok())
+    }
+
+    fn direction(&self, i: usize, d: usize) -> Vec<f32> {
+        match &self.dirs {
+            Some(dirs) => dirs[i].clone(),
+            None => dpfl_common::dp::audit::canary_direction(self.seed, i as u64, d),
+        }
+    }
+
+    /// A canary's update: its direction at the round's clipping norm, privatized as any
+    /// client's update is.
+    fn update(
+        &self,
+        i: usize,
+        request: &dpfl_common::wire::TrainRequest,
+        d: usize,
+        noise: &mut dyn GaussianNoise,
+    ) -> Result<(dpfl_common::wire::UpdateMeta, Vec<f32>), String> {
+        let c = request.privacy.clip_norm as f32;
+        let raw: Vec<f32> = self.direction(i, d).iter().map(|v| v * c).collect();
+        let delta = dpfl_common::dp::privatize(
+            dpfl_common::dp::RawDelta::new(raw),
+            &request.privacy,
+            noise,
+        )
+        .map_err(|e| e.to_string())?;
+        let local = request.privacy.mode == dpfl_common::DpMode::Local;
+        let meta = dpfl_common::wire::UpdateMeta {
+            round: request.round,
+            spec_hash: request.spec_hash,
+            num_examples: if local { 0 } else { 1 },
+            metrics: None,
+            clipped: (!local).then_some(false),
+        };
+        Ok((meta, delta.into_vec()))
+    }
+
+    /// All-iterates scores: the cosine of every canary with one round's model change.
+    fn observe_round(&mut self, change: &[f32]) {
+        let Some(dirs) = &self.dirs else { return };
+        for (m, u) in self.max_cos.iter_mut().zip(dirs) {
+            *m = m.max(dpfl_common::dp::audit::cosine(u, change));
+        }
+    }
+
+    /// The report from the final model's change.
+    fn report(
+        &self,
+        change: &[f32],
+        delta: f64,
+        theoretical: Option<f64>,
+    ) -> dpfl_common::dp::audit::AuditReport {
+        let d = change.len();
+        let (mut seen, mut unseen) = (Vec::new(), Vec::new());
+        let (mut seen_all, mut unseen_all) = (Vec::new(), Vec::new());
+        for (i, inc) in self.included.iter().enumerate() {
+            let c = dpfl_common::dp::audit::cosine(&self.direction(i, d), change);
+            let all = self.max_cos[i];
+            if *inc {
+                seen.push(c);
+                seen_all.push(all);
+            } else {
+                unseen.push(c);
+                unseen_all.push(all);
+            }
+        }
+        let all = self
+            .dirs
+            .is_some()
+            .then_some((seen_all.as_slice(), unseen_all.as_slice()));
+        dpfl_common::dp::audit::AuditReport::new(&seen, &unseen, all, delta, theoretical)
+    }
+}
+
 /// Runs one configuration; `progress` is called after every round.
 pub fn run(cfg: &SimConfig, progress: &mut dyn FnMut(u64)) -> Result<RunResult, SimError> {
     dpfl_ml::model::set_threads(1);
@@ -233,12 +398,20 @@ fn run_memory(
         cfg.train.clone(),
         cfg.dp,
         spec.num_params(),
-        noise(cfg.sampler, derive_seed(cfg.seed, 2)),
+        run_noise(cfg, derive_seed(cfg.seed, 2)),
     )
     .map_err(SimError::Setup)?;
+    let included_canaries = if cfg.audit.canaries > 0 {
+        let seed = derive_seed(cfg.seed, 0xA0D1);
+        (0..cfg.audit.canaries as u64)
+            .filter(|i| dpfl_common::dp::audit::canary_included(seed, *i))
+            .count()
+    } else {
+        0
+    };
     let ccfg = CoordinatorConfig {
         rounds: cfg.rounds,
-        min_clients: pop.names.len(),
+        min_clients: pop.names.len() + included_canaries,
         min_fit_clients: cfg.strategy.min_fit_clients,
         round_timeout: Duration::from_secs(1 << 30),
         eval_timeout: Duration::from_secs(1 << 30),
@@ -263,6 +436,22 @@ fn run_memory(
         .collect();
     let mut eval = test.map(|t| TestEval::new(&spec, t)).transpose()?;
     let t0 = Instant::now();
+    // Included canaries join as clients of their own (sampled like anyone), before the
+    // real ones so that the first round already sees the whole population.
+    let d = spec.num_params();
+    let initial: Vec<f32> = coord.global().to_vec();
+    let mut canaries = Canaries::new(cfg, d);
+    if let Some(c) = &canaries {
+        for (i, inc) in c.included.iter().enumerate() {
+            if *inc {
+                let info = NodeInfo {
+                    num_examples: 1,
+                    num_eval_examples: 0,
+                };
+                coord.handle_connect(Canaries::name(i), info, t0);
+            }
+        }
+    }
     for (n, part) in pop.names.iter().zip(&pop.parts) {
         let info = NodeInfo {
             num_examples: part.len() as u64,
@@ -270,6 +459,7 @@ fn run_memory(
         };
         coord.handle_connect(n.clone(), info, t0);
     }
+    let mut previous = initial.clone();
     let mut rows = Vec::new();
     let mut finish = String::from("stopped");
     let threads = cfg.threads.max(1);
@@ -281,6 +471,28 @@ fn run_memory(
                 request,
                 params,
             } => {
+                // Canaries answer first (their update is a fixed direction, no training).
+                let (canary_nodes, nodes): (Vec<String>, Vec<String>) = nodes
+                    .into_iter()
+                    .partition(|n| Canaries::index(n).is_some());
+                if let Some(c) = &canaries {
+                    let now = Instant::now();
+                    for n in &canary_nodes {
+                        let Some(i) = Canaries::index(n) else {
+                            continue;
+                        };
+                        let mut nz =
+                            run_noise(cfg, derive_seed(cfg.seed, (round << 32) ^ 0xCA ^ i as u64));
+                        match c.update(i, &request, d, nz.as_mut()) {
+                            Ok((meta, delta)) => {
+                                if let Err(e) = coord.handle_update(n, round, meta, delta, now) {
+                                    tracing::warn!(node = %n, "canary update rejected: {e}");
+                                }
+                            }
+                            Err(e) => coord.handle_failed(n, round, &e, now),
+                        }
+                    }
+                }
                 // Batches of a few clients per thread: trained in parallel, fed to the
                 // coordinator in node order (deterministic), then dropped.
                 for batch in nodes.chunks(threads * 4) {
@@ -304,8 +516,8 @@ fn run_memory(
                                             .map(|n| {
                                                 let i = index[n.as_str()];
                                                 let data = pop.data.subset(&pop.parts[i]);
-                                                let mut nz = noise(
-                                                    cfg.sampler,
+                                                let mut nz = run_noise(
+                                                    cfg,
                                                     derive_seed(
                                                         cfg.seed,
                                                         (round << 32) ^ i as u64 ^ 3,
@@ -377,7 +589,9 @@ fn run_memory(
                 let mut mlp = Mlp::new(&spec, tch::Device::Cpu)
                     .map_err(|e| SimError::Setup(e.to_string()))?;
                 for n in nodes {
-                    let i = index[n.as_str()];
+                    let Some(&i) = index.get(n.as_str()) else {
+                        continue;
+                    };
                     let data = pop.data.subset(&pop.parts[i]);
                     let dd = DeviceData::new(&data, &spec, tch::Device::Cpu)
                         .map_err(|e| SimError::Setup(e.to_string()))?;
@@ -396,6 +610,16 @@ fn run_memory(
                 }
             }
             Action::RoundCompleted(report) => {
+                if let Some(c) = canaries.as_mut() {
+                    let change: Vec<f32> = report
+                        .global
+                        .iter()
+                        .zip(&previous)
+                        .map(|(a, b)| a - b)
+                        .collect();
+                    c.observe_round(&change);
+                    previous = report.global.to_vec();
+                }
                 let last = report.round >= cfg.rounds;
                 let test = if report.round % cfg.eval_every == 0 || last {
                     eval.as_mut().and_then(|e| e.eval(&report.global))
@@ -428,7 +652,17 @@ fn run_memory(
         }
     }
     let (epsilon, epsilon_max_client) = budget_epsilon(cfg, coord.ledger());
+    let audit = canaries.map(|c| {
+        let change: Vec<f32> = coord
+            .global()
+            .iter()
+            .zip(&initial)
+            .map(|(a, b)| a - b)
+            .collect();
+        c.report(&change, cfg.dp.delta, epsilon)
+    });
     Ok(RunResult {
+        audit,
         rounds: coord.completed_rounds(),
         rows,
         final_params: coord.global().to_vec(),

@@ -197,3 +197,56 @@ lr = 0.1
         r.final_accuracy()
     );
 }
+
+const AUDITED: &str = r#"
+name = "audit"
+rounds = 1
+seed = 4
+test_limit = 200
+threads = 2
+eval_every = 1
+[model]
+layers = [784, 16, 10]
+[population]
+clients = 20
+examples_per_client = 30
+[train]
+batch_size = 10
+lr = 0.1
+[dp]
+mode = "central"
+sampling_rate = 1.0
+clip_norm = 1.0
+noise_multiplier = 1.0
+[audit]
+canaries = 400
+[sweep]
+"audit.fault_noise_factor" = [1.0, 0.5, 0.0]
+"#;
+
+#[test]
+fn the_audit_tracks_the_theory_and_flags_a_broken_noise_mechanism() {
+    // Test-only fault injection: the same run with the configured noise, half of it and
+    // none, while the ledger believes z = 1 throughout.
+    let out = tempfile::tempdir().unwrap();
+    let configs = expand(AUDITED, &[]).unwrap();
+    let (dir, finished) = dpfl_sim::run_experiment(configs, out.path(), &mut |_, _, _| {}).unwrap();
+    let audit = |i: usize| finished[i].result.audit.expect("audited");
+    let (ok, half, off) = (audit(0), audit(1), audit(2));
+    let theory = ok.theoretical.unwrap();
+    assert!(ok.seen > 150 && ok.unseen > 150, "{ok:?}");
+    // Honest run: the estimate stays within the theory (one release, final model).
+    let e_ok = ok.epsilon_estimate.unwrap();
+    assert!(e_ok < 1.2 * theory && !ok.flagged, "{ok:?}");
+    assert!(ok.epsilon_lower_bound <= theory, "{ok:?}");
+    // Half the noise: the estimate moves up accordingly (z = 0.5 is ~10 against ~4.4).
+    let e_half = half.epsilon_estimate.unwrap();
+    assert!(e_half > 1.5 * e_ok && half.flagged, "{half:?} vs {ok:?}");
+    // No noise: far above the theory, flagged.
+    assert!(
+        off.epsilon_estimate.unwrap() > 3.0 * theory && off.flagged,
+        "{off:?}"
+    );
+    let csv = std::fs::read_to_string(dir.join("summary.csv")).unwrap();
+    assert!(csv.lines().nth(3).unwrap().contains("true"), "{csv}");
+}

@@ -359,6 +359,8 @@ async fn central_dp_ledger_matches_the_calculator_and_training_stops_at_target_e
             ("dp.clip_norm", "0.5"),
             ("dp.sampling_rate", "1.0"),
             ("dp.target_epsilon", &target),
+            // The server plants 200 virtual canaries and audits the run at the end.
+            ("dp.audit_canaries", "200"),
         ],
     );
     let s = start(Server::bind(cfg).unwrap());
@@ -419,6 +421,17 @@ async fn central_dp_ledger_matches_the_calculator_and_training_stops_at_target_e
             "{file} publishes participation"
         );
     }
+    // The empirical audit sits next to the theory in the public summary.
+    let a = summary.audit.expect("audit");
+    assert_eq!(a.seen + a.unseen, 200);
+    assert!(!a.flagged, "{a:?}");
+    assert!(a.epsilon_estimate.unwrap().is_finite());
+    assert_eq!(a.theoretical, Some(summary.ledger.epsilon()));
+    let public: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fed.out("central").join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(public["audit"]["epsilon_estimate"].is_number(), "{public}");
     // The operator's stream has everything.
     let op = operator_metrics(&fed.out("central"));
     assert_eq!(op.len(), 3);

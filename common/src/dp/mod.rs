@@ -7,6 +7,7 @@
 //! noise source is passed in.
 
 pub mod accountant;
+pub mod audit;
 mod dd;
 pub mod grid;
 pub mod noise;
