@@ -83,11 +83,20 @@ impl Default for Policy {
     }
 }
 
+/// Local releases at one noise multiplier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalSpend {
+    /// z of the noise the node added.
+    pub noise_multiplier: f64,
+    /// How many updates left the node at that z.
+    pub releases: u64,
+}
+
 /// What the node has spent (the persisted state).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Spent {
-    /// Local releases: count per noise multiplier z (keyed by z's bits for exactness).
-    pub local: BTreeMap<u64, u64>,
+    /// Local releases, grouped by noise multiplier.
+    pub local: Vec<LocalSpend>,
     /// Central federations: key (server name and model) -> (q, z, rounds released).
     pub central: BTreeMap<String, (f64, f64, u64)>,
 }
@@ -141,7 +150,7 @@ impl Budget {
         let mut g: Vec<(f64, f64, u64)> = spent
             .local
             .iter()
-            .map(|(z, n)| (1.0, f64::from_bits(*z) / 2.0, *n))
+            .map(|l| (1.0, l.noise_multiplier / 2.0, l.releases))
             .collect();
         g.extend(spent.central.values().copied());
         g
@@ -163,7 +172,17 @@ impl Budget {
         let mut next = self.spent.clone();
         match r {
             Release::Local { noise_multiplier } => {
-                *next.local.entry(noise_multiplier.to_bits()).or_default() += 1;
+                match next
+                    .local
+                    .iter_mut()
+                    .find(|l| l.noise_multiplier.to_bits() == noise_multiplier.to_bits())
+                {
+                    Some(l) => l.releases += 1,
+                    None => next.local.push(LocalSpend {
+                        noise_multiplier: *noise_multiplier,
+                        releases: 1,
+                    }),
+                }
             }
             Release::Central {
                 federation,
