@@ -37,7 +37,8 @@ case "$DP" in
   none) ;;
   # Every client every round (q = 1); noise and clipping chosen for 10 clients. With so
   # few clients DP costs accuracy; see the simulator's experiments for realistic scales.
-  central) DPARGS=(--dp-mode central --noise-multiplier 0.3 --clip-norm 1.0 --sampling-rate 1.0) ;;
+  central) DPARGS=(--dp-mode central --noise-multiplier 0.3 --clip-norm 1.0 --sampling-rate 1.0)
+           NODEARGS=(--min-noise-multiplier 0.3) ;;
   local) DPARGS=(--dp-mode local --noise-multiplier 0.05 --clip-norm 1.0 --sampling-rate 1.0)
          NODEARGS=(--min-noise-multiplier 0.05) ;;
   *) echo "unknown --dp $DP" >&2; exit 2 ;;

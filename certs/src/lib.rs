@@ -548,6 +548,9 @@ pub mod quic {
         t.keep_alive_interval(Some(idle_timeout / 3));
         t.max_concurrent_bidi_streams(peer_bidi_streams.into());
         t.max_concurrent_uni_streams(0u8.into());
+        // dpfl sends no datagrams: accept none, or a peer could park a default 1.25 MB
+        // of unread datagrams per connection, past every stream window.
+        t.datagram_receive_buffer_size(None);
         t.stream_receive_window(varint(windows.stream));
         t.receive_window(varint(windows.connection));
         t.send_window(windows.send);

@@ -97,8 +97,23 @@ pub struct LocalSpend {
 pub struct Spent {
     /// Local releases, grouped by noise multiplier.
     pub local: Vec<LocalSpend>,
-    /// Central federations: key (server name and model) -> (q, z, rounds released).
-    pub central: BTreeMap<String, (f64, f64, u64)>,
+    /// Central federations: one entry per (server and model, q, z).
+    pub central: BTreeMap<String, CentralSpend>,
+}
+
+/// What one central federation has released, by the node's count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CentralSpend {
+    /// Poisson rate q announced.
+    pub sampling_rate: f64,
+    /// z announced.
+    pub noise_multiplier: f64,
+    /// Releases counted: every round number the server moved forward by (the node sees
+    /// only the rounds it is sampled in, the federation releases every round), plus one
+    /// for every round number seen again (a re-run after a crash, or a new run).
+    pub releases: u64,
+    /// Latest round number seen.
+    pub last_round: u64,
 }
 
 /// The node's books.
@@ -152,7 +167,12 @@ impl Budget {
             .iter()
             .map(|l| (1.0, l.noise_multiplier / 2.0, l.releases))
             .collect();
-        g.extend(spent.central.values().copied());
+        g.extend(
+            spent
+                .central
+                .values()
+                .map(|c| (c.sampling_rate, c.noise_multiplier, c.releases)),
+        );
         g
     }
 
@@ -190,12 +210,19 @@ impl Budget {
                 noise_multiplier,
                 round,
             } => {
-                let e = next.central.entry(federation.clone()).or_insert((
-                    *sampling_rate,
-                    *noise_multiplier,
-                    0,
-                ));
-                *e = (*sampling_rate, *noise_multiplier, e.2.max(*round));
+                let key = format!("{federation}|q={sampling_rate}|z={noise_multiplier}");
+                let e = next.central.entry(key).or_insert(CentralSpend {
+                    sampling_rate: *sampling_rate,
+                    noise_multiplier: *noise_multiplier,
+                    releases: 0,
+                    last_round: 0,
+                });
+                e.releases += if *round > e.last_round {
+                    *round - e.last_round
+                } else {
+                    1
+                };
+                e.last_round = *round;
             }
         }
         next
@@ -204,14 +231,19 @@ impl Budget {
     /// Checks a round before training: the noise floor, then the ceiling after one more
     /// release. Returns the epsilon the node would have after it.
     pub fn check(&self, r: &Release) -> Result<f64, BudgetError> {
-        if let Release::Local { noise_multiplier } = r {
-            let z = *noise_multiplier;
-            if z.is_nan() || z < self.policy.min_noise_multiplier {
-                return Err(BudgetError::NoiseTooLow {
-                    asked: *noise_multiplier,
-                    min: self.policy.min_noise_multiplier,
-                });
-            }
+        // The floor holds in every private mode (in central mode the node cannot check
+        // that the server adds the noise, but it refuses to agree to too little).
+        let z = match r {
+            Release::Local { noise_multiplier }
+            | Release::Central {
+                noise_multiplier, ..
+            } => *noise_multiplier,
+        };
+        if z.is_nan() || z < self.policy.min_noise_multiplier {
+            return Err(BudgetError::NoiseTooLow {
+                asked: z,
+                min: self.policy.min_noise_multiplier,
+            });
         }
         let next = self.epsilon_of(&self.with_release(r))?;
         if let Some(max) = self.policy.max_epsilon {
@@ -368,17 +400,26 @@ mod tests {
     }
 
     #[test]
-    fn central_spend_follows_the_latest_round_per_federation() {
+    fn central_spend_counts_every_release_the_server_cannot_hide() {
         let mut b = Budget::open(Policy::default(), None).unwrap();
-        let r = |round| Release::Central {
+        let r = |round, z| Release::Central {
             federation: "fl.example.org".into(),
             sampling_rate: 0.1,
-            noise_multiplier: 1.0,
+            noise_multiplier: z,
             round,
         };
-        b.record(&r(10)).unwrap();
-        b.record(&r(7)).unwrap(); // an older round number changes nothing
-        let (reference, _) = accountant::epsilon(0.1, 1.0, 10, 1e-5).unwrap();
+        b.record(&r(10, 1.0)).unwrap(); // rounds 1..=10 were released
+        b.record(&r(7, 1.0)).unwrap(); // a round number seen again: one more release
+        b.record(&r(7, 1.0)).unwrap(); // and again: a server repeating numbers still pays
+        let (reference, _) = accountant::epsilon(0.1, 1.0, 12, 1e-5).unwrap();
         assert!((b.epsilon().unwrap() - reference).abs() < 1e-9);
+        // Another z is another entry: earlier rounds keep their price.
+        b.record(&r(1, 2.0)).unwrap();
+        assert_eq!(b.spent().central.len(), 2);
+        // The floor applies in central mode too.
+        assert!(matches!(
+            b.check(&r(20, 1e-9)),
+            Err(BudgetError::NoiseTooLow { .. })
+        ));
     }
 }

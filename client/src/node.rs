@@ -238,7 +238,7 @@ async fn session(
             welcome.dp.mode, cfg.dp_mode
         )));
     }
-    if welcome.dp.mode == DpMode::Local
+    if welcome.dp.mode.is_private()
         && (welcome.dp.noise_multiplier.is_nan()
             || welcome.dp.noise_multiplier < budget.policy().min_noise_multiplier)
     {

@@ -158,16 +158,24 @@ impl Pins {
         if rotate {
             tracing::warn!(%node, key, "identity rebound to a new key (rekey entry)");
         }
-        self.keys.insert(node.to_string(), key.to_string());
-        self.save()
+        // On disk first: a binding that could not be persisted is not made.
+        let mut keys = self.keys.clone();
+        keys.insert(node.to_string(), key.to_string());
+        self.save(&keys)?;
+        self.keys = keys;
+        Ok(())
     }
 
-    fn save(&self) -> Result<(), AdmissionError> {
+    fn save(&self, keys: &BTreeMap<String, String>) -> Result<(), AdmissionError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let bytes =
-            serde_json::to_vec_pretty(self).map_err(|e| AdmissionError::Store(e.to_string()))?;
+        #[derive(Serialize)]
+        struct OnDisk<'a> {
+            keys: &'a BTreeMap<String, String>,
+        }
+        let bytes = serde_json::to_vec_pretty(&OnDisk { keys })
+            .map_err(|e| AdmissionError::Store(e.to_string()))?;
         crate::checkpoint::write_atomic(path, &bytes)
             .map_err(|e| AdmissionError::Store(format!("{}: {e}", path.display())))
     }

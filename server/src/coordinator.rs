@@ -139,10 +139,51 @@ impl UpdateLimits {
     }
 }
 
+/// Per-node caps on the FedAvg weight in one round, pessimistic about who answers: node
+/// i may carry at most `share / (1 - share)` times the weight of the `quorum - 1` smallest
+/// declared counts of the other selected nodes, so its share stays within `share` even if
+/// only the quorum answers (the round closes with no fewer). Never above its own declared
+/// count. With a quorum of one, or `share >= 1`, there is no cap.
+pub fn pessimistic_weight_caps(
+    declared: &[(NodeId, u64)],
+    share: f64,
+    quorum: usize,
+) -> BTreeMap<NodeId, u64> {
+    if share >= 1.0 || quorum <= 1 {
+        return declared.iter().cloned().collect();
+    }
+    let mut sorted: Vec<u64> = declared.iter().map(|(_, d)| *d).collect();
+    sorted.sort_unstable();
+    let factor = share / (1.0 - share);
+    declared
+        .iter()
+        .map(|(n, d)| {
+            // The quorum - 1 smallest counts among the others: skip this node's own
+            // count once if it is among the smallest.
+            let mut others: u128 = 0;
+            let mut taken = 0;
+            let mut skipped = false;
+            for v in &sorted {
+                if taken == quorum - 1 {
+                    break;
+                }
+                if !skipped && v == d {
+                    skipped = true;
+                    continue;
+                }
+                others += *v as u128;
+                taken += 1;
+            }
+            let cap = (factor * others as f64).floor().min(u64::MAX as f64) as u64;
+            (n.clone(), (*d).min(cap.max(1)))
+        })
+        .collect()
+}
+
 /// Per-node caps on the FedAvg weight in one round: `cap_i = min(d_i, T)` with the
-/// largest `T` such that no node carries more than `share` of the total (water-filling).
-/// When `share` is below `1/k` no `T` can satisfy it and everyone gets the smallest
-/// declared count (equal weights).
+/// largest `T` such that no node carries more than `share` of the total (water-filling)
+/// when everyone answers. When `share` is below `1/k` no `T` can satisfy it and everyone
+/// gets the smallest declared count (equal weights).
 pub fn weight_caps(declared: &[(NodeId, u64)], share: f64) -> BTreeMap<NodeId, u64> {
     let ok = |t: u64| {
         let total: u128 = declared.iter().map(|(_, d)| (*d).min(t) as u128).sum();
@@ -740,10 +781,8 @@ impl Coordinator {
         let Phase::Fit(f) = &mut self.phase else {
             return Err(Rejection::NoOpenRound);
         };
-        if f.privacy.mode == DpMode::Central && norm > f.privacy.clip_norm * (1.0 + 1e-4) {
-            self.norm_exceeded += 1;
-        }
-        f.norms.push((node.to_string(), norm));
+        let exceeded =
+            f.privacy.mode == DpMode::Central && norm > f.privacy.clip_norm * (1.0 + 1e-4);
         // Mode `none`: the weight is the claimed count, capped so no node carries more than
         // `max_weight_share` of the round (DP wrappers weigh every update equally anyway).
         let num_examples = match f.privacy.mode {
@@ -757,12 +796,9 @@ impl Coordinator {
             DpMode::Local => None,
             _ => meta.metrics,
         };
-        if let Some(m) = &metrics {
-            let w = num_examples.max(1) as f64;
-            f.loss_sum += m.loss * w;
-            f.acc_sum += m.accuracy * w;
-            f.metric_weight += w;
-        }
+        let weighted = metrics
+            .as_ref()
+            .map(|m| (m.loss, m.accuracy, num_examples.max(1) as f64));
         let result = FitResult {
             node: node.to_string(),
             delta,
@@ -777,7 +813,17 @@ impl Coordinator {
             self.fail(node, &r.to_string(), now);
             return Err(r);
         }
+        // Only an accepted update touches the round's statistics.
+        if exceeded {
+            self.norm_exceeded += 1;
+        }
         if let Phase::Fit(f) = &mut self.phase {
+            f.norms.push((node.to_string(), norm));
+            if let Some((loss, acc, w)) = weighted {
+                f.loss_sum += loss * w;
+                f.acc_sum += acc * w;
+                f.metric_weight += w;
+            }
             f.pending.remove(node);
             f.accepted.push(node.to_string());
             if f.pending.is_empty() {
@@ -1044,7 +1090,16 @@ impl Coordinator {
                 .iter()
                 .map(|n| (n.clone(), self.infos.get(n).map_or(0, |i| i.num_examples)))
                 .collect();
-            weight_caps(&declared, self.cfg.limits.max_weight_share)
+            let quorum = self.cfg.min_fit_clients.min(selected.len());
+            let full = weight_caps(&declared, self.cfg.limits.max_weight_share);
+            let worst =
+                pessimistic_weight_caps(&declared, self.cfg.limits.max_weight_share, quorum);
+            full.into_iter()
+                .map(|(n, c)| {
+                    let w = worst.get(&n).copied().unwrap_or(c);
+                    (n, c.min(w))
+                })
+                .collect()
         } else {
             BTreeMap::new()
         };
@@ -1099,15 +1154,25 @@ impl Coordinator {
         let mut abandoned = false;
         let mut model_updated = false;
         let mut note = None;
-        if f.accepted.len() < quorum {
-            // Local mode: the accepted updates were released to the server; they count.
-            if mode == DpMode::Local && !f.accepted.is_empty() {
-                let mut p = self.planned_privacy();
-                p.population = f.selected.len().max(p.population);
-                if let Err(e) = self.ledger.record(f.round, &p, &f.accepted) {
-                    tracing::error!("ledger: {e}");
-                }
+        // Local mode: every attempt whose requests went out is a release, whatever came
+        // back (accepted, rejected, late or never): a node that answered has released its
+        // noised update to the server. Charged once, here, to every node asked; the
+        // over-count of nodes that never answered is the safe side.
+        if mode == DpMode::Local && !f.selected.is_empty() {
+            let mut p = self.planned_privacy();
+            p.population = f.selected.len().max(p.population);
+            let asked: Vec<NodeId> = f.selected.iter().cloned().collect();
+            if let Err(e) = self.ledger.record(f.round, &p, &asked) {
+                tracing::error!("ledger: {e}; stopping, nothing more is released");
+                self.finish(FinishReason::BudgetReached {
+                    epsilon: self.ledger.budget_epsilon(),
+                    next: f64::INFINITY,
+                    target: self.cfg.dp.target_epsilon.unwrap_or(f64::INFINITY),
+                });
+                return;
             }
+        }
+        if f.accepted.len() < quorum {
             // What the strategy accumulated is dropped: the next configure_fit starts afresh.
             if f.attempt <= self.cfg.max_round_retries {
                 self.actions.push_back(Action::RoundRetried {
@@ -1133,13 +1198,33 @@ impl Coordinator {
                 abandoned = true;
             }
         }
+        let mut charged_central = false;
         if !abandoned {
             match self
                 .strategy
                 .aggregate_fit(f.round, &self.global, &f.failures)
             {
                 Ok(Some(new)) => {
-                    if new.len() == self.global.len() && new.iter().all(|v| v.is_finite()) {
+                    // Central mode: the release is on the ledger before the model is
+                    // adopted; a ledger that cannot record it withholds the model.
+                    let recorded = match (mode, self.strategy.round_privacy()) {
+                        (DpMode::Central, Some(p)) => {
+                            match self.ledger.record(f.round, &p, &f.accepted) {
+                                Ok(()) => {
+                                    charged_central = true;
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::error!(round = f.round, "ledger: {e}; model withheld");
+                                    false
+                                }
+                            }
+                        }
+                        _ => true,
+                    };
+                    if !recorded {
+                        note = Some("model withheld: the ledger could not record it".into());
+                    } else if new.len() == self.global.len() && new.iter().all(|v| v.is_finite()) {
                         self.global = Arc::new(new);
                         model_updated = true;
                     } else {
@@ -1161,6 +1246,8 @@ impl Coordinator {
         let privacy = if mode.is_private() && !abandoned {
             let p = self.strategy.round_privacy();
             match &p {
+                // Local mode was charged above; central when the model was adopted.
+                Some(_) if mode == DpMode::Local || charged_central => {}
                 Some(p) => {
                     if let Err(e) = self.ledger.record(f.round, p, &f.accepted) {
                         tracing::error!("ledger: {e}");
@@ -1792,6 +1879,20 @@ mod tests {
         // Honest equal nodes are untouched.
         let caps = weight_caps(&[("a".into(), 7), ("b".into(), 7), ("c".into(), 7)], 0.5);
         assert!(caps.values().all(|v| *v == 7));
+        // Pessimistic about who answers: with a quorum of 2, the attacker may carry at
+        // most the smallest other node's weight (share 0.5).
+        let worst = pessimistic_weight_caps(
+            &[
+                ("evil".into(), 1_000_000_000),
+                ("a".into(), 100),
+                ("b".into(), 300),
+            ],
+            0.5,
+            2,
+        );
+        assert_eq!(worst["evil"], 100, "{worst:?}");
+        assert_eq!(worst["b"], 100);
+        assert_eq!(worst["a"], 100);
         // share = 1 disables the cap; a share below 1/k gives equal weights.
         assert_eq!(
             weight_caps(&[("a".into(), 1), ("b".into(), 9)], 1.0)["b"],
@@ -1881,5 +1982,48 @@ mod tests {
             c.handle_eval_result(&nodes[0], r, t0).unwrap_err().kind(),
             "metrics"
         );
+    }
+
+    #[test]
+    fn every_local_attempt_that_asked_nodes_is_charged_whatever_came_back() {
+        // Review finding: a local round whose aggregation failed (multi-Krum with too few
+        // updates) was abandoned without a ledger row, though the server had received the
+        // noised updates; rejected and late answers were never charged either.
+        let t0 = Instant::now();
+        let mut dp = central(1.0);
+        dp.mode = DpMode::Local;
+        dp.noise_multiplier = 1.0;
+        let strategy = build(
+            FedAvgConfig {
+                aggregator: crate::aggregate::AggregatorKind::MultiKrum { f: 2, m: 1 },
+                ..Default::default()
+            },
+            TrainSettings::default(),
+            dp,
+            P,
+            Box::new(SimulationGaussian::seeded(1)),
+        )
+        .unwrap();
+        let mut c = coordinator(1, dp, 0);
+        c.strategy = strategy;
+        connect_all(&mut c, t0);
+        let (round, nodes) = train_nodes(&mut c);
+        // One malformed answer (rejected), two good ones: Krum needs more than 2f + 2 = 6.
+        let _ = c.handle_update(&nodes[0], round, meta(round, 0), vec![0.0; 3], t0);
+        for n in &nodes[1..3] {
+            c.handle_update(n, round, meta(round, 0), vec![0.01; P], t0)
+                .unwrap();
+        }
+        c.handle_timeout(t0 + Duration::from_secs(11));
+        let report = loop {
+            if let Some(Action::RoundCompleted(r)) = c.poll_action() {
+                break r;
+            }
+        };
+        assert!(report.abandoned, "{:?}", report.note);
+        assert_eq!(c.ledger().rounds.len(), 1, "the attempt is charged");
+        for n in &nodes {
+            assert_eq!(c.ledger().clients[n].rounds_joined, 1, "{n} was asked");
+        }
     }
 }

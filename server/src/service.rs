@@ -308,16 +308,27 @@ impl Server {
         let spec = cfg.spec();
         std::fs::create_dir_all(&cfg.out_dir).map_err(io_err)?;
         let ckpt = cfg.out_dir.join("checkpoint.bin");
+        if !cfg.resume {
+            set_aside_previous_run(&cfg.out_dir)?;
+        }
         let snapshot = match cfg.resume {
             true => checkpoint::load(&ckpt, &cfg.fingerprint())?,
             false => None,
         };
         // A ledger journaled before a release that the checkpoint never saw (the process
-        // died between the two writes) is the truth: those releases happened.
-        let snapshot = match snapshot {
-            Some(mut s) => {
-                if let Some(journal) = read_ledger_journal(&cfg.out_dir)? {
-                    if journal.extends(&s.ledger) && journal.rounds.len() > s.ledger.rounds.len() {
+        // died between the two writes) is the truth: those releases happened. A journal
+        // that does not fit the checkpoint (another run's) stops the server rather than
+        // being ignored.
+        let journal = match cfg.resume {
+            true => read_ledger_journal(&cfg.out_dir)?,
+            false => None,
+        };
+        let initial =
+            || Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp);
+        let snapshot = match (snapshot, journal) {
+            (Some(mut s), Some(journal)) => {
+                if journal.extends(&s.ledger) {
+                    if journal.rounds.len() > s.ledger.rounds.len() {
                         tracing::warn!(
                             checkpointed = s.ledger.rounds.len(),
                             journaled = journal.rounds.len(),
@@ -326,23 +337,44 @@ impl Server {
                         );
                         s.ledger = journal;
                     }
+                } else if !s.ledger.extends(&journal) {
+                    return Err(ServerError::Io(format!(
+                        "{}: the ledger journal does not match the checkpoint (another run's?); \
+                         refusing to resume with an uncertain ledger: move both aside or use \
+                         --fresh",
+                        cfg.out_dir.join("operator").join("ledger.json").display()
+                    )));
                 }
-                Some(s)
-            }
-            None => None,
-        };
-        let snapshot = match snapshot {
-            Some(s) => {
-                tracing::info!(
-                    completed = s.completed_rounds,
-                    epsilon = s.ledger.epsilon(),
-                    "resuming from {}",
-                    ckpt.display()
-                );
                 s
             }
-            None => Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp),
+            (None, Some(journal)) if !journal.rounds.is_empty() => {
+                if journal.mode != cfg.dp.mode || journal.delta != cfg.dp.delta {
+                    return Err(ServerError::Io(format!(
+                        "{}: a ledger of another configuration is in the way; move it aside or \
+                         use --fresh",
+                        cfg.out_dir.join("operator").join("ledger.json").display()
+                    )));
+                }
+                tracing::warn!(
+                    journaled = journal.rounds.len(),
+                    "no checkpoint, but the ledger journal records releases: they stay charged \
+                     and training starts again from the initial model"
+                );
+                let mut s = initial();
+                s.ledger = journal;
+                s
+            }
+            (Some(s), _) => s,
+            (None, _) => initial(),
         };
+        if snapshot.completed_rounds > 0 {
+            tracing::info!(
+                completed = snapshot.completed_rounds,
+                epsilon = snapshot.ledger.epsilon(),
+                "resuming from {}",
+                ckpt.display()
+            );
+        }
         let ccfg = CoordinatorConfig {
             rounds: cfg.rounds,
             min_clients: cfg.min_clients,
@@ -983,6 +1015,33 @@ struct Outputs {
     operator: std::fs::File,
 }
 
+/// `--fresh`: the previous run's checkpoint and ledger journal are renamed (never
+/// deleted: they record what that run released), so they cannot be mistaken for this
+/// run's on a later resume.
+fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for path in [
+        out.join("checkpoint.bin"),
+        out.join("operator").join("ledger.json"),
+    ] {
+        if path.exists() {
+            let mut aside = path.clone().into_os_string();
+            aside.push(format!(".replaced-{stamp}"));
+            std::fs::rename(&path, &aside).map_err(|e| {
+                ServerError::Io(format!("cannot set aside {}: {e}", path.display()))
+            })?;
+            tracing::info!(
+                "--fresh: previous run's {} kept as {:?}",
+                path.display(),
+                aside
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The full ledger journaled in `operator/ledger.json`, if present.
 fn read_ledger_journal(out: &std::path::Path) -> Result<Option<Ledger>, ServerError> {
     let path = out.join("operator").join("ledger.json");
@@ -1387,16 +1446,7 @@ fn check_hello(
     if let Err(e) = lists.admit(node, fingerprint) {
         return refuse(RefusalKind::NotAdmitted, e.to_string());
     }
-    let pinned = match pins.lock() {
-        Ok(mut p) => p.check(node, key, &lists),
-        Err(_) => Err(AdmissionError::Store("identity store lock poisoned".into())),
-    };
-    if let Err(e) = pinned {
-        if matches!(e, AdmissionError::KeyMismatch { .. }) {
-            tracing::error!(%node, "IMPERSONATION ATTEMPT? {e}");
-        }
-        return refuse(RefusalKind::NotAdmitted, e.to_string());
-    }
+
     if hello.dp_mode != cfg.dp.mode {
         return refuse(
             RefusalKind::DpMode,
@@ -1417,6 +1467,17 @@ fn check_hello(
                 spec.outputs()
             ),
         );
+    }
+    // The key binding is made last, so a hello refused for another reason binds nothing.
+    let pinned = match pins.lock() {
+        Ok(mut p) => p.check(node, key, &lists),
+        Err(_) => Err(AdmissionError::Store("identity store lock poisoned".into())),
+    };
+    if let Err(e) = pinned {
+        if matches!(e, AdmissionError::KeyMismatch { .. }) {
+            tracing::error!(%node, "IMPERSONATION ATTEMPT? {e}");
+        }
+        return refuse(RefusalKind::NotAdmitted, e.to_string());
     }
     let welcome = Welcome {
         node: node.to_string(),

@@ -187,7 +187,8 @@ pub trait Strategy: Send {
 
 /// Example-weighted mean of evaluation results.
 pub fn weighted_eval(results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
-    let n: u64 = results.iter().map(|(_, r)| r.num_examples).sum();
+    // Counts come from peers: sum without overflow (u128 holds any number of u64s here).
+    let n: u128 = results.iter().map(|(_, r)| r.num_examples as u128).sum();
     if n == 0 {
         return None;
     }
@@ -201,7 +202,7 @@ pub fn weighted_eval(results: &[(NodeId, EvalResult)]) -> Option<EvalSummary> {
     Some(EvalSummary {
         loss: w(|r| r.loss),
         accuracy: w(|r| r.accuracy),
-        num_examples: n,
+        num_examples: n.min(u64::MAX as u128) as u64,
         clients: results.len(),
     })
 }
@@ -740,15 +741,16 @@ impl<S: Strategy> Strategy for CentralDp<S> {
             clip_norm: self.clip,
             noise_multiplier: self.dp.noise_multiplier,
         };
-        // Virtual canaries are clients too: sampled at the same rate, counted in the
-        // population the expected count is computed from.
+        // Virtual canaries are sampled at the same rate as clients.
         let included = self.included_canaries();
         self.canaries_sampled = included
             .iter()
             .copied()
             .filter(|_| rng.gen_bool(self.dp.sampling_rate.clamp(0.0, 1.0)))
             .collect();
-        self.population = available.len() + included.len();
+        // Canaries never change the production model's denominator: expected count
+        // q * (real population), as without the audit.
+        self.population = available.len();
         self.sum = Some(vec![0.0; self.len]);
         self.participants = 0;
         self.unclipped = 0;

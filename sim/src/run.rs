@@ -481,8 +481,10 @@ fn run_memory(
                         let Some(i) = Canaries::index(n) else {
                             continue;
                         };
-                        let mut nz =
-                            run_noise(cfg, derive_seed(cfg.seed, (round << 32) ^ 0xCA ^ i as u64));
+                        let mut nz = run_noise(
+                            cfg,
+                            derive_seed(derive_seed(cfg.seed, 0xCA5A), (round << 32) ^ i as u64),
+                        );
                         match c.update(i, &request, d, nz.as_mut()) {
                             Ok((meta, delta)) => {
                                 if let Err(e) = coord.handle_update(n, round, meta, delta, now) {

@@ -247,6 +247,13 @@ async fn an_admitted_node_cannot_push_data_on_streams_the_server_never_reads() {
         !matches!(push, Ok(Ok(()))),
         "an admitted node opened a stream and pushed 8 MiB"
     );
+    // Datagrams cannot carry data past the windows either: the server accepts none
+    // (review finding: quinn buffers 1.25 MB of unread datagrams per connection by default).
+    assert!(
+        conn.max_datagram_size().is_none(),
+        "the server accepts datagrams"
+    );
+    assert!(conn.send_datagram(vec![0u8; 1000].into()).is_err());
     // The node's connection is otherwise healthy (it stays a member).
     assert!(conn.close_reason().is_none());
     let sent = conn.stats().udp_tx.bytes;
