@@ -609,12 +609,11 @@ async fn round_with_thirty_percent_of_clients_killed_completes_at_quorum() {
     for (p, w) in params.iter().zip(&init) {
         assert!((p - (w + mean)).abs() < 1e-5);
     }
-    // The ledger charges exactly the nodes whose updates arrived.
-    let joined: Vec<&String> = summary.ledger.clients.keys().collect();
-    let expect: Vec<String> = (4..=10).map(|i| format!("node-{i}")).collect();
-    let mut expect_sorted: Vec<&String> = expect.iter().collect();
-    expect_sorted.sort();
-    assert_eq!(joined, expect_sorted);
+    // Local mode: the ledger charges every node the attempt asked, answered or not (a
+    // node that answered late or was rejected has still released its noised update; the
+    // over-count of the silent ones is the safe side).
+    assert_eq!(summary.ledger.rounds.len(), 1);
+    assert_eq!(summary.ledger.clients.len(), 10);
     assert!(summary
         .ledger
         .clients
