@@ -35,10 +35,12 @@
 //! or wrong shares (detected on reconstruction where possible, but they can spoil the
 //! sum), and DP noise (the caller adds it before encoding).
 
+pub mod fixed_point;
 pub mod graph;
 pub mod params;
 pub mod shamir;
 
+pub use fixed_point::{FixedPoint, FixedPointError};
 pub use params::{AdversaryClass, GraphParams, ParamError, ThreatModel};
 
 /// A participant's name (its certificate's node name).
