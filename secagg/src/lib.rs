@@ -39,9 +39,11 @@ pub mod fixed_point;
 pub mod graph;
 pub mod params;
 pub mod shamir;
+pub mod sign;
 
 pub use fixed_point::{FixedPoint, FixedPointError};
 pub use params::{AdversaryClass, GraphParams, ParamError, ThreatModel};
+pub use sign::{EcdsaP256Signer, EcdsaP256Verifier, SignatureError, Signer, Verifier};
 
 /// A participant's name (its certificate's node name).
 pub type NodeId = String;
