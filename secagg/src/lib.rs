@@ -35,13 +35,20 @@
 //! or wrong shares (detected on reconstruction where possible, but they can spoil the
 //! sum), and DP noise (the caller adds it before encoding).
 
+pub mod context;
+mod crypto;
 pub mod fixed_point;
 pub mod graph;
+pub mod messages;
 pub mod params;
+mod prg;
 pub mod shamir;
 pub mod sign;
 
+pub use context::{ContextError, RoundContext};
+pub use crypto::CIPHERTEXT_BYTES;
 pub use fixed_point::{FixedPoint, FixedPointError};
+pub use messages::*;
 pub use params::{AdversaryClass, GraphParams, ParamError, ThreatModel};
 pub use sign::{EcdsaP256Signer, EcdsaP256Verifier, SignatureError, Signer, Verifier};
 
