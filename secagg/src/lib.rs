@@ -35,6 +35,7 @@
 //! or wrong shares (detected on reconstruction where possible, but they can spoil the
 //! sum), and DP noise (the caller adds it before encoding).
 
+pub mod client;
 pub mod context;
 mod crypto;
 pub mod fixed_point;
@@ -42,14 +43,17 @@ pub mod graph;
 pub mod messages;
 pub mod params;
 mod prg;
+pub mod server;
 pub mod shamir;
 pub mod sign;
 
+pub use client::{Client, ClientConfig, ClientError};
 pub use context::{ContextError, RoundContext};
 pub use crypto::CIPHERTEXT_BYTES;
 pub use fixed_point::{FixedPoint, FixedPointError};
 pub use messages::*;
 pub use params::{AdversaryClass, GraphParams, ParamError, ThreatModel};
+pub use server::{Aggregate, Server, ServerError, ShareKind, Transition};
 pub use sign::{EcdsaP256Signer, EcdsaP256Verifier, SignatureError, Signer, Verifier};
 
 /// A participant's name (its certificate's node name).
