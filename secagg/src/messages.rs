@@ -308,19 +308,32 @@ pub(crate) fn add_packed(
         b[..chunk.len()].copy_from_slice(chunk);
         u64::from_le_bytes(b)
     };
-    if let Some(i) = data
-        .chunks_exact(bytes_per_coordinate)
-        .position(|c| read(c) & !ring_mask != 0)
-    {
-        return Err(format!("coordinate {i} is not below the ring modulus"));
-    }
-    if bytes_per_coordinate == 4 {
-        for (a, c) in acc.iter_mut().zip(data.chunks_exact(4)) {
-            *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    // Only a ring narrower than its bytes can receive out-of-range values.
+    if u64::from(ring_mask.count_ones()) != 8 * bytes_per_coordinate as u64 {
+        if let Some(i) = data
+            .chunks_exact(bytes_per_coordinate)
+            .position(|c| read(c) & !ring_mask != 0)
+        {
+            return Err(format!("coordinate {i} is not below the ring modulus"));
         }
-    } else {
-        for (a, c) in acc.iter_mut().zip(data.chunks_exact(bytes_per_coordinate)) {
-            *a = a.wrapping_add(read(c));
+    }
+    match bytes_per_coordinate {
+        4 => {
+            for (a, c) in acc.iter_mut().zip(data.chunks_exact(4)) {
+                *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            }
+        }
+        8 => {
+            for (a, c) in acc.iter_mut().zip(data.chunks_exact(8)) {
+                *a = a.wrapping_add(u64::from_le_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]));
+            }
+        }
+        _ => {
+            for (a, c) in acc.iter_mut().zip(data.chunks_exact(bytes_per_coordinate)) {
+                *a = a.wrapping_add(read(c));
+            }
         }
     }
     Ok(())

@@ -27,53 +27,59 @@ const BLOCK: usize = 1024;
 
 /// Applies `seeds` (each with its sign) to `acc` and reduces every element mod 2^bits.
 pub(crate) fn apply_masks(acc: &mut [u64], seeds: &[(&[u8; 32], MaskSign)], bits: u8) {
-    let wide = bits > 32;
-    let word = if wide { 8 } else { 4 };
     let mut ciphers: Vec<(ChaCha20, MaskSign)> = seeds
         .iter()
         .map(|(key, sign)| (ChaCha20::new((*key).into(), &[0u8; 12].into()), *sign))
         .collect();
-    let mut buf = vec![0u8; BLOCK * word];
-    for block in acc.chunks_mut(BLOCK) {
-        let bytes = &mut buf[..block.len() * word];
-        for (cipher, sign) in ciphers.iter_mut() {
-            bytes.fill(0);
-            cipher.apply_keystream(bytes);
-            match (wide, *sign) {
-                (false, MaskSign::Add) => {
-                    for (a, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
-                        *a =
-                            a.wrapping_add(u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+    if bits > 32 {
+        let mut words = vec![0u64; BLOCK];
+        for block in acc.chunks_mut(BLOCK) {
+            let words = &mut words[..block.len()];
+            for (cipher, sign) in ciphers.iter_mut() {
+                words.fill(0);
+                cipher.apply_keystream(bytemuck::cast_slice_mut(words));
+                match sign {
+                    MaskSign::Add => {
+                        for (a, w) in block.iter_mut().zip(words.iter()) {
+                            *a = a.wrapping_add(u64::from_le(*w));
+                        }
                     }
-                }
-                (false, MaskSign::Sub) => {
-                    for (a, w) in block.iter_mut().zip(bytes.chunks_exact(4)) {
-                        *a =
-                            a.wrapping_sub(u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])));
-                    }
-                }
-                (true, MaskSign::Add) => {
-                    for (a, w) in block.iter_mut().zip(bytes.chunks_exact(8)) {
-                        *a = a.wrapping_add(u64::from_le_bytes([
-                            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-                        ]));
-                    }
-                }
-                (true, MaskSign::Sub) => {
-                    for (a, w) in block.iter_mut().zip(bytes.chunks_exact(8)) {
-                        *a = a.wrapping_sub(u64::from_le_bytes([
-                            w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-                        ]));
+                    MaskSign::Sub => {
+                        for (a, w) in block.iter_mut().zip(words.iter()) {
+                            *a = a.wrapping_sub(u64::from_le(*w));
+                        }
                     }
                 }
             }
         }
+        words.fill(0);
+    } else {
+        let mut words = vec![0u32; BLOCK];
+        for block in acc.chunks_mut(BLOCK) {
+            let words = &mut words[..block.len()];
+            for (cipher, sign) in ciphers.iter_mut() {
+                words.fill(0);
+                cipher.apply_keystream(bytemuck::cast_slice_mut(words));
+                match sign {
+                    MaskSign::Add => {
+                        for (a, w) in block.iter_mut().zip(words.iter()) {
+                            *a = a.wrapping_add(u64::from(u32::from_le(*w)));
+                        }
+                    }
+                    MaskSign::Sub => {
+                        for (a, w) in block.iter_mut().zip(words.iter()) {
+                            *a = a.wrapping_sub(u64::from(u32::from_le(*w)));
+                        }
+                    }
+                }
+            }
+        }
+        words.fill(0);
     }
     let mask = crate::context::ring_mask(bits);
     for a in acc.iter_mut() {
         *a &= mask;
     }
-    buf.fill(0);
 }
 
 #[cfg(test)]
