@@ -168,6 +168,33 @@ impl RoundContext {
         self.vector_len as usize * self.bytes_per_coordinate()
     }
 
+    /// An upper bound on the bincode (standard configuration) size of any node → server
+    /// message of this round: what the server's transport should pass to a bounded read.
+    pub fn max_from_node_bytes(&self) -> usize {
+        let k = self.degree as usize;
+        let head = 5 + 9 + 9; // variant, round, one length prefix
+        let sig = 9 + crate::MAX_SIGNATURE_LEN;
+        let keys = head + 3 * 32 + sig;
+        let shares = head + k * (5 + 9 + crate::CIPHERTEXT_BYTES);
+        let masked = head + self.masked_input_bytes();
+        let unmask = head + 9 + 2 * k * (5 + 9 * crate::shamir::LIMBS);
+        keys.max(shares).max(masked).max(sig + head).max(unmask)
+    }
+
+    /// An upper bound on the bincode (standard configuration) size of any server → node
+    /// message of this round: what a node's transport should pass to a bounded read.
+    pub fn max_to_node_bytes(&self) -> usize {
+        let (n, k) = (self.participants.len(), self.degree as usize);
+        let head = 5 + 9 + 9;
+        let sig = 9 + crate::MAX_SIGNATURE_LEN;
+        let setup = head + n * (9 + crate::MAX_NODE_ID_LEN) + 5 + 5 + 1 + 5 + 32;
+        let keys = head + k * (5 + 3 * 32 + sig);
+        let shares = head + k * (5 + 9 + crate::CIPHERTEXT_BYTES);
+        let survivors = head + n * 5;
+        let unmask = head + k * (5 + sig) + 2 * (9 + k * 5);
+        setup.max(keys).max(shares).max(survivors).max(unmask)
+    }
+
     /// The mask selecting the low b bits.
     pub fn ring_mask(&self) -> u64 {
         ring_mask(self.bits)

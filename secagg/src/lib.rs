@@ -14,13 +14,19 @@
 //!    each neighbour t-of-k Shamir shares ([`shamir`], GF(2^61 − 1)) of b and s_sk,
 //!    encrypted (ChaCha20-Poly1305 under HKDF of the X25519 secret).
 //! 3. Each node sends y = x + PRG(b) + Σ_v ±PRG(s_uv) mod 2^b ([`FixedPoint`] encodes
-//!    floats), PRG = ChaCha20.
+//!    floats), PRG = ChaCha20 keyed by HKDF of b (self mask) or of the X25519 secret
+//!    s_u·s_v (pairwise masks, + for the smaller participant index), both with the round
+//!    context in the derivation.
 //! 4. The server shows the survivors the set of nodes whose y arrived; each signs it, and
 //!    a node only continues if at least t of its neighbours signed the same set.
 //! 5. Survivors reveal b-shares of surviving neighbours and s-shares of dropped ones (never
 //!    both for one peer); the server reconstructs, removes the masks and gets Σ x.
 //!
 //! [`params`] chooses (k, t) from n and the tolerated dropout and collusion rates.
+//!
+//! Transports bound every read with [`RoundContext::max_from_node_bytes`] and
+//! [`RoundContext::max_to_node_bytes`] (bincode, standard configuration); the state
+//! machines then validate every field.
 //!
 //! The crate is pure: [`Client`] and [`Server`] are state machines that take messages
 //! ([`messages`], serde structs) and return messages, with explicit stage transitions;

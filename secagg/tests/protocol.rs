@@ -128,6 +128,9 @@ impl<'a> Round<'a> {
         loop {
             tamper(stage, &mut outgoing);
             for (to, msg) in outgoing.drain(..) {
+                let bytes =
+                    bincode::serde::encode_to_vec(&msg, bincode::config::standard()).unwrap();
+                assert!(bytes.len() <= self.ctx.max_to_node_bytes(), "{stage}");
                 let i = self.ctx.index_of(&to).unwrap() as usize;
                 if self.drops.get(&i).is_some_and(|&s| s <= stage) {
                     if self.report_drops {
@@ -152,6 +155,7 @@ impl<'a> Round<'a> {
                         // Every message survives a bincode round trip.
                         let bytes =
                             bincode::serde::encode_to_vec(&a, bincode::config::standard()).unwrap();
+                        assert!(bytes.len() <= self.ctx.max_from_node_bytes(), "{stage}");
                         let (a, _): (FromNode, usize) =
                             bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
                                 .unwrap();
