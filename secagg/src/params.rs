@@ -16,13 +16,13 @@
 //!    − lnΓ(A + D − k + 1) must be below −(σ + 1)·ln 2 (the security budget is split over
 //!    two bad events). If k > A + D the probability is 0.
 //! 2. **Privacy.** The number of adversarial neighbours of a node is hypergeometric
-//!    H(n, A, k). t₁ is the smallest value with P[X > t₁] ≤ 2^-(σ+1)/n (union bound over the
+//!    H(n, A, k). t₁ is the smallest value with P(X > t₁) ≤ 2^-(σ+1)/n (union bound over the
 //!    n nodes): fewer than t shares of any node ever reach the adversary. Against a
 //!    semi-malicious server (one that may lie about who dropped, defeated here by the signed
 //!    survivor-set check) t must also satisfy 2t − k > t₁, so
 //!    t₁ ← ⌈(t₁ + k − 1.25)/2⌉.
 //! 3. **Correctness.** The number of surviving neighbours is H(n, S, k). t₂ is the largest
-//!    value with P[X < t₂] ≤ 2^-η/n: every node keeps at least t₂ surviving share holders.
+//!    value with P(X < t₂) ≤ 2^-η/n: every node keeps at least t₂ surviving share holders.
 //!
 //! k is accepted when t = max(t₁ + 1, 2) ≤ t₂, and t is that value. (Google's code accepts
 //! k whenever t₁ < t₂ and then returns max(t₁ + 1, 2), which exceeds t₂ when t₂ < 2 and
