@@ -952,10 +952,13 @@ fn malformed_messages_are_refused_without_changing_state() {
         }),
         Err(ClientError::Aborted)
     ));
+    assert_eq!(server.pending().len(), 5);
+    assert!(!server.is_stage_complete());
     for c in clients.iter_mut() {
         let a = c.handle_setup(&setup, &mut rng).unwrap();
         server.handle_message(c.id(), FromNode::Keys(a)).unwrap();
     }
+    assert!(server.pending().is_empty() && server.is_stage_complete());
     assert!(matches!(
         server.handle_message(
             "node-0000",
@@ -1081,4 +1084,12 @@ fn malformed_messages_are_refused_without_changing_state() {
         .iter()
         .all(|&v| v == (4 * ((1u64 << 20) - 1)) & ((1 << 20) - 1)));
     assert_eq!(server.close_stage().unwrap_err(), ServerError::Finished);
+}
+
+#[test]
+fn state_machines_can_move_between_threads() {
+    fn send<T: Send>() {}
+    send::<Server>();
+    send::<Client<EcdsaP256Signer, EcdsaP256Verifier>>();
+    send::<Client<EcdsaP256Signer, Arc<EcdsaP256Verifier>>>();
 }
