@@ -10,6 +10,7 @@ pub mod accountant;
 mod dd;
 pub mod grid;
 pub mod noise;
+pub mod pld;
 
 use crate::config::{ClientPrivacy, DpMode};
 pub use grid::GridGaussian;
