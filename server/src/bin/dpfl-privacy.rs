@@ -1,17 +1,17 @@
 //! `dpfl-privacy`: a planning calculator for people designing a deployment.
 //!
 //! - `dpfl-privacy epsilon --sampling-rate Q --noise-multiplier Z --steps T --delta D`
-//!   prints the epsilon of T rounds of the Poisson-sampled Gaussian mechanism (last line
-//!   `epsilon=<number>`).
+//!   prints the epsilon of T rounds of the Poisson-sampled Gaussian mechanism by every
+//!   bound (RDP, opendp zCDP when q = 1, PLD), then `epsilon=<number>` (last line).
 //! - `dpfl-privacy noise --sampling-rate Q --steps T --delta D --target-epsilon E` prints
 //!   the smallest noise multiplier meeting the target (last line `noise_multiplier=<number>`).
 //!
-//! The same accountant the server's ledger uses: the tighter of RDP (integer and
-//! fractional orders, improved conversion) and opendp's zCDP.
+//! The same accountant the server's ledger uses: the tightest valid bound of RDP,
+//! opendp's zCDP and the privacy loss distribution (PLD).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use dpfl_common::dp::accountant;
+use dpfl_common::dp::accountant::{self, Accountant};
 
 #[derive(Parser)]
 #[command(
@@ -68,17 +68,27 @@ fn main() -> Result<()> {
             steps,
             delta,
         } => {
-            let rdp = accountant::rdp_epsilon(sampling_rate, noise_multiplier, steps, delta)?;
-            let (eps, method) = accountant::epsilon(sampling_rate, noise_multiplier, steps, delta)?;
+            let groups = [(sampling_rate, noise_multiplier, steps)];
+            let bounds = accountant::bounds_of_rounds(&groups, delta)?;
             println!("q={sampling_rate} z={noise_multiplier} T={steps} delta={delta:e}");
-            println!("rdp (subsampled Gaussian, improved conversion): {rdp:.6}");
-            if sampling_rate == 1.0 || method == accountant::Method::Zcdp {
-                match accountant::zcdp_epsilon_grouped(&[(noise_multiplier, steps)], delta) {
-                    Ok(zcdp) => println!("zcdp (opendp, no amplification): {zcdp:.6}"),
-                    Err(e) => println!("zcdp (opendp, no amplification): not computable ({e})"),
+            println!(
+                "rdp (subsampled Gaussian, improved conversion): {:.6}",
+                bounds.rdp
+            );
+            if sampling_rate == 1.0 {
+                match bounds.zcdp {
+                    Some(zcdp) => println!("zcdp (opendp, no amplification): {zcdp:.6}"),
+                    None => println!("zcdp (opendp, no amplification): not computable"),
                 }
             }
-            println!("reported: the tighter bound ({method:?})");
+            match &bounds.pld {
+                Ok(pld) => println!("pld (privacy loss distribution, pessimistic): {pld:.6}"),
+                Err(e) => {
+                    println!("pld (privacy loss distribution, pessimistic): not computable ({e})")
+                }
+            }
+            let (eps, method) = bounds.best();
+            println!("reported: the tightest bound ({method:?})");
             println!("epsilon={eps:.6}");
         }
         Command::Noise {
@@ -87,7 +97,13 @@ fn main() -> Result<()> {
             delta,
             target_epsilon,
         } => {
-            let z = accountant::noise_for_epsilon(sampling_rate, steps, delta, target_epsilon)?;
+            let z = accountant::noise_for_epsilon(
+                sampling_rate,
+                steps,
+                delta,
+                target_epsilon,
+                Accountant::Best,
+            )?;
             let (eps, method) = accountant::epsilon(sampling_rate, z, steps, delta)?;
             println!("q={sampling_rate} T={steps} delta={delta:e} target epsilon={target_epsilon}");
             println!("achieved epsilon {eps:.6} ({method:?})");
