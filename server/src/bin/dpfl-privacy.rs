@@ -6,11 +6,13 @@
 //! - `dpfl-privacy noise --sampling-rate Q --steps T --delta D --target-epsilon E` prints
 //!   the smallest noise multiplier meeting the target (last line `noise_multiplier=<number>`).
 //!
-//! The same accountant the server's ledger uses: the tightest valid bound of RDP,
-//! opendp's zCDP and the privacy loss distribution (PLD).
+//! `--accountant best` (the default) answers with the tightest valid bound, as the
+//! server's ledger does: the privacy loss distribution (PLD) almost always, RDP or zCDP
+//! where the PLD has no answer or is not tighter. `--accountant rdp` or `pld` answer with
+//! that bound alone.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use dpfl_common::dp::accountant::{self, Accountant};
 
 #[derive(Parser)]
@@ -22,6 +24,27 @@ use dpfl_common::dp::accountant::{self, Accountant};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which bound answers.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Choice {
+    /// The tightest valid bound of RDP, opendp zCDP and PLD (what the server reports).
+    Best,
+    /// Rényi DP of the subsampled Gaussian alone.
+    Rdp,
+    /// The privacy loss distribution alone.
+    Pld,
+}
+
+impl From<Choice> for Accountant {
+    fn from(c: Choice) -> Self {
+        match c {
+            Choice::Best => Accountant::Best,
+            Choice::Rdp => Accountant::Rdp,
+            Choice::Pld => Accountant::Pld,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,6 +64,9 @@ enum Command {
         /// delta.
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
+        /// Which bound gives `epsilon=`.
+        #[arg(long, value_enum, default_value_t = Choice::Best)]
+        accountant: Choice,
     },
     /// Smallest noise multiplier that keeps epsilon within a target after T rounds.
     #[command(allow_negative_numbers = true)]
@@ -57,6 +83,9 @@ enum Command {
         /// Target epsilon.
         #[arg(long)]
         target_epsilon: f64,
+        /// Which bound must meet the target.
+        #[arg(long, value_enum, default_value_t = Choice::Best)]
+        accountant: Choice,
     },
 }
 
@@ -67,6 +96,7 @@ fn main() -> Result<()> {
             noise_multiplier,
             steps,
             delta,
+            accountant,
         } => {
             let groups = [(sampling_rate, noise_multiplier, steps)];
             let bounds = accountant::bounds_of_rounds(&groups, delta)?;
@@ -87,8 +117,11 @@ fn main() -> Result<()> {
                     println!("pld (privacy loss distribution, pessimistic): not computable ({e})")
                 }
             }
-            let (eps, method) = bounds.best();
-            println!("reported: the tightest bound ({method:?})");
+            let (eps, method) = bounds.pick(accountant.into())?;
+            match accountant {
+                Choice::Best => println!("reported: the tightest bound ({method:?})"),
+                _ => println!("reported: {method:?}, as asked"),
+            }
             println!("epsilon={eps:.6}");
         }
         Command::Noise {
@@ -96,15 +129,20 @@ fn main() -> Result<()> {
             steps,
             delta,
             target_epsilon,
+            accountant,
         } => {
             let z = accountant::noise_for_epsilon(
                 sampling_rate,
                 steps,
                 delta,
                 target_epsilon,
-                Accountant::Best,
+                accountant.into(),
             )?;
-            let (eps, method) = accountant::epsilon(sampling_rate, z, steps, delta)?;
+            let (eps, method) = accountant::epsilon_of_rounds_with(
+                &[(sampling_rate, z, steps)],
+                delta,
+                accountant.into(),
+            )?;
             println!("q={sampling_rate} T={steps} delta={delta:e} target epsilon={target_epsilon}");
             println!("achieved epsilon {eps:.6} ({method:?})");
             println!("noise_multiplier={z}");
