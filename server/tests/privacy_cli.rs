@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-fn last_line(args: &[&str]) -> String {
+fn run(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
         .args(args)
         .output()
@@ -12,17 +12,60 @@ fn last_line(args: &[&str]) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string()
+    String::from_utf8(out.stdout).unwrap()
 }
+
+fn last_line(args: &[&str]) -> String {
+    run(args).lines().last().unwrap().to_string()
+}
+
+fn number(line: &str, prefix: &str) -> f64 {
+    line.strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{line:?} lacks {prefix:?}"))
+        .parse()
+        .unwrap()
+}
+
+fn epsilon(q: &str, z: &str, t: &str, accountant: &str) -> f64 {
+    let line = last_line(&[
+        "epsilon",
+        "--sampling-rate",
+        q,
+        "--noise-multiplier",
+        z,
+        "--steps",
+        t,
+        "--delta",
+        "1e-5",
+        "--accountant",
+        accountant,
+    ]);
+    number(&line, "epsilon=")
+}
+
+/// dp_accounting 0.6.0 (add/remove, delta = 1e-5), unrounded: (q, z, T, RDP, PLD).
+const REFERENCE: [(&str, &str, &str, f64, f64); 9] = [
+    ("1", "1", "1", 4.729, 4.377178100048),
+    ("1", "1", "100", 96.12, 91.817289818102),
+    ("1", "2", "10", 8.079, 7.511275931205),
+    ("0.1", "1", "10", 3.442, 2.854518966587),
+    ("0.1", "1", "100", 7.904, 7.046602877208),
+    ("0.1", "2", "100", 2.581, 2.337400192580),
+    ("0.01", "0.8", "1000", 3.696, 3.141018319265),
+    ("0.001", "1", "10000", 0.788, 0.475987012594),
+    (
+        "0.004266666666666667",
+        "1.1",
+        "14063",
+        2.597,
+        2.381778812582,
+    ),
+];
 
 #[test]
 fn epsilon_matches_reference_values() {
-    // dp_accounting 0.6.0 RDP: 7.904; PLD (tightest known): 7.047.
+    // The default answers with the tightest bound: the PLD, within 1 % of dp_accounting's
+    // and never below it.
     let line = last_line(&[
         "epsilon",
         "--sampling-rate",
@@ -34,9 +77,9 @@ fn epsilon_matches_reference_values() {
         "--delta",
         "1e-5",
     ]);
-    let eps: f64 = line.strip_prefix("epsilon=").unwrap().parse().unwrap();
-    assert!((7.047..=7.904 * 1.01).contains(&eps), "{eps}");
-    // q = 1: opendp zCDP (rho = 0.5 -> 4.728) beats RDP (4.729); never below PLD 4.377.
+    let eps = number(&line, "epsilon=");
+    assert!((7.0466..=7.0466 * 1.01).contains(&eps), "{eps}");
+    // q = 1: the PLD of one Gaussian round (exactly 4.3772) beats zCDP (4.728) and RDP.
     let line = last_line(&[
         "epsilon",
         "--sampling-rate",
@@ -48,29 +91,108 @@ fn epsilon_matches_reference_values() {
         "--delta",
         "1e-5",
     ]);
-    let eps: f64 = line.strip_prefix("epsilon=").unwrap().parse().unwrap();
-    assert!((eps - 4.728).abs() < 0.002, "{eps}");
+    let eps = number(&line, "epsilon=");
+    assert!((eps - 4.3772).abs() < 0.01, "{eps}");
+}
+
+#[test]
+fn each_accountant_matches_dp_accounting_within_one_percent_and_never_below() {
+    for (q, z, t, rdp, pld) in REFERENCE {
+        let got_rdp = epsilon(q, z, t, "rdp");
+        assert!(
+            (got_rdp / rdp - 1.0).abs() < 0.01,
+            "q={q} z={z} T={t}: rdp {got_rdp} vs {rdp}"
+        );
+        let got_pld = epsilon(q, z, t, "pld");
+        assert!(
+            got_pld >= pld && got_pld <= pld * 1.01,
+            "q={q} z={z} T={t}: pld {got_pld} vs {pld}"
+        );
+        assert_eq!(epsilon(q, z, t, "best"), got_pld, "q={q} z={z} T={t}");
+    }
+}
+
+#[test]
+fn epsilon_prints_every_bound_then_the_chosen_one() {
+    let out = run(&[
+        "epsilon",
+        "--sampling-rate",
+        "1",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "1",
+        "--accountant",
+        "rdp",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[1].starts_with("rdp "), "{out}");
+    assert!(lines[2].starts_with("zcdp "), "{out}");
+    assert!(lines[3].starts_with("pld "), "{out}");
+    assert!(out.contains("reported: Rdp"), "{out}");
+    let rdp = number(lines.last().unwrap(), "epsilon=");
+    assert!((rdp - 4.7285).abs() < 0.001, "{rdp}");
+    // zCDP is printed only for unsampled rounds.
+    let sampled = run(&[
+        "epsilon",
+        "--sampling-rate",
+        "0.1",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "10",
+    ]);
+    assert!(!sampled.contains("zcdp"), "{sampled}");
+    assert!(
+        sampled.contains("reported: the tightest bound (Pld)"),
+        "{sampled}"
+    );
+    // An unknown accountant is refused by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+        .args([
+            "epsilon",
+            "--sampling-rate",
+            "0.1",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            "10",
+            "--accountant",
+            "moments",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pld"));
+}
+
+fn noise(target: &str, q: &str, t: &str, accountant: &str) -> f64 {
+    let line = last_line(&[
+        "noise",
+        "--sampling-rate",
+        q,
+        "--steps",
+        t,
+        "--delta",
+        "1e-5",
+        "--target-epsilon",
+        target,
+        "--accountant",
+        accountant,
+    ]);
+    number(&line, "noise_multiplier=")
 }
 
 #[test]
 fn noise_is_the_smallest_multiplier_meeting_the_target() {
-    let line = last_line(&[
-        "noise",
-        "--sampling-rate",
-        "0.1",
-        "--steps",
-        "100",
-        "--delta",
-        "1e-5",
-        "--target-epsilon",
-        "2.581",
-    ]);
-    let z: f64 = line
-        .strip_prefix("noise_multiplier=")
-        .unwrap()
-        .parse()
-        .unwrap();
+    // Each reference row (q = 0.1, z = 2, T = 100) needs about z = 2 for its own epsilon.
+    let z = noise("2.581", "0.1", "100", "rdp");
     assert!((z - 2.0).abs() < 0.03, "{z}");
+    let z = noise("2.3374", "0.1", "100", "pld");
+    assert!((z - 2.0).abs() < 0.01, "{z}");
+    // The default meets the target by the tightest bound, checked by the calculator.
+    let z = noise("2.581", "0.1", "100", "best");
+    assert!(z < 1.9, "{z}");
     let check = last_line(&[
         "epsilon",
         "--sampling-rate",
@@ -80,8 +202,17 @@ fn noise_is_the_smallest_multiplier_meeting_the_target() {
         "--steps",
         "100",
     ]);
-    let eps: f64 = check.strip_prefix("epsilon=").unwrap().parse().unwrap();
+    let eps = number(&check, "epsilon=");
     assert!(eps <= 2.581, "{eps}");
+}
+
+#[test]
+fn pld_needs_about_six_percent_less_noise_at_q_one_percent() {
+    let rdp = noise("3", "0.01", "1000", "rdp");
+    let pld = noise("3", "0.01", "1000", "pld");
+    assert_eq!(noise("3", "0.01", "1000", "best"), pld);
+    let saving = 1.0 - pld / rdp;
+    assert!((0.04..0.08).contains(&saving), "{pld} vs {rdp}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod audit;
 mod dd;
 pub mod grid;
 pub mod noise;
+pub mod pld;
 
 use crate::config::{ClientPrivacy, DpMode};
 pub use grid::GridGaussian;

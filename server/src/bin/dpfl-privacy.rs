@@ -1,17 +1,19 @@
 //! `dpfl-privacy`: a planning calculator for people designing a deployment.
 //!
 //! - `dpfl-privacy epsilon --sampling-rate Q --noise-multiplier Z --steps T --delta D`
-//!   prints the epsilon of T rounds of the Poisson-sampled Gaussian mechanism (last line
-//!   `epsilon=<number>`).
+//!   prints the epsilon of T rounds of the Poisson-sampled Gaussian mechanism by every
+//!   bound (RDP, opendp zCDP when q = 1, PLD), then `epsilon=<number>` (last line).
 //! - `dpfl-privacy noise --sampling-rate Q --steps T --delta D --target-epsilon E` prints
 //!   the smallest noise multiplier meeting the target (last line `noise_multiplier=<number>`).
 //!
-//! The same accountant the server's ledger uses: the tighter of RDP (integer and
-//! fractional orders, improved conversion) and opendp's zCDP.
+//! `--accountant best` (the default) answers with the tightest valid bound, as the
+//! server's ledger does: the privacy loss distribution (PLD) almost always, RDP or zCDP
+//! where the PLD has no answer or is not tighter. `--accountant rdp` or `pld` answer with
+//! that bound alone.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use dpfl_common::dp::accountant;
+use clap::{Parser, Subcommand, ValueEnum};
+use dpfl_common::dp::accountant::{self, Accountant};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +24,27 @@ use dpfl_common::dp::accountant;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Which bound answers.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Choice {
+    /// The tightest valid bound of RDP, opendp zCDP and PLD (what the server reports).
+    Best,
+    /// Rényi DP of the subsampled Gaussian alone.
+    Rdp,
+    /// The privacy loss distribution alone.
+    Pld,
+}
+
+impl From<Choice> for Accountant {
+    fn from(c: Choice) -> Self {
+        match c {
+            Choice::Best => Accountant::Best,
+            Choice::Rdp => Accountant::Rdp,
+            Choice::Pld => Accountant::Pld,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,6 +64,9 @@ enum Command {
         /// delta.
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
+        /// Which bound gives `epsilon=`.
+        #[arg(long, value_enum, default_value_t = Choice::Best)]
+        accountant: Choice,
     },
     /// Smallest noise multiplier that keeps epsilon within a target after T rounds.
     #[command(allow_negative_numbers = true)]
@@ -57,6 +83,9 @@ enum Command {
         /// Target epsilon.
         #[arg(long)]
         target_epsilon: f64,
+        /// Which bound must meet the target.
+        #[arg(long, value_enum, default_value_t = Choice::Best)]
+        accountant: Choice,
     },
 }
 
@@ -67,18 +96,32 @@ fn main() -> Result<()> {
             noise_multiplier,
             steps,
             delta,
+            accountant,
         } => {
-            let rdp = accountant::rdp_epsilon(sampling_rate, noise_multiplier, steps, delta)?;
-            let (eps, method) = accountant::epsilon(sampling_rate, noise_multiplier, steps, delta)?;
+            let groups = [(sampling_rate, noise_multiplier, steps)];
+            let bounds = accountant::bounds_of_rounds(&groups, delta)?;
             println!("q={sampling_rate} z={noise_multiplier} T={steps} delta={delta:e}");
-            println!("rdp (subsampled Gaussian, improved conversion): {rdp:.6}");
-            if sampling_rate == 1.0 || method == accountant::Method::Zcdp {
-                match accountant::zcdp_epsilon_grouped(&[(noise_multiplier, steps)], delta) {
-                    Ok(zcdp) => println!("zcdp (opendp, no amplification): {zcdp:.6}"),
-                    Err(e) => println!("zcdp (opendp, no amplification): not computable ({e})"),
+            println!(
+                "rdp (subsampled Gaussian, improved conversion): {:.6}",
+                bounds.rdp
+            );
+            if sampling_rate == 1.0 {
+                match bounds.zcdp {
+                    Some(zcdp) => println!("zcdp (opendp, no amplification): {zcdp:.6}"),
+                    None => println!("zcdp (opendp, no amplification): not computable"),
                 }
             }
-            println!("reported: the tighter bound ({method:?})");
+            match &bounds.pld {
+                Ok(pld) => println!("pld (privacy loss distribution, pessimistic): {pld:.6}"),
+                Err(e) => {
+                    println!("pld (privacy loss distribution, pessimistic): not computable ({e})")
+                }
+            }
+            let (eps, method) = bounds.pick(accountant.into())?;
+            match accountant {
+                Choice::Best => println!("reported: the tightest bound ({method:?})"),
+                _ => println!("reported: {method:?}, as asked"),
+            }
             println!("epsilon={eps:.6}");
         }
         Command::Noise {
@@ -86,9 +129,20 @@ fn main() -> Result<()> {
             steps,
             delta,
             target_epsilon,
+            accountant,
         } => {
-            let z = accountant::noise_for_epsilon(sampling_rate, steps, delta, target_epsilon)?;
-            let (eps, method) = accountant::epsilon(sampling_rate, z, steps, delta)?;
+            let z = accountant::noise_for_epsilon(
+                sampling_rate,
+                steps,
+                delta,
+                target_epsilon,
+                accountant.into(),
+            )?;
+            let (eps, method) = accountant::epsilon_of_rounds_with(
+                &[(sampling_rate, z, steps)],
+                delta,
+                accountant.into(),
+            )?;
             println!("q={sampling_rate} T={steps} delta={delta:e} target epsilon={target_epsilon}");
             println!("achieved epsilon {eps:.6} ({method:?})");
             println!("noise_multiplier={z}");
