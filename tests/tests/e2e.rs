@@ -1015,7 +1015,11 @@ async fn a_journaled_release_survives_a_crash_before_the_first_checkpoint() {
     for c in clients {
         within(c).await.unwrap().unwrap();
     }
-    assert_eq!(summary.ledger.rounds.len(), 2, "the journaled release stays charged");
+    assert_eq!(
+        summary.ledger.rounds.len(),
+        2,
+        "the journaled release stays charged"
+    );
     let calc = accountant::epsilon(1.0, 2.0, 2, 1e-5).unwrap().0;
     assert!((summary.ledger.epsilon() - calc).abs() < 1e-9);
     // A journal that does not fit the checkpoint (another run's) stops the server.
@@ -1033,7 +1037,9 @@ async fn a_journaled_release_survives_a_crash_before_the_first_checkpoint() {
     fresh.push(("resume", "false"));
     Server::bind(fed.server_config("journal", &fresh)).unwrap();
     assert!(!op.join("ledger.json").exists());
-    assert!(std::fs::read_dir(&op)
+    assert!(std::fs::read_dir(&op).unwrap().any(|e| e
         .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().contains("replaced")));
+        .file_name()
+        .to_string_lossy()
+        .contains("replaced")));
 }
