@@ -591,6 +591,30 @@ fn format_span(secs: i64) -> String {
     }
 }
 
+/// A TLS error message with its Unix times as dates: rustls reports an expired
+/// certificate as "... not valid after 1732000000 ...", which becomes "... not valid after
+/// 1732000000 (2024-11-19 07:06 UTC) ...".
+pub fn explain_tls_error(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len() + 32);
+    let mut rest = msg;
+    while let Some(i) = ["not valid after ", "not valid before "]
+        .iter()
+        .filter_map(|p| rest.find(p).map(|i| i + p.len()))
+        .min()
+    {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        out.push_str(&digits);
+        if let Ok(t) = digits.parse::<i64>() {
+            out.push_str(&format!(" ({})", format_unix(t)));
+        }
+        rest = &tail[digits.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Describes a certificate: what it is for, when it expires, its fingerprints.
 pub fn describe(cert: &CertificateDer<'_>) -> Result<CertInfo, CertError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
