@@ -355,8 +355,10 @@ pub fn human_secs(s: f64) -> String {
         format!("{:.1} h", s / 3600.0)
     } else if s >= 120.0 {
         format!("{:.0} min", s / 60.0)
-    } else {
+    } else if s >= 10.0 {
         format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
     }
 }
 
@@ -385,8 +387,14 @@ struct Series<'a> {
 
 /// A small line chart as inline SVG: rounds on x, values on y, an optional dashed
 /// horizontal line (a target).
-fn chart(title: &str, series: &[Series<'_>], hline: Option<(&str, f64)>, rounds: u64) -> String {
-    let (w, h, l, r, t, b) = (460.0, 240.0, 56.0, 16.0, 30.0, 34.0);
+fn chart(
+    title: &str,
+    series: &[Series<'_>],
+    hline: Option<(&str, f64)>,
+    rounds: u64,
+    range: Option<(f64, f64)>,
+) -> String {
+    let (w, h, l, r, t, b) = (370.0, 230.0, 50.0, 14.0, 30.0, 34.0);
     let mut ys: Vec<f64> = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.1))
@@ -408,6 +416,9 @@ fn chart(title: &str, series: &[Series<'_>], hline: Option<(&str, f64)>, rounds:
         hi = lo + 1.0;
     }
     hi += (hi - lo) * 0.05;
+    if let Some(fixed) = range {
+        (lo, hi) = fixed;
+    }
     let x_max = rounds.max(1) as f64;
     let px = |x: f64| l + (x - 0.0) / x_max * (w - l - r);
     let py = |y: f64| t + (1.0 - (y - lo) / (hi - lo)) * (h - t - b);
@@ -618,21 +629,27 @@ pub fn dashboard(s: &StatusState) -> String {
     };
     h.push_str("<div class=\"cards\"><div class=\"card\">");
     h.push_str(&chart(
-        "Test accuracy and loss",
-        &[
-            Series {
-                label: "accuracy",
-                color: "#1f77b4",
-                points: x(|r| r.test_accuracy),
-            },
-            Series {
-                label: "loss",
-                color: "#ff7f0e",
-                points: x(|r| r.test_loss),
-            },
-        ],
+        "Test accuracy",
+        &[Series {
+            label: "accuracy",
+            color: "#1f77b4",
+            points: x(|r| r.test_accuracy),
+        }],
         None,
         s.rounds,
+        Some((0.0, 1.0)),
+    ));
+    h.push_str("</div><div class=\"card\">");
+    h.push_str(&chart(
+        "Test loss",
+        &[Series {
+            label: "loss",
+            color: "#ff7f0e",
+            points: x(|r| r.test_loss),
+        }],
+        None,
+        s.rounds,
+        None,
     ));
     h.push_str("</div><div class=\"card\">");
     let target = s.target_epsilon.map(|t| (format!("target {t}"), t));
@@ -645,6 +662,7 @@ pub fn dashboard(s: &StatusState) -> String {
         }],
         target.as_ref().map(|(l, t)| (l.as_str(), *t)),
         s.rounds,
+        None,
     ));
     h.push_str("</div></div>");
     let _ = write!(
@@ -800,7 +818,7 @@ mod tests {
             !page.to_lowercase().contains("<script"),
             "the page has no scripts"
         );
-        assert_eq!(page.matches("<svg").count(), 2);
+        assert_eq!(page.matches("<svg").count(), 3);
     }
 
     #[test]
