@@ -164,7 +164,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:4433".parse().expect("static address"),
-            certs_dir: "certs-dev".into(),
+            certs_dir: "certs-dev/server".into(),
             rounds: 10,
             min_clients: 2,
             round_timeout_secs: 300.0,

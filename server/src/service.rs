@@ -828,8 +828,17 @@ impl Server {
                 self.out.display()
             ),
         };
-        let how = "nothing was changed. Start a new run with --fresh (replaces it) or --out \
-                   NEW_DIR, or raise --rounds (or the target epsilon) to continue this one";
+        let how = match &reason {
+            FinishReason::Completed => {
+                "nothing was changed. Start a new run with --fresh (replaces it) or --out \
+                 NEW_DIR, or raise --rounds to continue this one"
+            }
+            FinishReason::BudgetReached { .. } => {
+                "nothing was changed. The target epsilon allows no further release: raise \
+                 dp.target_epsilon (--target-epsilon) to continue, or start a new run with \
+                 --fresh or --out NEW_DIR"
+            }
+        };
         tracing::warn!("{why}; {how}");
         let tell = format!("run already complete: {why}");
         {

@@ -66,9 +66,9 @@ impl Metrics {
         let m = Self {
             rounds: Counter::default(),
             round: Gauge::default(),
-            round_seconds: Histogram::new(
-                [0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0].into_iter(),
-            ),
+            round_seconds: Histogram::new([
+                0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
             connected: Gauge::default(),
             selected: Gauge::default(),
             bytes_in: Counter::default(),

@@ -273,6 +273,11 @@ async fn a_federation_runs_from_its_kits_and_no_host_kit_holds_the_ca_key() {
     for h in handles {
         assert_eq!(within(h).await.unwrap().unwrap().rounds_trained, 2);
     }
+    // Without DP the public metrics rows carry their time (with DP on only the operator's
+    // rows do: timings are outside the guarantee).
+    for row in dpfl_tests::metrics(&run_dir) {
+        assert!(row["unix_time"].as_f64().unwrap() > 1.7e9, "{row}");
+    }
     // A server whose certificate folder holds the CA key says so.
     let dev = Federation::new(1);
     let server = Server::bind(dev.server_config("dev", &[])).unwrap();
