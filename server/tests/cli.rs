@@ -151,8 +151,19 @@ fn logs_go_to_stderr_without_colour_and_a_run_without_rounds_exits_non_zero() {
     let tmp = tempfile::tempdir().unwrap();
     let fed = kits(tmp.path());
     let log = tmp.path().join("server.log");
-    let child = server(&fed, &tmp.path().join("run"), free_port(), &[], &log);
+    let child = server(
+        &fed,
+        &tmp.path().join("run"),
+        free_port(),
+        &["--set", "status_log_secs=0.2"],
+        &log,
+    );
     wait_for(&log, "server listening");
+    // The periodic line says whom the server waits for.
+    wait_for(
+        &log,
+        "round 1 waits for clients: 0 of 1 (min_clients) connected",
+    );
     let pid = child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -202,11 +213,16 @@ fn a_rerun_of_a_finished_job_exits_non_zero_and_leaves_summary_json_unchanged() 
     let first = server(&fed, &run, port, &[], &tmp.path().join("first.log"));
     let n = rt.spawn(dpfl_client::run(node()));
     let out = finish(first, Duration::from_secs(120));
+    let first_log = std::fs::read_to_string(tmp.path().join("first.log")).unwrap();
+    assert!(out.status.success(), "{first_log}");
+    // A line when the round starts: attempt, how many selected, the deadline.
     assert!(
-        out.status.success(),
-        "{}",
-        std::fs::read_to_string(tmp.path().join("first.log")).unwrap()
+        first_log.contains(
+            "round 1/1 started (attempt 1): 1 of 1 connected nodes selected; deadline in 5 min"
+        ),
+        "{first_log}"
     );
+    assert!(first_log.contains("client joined"), "{first_log}");
     assert_eq!(rt.block_on(n).unwrap().unwrap().rounds_trained, 1);
     let summary = std::fs::read(run.join("summary.json")).unwrap();
     let model = std::fs::read(run.join("model.safetensors")).unwrap();
