@@ -527,6 +527,12 @@ impl Server {
         let mut status_tick =
             tokio::time::interval_at((Instant::now() + log_every).into(), log_every);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The status page follows the coordinator at once when a round changes and at most
+        // every 200 ms otherwise (one answer at a time would copy the pending list for each
+        // answer: quadratic in the number of nodes).
+        let mut refresh = tokio::time::interval(Duration::from_millis(200));
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_dirty = false;
         let mut summary = RunSummary {
             rounds_completed: self.coordinator.completed_rounds(),
             rounds_run: 0,
@@ -573,6 +579,7 @@ impl Server {
             // clients' training instead of delaying the next round.
             let mut actions: Vec<Action> =
                 std::iter::from_fn(|| self.coordinator.poll_action()).collect();
+            let acted = !actions.is_empty();
             actions.sort_by_key(|a| match a {
                 Action::Train { .. } | Action::Evaluate { .. } | Action::RoundRetried { .. } => 0,
                 Action::RoundCompleted(_) => 1,
@@ -692,7 +699,10 @@ impl Server {
                     }
                 }
             }
-            self.sync_status(&sent_at);
+            if acted {
+                self.sync_status(&sent_at);
+                status_dirty = false;
+            }
             if finished {
                 break;
             }
@@ -701,15 +711,22 @@ impl Server {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { break };
                     self.handle_event(ev, &mut registry, &mut certs);
+                    status_dirty = true;
                 }
                 _ = admission_tick.tick() => {
                     self.enforce_admission(&mut registry, &mut certs);
+                    status_dirty = true;
                 }
                 _ = status_tick.tick() => {
                     self.log_waiting(&registry, &sent_at);
                 }
+                _ = refresh.tick(), if status_dirty => {
+                    self.sync_status(&sent_at);
+                    status_dirty = false;
+                }
                 _ = sleep_until(wake) => {
                     self.coordinator.handle_timeout(Instant::now());
+                    status_dirty = true;
                 }
                 _ = &mut shutdown => {
                     tracing::info!("shutdown requested; closing connections (clients will retry)");

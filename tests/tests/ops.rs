@@ -799,7 +799,7 @@ fn run_chromium(bin: &Path, profile: &Path, args: &[String]) -> std::process::Ou
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
-            "--window-size=1280,1050",
+            "--window-size=1280,760",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
