@@ -8,6 +8,7 @@
 #   scripts/run-main-job.sh --dp local           # local DP (noise added on each node)
 #   scripts/run-main-job.sh --dp local --sampler grid   # fast fp-safe sampler instead of opendp
 #   scripts/run-main-job.sh --set KEY=VALUE ...  # any server config override
+#   scripts/run-main-job.sh --set 'http_listen="127.0.0.1:9464"'   # with the status page
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DP=none
@@ -24,8 +25,10 @@ done
 bash scripts/setup.sh
 cargo build --release -q -p dpfl-server -p dpfl-client -p dpfl-certs
 BIN=target/release
-[ -f certs-dev/ca.pem ] || "$BIN/dpfl-certs" init --out certs-dev --nodes 10
 NODES=10
+# One kit per host (certs-dev/server, certs-dev/node-N; the CA key apart in certs-dev/ca).
+[ -f certs-dev/server/server.pem ] && [ -f "certs-dev/node-$NODES/node-$NODES.pem" ] ||
+  "$BIN/dpfl-certs" init --out certs-dev --nodes "$NODES" --force
 PORT="${PORT:-$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 OUT="runs/main-job-$DP"
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -47,10 +50,10 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 "$BIN/dpfl-server" --config configs/main-job.toml --listen "127.0.0.1:$PORT" --out "$OUT" --fresh \
-  --set "noise_sampler=\"$SAMPLER\"" "${DPARGS[@]}" "${EXTRA[@]}" 2> >(tee "$OUT/server.log" | grep --line-buffered -E "round [0-9]+/|finished|error|ERROR|privacy|  node" >&2) &
+  --set "noise_sampler=\"$SAMPLER\"" "${DPARGS[@]}" "${EXTRA[@]}" 2> >(tee "$OUT/server.log" | grep --line-buffered -E "round [0-9]+/[0-9]+:|finished|ERROR|WARN|privacy|status endpoint" >&2) &
 server=$!
 for i in $(seq 1 $NODES); do
-  "$BIN/dpfl-client" --server "127.0.0.1:$PORT" --certs certs-dev --name "node-$i" \
+  "$BIN/dpfl-client" --server "127.0.0.1:$PORT" --certs "certs-dev/node-$i" --name "node-$i" \
     --data fashion-mnist --shard "$i/$NODES" --dp-mode "$DP" --sampler "$SAMPLER" --threads 1 \
     --log-file "$OUT/node-$i.jsonl" --privacy-state "$OUT/node-$i.privacy.json" "${NODEARGS[@]}" \
     >"$OUT/node-$i.log" 2>&1 &

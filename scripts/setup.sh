@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a new machine: Debian packages (Fashion-MNIST, OpenSSL headers),
+# Idempotent set-up for a new machine: Debian packages (Fashion-MNIST, OpenSSL headers,
+# Chromium for the test that renders the status dashboard headless),
 # a project-local Python venv with torch==2.13.0 as the libtorch that tch 0.26 needs,
 # and a stable `.venv/libtorch` link that .cargo/config.toml points the build at.
 # Sourced or run by scripts/run-main-job.sh and scripts/test.sh.
@@ -12,6 +13,7 @@ missing=()
 dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"

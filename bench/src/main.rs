@@ -482,12 +482,13 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 /// Runs the main job with the real binaries and reads its per-round timings.
 fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
     let bin = root.join("target/release");
+    // One kit per host, as `dpfl-certs init` lays them out (the CA key apart in ca/).
     let certs = root.join("certs-dev");
-    if !certs.join("ca.pem").exists() {
+    if !certs.join("server/server.pem").exists() || !certs.join("node-10/node-10.pem").exists() {
         std::process::Command::new(bin.join("dpfl-certs"))
             .args(["init", "--out"])
             .arg(&certs)
-            .args(["--nodes", "10"])
+            .args(["--nodes", "10", "--force"])
             .status()?;
     }
     let out = tempfile::tempdir()?;
@@ -498,7 +499,7 @@ fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
         .arg("--config")
         .arg(root.join("configs/main-job.toml"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--certs"])
-        .arg(&certs)
+        .arg(certs.join("server"))
         .arg("--out")
         .arg(out.path())
         .arg("--fresh")
@@ -509,7 +510,7 @@ fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
         clients.push(
             std::process::Command::new(bin.join("dpfl-client"))
                 .args(["--server", &format!("127.0.0.1:{port}"), "--certs"])
-                .arg(&certs)
+                .arg(certs.join(format!("node-{i}")))
                 .args([
                     "--name",
                     &format!("node-{i}"),

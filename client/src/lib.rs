@@ -24,8 +24,17 @@ pub use node::{NodeError, NodeSummary};
 /// Everything a client node needs, validated.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Server address.
+    /// Server address (ignored when `server_host` is set).
     pub server: SocketAddr,
+    /// `host:port` of the server, resolved before every connection attempt (a DNS failure
+    /// is retried with backoff like any other); `None`: `server` as given.
+    pub server_host: Option<String>,
+    /// Seconds one connection attempt may take before the node tries again (a dead
+    /// address answers nothing).
+    pub connect_timeout: Duration,
+    /// The name this node is meant to have (`--name`): a certificate with another name
+    /// is reported (the server knows a node by its certificate).
+    pub expected_name: Option<String>,
     /// Name on the server certificate.
     pub server_name: String,
     /// CA, certificate and key.
@@ -69,6 +78,9 @@ impl ClientConfig {
     pub fn new(server: SocketAddr, credentials: Credentials, data: DataSource) -> Self {
         Self {
             server,
+            server_host: None,
+            connect_timeout: Duration::from_secs(5),
+            expected_name: None,
             server_name: "localhost".into(),
             credentials,
             data,
@@ -83,7 +95,7 @@ impl ClientConfig {
             privacy_state: None,
             max_message_bytes: dpfl_common::wire::DEFAULT_MAX_MESSAGE_BYTES,
             give_up_after: Duration::from_secs(600),
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(10),
             log_file: None,
             sampler: NoiseSampler::Opendp,
         }
@@ -134,6 +146,51 @@ impl std::str::FromStr for NoiseSampler {
     }
 }
 
+/// Checks the node's own certificate before anything else: it must exist, not be expired
+/// (an expired certificate is refused by the server; the message names the expiry), and
+/// carry the expected name. Returns warnings (a name that differs from `--name`, an expiry
+/// within 30 days).
+pub fn preflight(cfg: &ClientConfig) -> Result<Vec<String>, NodeError> {
+    let path = &cfg.credentials.cert;
+    let info = dpfl_certs::describe_file(path).map_err(|e| NodeError::Setup(e.to_string()))?;
+    let now = std::time::SystemTime::now();
+    let mut warnings = Vec::new();
+    let left = info.seconds_left(now);
+    if left <= 0 {
+        return Err(NodeError::Authentication(format!(
+            "this node's certificate {} {}; the server refuses it. Ask the operator to renew \
+             it (dpfl-certs renew --cert {}: same key, same identity)",
+            path.display(),
+            info.expiry(now),
+            path.file_name().map_or("-".into(), |f| f.to_string_lossy())
+        )));
+    }
+    if left < 30 * 86_400 {
+        warnings.push(format!(
+            "this node's certificate {} {}: ask the operator to renew it",
+            path.display(),
+            info.expiry(now)
+        ));
+    }
+    match (&info.role, &cfg.expected_name) {
+        (dpfl_certs::Role::Node { name }, Some(want)) if name != want => {
+            warnings.push(format!(
+                "the certificate {} names node `{name}`, not `{want}` (--name): the server will \
+                 know this node as `{name}`",
+                path.display()
+            ));
+        }
+        (dpfl_certs::Role::Node { .. }, _) => {}
+        (other, _) => {
+            return Err(NodeError::Setup(format!(
+                "{} is not a node certificate: it is a {other}",
+                path.display()
+            )))
+        }
+    }
+    Ok(warnings)
+}
+
 /// Loads the data, starts the training worker and runs the node until training ends.
 pub async fn run(cfg: ClientConfig) -> Result<NodeSummary, NodeError> {
     let noise: Box<dyn GaussianNoise> = match cfg.sampler {
@@ -151,6 +208,9 @@ pub async fn run_with_noise(
     cfg.dp_mode
         .ensure_supported()
         .map_err(|e| NodeError::Setup(e.to_string()))?;
+    for w in preflight(&cfg)? {
+        tracing::warn!("{w}");
+    }
     let setup = |e: &dyn std::fmt::Display| NodeError::Setup(e.to_string());
     let (train, val) = {
         let cfg = cfg.clone();
@@ -176,6 +236,8 @@ pub async fn run_with_noise(
         worker::Worker::start(device, cfg.threads, train, val, noise).map_err(|e| setup(&e))?;
     let ncfg = node::NodeConfig {
         server: cfg.server,
+        server_host: cfg.server_host,
+        connect_timeout: cfg.connect_timeout,
         server_name: cfg.server_name,
         credentials: cfg.credentials,
         dp_mode: cfg.dp_mode,

@@ -4,21 +4,40 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 
+const EXAMPLES: &str = "\
+Examples:
+  # From a node kit made by `dpfl-certs init` (its run-node.sh holds this line):
+  dpfl-client --server fl.example.org:4433 --certs . --name node-1 \\
+      --data csv:/data/records.csv,label=diagnosis --dp-mode central
+  # A node whose key never left it (dpfl-certs request / sign):
+  dpfl-client --server fl.example.org:4433 --certs certs --name hospital-a --data idx:IMG,LBL
+  # The dev federation on this machine (certs-dev/ from `dpfl-certs init`):
+  dpfl-client --server 127.0.0.1:4433 --name node-1 --data fashion-mnist --shard 1/10
+
+The server's certificate must carry the host of --server (or --server-name). The node
+retries with backoff (DNS failures included) until --give-up-after-secs.";
+
 /// dpfl client node: trains the federation's model on this organisation's private data
 /// (never sent anywhere), clips and noises each update as the federation's DP mode
 /// requires, and talks to the aggregation server over QUIC with mutual TLS.
 #[derive(Parser, Debug)]
-#[command(name = "dpfl-client", version, allow_negative_numbers = true)]
+#[command(
+    name = "dpfl-client",
+    version,
+    allow_negative_numbers = true,
+    after_help = EXAMPLES
+)]
 struct Args {
-    /// Server address (host:port).
+    /// Server address (host:port); a host name is resolved before every attempt.
     #[arg(long, default_value = "127.0.0.1:4433")]
     server: String,
-    /// Name the server's certificate must carry.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
-    /// Directory holding ca.pem and <name>.pem / <name>.key (see dpfl-certs).
-    #[arg(long, default_value = "certs-dev")]
-    certs: PathBuf,
+    /// Name the server's certificate must carry (default: the host part of --server).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Folder holding ca.pem and <name>.pem / <name>.key: the node's kit (default:
+    /// certs-dev/<name>, the kit `dpfl-certs init` makes).
+    #[arg(long)]
+    certs: Option<PathBuf>,
     /// Node name: selects <certs>/<name>.pem and .key. The server identifies the node by
     /// its certificate, not by this flag.
     #[arg(long)]
@@ -62,10 +81,13 @@ struct Args {
     #[arg(long)]
     privacy_state: Option<PathBuf>,
     /// Give up after this many seconds without a working connection.
-    #[arg(long, default_value_t = 600)]
-    give_up_after_secs: u64,
+    #[arg(long, default_value_t = 600.0)]
+    give_up_after_secs: f64,
+    /// Seconds one connection attempt may take (a dead address answers nothing).
+    #[arg(long, default_value_t = 5.0)]
+    connect_timeout_secs: f64,
     /// Seconds of silence after which the server is presumed dead and the node reconnects.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 10)]
     idle_timeout_secs: u64,
     /// Noise sampler in local mode: opendp (exact, default) or grid (floating-point-safe
     /// discrete Gaussian on a power-of-two grid, ~1000x faster).
@@ -78,27 +100,34 @@ struct Args {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Logs to stderr, colour only on a terminal (stdout: the result line).
+    init_tracing();
     let a = Args::parse();
-    let server = tokio::net::lookup_host(&a.server)
-        .await
-        .with_context(|| format!("resolving {}", a.server))?
-        .next()
-        .with_context(|| format!("{} resolves to no address", a.server))?;
-    let layout = dpfl_certs::Layout::new(&a.certs);
+    let (host, _port) = split_host_port(&a.server)?;
+    let certs = a
+        .certs
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("certs-dev").join(&a.name));
+    let layout = dpfl_certs::Layout::new(&certs);
+    // Resolved before every attempt (DNS failures are retried like a dead server).
+    let placeholder = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let mut cfg = dpfl_client::ClientConfig::new(
-        server,
+        placeholder,
         dpfl_certs::Credentials::node(&layout, &a.name),
         a.data.parse()?,
     );
-    cfg.server_name = a.server_name;
+    cfg.server_host = Some(a.server.clone());
+    cfg.server_name = a.server_name.clone().unwrap_or(host);
+    cfg.expected_name = Some(a.name.clone());
+    anyhow::ensure!(
+        a.give_up_after_secs.is_finite() && a.give_up_after_secs > 0.0,
+        "--give-up-after-secs must be > 0"
+    );
+    anyhow::ensure!(
+        a.connect_timeout_secs.is_finite() && a.connect_timeout_secs > 0.0,
+        "--connect-timeout-secs must be > 0"
+    );
+    cfg.connect_timeout = std::time::Duration::from_secs_f64(a.connect_timeout_secs);
     cfg.shard = a.shard.as_deref().map(str::parse).transpose()?;
     cfg.shard_seed = a.shard_seed;
     cfg.limit = a.limit;
@@ -121,9 +150,9 @@ async fn main() -> Result<()> {
     };
     cfg.privacy_state = Some(
         a.privacy_state
-            .unwrap_or_else(|| a.certs.join(format!("{}.privacy.json", a.name))),
+            .unwrap_or_else(|| certs.join(format!("{}.privacy.json", a.name))),
     );
-    cfg.give_up_after = std::time::Duration::from_secs(a.give_up_after_secs);
+    cfg.give_up_after = std::time::Duration::from_secs_f64(a.give_up_after_secs);
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout_secs.max(3));
     cfg.log_file = a.log_file;
     cfg.sampler = a.sampler.parse()?;
@@ -137,4 +166,52 @@ async fn main() -> Result<()> {
             .map_or(String::new(), |e| format!("; own epsilon {e:.4}"))
     );
     Ok(())
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .init();
+}
+
+/// The host and port of `host:port` (`[v6]:port` too): the host is the name the server's
+/// certificate must carry unless --server-name says otherwise.
+fn split_host_port(s: &str) -> Result<(String, u16)> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .with_context(|| format!("--server {s:?}: expected HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--server {s:?}: bad port {port:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    anyhow::ensure!(!host.is_empty(), "--server {s:?}: empty host");
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_server_name_defaults_to_the_host_of_server() {
+        assert_eq!(
+            super::split_host_port("fl.example.org:4433").unwrap(),
+            ("fl.example.org".into(), 4433)
+        );
+        assert_eq!(
+            super::split_host_port("[::1]:4433").unwrap(),
+            ("::1".into(), 4433)
+        );
+        assert_eq!(
+            super::split_host_port("127.0.0.1:9").unwrap(),
+            ("127.0.0.1".into(), 9)
+        );
+        assert!(super::split_host_port("fl.example.org").is_err());
+        assert!(super::split_host_port(":4433").is_err());
+    }
 }

@@ -21,8 +21,12 @@ use std::time::{Duration, Instant};
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// Server address.
+    /// Server address (ignored when `server_host` is set).
     pub server: SocketAddr,
+    /// `host:port`, resolved before every attempt.
+    pub server_host: Option<String>,
+    /// Longest wait for one connection attempt.
+    pub connect_timeout: Duration,
     /// Name the server certificate must carry (a SAN).
     pub server_name: String,
     /// CA, certificate and key.
@@ -68,7 +72,7 @@ pub enum NodeError {
     #[error("TLS authentication failed: {0}")]
     Authentication(String),
     /// No working connection for longer than `give_up_after`.
-    #[error("gave up after {secs:.0}s without a working connection; last error: {last}")]
+    #[error("gave up after {secs:.1}s without a working connection; last error: {last}")]
     GaveUp {
         /// Seconds waited.
         secs: f64,
@@ -137,6 +141,10 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
     }
     let mut backoff = cfg.backoff_initial;
     let mut last_ok = Instant::now();
+    let target = cfg
+        .server_host
+        .clone()
+        .unwrap_or_else(|| cfg.server.to_string());
     loop {
         let result = session(
             &cfg,
@@ -155,18 +163,20 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
             }
             Ok(Outcome::Lost(e)) => {
                 let waited = last_ok.elapsed();
-                if waited > cfg.give_up_after {
+                let left = cfg.give_up_after.saturating_sub(waited);
+                if left.is_zero() {
                     return Err(NodeError::GaveUp {
                         secs: waited.as_secs_f64(),
-                        last: e,
+                        last: format!("{target}: {e}"),
                     });
                 }
-                // Full jitter: uniform in [backoff/2, backoff].
+                // Full jitter: uniform in [backoff/2, backoff], never past the give-up time.
                 let jitter = rand::thread_rng().gen_range(0.5..=1.0);
-                let sleep = backoff.mul_f64(jitter);
+                let sleep = backoff.mul_f64(jitter).min(left);
                 tracing::warn!(
-                    "connection lost or failed ({e}); retrying in {:.1}s",
-                    sleep.as_secs_f64()
+                    "server {target}: {e}; retrying in {:.1}s (giving up in {:.0}s)",
+                    sleep.as_secs_f64(),
+                    left.as_secs_f64()
                 );
                 tokio::time::sleep(sleep).await;
                 backoff = (backoff * 2).min(cfg.backoff_max);
@@ -202,19 +212,57 @@ async fn session(
     budget: &mut Budget,
     last_ok: &mut Instant,
 ) -> Result<Outcome, Fatal> {
-    let connecting = match endpoint.connect(cfg.server, &cfg.server_name) {
+    // Every wait is bounded by what is left before the node gives up.
+    let left = || {
+        cfg.give_up_after
+            .saturating_sub(last_ok.elapsed())
+            .max(Duration::from_millis(50))
+    };
+    let server = match &cfg.server_host {
+        None => cfg.server,
+        Some(host) => {
+            let wait = left();
+            match tokio::time::timeout(wait, tokio::net::lookup_host(host.as_str())).await {
+                Err(_) => {
+                    return Ok(Outcome::Lost(format!(
+                        "cannot resolve {host}: no answer within {:.1}s",
+                        wait.as_secs_f64()
+                    )))
+                }
+                Ok(Err(e)) => return Ok(Outcome::Lost(format!("cannot resolve {host}: {e}"))),
+                Ok(Ok(mut addrs)) => match addrs.next() {
+                    Some(a) => a,
+                    None => return Ok(Outcome::Lost(format!("{host} resolves to no address"))),
+                },
+            }
+        }
+    };
+    let connecting = match endpoint.connect(server, &cfg.server_name) {
         Ok(c) => c,
         Err(e) => {
             return Err(Fatal::Setup(format!(
-                "cannot connect to {}: {e}",
-                cfg.server
+                "cannot connect to {server} as {:?}: {e}",
+                cfg.server_name
             )))
         }
     };
-    let conn = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
-        Err(_) => return Ok(Outcome::Lost("handshake timed out".into())),
-        Ok(Err(e)) if is_auth_error(&e) => return Err(Fatal::Auth(e.to_string())),
-        Ok(Err(e)) => return Ok(Outcome::Lost(e.to_string())),
+    let wait = cfg.connect_timeout.min(left());
+    let conn = match tokio::time::timeout(wait, connecting).await {
+        Err(_) => {
+            return Ok(Outcome::Lost(format!(
+                "no answer from {server} within {:.1}s (is the server running, and UDP port {} \
+                 reachable?)",
+                wait.as_secs_f64(),
+                server.port()
+            )))
+        }
+        Ok(Err(e)) if is_auth_error(&e) => {
+            return Err(Fatal::Auth(format!(
+                "{server}: {}",
+                dpfl_certs::explain_tls_error(&e.to_string())
+            )))
+        }
+        Ok(Err(e)) => return Ok(Outcome::Lost(format!("{server}: {e}"))),
         Ok(Ok(c)) => c,
     };
     summary.connections += 1;
@@ -284,6 +332,12 @@ async fn session(
             Ok(m) => m,
             Err(wire::ReadError::Io(e)) => {
                 tracing::warn!("could not read request: {e}");
+                continue;
+            }
+            // An empty stream is the server's liveness probe (another connection claimed
+            // this identity); the QUIC acknowledgement already answered it.
+            Err(wire::ReadError::Decode(wire::DecodeError::Truncated { got: 0 })) => {
+                tracing::debug!("liveness probe from the server");
                 continue;
             }
             Err(wire::ReadError::Decode(e)) => {

@@ -142,23 +142,39 @@ pub struct ServerConfig {
     /// Central-mode noise sampler: `opendp` (exact, default) or `grid` (floating-point-safe
     /// discrete Gaussian on a power-of-two grid, ~1000x faster; see `GridGaussian`).
     pub noise_sampler: String,
+    /// Operator status endpoint (`/` dashboard, `/status` JSON, `/metrics` Prometheus), off
+    /// when absent. It shows operator-only data (who takes part, timings, failures): bind
+    /// it to loopback and reach it through an SSH tunnel or an authenticating proxy.
+    pub http_listen: Option<SocketAddr>,
+    /// Seconds between the log lines that say whom an open round (or the start of the
+    /// next one) is waiting for.
+    pub status_log_secs: f64,
+    /// Warn when the server's or a node's certificate expires within this many days.
+    pub cert_expiry_warn_days: f64,
+    /// Seconds the server waits for an already connected node to acknowledge a probe when
+    /// a second connection presents the same identity: the newer connection replaces the
+    /// older only if the older is silent; otherwise the newer is refused.
+    pub duplicate_probe_secs: f64,
+    /// When the run in `out_dir` is already complete, how many seconds the server stays up
+    /// to tell connecting nodes that training is over before it exits (non-zero).
+    pub finished_linger_secs: f64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:4433".parse().expect("static address"),
-            certs_dir: "certs-dev".into(),
+            certs_dir: "certs-dev/server".into(),
             rounds: 10,
             min_clients: 2,
-            round_timeout_secs: 600.0,
+            round_timeout_secs: 300.0,
             eval_timeout_secs: 120.0,
             max_round_retries: 2,
             out_dir: "runs/latest".into(),
             test_data: None,
             test_limit: None,
             max_message_bytes: None,
-            idle_timeout_secs: 60.0,
+            idle_timeout_secs: 10.0,
             resume: true,
             model: ModelConfig::default(),
             train: TrainSettings::default(),
@@ -168,6 +184,11 @@ impl Default for ServerConfig {
             update_limits: UpdateLimits::default(),
             eval_threads: 1,
             noise_sampler: "opendp".into(),
+            http_listen: None,
+            status_log_secs: 30.0,
+            cert_expiry_warn_days: 30.0,
+            duplicate_probe_secs: 2.0,
+            finished_linger_secs: 10.0,
         }
     }
 }
@@ -220,10 +241,194 @@ pub fn deny_unknown_keys(input: &toml::Table, parsed: &impl Serialize) -> Result
         })
         .collect();
     Err(ConfigError::Parse(format!(
-        "unknown configuration key(s) {} (misspelled? every key is listed in configs/ and \
-         ARCHITECTURE.md)",
+        "unknown configuration key(s) {} (misspelled? every key, with its default, is in \
+         docs/config-reference.toml and `dpfl-server config --defaults`)",
         explain.join(", ")
     )))
+}
+
+/// Every configuration key with its meaning, and for keys that are unset by default an
+/// example value: the source of `dpfl-server config --defaults` (see [`reference`]). A
+/// unit test fails when a key of [`ServerConfig`] has no entry here or an entry names no
+/// key, so the reference cannot drift from the code.
+pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
+    ("listen", None, "UDP address the QUIC endpoint listens on (`--listen`)."),
+    ("certs_dir", None, "Folder with ca.pem, server.pem and server.key: the server kit made by `dpfl-certs init` (`--certs`). The CA key must not be in it (the server warns)."),
+    ("rounds", None, "Rounds to run (`--rounds`)."),
+    ("min_clients", None, "Connected clients required before a round starts (`--min-clients`)."),
+    ("round_timeout_secs", None, "Deadline of a training round, in seconds, from its requests. Only nodes that are alive but slow use it: a node that dies is noticed within `idle_timeout_secs` and fails the round at once. For rounds of about 2 minutes, 300 leaves room for the slowest node."),
+    ("eval_timeout_secs", None, "Deadline of a federated evaluation, in seconds."),
+    ("max_round_retries", None, "Re-selections of a round that misses its quorum before it is abandoned (with DP on the same sample is asked again; `central` rounds are released after the last attempt)."),
+    ("out_dir", None, "Output folder: metrics.jsonl, ledger.json, summary.json, model.safetensors, checkpoint.bin, identities.json, operator/ (`--out`). A complete run there is never overwritten; `--fresh` starts a new one."),
+    ("test_data", Some("\"fashion-mnist-test\""), "Held-out test data for centralised evaluation: fashion-mnist-test, idx:IMAGES,LABELS or csv:PATH[,label=COLUMN] (`--test-data`). Unset: no centralised evaluation."),
+    ("test_limit", Some("10000"), "Evaluate on at most this many test examples. Unset: all."),
+    ("max_message_bytes", Some("1048576"), "Largest message accepted from a client, in bytes. Unset: derived from the model (prefix + largest header + 4 bytes per parameter), which is what answers can legitimately need."),
+    ("idle_timeout_secs", None, "QUIC idle timeout in seconds (at least 3); keep-alives every third of it. A node that is killed or cut off is noticed (and leaves any round) within this time; long local training never looks idle."),
+    ("resume", None, "Resume from out_dir/checkpoint.bin when it exists (`--fresh` sets false)."),
+    ("eval_threads", None, "libtorch threads for centralised evaluation."),
+    ("noise_sampler", None, "Central-mode noise sampler: \"opendp\" (exact) or \"grid\" (floating-point-safe discrete Gaussian on a power-of-two grid, ~1000x faster)."),
+    ("http_listen", Some("\"127.0.0.1:9464\""), "Operator status endpoint: `/` dashboard, `/status` JSON, `/metrics` Prometheus text (`--http`). Unset: off. It exposes operator-only data (participants, failures, timings): keep it on loopback and reach it through an SSH tunnel or an authenticating proxy."),
+    ("status_log_secs", None, "Seconds between log lines saying whom an open round, or the start of the next round, is waiting for."),
+    ("cert_expiry_warn_days", None, "Warn (log and dashboard) when the server's or a connecting node's certificate expires within this many days."),
+    ("duplicate_probe_secs", None, "When a second connection presents an identity that is already connected, seconds to wait for the connected one to acknowledge a probe: a silent one is replaced (a restarted node), a live one keeps its seat and the newcomer is refused."),
+    ("finished_linger_secs", None, "When the run in out_dir is already complete, seconds the server stays up to tell connecting nodes that training is over before it exits with an error."),
+    ("model.layers", None, "Layer widths of the MLP, input to output."),
+    ("model.init_seed", None, "Seed of the initial parameters."),
+    ("train.epochs", None, "Local epochs per round."),
+    ("train.max_steps", Some("100"), "At most this many local steps per round (overrides epochs). Unset: epochs decide."),
+    ("train.batch_size", None, "Local batch size."),
+    ("train.lr", None, "Learning rate of round 1."),
+    ("train.lr_decay", None, "Learning rate of round r = lr * lr_decay^(r-1); in (0, 1]."),
+    ("train.optimizer", None, "Local optimizer: \"sgd\" or \"adam\"."),
+    ("train.momentum", None, "SGD momentum."),
+    ("train.weight_decay", None, "Weight decay."),
+    ("train.beta1", None, "Adam beta1."),
+    ("train.beta2", None, "Adam beta2."),
+    ("train.prox_mu", None, "FedProx proximal term mu (0: plain FedAvg)."),
+    ("train.seed", None, "Base of the nodes' shuffling seed (mixed with strategy.seed and the round)."),
+    ("strategy.fraction_fit", None, "Fraction of connected clients selected per round without DP (with DP: Poisson sampling at dp.sampling_rate)."),
+    ("strategy.min_fit_clients", None, "Quorum: accepted updates needed to aggregate a round that did not hear from everyone; at least this many are selected when available."),
+    ("strategy.fraction_evaluate", None, "Fraction of clients asked for federated evaluation (0: none; must be 0 in local DP mode)."),
+    ("strategy.evaluate_every", None, "Federated evaluation every this many rounds."),
+    ("strategy.seed", None, "Seed mixed into the per-round training seeds (not selection: deployments select from the OS CSPRNG)."),
+    ("strategy.aggregator.kind", None, "Aggregation rule: \"mean\", \"median\", \"trimmed_mean\", \"krum\" or \"multi_krum\" (central DP needs the mean)."),
+    ("strategy.aggregator.beta", Some("0.1"), "trimmed_mean: fraction trimmed at each end."),
+    ("strategy.aggregator.f", Some("2"), "krum / multi_krum: Byzantine clients tolerated."),
+    ("strategy.aggregator.m", Some("5"), "multi_krum: updates averaged."),
+    ("strategy.server_optimizer.kind", None, "Server optimizer: \"fedavg\", \"fedavgm\", \"fedadagrad\", \"fedadam\" or \"fedyogi\"."),
+    ("strategy.server_optimizer.lr", None, "Server learning rate."),
+    ("strategy.server_optimizer.beta1", None, "Momentum of FedAvgM; first-moment decay of FedAdam / FedYogi."),
+    ("strategy.server_optimizer.beta2", None, "Second-moment decay of FedAdagrad / FedAdam / FedYogi."),
+    ("strategy.server_optimizer.tau", None, "Adaptivity (epsilon) of FedAdagrad / FedAdam / FedYogi."),
+    ("dp.mode", None, "Differential privacy: \"none\", \"local\" (nodes noise their updates) or \"central\" (the server noises the sum) (`--dp-mode`)."),
+    ("dp.noise_multiplier", None, "Noise multiplier z (`--noise-multiplier`)."),
+    ("dp.clip_norm", None, "L2 clipping bound C (initial bound with adaptive clipping) (`--clip-norm`)."),
+    ("dp.sampling_rate", None, "Poisson client sampling rate q per round (`--sampling-rate`)."),
+    ("dp.delta", None, "delta of the reported (epsilon, delta)."),
+    ("dp.target_epsilon", Some("8.0"), "Stop before the release that would exceed this epsilon (`--target-epsilon`). Unset: no target."),
+    ("dp.audit_canaries", None, "Central mode: virtual canary clients planted for the empirical privacy audit (0: none)."),
+    ("dp.adaptive_clipping.target_quantile", Some("0.5"), "Adaptive clipping (Andrew et al.): the quantile of update norms the bound tracks. Unset: fixed clip_norm."),
+    ("dp.adaptive_clipping.learning_rate", Some("0.2"), "Adaptive clipping: geometric learning rate of the bound (default 0.2)."),
+    ("dp.adaptive_clipping.count_stddev", Some("2.0"), "Adaptive clipping: s.d. of the noise on the unclipped count. Unset: expected participants / 20."),
+    ("admission.allow", None, "If non-empty, only these node names or sha256:<hex> certificate fingerprints may join."),
+    ("admission.deny", None, "Revoked node names or sha256:<hex> certificate fingerprints."),
+    ("admission.lists_file", Some("\"admission.txt\""), "File with more entries (`allow NAME`, `deny NAME`, `rekey NAME sha256:KEY`), re-read on every connection, every round and every 2 s for connected nodes."),
+    ("admission.max_connections", None, "Most concurrent client connections."),
+    ("admission.handshakes_per_sec", None, "Most TLS handshakes started per second (only peers that answered a stateless retry count)."),
+    ("admission.max_handshakes_per_source", None, "Most handshakes in progress from one IP address."),
+    ("admission.handshake_timeout_secs", None, "Seconds a peer may take for the TLS handshake."),
+    ("admission.hello_timeout_secs", None, "Seconds an authenticated peer may take to send its hello."),
+    ("admission.refusal_log_secs", None, "Refused connection attempts are logged as one counted line per this many seconds."),
+    ("update_limits.max_abs_value", None, "Largest absolute value of any update coordinate."),
+    ("update_limits.max_update_norm", Some("10.0"), "Mode none: largest L2 norm of an update. Unset: unbounded (with DP the clip norm bounds it)."),
+    ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
+    ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
+];
+
+/// The configuration reference: every key with its default (commented out when unset by
+/// default) and its meaning, as TOML that loads (`dpfl-server config --defaults`, checked
+/// in as `docs/config-reference.toml`).
+pub fn reference() -> Result<String, ConfigError> {
+    let table = toml::Table::try_from(ServerConfig::default())
+        .map_err(|e| ConfigError::Parse(format!("cannot serialise the defaults: {e}")))?;
+    let mut out = String::from(
+        "# dpfl-server configuration reference: every key, its default and its meaning.\n\
+         # Generated by `dpfl-server config --defaults`; a test keeps it equal to the code.\n\
+         # A configuration file needs only the keys it changes; unknown keys are refused.\n\
+         # Flags override the file, `--set KEY=VALUE` overrides any key.\n",
+    );
+    emit_section(&mut out, "", &table)?;
+    Ok(out)
+}
+
+fn doc_of(key: &str) -> Result<(Option<&'static str>, &'static str), ConfigError> {
+    KEY_DOCS
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, ex, d)| (*ex, *d))
+        .ok_or_else(|| ConfigError::Parse(format!("configuration key `{key}` is undocumented")))
+}
+
+fn wrap_comment(out: &mut String, text: &str) {
+    let mut line = String::from("#");
+    for word in text.split_whitespace() {
+        if line.len() + 1 + word.len() > 92 && line.len() > 1 {
+            out.push_str(&line);
+            out.push('\n');
+            line = String::from("#");
+        }
+        line.push(' ');
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out.push('\n');
+}
+
+fn emit_section(out: &mut String, prefix: &str, table: &toml::Table) -> Result<(), ConfigError> {
+    let full = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    // Leaves of this section: set ones from the defaults, unset ones from the docs.
+    let mut leaves: Vec<(String, Option<&toml::Value>)> = table
+        .iter()
+        .filter(|(_, v)| !v.is_table())
+        .map(|(k, v)| (k.clone(), Some(v)))
+        .collect();
+    let mut subsections: Vec<String> = table
+        .iter()
+        .filter(|(_, v)| v.is_table())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for (key, example, _) in KEY_DOCS {
+        let Some(rest) = (if prefix.is_empty() {
+            Some(*key)
+        } else {
+            key.strip_prefix(prefix).and_then(|r| r.strip_prefix('.'))
+        }) else {
+            continue;
+        };
+        match rest.split_once('.') {
+            None if example.is_some() && !table.contains_key(rest) => {
+                leaves.push((rest.to_string(), None))
+            }
+            Some((sub, _)) if !table.contains_key(sub) && !subsections.iter().any(|s| s == sub) => {
+                subsections.push(sub.to_string())
+            }
+            _ => {}
+        }
+    }
+    leaves.sort_by(|a, b| a.0.cmp(&b.0));
+    subsections.sort();
+    for (k, v) in &leaves {
+        let key = full(k);
+        let (example, doc) = doc_of(&key)?;
+        if !out.ends_with("]\n") {
+            out.push('\n');
+        }
+        wrap_comment(out, doc);
+        match (v, example) {
+            (Some(v), _) => out.push_str(&format!("{k} = {v}\n")),
+            (None, Some(ex)) => out.push_str(&format!("# {k} = {ex}\n")),
+            (None, None) => {}
+        }
+    }
+    for sub in subsections {
+        let key = full(&sub);
+        if table.contains_key(&sub) {
+            out.push_str(&format!("\n[{key}]\n"));
+        } else {
+            // A section that is unset by default: shown commented out, like its keys.
+            out.push_str(&format!("\n# [{key}]\n"));
+        }
+        let empty = toml::Table::new();
+        let t = table.get(&sub).and_then(|v| v.as_table()).unwrap_or(&empty);
+        emit_section(out, &key, t)?;
+    }
+    Ok(())
 }
 
 /// Sets `a.b.c = value` in a TOML table, creating tables on the way.
@@ -339,6 +544,16 @@ impl ServerConfig {
         }
         if self.idle_timeout_secs.is_nan() || self.idle_timeout_secs < 3.0 {
             return bad("idle_timeout_secs must be >= 3".into());
+        }
+        for (name, v, lo) in [
+            ("status_log_secs", self.status_log_secs, 0.1),
+            ("cert_expiry_warn_days", self.cert_expiry_warn_days, 0.0),
+            ("duplicate_probe_secs", self.duplicate_probe_secs, 0.05),
+            ("finished_linger_secs", self.finished_linger_secs, 0.0),
+        ] {
+            if !(v >= lo && v <= 86_400.0) {
+                return bad(format!("{name} must be in [{lo}, 86400], got {v}"));
+            }
         }
         self.train
             .base
@@ -551,6 +766,45 @@ mod tests {
                 ServerConfig::load(None, &[(k.into(), v.into())]).is_err(),
                 "{k}"
             );
+        }
+    }
+
+    #[test]
+    fn the_reference_documents_every_key_and_loads() {
+        let text = reference().unwrap();
+        // It is a configuration file that loads to the defaults.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ref.toml");
+        std::fs::write(&p, &text).unwrap();
+        assert_eq!(
+            ServerConfig::load(Some(&p), &[]).unwrap(),
+            ServerConfig::default()
+        );
+        // Every documented key exists: unset ones load with their example value.
+        for (key, example, doc) in KEY_DOCS {
+            assert!(!doc.is_empty(), "{key}");
+            if let Some(ex) = example {
+                let mut o = vec![((*key).to_string(), (*ex).to_string())];
+                // Variant fields need their variant.
+                if let Some(kind) = match *key {
+                    "strategy.aggregator.beta" => Some("trimmed_mean"),
+                    "strategy.aggregator.f" => Some("krum"),
+                    "strategy.aggregator.m" => Some("multi_krum"),
+                    _ => None,
+                } {
+                    o.push(("strategy.aggregator.kind".into(), format!("{kind:?}")));
+                    if *key == "strategy.aggregator.m" {
+                        o.push(("strategy.aggregator.f".into(), "1".into()));
+                    }
+                }
+                ServerConfig::load(None, &o).unwrap_or_else(|e| panic!("{key}: {e}"));
+            } else {
+                let line = format!("{} = ", key.rsplit('.').next().unwrap_or(key));
+                assert!(
+                    text.contains(&line),
+                    "{key} has no default in the reference"
+                );
+            }
         }
     }
 

@@ -460,6 +460,52 @@ pub struct Snapshot {
     pub strategy: serde_json::Value,
 }
 
+/// What the coordinator is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundPhase {
+    /// Fewer than `min_clients` connected.
+    WaitingForClients,
+    /// Enough clients; the next round is about to start.
+    Starting,
+    /// Collecting updates.
+    Training,
+    /// Collecting federated evaluation answers.
+    Evaluating,
+    /// Training is over.
+    Finished,
+}
+
+impl std::fmt::Display for RoundPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RoundPhase::WaitingForClients => "waiting for clients",
+            RoundPhase::Starting => "starting",
+            RoundPhase::Training => "training",
+            RoundPhase::Evaluating => "evaluating",
+            RoundPhase::Finished => "finished",
+        })
+    }
+}
+
+/// A snapshot of [`Coordinator::round_state`].
+#[derive(Debug, Clone)]
+pub struct RoundState {
+    /// Phase.
+    pub phase: RoundPhase,
+    /// The open round (training, evaluating), the next one (waiting), or the last one
+    /// (finished).
+    pub round: u64,
+    /// Attempt of the open round (0 when none is open).
+    pub attempt: u32,
+    /// Nodes selected in the open attempt.
+    pub selected: usize,
+    /// Nodes whose answer the open phase still waits for.
+    pub pending: Vec<NodeId>,
+    /// Deadline of the open phase.
+    pub deadline: Option<Instant>,
+}
+
 /// What the driver must do.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -638,6 +684,58 @@ impl Coordinator {
             Phase::Fit(f) => Some(f.round),
             _ => None,
         }
+    }
+
+    /// Where the run stands, for status pages and log lines.
+    pub fn round_state(&self) -> RoundState {
+        let next = self.completed + 1;
+        match &self.phase {
+            Phase::Waiting => RoundState {
+                phase: if self.connected.len() < self.cfg.min_clients {
+                    RoundPhase::WaitingForClients
+                } else {
+                    RoundPhase::Starting
+                },
+                round: next,
+                attempt: 0,
+                selected: 0,
+                pending: Vec::new(),
+                deadline: None,
+            },
+            Phase::Fit(f) => RoundState {
+                phase: RoundPhase::Training,
+                round: f.round,
+                attempt: f.attempt,
+                selected: f.selected.len(),
+                pending: f.pending.iter().cloned().collect(),
+                deadline: Some(f.deadline),
+            },
+            Phase::Eval(e) => RoundState {
+                phase: RoundPhase::Evaluating,
+                round: e.report.round,
+                attempt: e.report.attempts,
+                selected: e.report.selected,
+                pending: e.pending.iter().cloned().collect(),
+                deadline: Some(e.deadline),
+            },
+            Phase::Done => RoundState {
+                phase: RoundPhase::Finished,
+                round: self.completed,
+                attempt: 0,
+                selected: 0,
+                pending: Vec::new(),
+                deadline: None,
+            },
+        }
+    }
+
+    /// Why this run has nothing left to do before it starts (all rounds completed in an
+    /// earlier process, or the privacy target allows no further release), if so.
+    pub fn nothing_to_do(&self) -> Option<FinishReason> {
+        if self.completed >= self.cfg.rounds {
+            return Some(FinishReason::Completed);
+        }
+        self.over_budget()
     }
 
     /// Next thing to do.

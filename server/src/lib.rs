@@ -20,6 +20,7 @@ pub mod coordinator;
 pub mod ledger;
 pub mod optimizer;
 pub mod service;
+pub mod status;
 pub mod strategy;
 
 pub use config::ServerConfig;

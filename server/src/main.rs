@@ -2,8 +2,24 @@
 //! [`dpfl_server::Server`] the tests run.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+
+const EXAMPLES: &str = "\
+Examples:
+  # A federation's server, from the server kit of `dpfl-certs init`:
+  cd fed/server && dpfl-server --config server.toml --http
+  # The same from flags, central DP, status page on 127.0.0.1:9464:
+  dpfl-server --listen 0.0.0.0:4433 --certs fed/server --out runs/study --min-clients 3 \\
+      --dp-mode central --noise-multiplier 1.0 --clip-norm 0.5 --sampling-rate 0.5 --http
+  # Any key of the file, on the command line:
+  dpfl-server --config server.toml --set strategy.server_optimizer.kind=\\\"fedadam\\\"
+  # Every key with its default and meaning; the effective configuration:
+  dpfl-server config --defaults
+  dpfl-server --config server.toml --rounds 20 config
+
+A run in --out that is complete is never overwritten: the server says so and exits with
+status 1 (use --fresh or another --out). It exits with status 1 whenever no round ran.";
 
 /// dpfl aggregation server: authenticates client nodes by certificate (mutual TLS over
 /// QUIC), runs federated rounds (select, train, collect, aggregate, evaluate), keeps a
@@ -12,8 +28,16 @@ use std::path::PathBuf;
 /// Settings come from a TOML file (see configs/) and can be overridden by the flags
 /// below or by `--set key=value` for any key of the file (e.g. `--set dp.noise_multiplier=1.1`).
 #[derive(Parser, Debug)]
-#[command(name = "dpfl-server", version, allow_negative_numbers = true)]
+#[command(
+    name = "dpfl-server",
+    version,
+    allow_negative_numbers = true,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = false
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// TOML configuration file. Without it, built-in defaults are used.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -55,9 +79,26 @@ struct Args {
     /// Ignore an existing checkpoint and start from round 1 (key `resume = false`).
     #[arg(long)]
     fresh: bool,
+    /// Status endpoint for the operator: dashboard at /, JSON at /status, Prometheus
+    /// metrics at /metrics (key `http_listen`; without a value 127.0.0.1:9464). It shows
+    /// operator-only data: keep it on loopback.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9464")]
+    http: Option<String>,
     /// Override any configuration key: --set strategy.server_optimizer.kind=fedadam
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the configuration as TOML: with --defaults every key with its default and
+    /// meaning (docs/config-reference.toml), otherwise the effective configuration after
+    /// the file, the flags and --set.
+    Config {
+        /// Every key with its default and meaning.
+        #[arg(long)]
+        defaults: bool,
+    },
 }
 
 fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
@@ -99,6 +140,9 @@ fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
     if a.fresh {
         o.push(("resume".into(), "false".into()));
     }
+    if let Some(v) = &a.http {
+        o.push(("http_listen".into(), q(v)));
+    }
     for s in &a.set {
         let (k, v) = s
             .split_once('=')
@@ -110,18 +154,39 @@ fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    dpfl_server::service::init_tracing("info");
     let args = Args::parse();
+    if let Some(Cmd::Config { defaults }) = &args.command {
+        if *defaults {
+            print!("{}", dpfl_server::config::reference()?);
+        } else {
+            let cfg = dpfl_server::ServerConfig::load(args.config.as_deref(), &overrides(&args)?)?;
+            print!(
+                "{}",
+                toml::to_string(&cfg).context("printing the configuration")?
+            );
+        }
+        return Ok(());
+    }
+    dpfl_server::service::init_tracing("info");
     let cfg = dpfl_server::ServerConfig::load(args.config.as_deref(), &overrides(&args)?)?;
     let server = dpfl_server::Server::bind(cfg)?;
     let summary = server.run(dpfl_server::service::shutdown_signal()).await?;
     println!(
-        "done: {} rounds, test accuracy {}, {:.1}s",
+        "done: {} rounds ({} in this run), test accuracy {}, {:.1}s",
         summary.rounds_completed,
+        summary.rounds_run,
         summary
             .test_accuracy
             .map_or("-".into(), |a| format!("{a:.4}")),
         summary.seconds
+    );
+    anyhow::ensure!(
+        summary.rounds_run > 0,
+        "no round ran in this process ({})",
+        summary
+            .finish
+            .as_deref()
+            .unwrap_or("stopped before the first round")
     );
     Ok(())
 }

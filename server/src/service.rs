@@ -29,9 +29,11 @@ use crate::admission::{
 use crate::checkpoint;
 use crate::config::ServerConfig;
 use crate::coordinator::{
-    Action, Coordinator, CoordinatorConfig, FinishReason, NodeInfo, RoundReport, Selection,
+    Action, Coordinator, CoordinatorConfig, FinishReason, NodeInfo, RoundPhase, RoundReport,
+    Selection,
 };
 use crate::ledger::{Ledger, PublicLedger};
+use crate::status::{Observatory, RoundPoint};
 use crate::strategy::{self, NodeId, Strategy};
 use dpfl_certs::{Credentials, Layout};
 use dpfl_common::config::DpMode;
@@ -77,6 +79,9 @@ pub enum ServerError {
     /// Strategy could not be built.
     #[error("strategy: {0}")]
     Strategy(String),
+    /// The run in `out_dir` has nothing left to do; its outputs were left as they were.
+    #[error("{0}")]
+    AlreadyComplete(String),
 }
 
 /// An update as the server received it (for tests that observe the wire).
@@ -93,8 +98,10 @@ pub struct ObservedUpdate {
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
-    /// Rounds completed.
+    /// Rounds completed (including those of earlier processes of a resumed run).
     pub rounds_completed: u64,
+    /// Rounds this process ran.
+    pub rounds_run: u64,
     /// Why it ended (`None`: shut down by signal).
     pub finish: Option<String>,
     /// Last centralised test accuracy.
@@ -173,6 +180,13 @@ struct MetricsLine {
     failures: Vec<String>,
 }
 
+/// What the status page records about a node that joined.
+struct Joined {
+    remote: SocketAddr,
+    software: String,
+    cert_expires: Option<i64>,
+}
+
 enum Event {
     Connected {
         node: NodeId,
@@ -180,10 +194,13 @@ enum Event {
         info: NodeInfo,
         /// Certificate fingerprint (for re-checking the deny list).
         cert: String,
+        /// What the status page shows about it.
+        seen: Joined,
     },
     Disconnected {
         node: NodeId,
         id: usize,
+        reason: String,
     },
     Response {
         node: NodeId,
@@ -263,6 +280,12 @@ pub struct Server {
     /// Releases of the ledger already on disk (`None`: not written yet by this process).
     ledger_persisted: Option<usize>,
     fault_abort_after: Option<u64>,
+    /// Live status and metrics (served over HTTP when `http_listen` is set).
+    obs: Arc<Observatory>,
+    /// The status endpoint's socket, bound at `bind` so that its address is known.
+    http: Option<std::net::TcpListener>,
+    /// Which connection holds each identity.
+    seats: Arc<Seats>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> ServerError {
@@ -417,6 +440,37 @@ impl Server {
         )?;
         let pins = Pins::open(&cfg.out_dir.join("identities.json"))
             .map_err(|e| ServerError::Io(e.to_string()))?;
+        let obs = Observatory::new(cfg.rounds, cfg.min_clients, cfg.dp.mode.to_string());
+        {
+            let mut st = obs.status();
+            st.warnings = credential_warnings(&cfg);
+            st.completed_rounds = coordinator.completed_rounds();
+            st.round = coordinator.completed_rounds() + 1;
+            if cfg.dp.mode.is_private() {
+                st.epsilon = Some(coordinator.ledger().epsilon());
+                st.target_epsilon = cfg.dp.target_epsilon;
+                st.delta = Some(cfg.dp.delta);
+            }
+        }
+        if let Some(t) = cfg.dp.target_epsilon.filter(|_| cfg.dp.mode.is_private()) {
+            obs.metrics.epsilon_target.set(t);
+        }
+        let http = match cfg.http_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|e| ServerError::Io(format!("status endpoint {addr}: {e}")))?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        "the status endpoint listens on {addr}, not on loopback: it shows \
+                         operator-only data (participants, failures, timings) to anyone who \
+                         can reach it; prefer 127.0.0.1 and an SSH tunnel"
+                    );
+                }
+                Some(l)
+            }
+            None => None,
+        };
         let fault_abort_after = std::env::var(FAULT_ENV).ok().and_then(|v| {
             v.strip_prefix("abort-after-release:")
                 .and_then(|n| n.parse().ok())
@@ -431,7 +485,20 @@ impl Server {
             observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
+            obs,
+            http,
+            seats: Arc::new(Seats::default()),
         })
+    }
+
+    /// The status endpoint's address, when `http_listen` is set.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Live status and metrics (what the status endpoint serves).
+    pub fn observatory(&self) -> Arc<Observatory> {
+        self.obs.clone()
     }
 
     /// The bound address (useful with port 0).
@@ -463,15 +530,44 @@ impl Server {
             spec.clone(),
             ev_tx.clone(),
             conns,
-            self.pins.clone(),
+            Shared {
+                pins: self.pins.clone(),
+                obs: self.obs.clone(),
+                seats: self.seats.clone(),
+            },
         ));
+        let (http_stop, http_task) = self.serve_http();
+        tokio::pin!(shutdown);
+        if let Some(reason) = self.coordinator.nothing_to_do() {
+            let r = self
+                .linger_complete(reason, &mut ev_rx, &mut shutdown)
+                .await;
+            accept.abort();
+            let _ = http_stop.send(());
+            if let Some(t) = http_task {
+                let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+            }
+            self.endpoint.close(0u32.into(), b"run already complete");
+            return Err(r);
+        }
         let mut registry: HashMap<NodeId, quinn::Connection> = HashMap::new();
         // Certificate fingerprint of each connected node, for re-checking revocation.
         let mut certs: HashMap<NodeId, String> = HashMap::new();
         let mut admission_tick = tokio::time::interval(Duration::from_secs(2));
         admission_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let log_every = Duration::from_secs_f64(self.cfg.status_log_secs);
+        let mut status_tick =
+            tokio::time::interval_at((Instant::now() + log_every).into(), log_every);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The status page follows the coordinator at once when a round changes and at most
+        // every 200 ms otherwise (one answer at a time would copy the pending list for each
+        // answer: quadratic in the number of nodes).
+        let mut refresh = tokio::time::interval(Duration::from_millis(200));
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_dirty = false;
         let mut summary = RunSummary {
             rounds_completed: self.coordinator.completed_rounds(),
+            rounds_run: 0,
             finish: None,
             test_accuracy: None,
             test_loss: None,
@@ -498,10 +594,11 @@ impl Server {
             spec = %short_hex(&spec.hash()),
             dp = %self.cfg.dp.mode,
             rounds = self.cfg.rounds,
-            "server listening; waiting for {} clients",
-            self.cfg.min_clients
+            "server listening; waiting for {} clients{}",
+            self.cfg.min_clients,
+            self.http_addr()
+                .map_or(String::new(), |a| format!("; status page http://{a}/"))
         );
-        tokio::pin!(shutdown);
         let mut finished = false;
         // When each round's first requests went out: a round's `seconds` runs from there to
         // the moment its aggregate is ready (central noise included), whatever the
@@ -514,6 +611,7 @@ impl Server {
             // clients' training instead of delaying the next round.
             let mut actions: Vec<Action> =
                 std::iter::from_fn(|| self.coordinator.poll_action()).collect();
+            let acted = !actions.is_empty();
             actions.sort_by_key(|a| match a {
                 Action::Train { .. } | Action::Evaluate { .. } | Action::RoundRetried { .. } => 0,
                 Action::RoundCompleted(_) => 1,
@@ -537,6 +635,22 @@ impl Server {
                         sent_at.entry(round).or_insert_with(Instant::now);
                         let bytes = Arc::new(wire::encode(&Header::Train(request), &params));
                         let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
+                        let state = self.coordinator.round_state();
+                        tracing::info!(
+                            "round {round}/{} started (attempt {}): {} of {} connected nodes \
+                             selected; deadline in {}{}",
+                            self.cfg.rounds,
+                            state.attempt.max(1),
+                            nodes.len(),
+                            registry.len(),
+                            crate::status::human_secs(self.cfg.round_timeout_secs),
+                            self.eta_line(None)
+                        );
+                        self.obs
+                            .metrics
+                            .bytes_out
+                            .inc_by((bytes.len() * nodes.len()) as u64);
+                        self.mark_nodes(&nodes, "training");
                         for n in nodes {
                             self.send_request(
                                 &registry,
@@ -557,6 +671,11 @@ impl Server {
                         let bytes = Arc::new(wire::encode(&Header::Evaluate(request), &params));
                         let deadline = Duration::from_secs_f64(self.cfg.eval_timeout_secs)
                             + Duration::from_secs(5);
+                        self.obs
+                            .metrics
+                            .bytes_out
+                            .inc_by((bytes.len() * nodes.len()) as u64);
+                        self.mark_nodes(&nodes, "evaluating");
                         for n in nodes {
                             self.send_request(
                                 &registry,
@@ -595,6 +714,7 @@ impl Server {
                             tokio::time::sleep(Duration::from_millis(300)).await;
                             std::process::abort();
                         }
+                        summary.rounds_run += 1;
                         self.complete_round(*report, started, &mut metrics, &mut summary)
                             .await?;
                     }
@@ -605,10 +725,15 @@ impl Server {
                         tracing::info!(rounds_completed, "training finished: {reason}");
                         summary.finish = Some(reason.to_string());
                         summary.rounds_completed = rounds_completed;
-                        tell_finish(&registry, &reason, rounds_completed).await;
+                        self.obs.status().finish = Some(reason.to_string());
+                        tell_finish(&registry, &reason.to_string(), rounds_completed).await;
                         finished = true;
                     }
                 }
+            }
+            if acted {
+                self.sync_status(&sent_at);
+                status_dirty = false;
             }
             if finished {
                 break;
@@ -618,12 +743,22 @@ impl Server {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { break };
                     self.handle_event(ev, &mut registry, &mut certs);
+                    status_dirty = true;
                 }
                 _ = admission_tick.tick() => {
                     self.enforce_admission(&mut registry, &mut certs);
+                    status_dirty = true;
+                }
+                _ = status_tick.tick() => {
+                    self.log_waiting(&registry, &sent_at);
+                }
+                _ = refresh.tick(), if status_dirty => {
+                    self.sync_status(&sent_at);
+                    status_dirty = false;
                 }
                 _ = sleep_until(wake) => {
                     self.coordinator.handle_timeout(Instant::now());
+                    status_dirty = true;
                 }
                 _ = &mut shutdown => {
                     tracing::info!("shutdown requested; closing connections (clients will retry)");
@@ -633,15 +768,56 @@ impl Server {
             }
         }
         accept.abort();
-        let final_model = self.out.join("model.safetensors");
-        dpfl_ml::export::save_safetensors(&spec, self.coordinator.global(), &final_model)
-            .map_err(io_err)?;
         summary.ledger = self.coordinator.ledger().clone();
         summary.seconds = started.elapsed().as_secs_f64();
+        // A run is never overwritten by a process that ran no round (a restart that was
+        // stopped before its first round): its summary and model stay as they were.
+        let keep_previous = summary.rounds_run == 0 && self.out.join("summary.json").exists();
+        if keep_previous {
+            tracing::warn!(
+                "no round ran in this process; {} and the model are left as they were",
+                self.out.join("summary.json").display()
+            );
+        } else {
+            self.write_final_outputs(&spec, &mut summary)?;
+        }
+        self.persist_ledger()?;
+        {
+            let mut st = self.obs.status();
+            st.phase = "finished".into();
+            st.waiting_for.clear();
+            st.deadline = None;
+        }
+        // Give Finish messages a moment to be delivered before closing.
+        if finished {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.endpoint.close(0u32.into(), b"training finished");
+        } else {
+            self.endpoint.close(1u32.into(), b"server shutting down");
+        }
+        let _ = http_stop.send(());
+        if let Some(t) = http_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle())
+            .await
+            .ok();
+        Ok(summary)
+    }
+
+    /// The final model, the audit and the summaries (public and operator).
+    fn write_final_outputs(
+        &mut self,
+        spec: &ModelSpec,
+        summary: &mut RunSummary,
+    ) -> Result<(), ServerError> {
+        let final_model = self.out.join("model.safetensors");
+        dpfl_ml::export::save_safetensors(spec, self.coordinator.global(), &final_model)
+            .map_err(io_err)?;
         if self.cfg.dp.audit_canaries > 0 {
             summary.audit = self
                 .coordinator
-                .audit(&init_params(&spec, self.cfg.model.init_seed));
+                .audit(&init_params(spec, self.cfg.model.init_seed));
             if let Some(a) = &summary.audit {
                 let fmt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.3}"));
                 let line = format!(
@@ -661,8 +837,7 @@ impl Server {
                 }
             }
         }
-        self.persist_ledger()?;
-        write_json(&self.out.join("operator").join("summary.json"), &summary)?;
+        write_json(&self.out.join("operator").join("summary.json"), summary)?;
         if self.cfg.dp.mode.is_private() {
             write_json(
                 &self.out.join("summary.json"),
@@ -677,19 +852,196 @@ impl Server {
             )?;
             tracing::info!("{}", summary.ledger.summary());
         } else {
-            write_json(&self.out.join("summary.json"), &summary)?;
+            write_json(&self.out.join("summary.json"), summary)?;
         }
-        // Give Finish messages a moment to be delivered before closing.
-        if finished {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            self.endpoint.close(0u32.into(), b"training finished");
-        } else {
-            self.endpoint.close(1u32.into(), b"server shutting down");
+        Ok(())
+    }
+
+    /// A run with nothing left to do: say so, leave its outputs alone, tell nodes that
+    /// connect within `finished_linger_secs` that training is over, then report the error.
+    async fn linger_complete(
+        &mut self,
+        reason: FinishReason,
+        ev_rx: &mut mpsc::Receiver<Event>,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> ServerError {
+        let done = self.coordinator.completed_rounds();
+        let why = match &reason {
+            FinishReason::Completed => format!(
+                "the run in {} is complete: {done} of {} rounds (see summary.json)",
+                self.out.display(),
+                self.cfg.rounds
+            ),
+            other => format!(
+                "the run in {} has nothing left to do after {done} rounds: {other}",
+                self.out.display()
+            ),
+        };
+        let how = match &reason {
+            FinishReason::Completed => {
+                "nothing was changed. Start a new run with --fresh (replaces it) or --out \
+                 NEW_DIR, or raise --rounds to continue this one"
+            }
+            FinishReason::BudgetReached { .. } => {
+                "nothing was changed. The target epsilon allows no further release: raise \
+                 dp.target_epsilon (--target-epsilon) to continue, or start a new run with \
+                 --fresh or --out NEW_DIR"
+            }
+        };
+        tracing::warn!("{why}; {how}");
+        let tell = format!("run already complete: {why}");
+        {
+            let mut st = self.obs.status();
+            st.phase = "complete".into();
+            st.finish = Some(tell.clone());
         }
-        tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle())
-            .await
-            .ok();
-        Ok(summary)
+        let linger = tokio::time::sleep(Duration::from_secs_f64(self.cfg.finished_linger_secs));
+        tokio::pin!(linger);
+        loop {
+            tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(Event::Connected { node, conn, .. }) => {
+                        tracing::info!(%node, "telling a connecting node that the run is complete");
+                        let one = HashMap::from([(node, conn)]);
+                        tell_finish(&one, &tell, done).await;
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut linger => break,
+                _ = shutdown.as_mut() => break,
+            }
+        }
+        ServerError::AlreadyComplete(format!("{why}; {how}"))
+    }
+
+    /// Starts the status endpoint, if configured; returns its stop switch and task.
+    fn serve_http(&mut self) -> (oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let Some(listener) = self.http.take() else {
+            return (stop, None);
+        };
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("status endpoint: {e}");
+                return (stop, None);
+            }
+        };
+        if let Ok(a) = listener.local_addr() {
+            tracing::info!(
+                "status endpoint on http://{a}/ (dashboard), /status (JSON), /metrics \
+                 (Prometheus); it shows operator-only data"
+            );
+        }
+        let app = crate::status::router(self.obs.clone());
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("status endpoint: {e}");
+            }
+        });
+        (stop, Some(task))
+    }
+
+    /// Marks nodes' state on the status page.
+    fn mark_nodes(&self, nodes: &[NodeId], state: &str) {
+        let mut st = self.obs.status();
+        for n in nodes {
+            if let Some(s) = st.nodes.get_mut(n) {
+                s.state = state.to_string();
+            }
+        }
+    }
+
+    /// "; ETA of the run 4 min" from the rounds so far.
+    fn eta_line(&self, open_for: Option<f64>) -> String {
+        let st = self.obs.status();
+        let left = self
+            .cfg
+            .rounds
+            .saturating_sub(self.coordinator.completed_rounds());
+        crate::status::eta(&st.history, left, open_for).map_or(String::new(), |e| {
+            format!("; ETA of the run {}", crate::status::human_secs(e))
+        })
+    }
+
+    /// Brings the status page in line with the coordinator.
+    fn sync_status(&self, sent_at: &HashMap<u64, Instant>) {
+        let r = self.coordinator.round_state();
+        let open_for = sent_at.get(&r.round).map(|t| t.elapsed().as_secs_f64());
+        let left = self
+            .cfg
+            .rounds
+            .saturating_sub(self.coordinator.completed_rounds());
+        let mut st = self.obs.status();
+        st.phase = serde_json::to_value(r.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        st.round = r.round;
+        st.attempt = r.attempt;
+        st.selected = r.selected;
+        st.waiting_for = r.pending;
+        st.deadline = r.deadline.map(crate::status::unix_at);
+        st.completed_rounds = self.coordinator.completed_rounds();
+        st.eta_secs = crate::status::eta(&st.history, left, open_for);
+        self.obs.metrics.round.set(r.round as i64);
+        self.obs.metrics.selected.set(r.selected as i64);
+        self.obs.metrics.connected.set(st.nodes.len() as i64);
+    }
+
+    /// The periodic line: whom the open round (or the next start) is waiting for.
+    fn log_waiting(
+        &self,
+        registry: &HashMap<NodeId, quinn::Connection>,
+        sent_at: &HashMap<u64, Instant>,
+    ) {
+        let r = self.coordinator.round_state();
+        let list = |v: &[NodeId]| {
+            let mut names: Vec<&str> = v.iter().map(String::as_str).take(10).collect();
+            if v.len() > 10 {
+                names.push("...");
+            }
+            names.join(", ")
+        };
+        match r.phase {
+            RoundPhase::Training | RoundPhase::Evaluating => {
+                let open_for = sent_at.get(&r.round).map(|t| t.elapsed().as_secs_f64());
+                let left = r
+                    .deadline
+                    .map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64())
+                    .unwrap_or(0.0);
+                tracing::info!(
+                    "round {}/{} ({}, attempt {}): waiting for {} of {} selected nodes: {}; \
+                     deadline in {}{}",
+                    r.round,
+                    self.cfg.rounds,
+                    r.phase,
+                    r.attempt,
+                    r.pending.len(),
+                    r.selected,
+                    list(&r.pending),
+                    crate::status::human_secs(left),
+                    self.eta_line(open_for)
+                );
+            }
+            RoundPhase::WaitingForClients => {
+                let mut connected: Vec<NodeId> = registry.keys().cloned().collect();
+                connected.sort();
+                tracing::info!(
+                    "round {} waits for clients: {} of {} (min_clients) connected{}{}",
+                    r.round,
+                    connected.len(),
+                    self.cfg.min_clients,
+                    if connected.is_empty() { "" } else { ": " },
+                    list(&connected)
+                );
+            }
+            RoundPhase::Starting | RoundPhase::Finished => {}
+        }
     }
 
     /// Writes the ledger (full, operator-only, and its public view) if it has releases not
@@ -757,21 +1109,48 @@ impl Server {
                 conn,
                 info,
                 cert,
+                seen,
             } => {
                 if let Some(old) = registry.insert(node.clone(), conn) {
-                    tracing::warn!(%node, "second connection with the same identity and key replaces the first");
+                    // The connection task decided (the old one was silent); see `Seats`.
                     old.close(2u32.into(), b"replaced by a newer connection");
                     self.coordinator.handle_disconnect(&node, now);
                 }
                 certs.insert(node.clone(), cert);
-                tracing::info!(%node, connected = registry.len(), "client joined");
+                tracing::info!(
+                    %node,
+                    remote = %seen.remote,
+                    software = %printable(&seen.software, 64),
+                    connected = registry.len(),
+                    "client joined"
+                );
+                let t = crate::status::unix_now();
+                self.obs.status().nodes.insert(
+                    node.clone(),
+                    crate::status::NodeStatus {
+                        remote: seen.remote.to_string(),
+                        version: printable(&seen.software, 64),
+                        connected_since: t,
+                        last_seen: t,
+                        state: "idle".into(),
+                        answers: 0,
+                        cert_expires: seen.cert_expires,
+                    },
+                );
                 self.coordinator.handle_connect(node, info, now);
             }
-            Event::Disconnected { node, id } => {
+            Event::Disconnected { node, id, reason } => {
                 if registry.get(&node).map(|c| c.stable_id()) == Some(id) {
                     registry.remove(&node);
                     certs.remove(&node);
-                    tracing::info!(%node, connected = registry.len(), "client left");
+                    let waited = self.coordinator.round_state().pending.contains(&node);
+                    tracing::info!(
+                        %node,
+                        connected = registry.len(),
+                        "client left ({reason}){}",
+                        if waited { "; it fails the open round" } else { "" }
+                    );
+                    self.obs.status().nodes.remove(&node);
                     self.coordinator.handle_disconnect(&node, now);
                 }
             }
@@ -779,7 +1158,28 @@ impl Server {
                 node,
                 round,
                 result,
-            } => match result {
+            } => {
+                if let Some(n) = self.obs.status().nodes.get_mut(&node) {
+                    n.state = "idle".into();
+                    if result.is_ok() {
+                        n.last_seen = crate::status::unix_now();
+                        n.answers += 1;
+                    }
+                }
+                self.handle_response(node, round, result, now);
+            }
+        }
+    }
+
+    fn handle_response(
+        &mut self,
+        node: NodeId,
+        round: u64,
+        result: Result<Message, (&'static str, String)>,
+        now: Instant,
+    ) {
+        {
+            match result {
                 Ok(Message {
                     header: Header::Update(meta),
                     payload,
@@ -795,6 +1195,7 @@ impl Server {
                         .coordinator
                         .handle_update(&node, round, meta, payload, now)
                     {
+                        self.obs.metrics.reject(e.kind());
                         tracing::warn!(%node, kind = e.kind(), "update rejected: {e}");
                     }
                 }
@@ -819,6 +1220,7 @@ impl Server {
                     self.coordinator.handle_failed(&node, round, &reason, now);
                 }
                 Ok(other) => {
+                    self.obs.metrics.reject("unexpected_message");
                     let detail = format!("unexpected `{}` message", other.header.name());
                     tracing::warn!(%node, "{detail}");
                     self.coordinator.handle_transport_error(
@@ -830,11 +1232,12 @@ impl Server {
                     );
                 }
                 Err((kind, detail)) => {
+                    self.obs.metrics.reject(kind);
                     tracing::warn!(%node, kind, "{detail}");
                     self.coordinator
                         .handle_transport_error(&node, round, kind, &detail, now);
                 }
-            },
+            }
         }
     }
 
@@ -858,9 +1261,14 @@ impl Server {
         let tx = ev_tx.clone();
         let node = node.clone();
         let max = self.cfg.message_limit();
+        let obs = self.obs.clone();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(deadline, request(&conn, &bytes, max)).await {
-                Ok(r) => r,
+                Ok(Ok((m, n))) => {
+                    obs.metrics.bytes_in.inc_by(n);
+                    Ok(m)
+                }
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(("timeout", "no answer before the deadline".to_string())),
             };
             let _ = tx
@@ -968,6 +1376,28 @@ impl Server {
             &self.cfg.fingerprint(),
             &r.snapshot,
         )?;
+        self.obs.checkpointed();
+        self.obs.metrics.rounds.inc();
+        self.obs.metrics.round_seconds.observe(seconds);
+        if let Some(e) = r.epsilon {
+            self.obs.metrics.epsilon.set(e);
+        }
+        {
+            let mut st = self.obs.status();
+            st.history.push(RoundPoint {
+                round: r.round,
+                test_accuracy: test.map(|t| t.0),
+                test_loss: test.map(|t| t.1),
+                epsilon: r.epsilon,
+                seconds,
+                participants: r.participants.len(),
+                unix_time: line.unix_time,
+            });
+            st.completed_rounds = st.completed_rounds.max(r.round);
+            if r.epsilon.is_some() {
+                st.epsilon = r.epsilon;
+            }
+        }
         let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
         let eps = match r.epsilon {
             Some(e) => format!(" epsilon {e:.3}"),
@@ -983,7 +1413,7 @@ impl Server {
             (None, false) => String::new(),
         };
         tracing::info!(
-            "round {}/{}: {} participants ({} failed){} train loss {} test acc {} loss {}{}{} {:.2}s",
+            "round {}/{}: {} participants ({} failed){} train loss {} test acc {} loss {}{}{} {:.2}s{}",
             r.round,
             self.cfg.rounds,
             r.participants.len(),
@@ -994,7 +1424,8 @@ impl Server {
             fmt(test.map(|t| t.1)),
             eps,
             fed,
-            seconds
+            seconds,
+            self.eta_line(None)
         );
         if !r.outliers.is_empty() {
             tracing::warn!(
@@ -1052,6 +1483,42 @@ fn read_ledger_journal(out: &std::path::Path) -> Result<Option<Ledger>, ServerEr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ServerError::Io(format!("{}: {e}", path.display()))),
     }
+}
+
+/// Warnings about the server's credentials: the CA key in its folder, a certificate
+/// about to expire (logged at bind and shown on the status page).
+fn credential_warnings(cfg: &ServerConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if dpfl_certs::holds_ca_key(&cfg.certs_dir) {
+        out.push(format!(
+            "the server's certificate folder {} holds the CA key (ca.key): anyone who can read \
+             it can mint node identities. Keep the CA folder apart and offline; `dpfl-certs \
+             init` makes a server kit without it",
+            cfg.certs_dir.display()
+        ));
+    }
+    let layout = Layout::new(&cfg.certs_dir);
+    let now = std::time::SystemTime::now();
+    for (what, path) in [
+        ("server certificate", layout.server_cert()),
+        ("CA certificate", layout.ca_cert()),
+    ] {
+        if let Ok(info) = dpfl_certs::describe_file(&path) {
+            if (info.seconds_left(now) as f64) < cfg.cert_expiry_warn_days * 86_400.0 {
+                out.push(format!(
+                    "the {what} {} {}: renew it (dpfl-certs renew --cert {}; the same key keeps \
+                     the nodes' trust)",
+                    path.display(),
+                    info.expiry(now),
+                    path.display()
+                ));
+            }
+        }
+    }
+    for w in &out {
+        tracing::warn!("{w}");
+    }
+    out
 }
 
 /// Logs the privacy plan at start-up: the mechanism, the epsilon the configured rounds
@@ -1117,8 +1584,8 @@ async fn request(
     conn: &quinn::Connection,
     bytes: &[u8],
     max: usize,
-) -> Result<Message, (&'static str, String)> {
-    let (mut send, mut recv) = conn
+) -> Result<(Message, u64), (&'static str, String)> {
+    let (mut send, recv) = conn
         .open_bi()
         .await
         .map_err(|e| ("connection", e.to_string()))?;
@@ -1126,8 +1593,10 @@ async fn request(
         .await
         .map_err(|e| ("connection", e.to_string()))?;
     send.finish().map_err(|e| ("connection", e.to_string()))?;
+    let mut recv = Counting { inner: recv, n: 0 };
     wire::read_message(&mut recv, max)
         .await
+        .map(|m| (m, recv.n))
         .map_err(|e| match e {
             wire::ReadError::Decode(e @ wire::DecodeError::TooLarge { .. }) => {
                 ("oversized", e.to_string())
@@ -1137,11 +1606,26 @@ async fn request(
         })
 }
 
-async fn tell_finish(
-    registry: &HashMap<NodeId, quinn::Connection>,
-    reason: &FinishReason,
-    rounds: u64,
-) {
+/// A reader that counts the bytes it passes on (message bytes received, for the metrics).
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counting<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.n += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+async fn tell_finish(registry: &HashMap<NodeId, quinn::Connection>, reason: &str, rounds: u64) {
     let bytes = wire::encode(
         &Header::Finish(Finish {
             reason: reason.to_string(),
@@ -1185,12 +1669,15 @@ async fn accept_loop(
     spec: ModelSpec,
     ev_tx: mpsc::Sender<Event>,
     conns: Arc<Semaphore>,
-    pins: Arc<Mutex<Pins>>,
+    shared: Shared,
 ) {
     let a = &cfg.admission;
     let mut limiter = RateLimiter::new(a.handshakes_per_sec, Instant::now());
     let sources = SourceLimiter::new(a.max_handshakes_per_source);
-    let refusals = Arc::new(RefusalLog::default());
+    let refusals = Arc::new(Counted {
+        log: RefusalLog::default(),
+        obs: shared.obs.clone(),
+    });
     let interval = Duration::from_secs_f64(a.refusal_log_secs);
     let mut report = tokio::time::interval_at((Instant::now() + interval).into(), interval);
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1202,7 +1689,7 @@ async fn accept_loop(
                 None => break,
             },
             _ = report.tick() => {
-                log_refusals(&refusals, interval);
+                log_refusals(&refusals.log, interval);
                 continue;
             }
         };
@@ -1232,23 +1719,29 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let (cfg, spec, tx, refusals, pins) = (
+        let (cfg, spec, tx, refusals, shared) = (
             cfg.clone(),
             spec.clone(),
             ev_tx.clone(),
             refusals.clone(),
-            pins.clone(),
+            shared.clone(),
         );
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match serve_connection(incoming, slot, &cfg, &spec, &tx, &pins).await {
+            match serve_connection(incoming, slot, &cfg, &spec, &tx, &shared).await {
                 Ok(()) => {}
-                // A decision about an identified node (revoked, wrong DP mode, ...): worth
-                // a line each, and only holders of federation certificates can cause them.
-                Err(Refused {
-                    reason: "refused",
-                    detail,
-                }) => tracing::warn!(%remote, "connection refused: {detail}"),
+                // A decision about an identified node (revoked, wrong DP mode, duplicate
+                // identity, ...) or an expired federation certificate: worth a line each,
+                // and only holders of federation certificates can cause them.
+                Err(Refused { reason, detail })
+                    if matches!(reason, "refused" | "duplicate_identity" | "cert_expired") =>
+                {
+                    shared.obs.metrics.refuse(reason);
+                    tracing::warn!(%remote, "connection refused: {detail}");
+                    shared
+                        .obs
+                        .note_refusal(format!("{remote}: {}", printable(&detail, 300)));
+                }
                 Err(Refused { reason, detail }) => {
                     refusals.count(reason);
                     tracing::debug!(%remote, reason, "connection refused: {detail}");
@@ -1257,7 +1750,104 @@ async fn accept_loop(
             drop(permit);
         });
     }
-    log_refusals(&refusals, interval);
+    log_refusals(&refusals.log, interval);
+}
+
+/// What connection tasks share with the driver.
+#[derive(Clone)]
+struct Shared {
+    pins: Arc<Mutex<Pins>>,
+    obs: Arc<Observatory>,
+    seats: Arc<Seats>,
+}
+
+/// The refusal log, with every count also in the metrics.
+struct Counted {
+    log: RefusalLog,
+    obs: Arc<Observatory>,
+}
+
+impl Counted {
+    fn count(&self, reason: &'static str) {
+        self.log.count(reason);
+        if reason != RETRY {
+            self.obs.metrics.refuse(reason);
+        }
+    }
+}
+
+/// Which live connection holds each identity. A second connection with an identity that
+/// is held is decided here, before its welcome: the newer one takes the seat only if the
+/// holder is silent (a node restarted before its old connection timed out); if the holder
+/// answers a probe, the newcomer is refused (two processes with one key, or a stolen key),
+/// so duplicates cannot keep replacing each other and stall rounds.
+#[derive(Default)]
+struct Seats {
+    held: Mutex<HashMap<NodeId, (quinn::Connection, SocketAddr)>>,
+}
+
+impl Seats {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, (quinn::Connection, SocketAddr)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the seat for `node` if it is free or its holder is closed; otherwise returns
+    /// the live holder.
+    fn try_take(
+        &self,
+        node: &str,
+        conn: &quinn::Connection,
+        remote: SocketAddr,
+    ) -> Option<(quinn::Connection, SocketAddr)> {
+        let mut held = self.lock();
+        match held.get(node) {
+            Some((old, addr)) if old.close_reason().is_none() => Some((old.clone(), *addr)),
+            _ => {
+                held.insert(node.to_string(), (conn.clone(), remote));
+                None
+            }
+        }
+    }
+
+    /// Gives the seat to `conn` if `old` still holds it.
+    fn replace(
+        &self,
+        node: &str,
+        old: &quinn::Connection,
+        conn: &quinn::Connection,
+        remote: SocketAddr,
+    ) -> bool {
+        let mut held = self.lock();
+        match held.get(node) {
+            Some((h, _)) if h.stable_id() != old.stable_id() && h.close_reason().is_none() => false,
+            _ => {
+                held.insert(node.to_string(), (conn.clone(), remote));
+                true
+            }
+        }
+    }
+
+    /// Frees the seat if `conn` holds it.
+    fn leave(&self, node: &str, conn: &quinn::Connection) {
+        let mut held = self.lock();
+        if held
+            .get(node)
+            .is_some_and(|(h, _)| h.stable_id() == conn.stable_id())
+        {
+            held.remove(node);
+        }
+    }
+}
+
+/// Whether a connected node is alive: it must acknowledge an empty stream within `wait`
+/// (its QUIC stack does, whatever it is busy with; nodes ignore empty streams).
+async fn answers_probe(conn: &quinn::Connection, wait: Duration) -> bool {
+    let probe = async {
+        let (mut send, _recv) = conn.open_bi().await.ok()?;
+        send.finish().ok()?;
+        send.stopped().await.ok()
+    };
+    matches!(tokio::time::timeout(wait, probe).await, Ok(Some(_)))
 }
 
 fn log_refusals(refusals: &RefusalLog, interval: Duration) {
@@ -1305,14 +1895,29 @@ async fn serve_connection(
     cfg: &ServerConfig,
     spec: &ModelSpec,
     tx: &mpsc::Sender<Event>,
-    pins: &Mutex<Pins>,
+    shared: &Shared,
 ) -> Result<(), Refused> {
     let a = &cfg.admission;
+    let remote = incoming.remote_address();
     let handshake = Duration::from_secs_f64(a.handshake_timeout_secs);
     let conn = tokio::time::timeout(handshake, incoming)
         .await
         .map_err(|_| refused("handshake_timeout", "TLS handshake timed out"))?
-        .map_err(|e| refused("handshake_failed", format!("TLS handshake failed: {e}")))?;
+        .map_err(|e| {
+            let text = dpfl_certs::explain_tls_error(&e.to_string());
+            if text.contains("expired") {
+                // A federation certificate that expired: the node needs a renewal.
+                refused(
+                    "cert_expired",
+                    format!(
+                        "TLS handshake refused: {text}; renew it with `dpfl-certs renew --cert \
+                         <node>.pem` (same key, same identity)"
+                    ),
+                )
+            } else {
+                refused("handshake_failed", format!("TLS handshake failed: {text}"))
+            }
+        })?;
     let close = |code: u32, why: &'static str, detail: String| {
         conn.close(code.into(), why.as_bytes());
         refused(why, detail)
@@ -1333,6 +1938,18 @@ async fn serve_connection(
         Ok(k) => k,
         Err(e) => return Err(close(4, "no_identity", e.to_string())),
     };
+    let cert_expires = dpfl_certs::describe(leaf).ok().map(|info| {
+        let left = info.seconds_left(std::time::SystemTime::now());
+        if (left as f64) < cfg.cert_expiry_warn_days * 86_400.0 {
+            tracing::warn!(
+                %node,
+                "node {node}'s certificate {}: renew it (dpfl-certs renew --cert {node}.pem, \
+                 same key, same identity)",
+                info.expiry(std::time::SystemTime::now())
+            );
+        }
+        info.not_after
+    });
     let hello_deadline =
         tokio::time::Instant::now() + Duration::from_secs_f64(a.hello_timeout_secs);
     let (mut send, mut recv) = match tokio::time::timeout_at(hello_deadline, conn.accept_bi()).await
@@ -1365,7 +1982,24 @@ async fn serve_connection(
             ))
         }
     };
-    let welcome = match check_hello(&hello_bytes, cfg, spec, &node, &fingerprint, &key, pins) {
+    let checked = check_hello(
+        &hello_bytes,
+        cfg,
+        spec,
+        &node,
+        &fingerprint,
+        &key,
+        &shared.pins,
+    );
+    // One live connection per identity (see `Seats`).
+    let checked = match checked {
+        Ok(w) => match claim_seat(&conn, &node, remote, cfg, &shared.seats).await {
+            Ok(()) => Ok(w),
+            Err(r) => Err(r),
+        },
+        Err(r) => Err(r),
+    };
+    let welcome = match checked {
         Ok(w) => w,
         Err(refusal) => {
             let detail = refusal.detail.clone();
@@ -1374,7 +2008,12 @@ async fn serve_connection(
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
             conn.close(3u32.into(), b"refused");
-            return Err(refused("refused", format!("{node}: {detail}")));
+            let reason = if detail.contains("connected twice") {
+                "duplicate_identity"
+            } else {
+                "refused"
+            };
+            return Err(refused(reason, format!("{node}: {detail}")));
         }
     };
     // Admitted: open the windows to what answers need before the node can get requests.
@@ -1383,26 +2022,106 @@ async fn serve_connection(
         dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64),
     );
     drop(slot);
-    send.write_all(&wire::encode(&Header::Welcome(welcome.0.clone()), &[]))
+    let welcomed = async {
+        send.write_all(&wire::encode(&Header::Welcome(welcome.0.clone()), &[]))
+            .await
+            .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
+        send.finish()
+            .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
+        let id = conn.stable_id();
+        tx.send(Event::Connected {
+            node: node.clone(),
+            conn: conn.clone(),
+            info: welcome.1,
+            cert: fingerprint,
+            seen: Joined {
+                remote,
+                software: welcome.2,
+                cert_expires,
+            },
+        })
         .await
-        .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
-    send.finish()
-        .map_err(|e| refused("welcome_failed", format!("{node}: {e}")))?;
-    let id = conn.stable_id();
-    tx.send(Event::Connected {
-        node: node.clone(),
-        conn: conn.clone(),
-        info: welcome.1,
-        cert: fingerprint,
-    })
-    .await
-    .map_err(|_| refused("server_stopped", "server stopped"))?;
-    // Clients cannot open more streams after the hello (the limit is 0). Wait for the
-    // connection to end.
-    let reason = conn.closed().await;
-    tracing::debug!(%node, "connection closed: {reason}");
-    let _ = tx.send(Event::Disconnected { node, id }).await;
-    Ok(())
+        .map_err(|_| refused("server_stopped", "server stopped"))?;
+        // Clients cannot open more streams after the hello (the limit is 0). Wait for the
+        // connection to end.
+        let reason = conn.closed().await;
+        let _ = tx
+            .send(Event::Disconnected {
+                node: node.clone(),
+                id,
+                reason: describe_close(&reason),
+            })
+            .await;
+        Ok(())
+    };
+    let r = welcomed.await;
+    shared.seats.leave(&node, &conn);
+    r
+}
+
+/// Why a node's connection ended, in words.
+fn describe_close(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TimedOut => {
+            "no sign of life within the idle timeout: killed, crashed or cut off".into()
+        }
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let why = String::from_utf8_lossy(&c.reason);
+            if why.is_empty() {
+                "closed by the node".into()
+            } else {
+                format!("closed: {}", printable(&why, 80))
+            }
+        }
+        quinn::ConnectionError::LocallyClosed => "closed by the server".into(),
+        other => printable(&other.to_string(), 120),
+    }
+}
+
+/// Takes the identity's seat for `conn`, or refuses it when another live connection holds
+/// it (see [`Seats`]).
+async fn claim_seat(
+    conn: &quinn::Connection,
+    node: &str,
+    remote: SocketAddr,
+    cfg: &ServerConfig,
+    seats: &Seats,
+) -> Result<(), Refusal> {
+    let Some((old, old_addr)) = seats.try_take(node, conn, remote) else {
+        return Ok(());
+    };
+    let wait = Duration::from_secs_f64(cfg.duplicate_probe_secs);
+    if answers_probe(&old, wait).await {
+        tracing::error!(
+            %node,
+            "identity {node} connected twice from {old_addr} and {remote}: the connection \
+             from {old_addr} is alive and keeps the identity, {remote} is refused. If {node} \
+             runs one process, its key may be in other hands: revoke it (deny {node}) or \
+             issue a new key and `rekey` it"
+        );
+        return Err(Refusal {
+            kind: RefusalKind::NotAdmitted,
+            detail: format!(
+                "identity {node} connected twice: it is already connected from another \
+                 address and that connection is alive; run one process per identity"
+            ),
+        });
+    }
+    tracing::warn!(
+        %node,
+        "identity {node} connected twice from {old_addr} and {remote}: the connection from \
+         {old_addr} is silent (no answer within {:.1}s), {remote} replaces it",
+        wait.as_secs_f64()
+    );
+    if seats.replace(node, &old, conn, remote) {
+        old.close(2u32.into(), b"replaced by a newer connection");
+        Ok(())
+    } else {
+        Err(Refusal {
+            kind: RefusalKind::NotAdmitted,
+            detail: format!("identity {node} connected twice: another connection took it"),
+        })
+    }
 }
 
 /// Decides whether a verified peer's hello is accepted: admission lists, the identity's
@@ -1415,7 +2134,7 @@ fn check_hello(
     fingerprint: &str,
     key: &str,
     pins: &Mutex<Pins>,
-) -> Result<(Welcome, NodeInfo), Refusal> {
+) -> Result<(Welcome, NodeInfo, String), Refusal> {
     let refuse = |kind, detail: String| Err(Refusal { kind, detail });
     let hello = match wire::decode(bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
         Ok(Message {
@@ -1494,18 +2213,24 @@ fn check_hello(
         num_examples: hello.num_examples,
         num_eval_examples: hello.num_eval_examples,
     };
-    Ok((welcome, info))
+    Ok((welcome, info, hello.software))
 }
 
 /// Installs a tracing subscriber that logs to stderr (`RUST_LOG` overrides `default`).
+/// Before, the subscriber wrote to stdout (the fmt default), so `2> server.log` stayed
+/// empty and redirected logs carried the colour choice made for stderr.
 pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
+    // Logs go to stderr (stdout carries only the final result line), with colour codes
+    // only on a terminal and never with NO_COLOR set.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
 }
 

@@ -47,6 +47,9 @@ pub(crate) fn run_quic(
         false,
     )
     .map_err(|e| SimError::Transport(e.to_string()))?;
+    // Every certificate is issued: the CA key has no business next to the server's.
+    std::fs::remove_file(dpfl_certs::Layout::new(&certs).ca_key())
+        .map_err(|e| SimError::Transport(e.to_string()))?;
     let test_path = match &test {
         Some(t) => {
             // Hand the server the test set as a CSV it can read back.
