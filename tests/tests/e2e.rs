@@ -929,7 +929,7 @@ async fn revoking_a_connected_node_takes_effect_by_the_next_round() {
         &[
             // Rounds of this small model take ~10 ms: enough of them that the revoked node
             // tries to come back (and is refused) before the run ends.
-            ("rounds", "60"),
+            ("rounds", "120"),
             ("min_clients", "2"),
             ("strategy.min_fit_clients", "2"),
             (
@@ -944,14 +944,19 @@ async fn revoking_a_connected_node_takes_effect_by_the_next_round() {
         .collect();
     let out = fed.out("revoke");
     let t0 = std::time::Instant::now();
-    while operator_metrics(&out).len() < 2 {
+    // Rounds may start with two nodes (min_clients 2): wait until node-3 has taken part in
+    // one (all three did), so that it is a connected node that gets revoked.
+    while !operator_metrics(&out)
+        .iter()
+        .any(|l| l["participants"] == 3)
+    {
         assert!(t0.elapsed() < TIMEOUT, "no progress");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let revoked_after = operator_metrics(&out).len();
     std::fs::write(&lists, "deny node-3\n").unwrap();
     let summary = within(s.done).await.unwrap().unwrap();
-    assert_eq!(summary.rounds_completed, 60);
+    assert_eq!(summary.rounds_completed, 120);
     let m = operator_metrics(&out);
     // The round open when the list changed (and, since a round's requests go out before
     // the previous round's metrics line, possibly the next one) may still have node-3;
