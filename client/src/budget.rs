@@ -165,7 +165,10 @@ impl Budget {
         let mut g: Vec<(f64, f64, u64)> = spent
             .local
             .iter()
-            .map(|l| (1.0, l.noise_multiplier / 2.0, l.releases))
+            .map(|l| {
+                let (q, z) = accountant::release_step(DpMode::Local, 1.0, l.noise_multiplier);
+                (q, z, l.releases)
+            })
             .collect();
         g.extend(
             spent

@@ -79,7 +79,8 @@ pub struct Ledger {
 
 /// Largest per-client epsilon in local mode (sensitivity 2C: multiplier z/2, q = 1).
 pub fn local_client_epsilon(z: f64, rounds: u64, delta: f64) -> Result<f64, AccountError> {
-    Ok(accountant::epsilon(1.0, z / 2.0, rounds, delta)?.0)
+    let (q, z) = accountant::release_step(DpMode::Local, 1.0, z);
+    Ok(accountant::epsilon(q, z, rounds, delta)?.0)
 }
 
 /// The publishable part of the ledger: per release, the mechanism's parameters and the
@@ -130,17 +131,10 @@ pub struct Plan {
 
 /// The epsilon `rounds` releases under `dp` would reach, and how many the target allows.
 pub fn plan(dp: &DpParams, rounds: u64) -> Result<Plan, AccountError> {
-    let (q, z, adversary) = match dp.mode {
-        DpMode::Local => (
-            1.0,
-            dp.noise_multiplier / 2.0,
-            "against the server, per client",
-        ),
-        _ => (
-            dp.sampling_rate,
-            dp.noise_multiplier,
-            "against observers of the released models",
-        ),
+    let (q, z) = accountant::release_step(dp.mode, dp.sampling_rate, dp.noise_multiplier);
+    let adversary = match dp.mode {
+        DpMode::Local => "against the server, per client",
+        _ => "against observers of the released models",
     };
     let eps = |t: u64| accountant::epsilon(q, z, t, dp.delta).map(|e| e.0);
     let epsilon = eps(rounds)?;
@@ -199,11 +193,7 @@ impl Ledger {
 
     /// What the mechanism of one release counts as: (sampling rate, multiplier).
     fn step(r: &LedgerRound) -> (f64, f64) {
-        match r.mode {
-            // Against the server: sensitivity 2C, no amplification.
-            DpMode::Local => (1.0, r.noise_multiplier / 2.0),
-            _ => (r.sampling_rate, r.noise_multiplier),
-        }
+        accountant::release_step(r.mode, r.sampling_rate, r.noise_multiplier)
     }
 
     /// Epsilon over a list of (q, z) steps: the tightest of PLD, RDP and opendp zCDP.

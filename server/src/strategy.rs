@@ -866,16 +866,13 @@ impl<S: Strategy> Strategy for CentralDp<S> {
             .zip(initial)
             .map(|(a, b)| a - b)
             .collect();
-        let (mut seen, mut unseen) = (Vec::new(), Vec::new());
-        for i in 0..self.dp.audit_canaries as u64 {
-            let u = dpfl_common::dp::audit::canary_direction(seed, i, self.len);
-            let c = dpfl_common::dp::audit::cosine(&u, &change);
-            if dpfl_common::dp::audit::canary_included(seed, i) {
-                seen.push(c);
-            } else {
-                unseen.push(c);
-            }
-        }
+        use dpfl_common::dp::audit::{canary_direction, canary_included, cosine};
+        let m = self.dp.audit_canaries as u64;
+        let included: Vec<bool> = (0..m).map(|i| canary_included(seed, i)).collect();
+        let (seen, unseen) = dpfl_common::dp::audit::split_by_inclusion(
+            &included,
+            (0..m).map(|i| cosine(&canary_direction(seed, i, self.len), &change)),
+        );
         Some(dpfl_common::dp::audit::AuditReport::new(
             &seen,
             &unseen,

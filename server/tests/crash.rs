@@ -140,6 +140,20 @@ fn final_epsilon(l: &serde_json::Value) -> f64 {
     l["epsilon"].as_f64().unwrap()
 }
 
+/// A dev federation (CA, server, `NODES` nodes) under `dir/certs`.
+fn dev_certs(dir: &Path) -> std::path::PathBuf {
+    let certs = dir.join("certs");
+    dpfl_certs::create_dev_federation(
+        &certs,
+        &["localhost".into(), "127.0.0.1".into()],
+        "node",
+        NODES,
+        false,
+    )
+    .unwrap();
+    certs
+}
+
 fn calculator(steps: u64) -> f64 {
     dpfl_common::dp::accountant::epsilon(Q, Z, steps, 1e-5)
         .unwrap()
@@ -151,15 +165,7 @@ fn killed_and_restarted_server_ends_with_the_ledger_of_an_uninterrupted_run() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    dpfl_certs::create_dev_federation(
-        &certs,
-        &["localhost".into(), "127.0.0.1".into()],
-        "node",
-        NODES,
-        false,
-    )
-    .unwrap();
+    let certs = dev_certs(dir);
 
     // Reference: one uninterrupted run.
     let port = free_port();
@@ -232,15 +238,7 @@ fn a_crash_between_release_and_checkpoint_leaves_a_ledger_that_counts_the_releas
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    dpfl_certs::create_dev_federation(
-        &certs,
-        &["localhost".into(), "127.0.0.1".into()],
-        "node",
-        NODES,
-        false,
-    )
-    .unwrap();
+    let certs = dev_certs(dir);
     let rounds = 5;
     let port = free_port();
     // Abort right after round 3's model went out in round 4's requests, before round 3's

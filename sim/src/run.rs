@@ -316,20 +316,14 @@ impl Canaries {
         delta: f64,
         theoretical: Option<f64>,
     ) -> dpfl_common::dp::audit::AuditReport {
+        use dpfl_common::dp::audit::{cosine, split_by_inclusion};
         let d = change.len();
-        let (mut seen, mut unseen) = (Vec::new(), Vec::new());
-        let (mut seen_all, mut unseen_all) = (Vec::new(), Vec::new());
-        for (i, inc) in self.included.iter().enumerate() {
-            let c = dpfl_common::dp::audit::cosine(&self.direction(i, d), change);
-            let all = self.max_cos[i];
-            if *inc {
-                seen.push(c);
-                seen_all.push(all);
-            } else {
-                unseen.push(c);
-                unseen_all.push(all);
-            }
-        }
+        let (seen, unseen) = split_by_inclusion(
+            &self.included,
+            (0..self.included.len()).map(|i| cosine(&self.direction(i, d), change)),
+        );
+        let (seen_all, unseen_all) =
+            split_by_inclusion(&self.included, self.max_cos.iter().copied());
         let all = self
             .dirs
             .is_some()
@@ -401,14 +395,11 @@ fn run_memory(
         run_noise(cfg, derive_seed(cfg.seed, 2)),
     )
     .map_err(SimError::Setup)?;
-    let included_canaries = if cfg.audit.canaries > 0 {
-        let seed = derive_seed(cfg.seed, 0xA0D1);
-        (0..cfg.audit.canaries as u64)
-            .filter(|i| dpfl_common::dp::audit::canary_included(seed, *i))
-            .count()
-    } else {
-        0
-    };
+    let d = spec.num_params();
+    let mut canaries = Canaries::new(cfg, d);
+    let included_canaries = canaries
+        .as_ref()
+        .map_or(0, |c| c.included.iter().filter(|i| **i).count());
     let ccfg = CoordinatorConfig {
         rounds: cfg.rounds,
         min_clients: pop.names.len() + included_canaries,
@@ -438,9 +429,7 @@ fn run_memory(
     let t0 = Instant::now();
     // Included canaries join as clients of their own (sampled like anyone), before the
     // real ones so that the first round already sees the whole population.
-    let d = spec.num_params();
     let initial: Vec<f32> = coord.global().to_vec();
-    let mut canaries = Canaries::new(cfg, d);
     if let Some(c) = &canaries {
         for (i, inc) in c.included.iter().enumerate() {
             if *inc {

@@ -306,6 +306,19 @@ pub fn zcdp_epsilon_grouped(groups: &[(f64, u64)], delta: f64) -> Result<f64, Ac
     Ok(eps)
 }
 
+/// What one release of a mode counts as, as (sampling rate, noise multiplier in units of
+/// the sensitivity), for a client's data against the adversary the mode names:
+/// - `local`: against the server, the update can be anything in the C-ball, so the
+///   sensitivity is 2C against noise zC (multiplier z/2), and there is no amplification by
+///   sampling (the server knows who was sampled);
+/// - `central` (and `distributed`): the sampled Gaussian at rate q with multiplier z.
+pub fn release_step(mode: crate::config::DpMode, q: f64, z: f64) -> (f64, f64) {
+    match mode {
+        crate::config::DpMode::Local => (1.0, z / 2.0),
+        _ => (q, z),
+    }
+}
+
 /// Which bound produced a reported epsilon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

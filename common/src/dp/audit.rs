@@ -54,6 +54,22 @@ pub fn canary_included(seed: u64, index: u64) -> bool {
     rand::Rng::gen_bool(&mut ChaCha20Rng::from_seed(key), 0.5)
 }
 
+/// Splits canary scores into (included, held out) by each canary's inclusion.
+pub fn split_by_inclusion(
+    included: &[bool],
+    scores: impl IntoIterator<Item = f64>,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut seen, mut unseen) = (Vec::new(), Vec::new());
+    for (inc, s) in included.iter().zip(scores) {
+        if *inc {
+            seen.push(s);
+        } else {
+            unseen.push(s);
+        }
+    }
+    (seen, unseen)
+}
+
 /// Cosine of a unit direction with a vector (0 for a zero vector).
 pub fn cosine(unit: &[f32], v: &[f32]) -> f64 {
     let dot: f64 = unit.iter().zip(v).map(|(a, b)| *a as f64 * *b as f64).sum();
