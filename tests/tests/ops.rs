@@ -511,7 +511,17 @@ async fn a_restarted_node_replaces_its_silent_connection() {
         obs.snapshot().nodes.contains_key("node-1")
     })
     .await;
+    let frozen = obs.snapshot().nodes["node-1"].remote.clone();
     let h1 = tokio::spawn(dpfl_client::run(fed.client(s.addr, 1, 2, 400)));
+    // node-2 joins only once the restarted node-1 holds the seat: otherwise round 1 may
+    // start with the silent connection, lose it to the replacement, and run without node-1.
+    until("the restarted node-1 to replace the silent one", || {
+        obs.snapshot()
+            .nodes
+            .get("node-1")
+            .is_some_and(|n| n.remote != frozen)
+    })
+    .await;
     let h2 = tokio::spawn(dpfl_client::run(fed.client(s.addr, 2, 2, 400)));
     let summary = within(s.done).await.unwrap().unwrap();
     assert_eq!(summary.rounds_completed, 2);
