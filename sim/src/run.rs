@@ -416,6 +416,7 @@ fn run_memory(
         },
         spec: spec.clone(),
         dp: cfg.dp,
+        secure_aggregation: None,
     };
     let snapshot = Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp);
     let mut coord = Coordinator::new(ccfg, strategy, snapshot).map_err(SimError::Setup)?;
