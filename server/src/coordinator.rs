@@ -446,6 +446,9 @@ pub struct RoundReport {
     pub outliers: Vec<NodeId>,
     /// Privacy layer's record.
     pub privacy: Option<RoundPrivacy>,
+    /// Secure aggregation: SHA-256 of the unmasked sum mod 2^b (coordinates as 8-byte
+    /// little-endian), so a simulation can check it equals the plaintext sum exactly.
+    pub secure_sum_digest: Option<[u8; 32]>,
     /// Epsilon after the round (ledger figure).
     pub epsilon: Option<f64>,
     /// Federated evaluation.
@@ -604,6 +607,8 @@ struct FitRound {
     secure_done: bool,
     /// What to report about the round's secure aggregation.
     note: Option<String>,
+    /// Digest of the unmasked sum.
+    sum_digest: Option<[u8; 32]>,
 }
 
 /// A securely aggregated round between training and aggregation.
@@ -1317,6 +1322,7 @@ impl Coordinator {
             held: Vec::new(),
             secure_done: false,
             note: None,
+            sum_digest: None,
         });
         tracing::debug!(round, attempt, selected = selected.len(), "round started");
         if pending.is_empty() {
@@ -1475,6 +1481,7 @@ impl Coordinator {
             note,
             outliers,
             privacy,
+            secure_sum_digest: f.sum_digest,
             epsilon: self.cfg.dp.mode.is_private().then(|| self.ledger.epsilon()),
             federated_eval: None,
             started: self.round_started.unwrap_or(f.started),
@@ -1545,6 +1552,16 @@ impl Coordinator {
             self.phase = Phase::Done;
         }
     }
+}
+
+/// SHA-256 of a vector mod 2^b, coordinates as 8-byte little-endian.
+pub fn sum_digest(sum: &[u64]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for v in sum {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
 }
 
 /// Secure aggregation (see [`crate::secure`]): the held-update answers, the five stages and
@@ -1842,6 +1859,7 @@ impl Coordinator {
         let n = server.context().len();
         let bits = server.context().bits;
         let result = outcome.and_then(|agg| {
+            fit.sum_digest = Some(sum_digest(&agg.sum));
             let encoder = dpfl_secagg::Encoding::FixedPoint { clip, bits }
                 .encoder(n)
                 .map_err(|e| e.to_string())?;
