@@ -1673,6 +1673,19 @@ impl Coordinator {
         now: Instant,
     ) -> Result<(), Rejection> {
         let r = match &mut self.phase {
+            // An answer of an earlier attempt's protocol round (a retry keeps the training
+            // round): stale, and no reason to drop the node from this one.
+            Phase::SecAgg(p)
+                if p.fit.round == request_round && msg.round() != p.server.context().round =>
+            {
+                Err((
+                    Rejection::Stale {
+                        got: msg.round(),
+                        current: p.server.context().round,
+                    },
+                    false,
+                ))
+            }
             Phase::SecAgg(p) if p.fit.round == request_round => {
                 match p.server.handle_message(node, msg) {
                     Ok(()) => Ok(p.server.is_stage_complete()),
@@ -2945,9 +2958,23 @@ mod secure_tests {
         for n in &list {
             c.handle_held(n, round2, meta(round2), t1).unwrap();
         }
+        // A late answer of the aborted attempt's protocol round is stale in the new one and
+        // does not drop its sender.
+        let late = FromNode::Signature(dpfl_secagg::messages::SurvivorSignature {
+            round: 1000,
+            signature: vec![1; 64],
+        });
+        assert_eq!(
+            c.handle_secagg_answer("n1", round2, late, t1),
+            Err(Rejection::Stale {
+                got: 1000,
+                current: 1001
+            })
+        );
         let (other, _) = nodes.run_stages(&mut c, t1, &|_, _| false);
         let r = completed(&other);
         assert_eq!(r.len(), 1);
+        assert_eq!(r[0].participants.len(), 8, "n1 was not dropped");
         assert_eq!(r[0].attempts, 2);
         assert!(r[0].model_updated);
         assert_eq!(nodes.ids.len(), 16, "two setups for each of 8 nodes");
