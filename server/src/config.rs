@@ -674,6 +674,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn secure_aggregation_is_refused_where_it_cannot_hold() {
+        let load = |o: &[(&str, &str)]| {
+            let o: Vec<(String, String)> = o
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            ServerConfig::load(None, &o)
+        };
+        assert!(load(&[("secure_aggregation", "true")]).is_ok());
+        assert!(load(&[("secure_aggregation", "true"), ("dp.mode", "\"central\"")]).is_ok());
+        for bad in [
+            vec![("dp.mode", "\"local\"")],
+            vec![("strategy.aggregator.kind", "\"median\"")],
+            vec![
+                ("dp.mode", "\"central\""),
+                ("dp.adaptive_clipping.target_quantile", "0.5"),
+            ],
+            vec![("secagg.bits", "8")],
+            vec![("secagg.degree", "30")],
+            vec![("secagg.stage_timeout_secs", "0")],
+        ] {
+            let mut o = vec![("secure_aggregation", "true")];
+            o.extend(bad.iter().copied());
+            assert!(load(&o).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
     fn defaults_validate_and_overrides_apply() {
         let c = ServerConfig::load(
             None,
