@@ -108,6 +108,10 @@ impl Table {
     }
 }
 
+#[path = "../../secagg/examples/secagg_cost.rs"]
+#[allow(dead_code)]
+mod secagg_cost;
+
 fn fmt(v: f64) -> String {
     if v.abs() >= 1e6 {
         format!("{:.3e}", v)
@@ -480,7 +484,135 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 }
 
 /// Runs the main job with the real binaries and reads its per-round timings.
+/// The cost table of issue 11 (the same code as `secagg/examples/secagg_cost.rs`): a
+/// 199,210-parameter update, n = 10, 100, 1,000 at 0 % and 5 % dropout, thread CPU time of
+/// every party, bincode bytes.
+fn bench_secagg(t: &mut Table) -> anyhow::Result<()> {
+    let len = 199_210u32;
+    let f32_bytes = 4.0 * f64::from(len);
+    let mut seed = 1;
+    for n in [10usize, 100, 1000] {
+        for d in [0.0, 0.05] {
+            let r = secagg_cost::run(n, len, d, dpfl_secagg::AdversaryClass::CuriousServer, seed)
+                .map_err(|e| anyhow::anyhow!("secure aggregation n = {n}: {e}"))?;
+            seed += 1;
+            let label = format!(
+                "secagg n={n} drop {:.0}% (k={}, t={})",
+                d * 100.0,
+                r.params.degree,
+                r.params.threshold
+            );
+            let client = r.client_mean.as_secs_f64() + r.encode_mean.as_secs_f64();
+            let (ct, cm) = if n == 100 && d > 0.0 {
+                ("< 0.1 s", Some(client < 0.1))
+            } else {
+                ("", None)
+            };
+            t.push(&format!("{label}: client CPU"), client, "s", None, ct, cm);
+            let server = r.server.as_secs_f64();
+            let (st, sm) = match (n, d > 0.0) {
+                (100, true) => ("< 1 s", Some(server < 1.0)),
+                (1000, _) => ("< 3 s", Some(server < 3.0)),
+                _ => ("", None),
+            };
+            t.push(&format!("{label}: server CPU"), server, "s", None, st, sm);
+            t.push(
+                &format!("{label}: bytes up / node"),
+                r.up_mean,
+                "B",
+                Some((f32_bytes, "f32 update")),
+                "<= 1.05x f32",
+                Some(r.up_max as f64 <= 1.05 * f32_bytes),
+            );
+            t.push(
+                &format!("{label}: bytes down / node"),
+                r.down_mean,
+                "B",
+                None,
+                "",
+                None,
+            );
+        }
+    }
+    Ok(())
+}
+
 fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
+    let plain = main_job(root, false)?;
+    t.push(
+        "main job round (10 clients, 2 cores)",
+        plain.round,
+        "s",
+        Some((2.0, "Flower 1.42 (issue)")),
+        "<= 0.5x Flower",
+        Some(plain.round <= 1.0),
+    );
+    t.push(
+        "main job framework overhead share",
+        plain.overhead * 100.0,
+        "% of round",
+        None,
+        "<= 10 %",
+        Some(plain.overhead <= 0.10),
+    );
+    t.push(
+        "main job accuracy after 10 rounds",
+        plain.accuracy,
+        "",
+        Some((0.8375, "Flower 1.42 (issue)")),
+        ">= Flower",
+        Some(plain.accuracy >= 0.8375),
+    );
+    t.push(
+        "main job peak memory, server",
+        plain.server_peak_mib,
+        "MiB",
+        None,
+        "",
+        None,
+    );
+    t.push(
+        "main job peak memory, one client",
+        plain.client_peak_mib,
+        "MiB",
+        Some((4800.0 / 11.0, "Flower avg per process")),
+        "",
+        None,
+    );
+    bench_main_job_secure(t, root, plain.round)
+}
+
+fn bench_main_job_secure(t: &mut Table, root: &std::path::Path, plain: f64) -> anyhow::Result<()> {
+    let secure = main_job(root, true)?;
+    t.push(
+        "main job round with secure aggregation",
+        secure.round,
+        "s",
+        Some((plain, "same job without")),
+        "<= 1.3x without",
+        Some(secure.round <= 1.3 * plain),
+    );
+    t.push(
+        "main job accuracy with secure aggregation",
+        secure.accuracy,
+        "",
+        Some((0.8375, "Flower 1.42 (issue)")),
+        ">= Flower",
+        Some(secure.accuracy >= 0.8375),
+    );
+    Ok(())
+}
+
+/// What one run of the main job measured.
+struct MainJob {
+    round: f64,
+    overhead: f64,
+    accuracy: f64,
+    server_peak_mib: f64,
+    client_peak_mib: f64,
+}
+
+fn main_job(root: &std::path::Path, secure: bool) -> anyhow::Result<MainJob> {
     let bin = root.join("target/release");
     // One kit per host, as `dpfl-certs init` lays them out (the CA key apart in ca/).
     let certs = root.join("certs-dev");
@@ -503,6 +635,11 @@ fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
         .arg("--out")
         .arg(out.path())
         .arg("--fresh")
+        .args(if secure {
+            &["--set", "secure_aggregation=true"][..]
+        } else {
+            &[][..]
+        })
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let mut clients = Vec::new();
@@ -579,47 +716,13 @@ fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
         .last()
         .and_then(|r| r["test_accuracy"].as_f64())
         .unwrap_or(0.0);
-    t.push(
-        "main job round (10 clients, 2 cores)",
-        med_round,
-        "s",
-        Some((2.0, "Flower 1.42 (issue)")),
-        "<= 0.5x Flower",
-        Some(med_round <= 1.0),
-    );
-    t.push(
-        "main job framework overhead share",
-        med_ov * 100.0,
-        "% of round",
-        None,
-        "<= 10 %",
-        Some(med_ov <= 0.10),
-    );
-    t.push(
-        "main job accuracy after 10 rounds",
-        acc,
-        "",
-        Some((0.8375, "Flower 1.42 (issue)")),
-        ">= Flower",
-        Some(acc >= 0.8375),
-    );
-    t.push(
-        "main job peak memory, server",
-        server_peak as f64 / 1024.0,
-        "MiB",
-        None,
-        "",
-        None,
-    );
-    t.push(
-        "main job peak memory, one client",
-        client_peak as f64 / 1024.0,
-        "MiB",
-        Some((4800.0 / 11.0, "Flower avg per process")),
-        "",
-        None,
-    );
-    Ok(())
+    Ok(MainJob {
+        round: med_round,
+        overhead: med_ov,
+        accuracy: acc,
+        server_peak_mib: server_peak as f64 / 1024.0,
+        client_peak_mib: client_peak as f64 / 1024.0,
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -630,11 +733,30 @@ fn main() -> anyhow::Result<()> {
         "stage", "value", "unit", "baseline", "", "ratio", "target"
     );
     let mut t = Table::default();
+    if std::env::args().any(|a| a == "--secagg-only") {
+        // Secure aggregation's rows alone: the cost table and the main job with and
+        // without it.
+        if !std::env::args().any(|a| a == "--skip-secagg-table") {
+            bench_secagg(&mut t)?;
+        }
+        let plain = main_job(&root, false)?;
+        t.push(
+            "main job round (10 clients, 2 cores)",
+            plain.round,
+            "s",
+            None,
+            "",
+            None,
+        );
+        bench_main_job_secure(&mut t, &root, plain.round)?;
+        return Ok(());
+    }
     bench_codec(&mut t);
     bench_aggregation(&mut t);
     bench_noise(&mut t);
     tokio::runtime::Runtime::new()?.block_on(quic_and_tcp(&mut t))?;
     bench_training(&mut t, &root)?;
+    bench_secagg(&mut t)?;
     if std::env::args().any(|a| a == "--skip-main-job") {
         println!("(main job skipped)");
     } else {

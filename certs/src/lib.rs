@@ -939,6 +939,49 @@ pub fn client_tls(creds: &Credentials, alpn: &[u8]) -> Result<rustls::ClientConf
     Ok(cfg)
 }
 
+/// Checks node certificates that reach a node through the server rather than through a
+/// TLS handshake (secure aggregation forwards each neighbour's certificate): the chain to
+/// the federation CA, validity at the given time and client-authentication usage, exactly
+/// as the server's TLS verifier checks a connecting node.
+pub struct PeerCertificates {
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for PeerCertificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerCertificates").finish_non_exhaustive()
+    }
+}
+
+impl PeerCertificates {
+    /// Trusts the CA certificate(s) in `ca` (PEM).
+    pub fn new(ca: &Path) -> Result<Self, CertError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(ca)?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| CertError::Tls(e.to_string()))?;
+        Ok(Self { verifier })
+    }
+
+    /// Verifies `der` at `now` (seconds since the Unix epoch) and returns the node name it
+    /// carries.
+    pub fn verify(&self, der: &[u8], now_unix_secs: u64) -> Result<String, CertError> {
+        let cert = CertificateDer::from(der.to_vec());
+        self.verifier
+            .verify_client_cert(
+                &cert,
+                &[],
+                rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                    now_unix_secs,
+                )),
+            )
+            .map_err(|e| CertError::Identity(format!("certificate does not verify: {e}")))?;
+        node_name(&cert)
+    }
+}
+
 /// The node name in a (verified) peer certificate: its subject common name.
 pub fn node_name(cert: &CertificateDer<'_>) -> Result<String, CertError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -1033,6 +1076,33 @@ mod tests {
         verifier
             .verify_client_cert(cert, &[], rustls::pki_types::UnixTime::now())
             .unwrap();
+    }
+
+    #[test]
+    fn forwarded_peer_certificates_are_chain_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        create_dev_federation(dir.path(), &["localhost".into()], "node", 2, false).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        create_dev_federation(other.path(), &["localhost".into()], "node", 1, false).unwrap();
+        let l = Layout::new(dir.path());
+        let peers = PeerCertificates::new(&l.ca_cert()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let cert = &load_certs(&l.node_cert("node-2")).unwrap()[0];
+        assert_eq!(peers.verify(cert.as_ref(), now).unwrap(), "node-2");
+        // A certificate of another federation with the same name does not verify.
+        let foreign = &load_certs(&Layout::new(other.path()).node_cert("node-1")).unwrap()[0];
+        assert!(peers.verify(foreign.as_ref(), now).is_err());
+        // Nor does the server certificate (no client-auth usage), nor garbage.
+        let server = &load_certs(&l.server_cert()).unwrap()[0];
+        assert!(peers.verify(server.as_ref(), now).is_err());
+        assert!(peers.verify(b"not a certificate", now).is_err());
+        // Nor an expired one (far in the future).
+        assert!(peers
+            .verify(cert.as_ref(), now + 400 * 365 * 86_400)
+            .is_err());
     }
 
     fn files(dir: &Path) -> Vec<String> {

@@ -4,11 +4,13 @@
 //!
 //! - [`worker`]: the training thread (model, data, privatization).
 //! - [`node`]: connection, handshake, request loop, reconnection with backoff.
+//! - [`secure`]: the node's side of secure aggregation (held update, the five stages).
 //!
 //! It knows nothing about aggregation.
 
 pub mod budget;
 pub mod node;
+pub mod secure;
 pub mod worker;
 
 use dpfl_certs::Credentials;

@@ -141,6 +141,9 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
     }
     let mut backoff = cfg.backoff_initial;
     let mut last_ok = Instant::now();
+    // Secure aggregation state lives as long as the process: protocol round ids the node
+    // has seen stay refused across reconnections.
+    let mut secure: Option<crate::secure::SecureNode> = None;
     let target = cfg
         .server_host
         .clone()
@@ -153,6 +156,7 @@ pub async fn run(cfg: NodeConfig, worker: Worker) -> Result<NodeSummary, NodeErr
             &mut summary,
             &mut budget,
             &mut last_ok,
+            &mut secure,
         )
         .await;
         match result {
@@ -211,6 +215,7 @@ async fn session(
     summary: &mut NodeSummary,
     budget: &mut Budget,
     last_ok: &mut Instant,
+    secure: &mut Option<crate::secure::SecureNode>,
 ) -> Result<Outcome, Fatal> {
     // Every wait is bounded by what is left before the node gives up.
     let left = || {
@@ -406,8 +411,32 @@ async fn session(
                                 }
                                 summary.rounds_trained += 1;
                                 let meta = done.meta(&req_copy);
-                                let bytes =
-                                    wire::encode(&Header::Update(meta), done.delta.as_slice());
+                                let bytes = match req_copy.secure_aggregation {
+                                    None => {
+                                        wire::encode(&Header::Update(meta), done.delta.as_slice())
+                                    }
+                                    Some(spec) => {
+                                        // Only `Held` leaves now; the update leaves masked,
+                                        // in the stages that follow.
+                                        if secure.is_none() {
+                                            match crate::secure::SecureNode::new(
+                                                &welcome.node,
+                                                &cfg.credentials,
+                                            ) {
+                                                Ok(s) => *secure = Some(s),
+                                                Err(e) => {
+                                                    return Err(Fatal::Setup(format!(
+                                                        "secure aggregation: {e}"
+                                                    )))
+                                                }
+                                            }
+                                        }
+                                        if let Some(s) = secure.as_mut() {
+                                            s.hold(round, spec, done.delta.as_slice().to_vec());
+                                        }
+                                        wire::encode(&Header::Held(meta), &[])
+                                    }
+                                };
                                 let eps = summary
                                     .epsilon
                                     .map_or(String::new(), |e| format!(", own epsilon {e:.4}"));
@@ -462,6 +491,27 @@ async fn session(
                     }
                 }
             }
+            Header::SecAggRequest(frame) => {
+                let round = frame.round;
+                let answer = secagg_stage(
+                    secure.as_mut(),
+                    &frame,
+                    &msg.payload,
+                    welcome.spec.num_params(),
+                );
+                let bytes = match answer {
+                    Ok((frame, payload)) => wire::encode(&Header::SecAggAnswer(frame), &payload),
+                    Err(reason) => {
+                        let reason = format!("node {}: secure aggregation: {reason}", welcome.node);
+                        tracing::warn!(round, "{reason}");
+                        wire::encode(&Header::Failed { round, reason }, &[])
+                    }
+                };
+                if let Err(e) = write_reply(&mut send, &bytes).await {
+                    return Ok(Outcome::Lost(e));
+                }
+                continue;
+            }
             other => {
                 tracing::warn!("ignoring unexpected `{}` message", other.name());
                 continue;
@@ -471,6 +521,25 @@ async fn session(
             return Ok(Outcome::Lost(e));
         }
     }
+}
+
+/// Decodes one secure-aggregation stage (bounded), answers it, and frames the answer.
+fn secagg_stage(
+    secure: Option<&mut crate::secure::SecureNode>,
+    frame: &wire::SecAggFrame,
+    payload: &[f32],
+    num_params: usize,
+) -> Result<(wire::SecAggFrame, Vec<f32>), String> {
+    let secure = secure.ok_or("no securely aggregated round is open on this node")?;
+    let bytes = wire::payload_bytes(frame, payload).map_err(|e| e.to_string())?;
+    // The wire read already bounded the bytes; the stage message may hold at most the
+    // certificates of every participant the degree allows.
+    let request =
+        dpfl_secagg::transport::decode_to_node(&bytes, bytes.len(), dpfl_secagg::MAX_PARTICIPANTS)
+            .map_err(|e| e.to_string())?;
+    let answer = secure.handle(frame.round, num_params as u32, request)?;
+    let out = dpfl_secagg::transport::encode_from_node(&answer).map_err(|e| e.to_string())?;
+    wire::bytes_payload(frame.round, &out).ok_or_else(|| "empty stage answer".to_string())
 }
 
 fn log_round(cfg: &NodeConfig, round: u64, summary: &NodeSummary, done: &crate::worker::TrainDone) {
@@ -514,6 +583,12 @@ fn check_train(welcome: &Welcome, req: &wire::TrainRequest, payload: usize) -> R
     }
     req.config.validate().map_err(|e| e.to_string())?;
     req.privacy.validate().map_err(|e| e.to_string())?;
+    if let Some(spec) = &req.secure_aggregation {
+        spec.validate()?;
+        if req.privacy.mode == DpMode::Local {
+            return Err("secure aggregation is not offered with local DP".into());
+        }
+    }
     if req.privacy.mode != welcome.dp.mode {
         return Err(format!(
             "round asks for dp mode `{}`, agreed `{}`",

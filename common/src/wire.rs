@@ -29,9 +29,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version; peers with another version are refused. Version 2: the hello declares
 /// the node's example counts (the server bounds the weight a node may claim by them).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: secure aggregation (the train request says whether the round is securely
+/// aggregated; [`Header::Held`], [`Header::SecAggRequest`] and [`Header::SecAggAnswer`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/2";
+pub const ALPN: &[u8] = b"dpfl/3";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.
@@ -136,6 +138,48 @@ pub struct TrainRequest {
     pub config: TrainConfig,
     /// Clipping and noise the client must apply.
     pub privacy: ClientPrivacy,
+    /// When set, the round is securely aggregated: the node keeps its update, answers
+    /// [`Header::Held`], and sends it only masked, in the secure-aggregation stages that
+    /// follow.
+    pub secure_aggregation: Option<SecAggSpec>,
+}
+
+/// How a node encodes its update for a securely aggregated round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SecAggSpec {
+    /// L2 norm the update is clipped to before it is encoded (the fixed-point range).
+    pub clip_norm: f64,
+    /// Ring width b: the update is encoded into Z/2^b.
+    pub bits: u8,
+}
+
+impl SecAggSpec {
+    /// Range checks (what a node checks before it trains).
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return Err(format!(
+                "secure aggregation clip norm must be finite and > 0, got {}",
+                self.clip_norm
+            ));
+        }
+        if !(16..=62).contains(&self.bits) {
+            return Err(format!(
+                "secure aggregation ring width must be in 16..=62 bits, got {}",
+                self.bits
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The envelope of a secure-aggregation stage message: its bytes (bincode, defined by
+/// `dpfl-secagg`) travel as the payload, zero-padded to a multiple of 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggFrame {
+    /// Training round the stage belongs to (the request's round).
+    pub round: u64,
+    /// Length of the stage message in bytes (the payload is this, rounded up to 4).
+    pub len: u32,
 }
 
 /// Training metrics a client reports (absent in `local` DP mode, where they would leak).
@@ -224,6 +268,13 @@ pub enum Header {
     },
     /// Server -> client: training is over, disconnect.
     Finish(Finish),
+    /// Client -> server: the answer to a securely aggregated train request; the node
+    /// trained and keeps its (clipped) update for the stages that follow. No payload.
+    Held(UpdateMeta),
+    /// Server -> client: one secure-aggregation stage (payload: the stage message).
+    SecAggRequest(SecAggFrame),
+    /// Client -> server: the answer to a stage (payload: the node's stage message).
+    SecAggAnswer(SecAggFrame),
 }
 
 /// Whether a header kind carries a parameter payload.
@@ -233,6 +284,8 @@ pub enum PayloadKind {
     None,
     /// A full parameter vector or delta is required.
     Params,
+    /// Opaque bytes (a secure-aggregation stage message), padded to 4.
+    Bytes,
 }
 
 impl Header {
@@ -240,6 +293,7 @@ impl Header {
     pub fn payload_kind(&self) -> PayloadKind {
         match self {
             Header::Train(_) | Header::Update(_) | Header::Evaluate(_) => PayloadKind::Params,
+            Header::SecAggRequest(_) | Header::SecAggAnswer(_) => PayloadKind::Bytes,
             _ => PayloadKind::None,
         }
     }
@@ -256,6 +310,9 @@ impl Header {
             Header::EvalResult(_) => "eval_result",
             Header::Failed { .. } => "failed",
             Header::Finish(_) => "finish",
+            Header::Held(_) => "held",
+            Header::SecAggRequest(_) => "secagg_request",
+            Header::SecAggAnswer(_) => "secagg_answer",
         }
     }
 }
@@ -393,6 +450,40 @@ pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
     out
 }
 
+/// Packs opaque bytes into a payload (zero-padded to a multiple of 4 bytes) and the
+/// frame that announces them. `None` when `bytes` is empty or longer than `u32::MAX`.
+pub fn bytes_payload(round: u64, bytes: &[u8]) -> Option<(SecAggFrame, Vec<f32>)> {
+    let len = u32::try_from(bytes.len()).ok().filter(|&l| l > 0)?;
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().div_ceil(4) * 4, 0);
+    Some((SecAggFrame { round, len }, f32_from_le_bytes(&padded)))
+}
+
+/// The bytes a [`SecAggFrame`] announces, from the payload it came with: the payload must
+/// be exactly `len` rounded up to 4 bytes, padded with zeros.
+pub fn payload_bytes(frame: &SecAggFrame, payload: &[f32]) -> Result<Vec<u8>, DecodeError> {
+    let len = frame.len as usize;
+    let expected = len.div_ceil(4);
+    if len == 0 || payload.len() != expected {
+        return Err(DecodeError::Payload {
+            kind: "secagg",
+            problem: "payload length does not match the frame",
+        });
+    }
+    let mut out = Vec::with_capacity(4 * expected);
+    for v in payload {
+        out.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+    if out[len..].iter().any(|&b| b != 0) {
+        return Err(DecodeError::Payload {
+            kind: "secagg",
+            problem: "padding bytes must be zero",
+        });
+    }
+    out.truncate(len);
+    Ok(out)
+}
+
 /// Lengths announced by a message prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lengths {
@@ -478,6 +569,10 @@ pub fn decode_header(bytes: &[u8], payload_len: u64) -> Result<Header, DecodeErr
         (PayloadKind::Params, true) => Err(DecodeError::Payload {
             kind: header.name(),
             problem: "requires a parameter payload",
+        }),
+        (PayloadKind::Bytes, true) => Err(DecodeError::Payload {
+            kind: header.name(),
+            problem: "requires a byte payload",
         }),
         _ => Ok(header),
     }
@@ -748,6 +843,10 @@ mod tests {
                     spec_hash: [1; 32],
                     config: TrainConfig::default(),
                     privacy: ClientPrivacy::NONE,
+                    secure_aggregation: Some(SecAggSpec {
+                        clip_norm: 1.0,
+                        bits: 32,
+                    }),
                 }),
                 vec![1.0],
             ),
@@ -780,6 +879,21 @@ mod tests {
                     rounds_completed: 10,
                 }),
                 vec![],
+            ),
+            (
+                Header::Held(match update(4) {
+                    Header::Update(m) => m,
+                    _ => unreachable!("update() makes an update header"),
+                }),
+                vec![],
+            ),
+            (
+                Header::SecAggRequest(SecAggFrame { round: 4, len: 5 }),
+                vec![1.0, 0.0],
+            ),
+            (
+                Header::SecAggAnswer(SecAggFrame { round: 4, len: 4 }),
+                vec![2.0],
             ),
         ];
         for (h, p) in kinds {
@@ -1060,5 +1174,44 @@ mod tests {
             prop_assert_eq!(m.payload, payload);
             prop_assert_eq!(m.header, update(round));
         }
+    }
+
+    #[test]
+    fn secagg_bytes_round_trip_and_padding_is_checked() {
+        for len in [1usize, 3, 4, 5, 1000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8 | 0x80).collect();
+            let (frame, payload) = bytes_payload(9, &bytes).unwrap();
+            assert_eq!(frame.len as usize, len);
+            let msg = decode(
+                &encode(&Header::SecAggAnswer(frame), &payload),
+                DEFAULT_MAX_MESSAGE_BYTES,
+            )
+            .unwrap();
+            let Header::SecAggAnswer(f) = msg.header else {
+                panic!("wrong kind")
+            };
+            assert_eq!(payload_bytes(&f, &msg.payload).unwrap(), bytes);
+            // Any NaN bit pattern survives the f32 payload unchanged.
+            let mut longer = msg.payload.clone();
+            longer.push(0.0);
+            assert!(payload_bytes(&f, &longer).is_err());
+            if len % 4 != 0 {
+                let mut dirty = msg.payload.clone();
+                let last = dirty.len() - 1;
+                dirty[last] = f32::from_bits(dirty[last].to_bits() | 0x8000_0000);
+                assert!(payload_bytes(&f, &dirty).is_err(), "non-zero padding");
+            }
+        }
+        assert!(bytes_payload(1, &[]).is_none());
+        assert!(matches!(
+            decode(
+                &encode(
+                    &Header::SecAggRequest(SecAggFrame { round: 1, len: 4 }),
+                    &[]
+                ),
+                1 << 20
+            ),
+            Err(DecodeError::Payload { .. })
+        ));
     }
 }

@@ -48,6 +48,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         spec_hash: spec.hash(),
         config: TrainConfig::default(),
         privacy: ClientPrivacy::NONE,
+        secure_aggregation: None,
     };
     let update = UpdateMeta {
         round: 3,
@@ -119,7 +120,26 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 &[],
             ),
         ),
+        ("held", encode(&Header::Held(update_meta(&spec)), &[])),
+        ("secagg_request", {
+            let (frame, payload) = bytes_payload(4, &[7, 1, 255, 0, 9, 3]).unwrap();
+            encode(&Header::SecAggRequest(frame), &payload)
+        }),
+        ("secagg_answer", {
+            let (frame, payload) = bytes_payload(4, &[0xff; 8]).unwrap();
+            encode(&Header::SecAggAnswer(frame), &payload)
+        }),
     ]
+}
+
+fn update_meta(spec: &ModelSpec) -> UpdateMeta {
+    UpdateMeta {
+        round: 4,
+        spec_hash: spec.hash(),
+        num_examples: 60,
+        metrics: None,
+        clipped: None,
+    }
 }
 
 fn corpus() -> Vec<Vec<u8>> {
@@ -135,7 +155,7 @@ fn corpus() -> Vec<Vec<u8>> {
         .collect();
     files.sort();
     let c: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    assert!(c.len() >= 9, "corpus missing: run with FUZZ_REGENERATE=1");
+    assert!(c.len() >= 12, "corpus missing: run with FUZZ_REGENERATE=1");
     c
 }
 

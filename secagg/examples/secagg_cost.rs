@@ -47,22 +47,24 @@ fn size<T: serde::Serialize>(m: &T) -> usize {
         .unwrap_or(0)
 }
 
-struct Row {
-    n: usize,
-    dropped: usize,
-    params: GraphParams,
-    adversary: &'static str,
-    client_mean: Duration,
-    client_max: Duration,
-    encode_mean: Duration,
-    server: Duration,
-    unmask: Duration,
-    up_mean: f64,
-    down_mean: f64,
-    up_max: usize,
+/// One measured configuration (`dpfl-bench` includes this file for its table).
+pub struct Row {
+    pub n: usize,
+    pub dropped: usize,
+    pub params: GraphParams,
+    pub adversary: &'static str,
+    pub client_mean: Duration,
+    pub client_max: Duration,
+    pub encode_mean: Duration,
+    pub server: Duration,
+    pub unmask: Duration,
+    pub up_mean: f64,
+    pub down_mean: f64,
+    pub up_max: usize,
 }
 
-fn run(
+/// Runs one round of `n` nodes with `len`-value updates and the given dropout rate.
+pub fn run(
     n: usize,
     len: u32,
     dropout: f64,

@@ -52,6 +52,7 @@ mod prg;
 pub mod server;
 pub mod shamir;
 pub mod sign;
+pub mod transport;
 
 pub use client::{Client, ClientConfig, ClientError};
 pub use context::{ContextError, RoundContext};
@@ -61,6 +62,7 @@ pub use messages::*;
 pub use params::{AdversaryClass, GraphParams, ParamError, ThreatModel};
 pub use server::{Aggregate, Server, ServerError, ShareKind, Transition};
 pub use sign::{EcdsaP256Signer, EcdsaP256Verifier, SignatureError, Signer, Verifier};
+pub use transport::{Encoding, PeerCertificate, StageRequest, SumEncoder, TransportError};
 
 /// A participant's name (its certificate's node name).
 pub type NodeId = String;

@@ -78,6 +78,12 @@ pub enum AggregateError {
         /// Updates.
         n: usize,
     },
+    /// A pre-summed aggregate (secure aggregation) given to a robust rule, which needs
+    /// individual updates.
+    #[error(
+        "a robust aggregator needs individual updates; secure aggregation yields only their sum"
+    )]
+    NeedsIndividualUpdates,
 }
 
 /// Collects one round's updates under one rule.
@@ -141,6 +147,26 @@ impl Accumulator {
             *a += weight * *b as f64;
         }
         self.weight += weight;
+        Ok(())
+    }
+
+    /// Folds in the sum of `count` updates, each with weight 1 (mean rule only: secure
+    /// aggregation hands over nothing but the sum).
+    pub fn add_sum(&mut self, sum: &[f64], count: usize) -> Result<(), AggregateError> {
+        if !self.kind.is_streaming() {
+            return Err(AggregateError::NeedsIndividualUpdates);
+        }
+        if sum.len() != self.len {
+            return Err(AggregateError::Length {
+                expected: self.len,
+                got: sum.len(),
+            });
+        }
+        for (a, b) in self.sum.iter_mut().zip(sum) {
+            *a += *b;
+        }
+        self.count += count;
+        self.weight += count as f64;
         Ok(())
     }
 

@@ -158,6 +158,10 @@ pub struct ServerConfig {
     /// When the run in `out_dir` is already complete, how many seconds the server stays up
     /// to tell connecting nodes that training is over before it exits (non-zero).
     pub finished_linger_secs: f64,
+    /// Secure aggregation (SecAgg+): the server learns only the sum of the updates.
+    pub secure_aggregation: bool,
+    /// Secure aggregation settings.
+    pub secagg: crate::secure::SecAggConfig,
 }
 
 impl Default for ServerConfig {
@@ -189,6 +193,8 @@ impl Default for ServerConfig {
             cert_expiry_warn_days: 30.0,
             duplicate_probe_secs: 2.0,
             finished_linger_secs: 10.0,
+            secure_aggregation: false,
+            secagg: crate::secure::SecAggConfig::default(),
         }
     }
 }
@@ -323,6 +329,14 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.max_update_norm", Some("10.0"), "Mode none: largest L2 norm of an update. Unset: unbounded (with DP the clip norm bounds it)."),
     ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
+    ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\" and \"central\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
+    ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
+    ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62), with log2(n) bits of headroom so the sum of n cannot wrap."),
+    ("secagg.clip_norm", None, "dp.mode \"none\": the L2 norm nodes clip their update to before encoding (the fixed-point range). With central DP, dp.clip_norm is used."),
+    ("secagg.dropout_rate", None, "Fraction of a round's participants assumed to drop out (input of the (k, t) finder)."),
+    ("secagg.adversarial_rate", None, "Fraction of a round's participants assumed to collude with the server (input of the (k, t) finder)."),
+    ("secagg.degree", Some("30"), "Neighbours per node k instead of the finder's choice (set with secagg.threshold; even, or n - 1). Unset: the finder decides per round."),
+    ("secagg.threshold", Some("17"), "Shares t needed to reconstruct a node's secrets instead of the finder's choice (set with secagg.degree). Unset: the finder decides per round."),
 ];
 
 /// The configuration reference: every key with its default (commented out when unset by
@@ -591,6 +605,30 @@ impl ServerConfig {
             .server_optimizer
             .validate()
             .map_err(ConfigError::Invalid)?;
+        self.secagg.validate().map_err(ConfigError::Invalid)?;
+        if self.secure_aggregation {
+            use dpfl_common::config::DpMode;
+            if !matches!(self.dp.mode, DpMode::None | DpMode::Central) {
+                return bad(format!(
+                    "secure_aggregation works with dp.mode none or central, not {}",
+                    self.dp.mode
+                ));
+            }
+            if !self.strategy.aggregator.is_streaming() {
+                return bad(
+                    "secure_aggregation needs strategy.aggregator.kind = \"mean\": robust rules \
+                     need individual updates, which the server never sees"
+                        .into(),
+                );
+            }
+            if self.dp.adaptive_clipping.is_some() {
+                return bad(
+                    "secure_aggregation cannot run adaptive clipping: it needs each node's \
+                     clipped bit, which the server never sees"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -617,8 +655,16 @@ impl ServerConfig {
     /// The parts of the configuration that must not change across a resume.
     pub fn fingerprint(&self) -> String {
         format!(
-            "{:?}|{:?}|{:?}|{:?}",
-            self.model, self.dp, self.strategy, self.train
+            "{:?}|{:?}|{:?}|{:?}{}",
+            self.model,
+            self.dp,
+            self.strategy,
+            self.train,
+            if self.secure_aggregation {
+                "|secure_aggregation"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -626,6 +672,34 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secure_aggregation_is_refused_where_it_cannot_hold() {
+        let load = |o: &[(&str, &str)]| {
+            let o: Vec<(String, String)> = o
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            ServerConfig::load(None, &o)
+        };
+        assert!(load(&[("secure_aggregation", "true")]).is_ok());
+        assert!(load(&[("secure_aggregation", "true"), ("dp.mode", "\"central\"")]).is_ok());
+        for bad in [
+            vec![("dp.mode", "\"local\"")],
+            vec![("strategy.aggregator.kind", "\"median\"")],
+            vec![
+                ("dp.mode", "\"central\""),
+                ("dp.adaptive_clipping.target_quantile", "0.5"),
+            ],
+            vec![("secagg.bits", "8")],
+            vec![("secagg.degree", "30")],
+            vec![("secagg.stage_timeout_secs", "0")],
+        ] {
+            let mut o = vec![("secure_aggregation", "true")];
+            o.extend(bad.iter().copied());
+            assert!(load(&o).is_err(), "{bad:?} must be refused");
+        }
+    }
 
     #[test]
     fn defaults_validate_and_overrides_apply() {
@@ -796,6 +870,12 @@ mod tests {
                     if *key == "strategy.aggregator.m" {
                         o.push(("strategy.aggregator.f".into(), "1".into()));
                     }
+                }
+                // Keys that are set together.
+                match *key {
+                    "secagg.degree" => o.push(("secagg.threshold".into(), "17".into())),
+                    "secagg.threshold" => o.push(("secagg.degree".into(), "30".into())),
+                    _ => {}
                 }
                 ServerConfig::load(None, &o).unwrap_or_else(|e| panic!("{key}: {e}"));
             } else {

@@ -19,11 +19,13 @@
 //! nor the ledger. Then optional federated evaluation, then the next round.
 
 use crate::ledger::Ledger;
+use crate::secure::{SecAggSend, SecAggSettings};
 use crate::strategy::{DpParams, EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy};
 use dpfl_common::config::{ClientPrivacy, DpMode};
 use dpfl_common::model::{ModelSpec, SpecHash};
 use dpfl_common::wire::printable;
-use dpfl_common::wire::{EvalResult, EvaluateRequest, TrainRequest, UpdateMeta};
+use dpfl_common::wire::{EvalResult, EvaluateRequest, SecAggSpec, TrainRequest, UpdateMeta};
+use dpfl_secagg::messages::{FromNode, Stage};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +55,8 @@ pub struct CoordinatorConfig {
     pub spec: ModelSpec,
     /// DP parameters (for the ledger and the budget check).
     pub dp: DpParams,
+    /// Secure aggregation (`None`: updates arrive in the clear).
+    pub secure_aggregation: Option<SecAggSettings>,
 }
 
 /// Where client selection draws its randomness from.
@@ -343,6 +347,14 @@ pub enum Rejection {
     /// The strategy refused it.
     #[error("strategy: {0}")]
     Strategy(String),
+    /// An answer of the wrong kind for the round: a cleartext update in a securely
+    /// aggregated round, or a held-update answer in one that is not.
+    #[error("{0}")]
+    Protocol(&'static str),
+    /// A secure-aggregation stage message the protocol refused (the sender drops out of
+    /// the round).
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
 }
 
 impl Rejection {
@@ -364,6 +376,8 @@ impl Rejection {
             Rejection::Weight { .. } => "weight",
             Rejection::Metrics(_) => "metrics",
             Rejection::Strategy(_) => "strategy",
+            Rejection::Protocol(_) => "protocol",
+            Rejection::SecAgg(_) => "secagg",
         }
     }
 }
@@ -432,6 +446,9 @@ pub struct RoundReport {
     pub outliers: Vec<NodeId>,
     /// Privacy layer's record.
     pub privacy: Option<RoundPrivacy>,
+    /// Secure aggregation: SHA-256 of the unmasked sum mod 2^b (coordinates as 8-byte
+    /// little-endian), so a simulation can check it equals the plaintext sum exactly.
+    pub secure_sum_digest: Option<[u8; 32]>,
     /// Epsilon after the round (ledger figure).
     pub epsilon: Option<f64>,
     /// Federated evaluation.
@@ -470,6 +487,8 @@ pub enum RoundPhase {
     Starting,
     /// Collecting updates.
     Training,
+    /// Running the secure-aggregation stages.
+    SecureAggregation,
     /// Collecting federated evaluation answers.
     Evaluating,
     /// Training is over.
@@ -482,6 +501,7 @@ impl std::fmt::Display for RoundPhase {
             RoundPhase::WaitingForClients => "waiting for clients",
             RoundPhase::Starting => "starting",
             RoundPhase::Training => "training",
+            RoundPhase::SecureAggregation => "secure aggregation",
             RoundPhase::Evaluating => "evaluating",
             RoundPhase::Finished => "finished",
         })
@@ -529,6 +549,18 @@ pub enum Action {
         /// Parameters to evaluate.
         params: Arc<Vec<f32>>,
     },
+    /// Send one secure-aggregation stage: one message per node, each on its own stream;
+    /// answers go to [`Coordinator::handle_secagg_answer`].
+    SecAgg {
+        /// Training round.
+        round: u64,
+        /// The stage the messages open.
+        stage: Stage,
+        /// Most bytes of stage message an answer may have.
+        answer_limit: usize,
+        /// Per node.
+        messages: Vec<SecAggSend>,
+    },
     /// A round is complete (checkpoint, metrics, centralised evaluation).
     RoundCompleted(Box<RoundReport>),
     /// A round missed its quorum and is selected again.
@@ -569,6 +601,22 @@ struct FitRound {
     loss_sum: f64,
     acc_sum: f64,
     metric_weight: f64,
+    /// Secure aggregation: nodes that trained and hold their update.
+    held: Vec<NodeId>,
+    /// Secure aggregation: the stages ran (or could not), `accepted` is final.
+    secure_done: bool,
+    /// What to report about the round's secure aggregation.
+    note: Option<String>,
+    /// Digest of the unmasked sum.
+    sum_digest: Option<[u8; 32]>,
+}
+
+/// A securely aggregated round between training and aggregation.
+struct SecAggPhase {
+    fit: FitRound,
+    server: dpfl_secagg::Server,
+    clip: f64,
+    deadline: Instant,
 }
 
 struct EvalRound {
@@ -578,9 +626,12 @@ struct EvalRound {
     report: Box<RoundReport>,
 }
 
+// One value per coordinator: the size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     Waiting,
     Fit(FitRound),
+    SecAgg(Box<SecAggPhase>),
     Eval(EvalRound),
     Done,
 }
@@ -600,6 +651,8 @@ pub struct Coordinator {
     rejected: BTreeMap<&'static str, u64>,
     norm_exceeded: u64,
     round_started: Option<Instant>,
+    /// Next secure-aggregation protocol round id.
+    next_secagg_id: u64,
 }
 
 impl Coordinator {
@@ -617,6 +670,10 @@ impl Coordinator {
             ));
         }
         cfg.limits.validate()?;
+        let next_secagg_id = cfg
+            .secure_aggregation
+            .as_ref()
+            .map_or(0, |s| s.round_id_base);
         strategy
             .restore(&snapshot.strategy)
             .map_err(|e| e.to_string())?;
@@ -634,6 +691,7 @@ impl Coordinator {
             rejected: BTreeMap::new(),
             norm_exceeded: 0,
             round_started: None,
+            next_secagg_id,
         })
     }
 
@@ -682,6 +740,7 @@ impl Coordinator {
     pub fn open_round(&self) -> Option<u64> {
         match &self.phase {
             Phase::Fit(f) => Some(f.round),
+            Phase::SecAgg(p) => Some(p.fit.round),
             _ => None,
         }
     }
@@ -709,6 +768,14 @@ impl Coordinator {
                 selected: f.selected.len(),
                 pending: f.pending.iter().cloned().collect(),
                 deadline: Some(f.deadline),
+            },
+            Phase::SecAgg(p) => RoundState {
+                phase: RoundPhase::SecureAggregation,
+                round: p.fit.round,
+                attempt: p.fit.attempt,
+                selected: p.fit.selected.len(),
+                pending: p.server.pending(),
+                deadline: Some(p.deadline),
             },
             Phase::Eval(e) => RoundState {
                 phase: RoundPhase::Evaluating,
@@ -747,6 +814,7 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Fit(f) => Some(f.deadline),
+            Phase::SecAgg(p) => Some(p.deadline),
             Phase::Eval(e) => Some(e.deadline),
             _ => None,
         }
@@ -798,6 +866,7 @@ impl Coordinator {
     fn current_round(&self) -> Option<u64> {
         match &self.phase {
             Phase::Fit(f) => Some(f.round),
+            Phase::SecAgg(p) => Some(p.fit.round),
             Phase::Eval(e) => Some(e.report.round),
             _ => None,
         }
@@ -813,6 +882,14 @@ impl Coordinator {
                 });
                 if f.pending.is_empty() {
                     self.close_fit(now);
+                }
+            }
+            Phase::SecAgg(p) => {
+                // Whatever the node was asked, it is gone for the rest of the round (a name
+                // outside the round changes nothing).
+                let _ = p.server.handle_dropout(node);
+                if p.server.is_stage_complete() {
+                    self.advance_secagg(now);
                 }
             }
             Phase::Eval(e) if e.pending.contains(node) => {
@@ -870,6 +947,7 @@ impl Coordinator {
                         | Rejection::Norm { .. }
                         | Rejection::Weight { .. }
                         | Rejection::Metrics(_)
+                        | Rejection::Protocol(_)
                 ) {
                     self.fail(node, &format!("rejected: {e}"), now);
                 }
@@ -961,6 +1039,11 @@ impl Coordinator {
         }
         if meta.spec_hash != self.spec_hash {
             return Err(Rejection::SpecHash);
+        }
+        if self.cfg.secure_aggregation.is_some() {
+            return Err(Rejection::Protocol(
+                "cleartext update in a securely aggregated round",
+            ));
         }
         if delta.len() != self.cfg.spec.num_params() {
             return Err(Rejection::Length {
@@ -1079,6 +1162,7 @@ impl Coordinator {
                 }
                 self.close_fit(now);
             }
+            Phase::SecAgg(p) if now >= p.deadline => self.advance_secagg(now),
             Phase::Eval(e) if now >= e.deadline => self.close_eval(now),
             _ => {}
         }
@@ -1182,6 +1266,14 @@ impl Coordinator {
             spec_hash: self.spec_hash,
             config: plan.config,
             privacy: plan.privacy,
+            secure_aggregation: self.cfg.secure_aggregation.as_ref().map(|s| SecAggSpec {
+                clip_norm: if plan.privacy.mode == DpMode::None {
+                    s.clip_norm
+                } else {
+                    plan.privacy.clip_norm
+                },
+                bits: s.bits,
+            }),
         };
         let caps = if plan.privacy.mode == DpMode::None {
             let declared: Vec<(NodeId, u64)> = selected
@@ -1227,6 +1319,10 @@ impl Coordinator {
             loss_sum: 0.0,
             acc_sum: 0.0,
             metric_weight: 0.0,
+            held: Vec::new(),
+            secure_done: false,
+            note: None,
+            sum_digest: None,
         });
         tracing::debug!(round, attempt, selected = selected.len(), "round started");
         if pending.is_empty() {
@@ -1244,6 +1340,12 @@ impl Coordinator {
     }
 
     fn close_fit(&mut self, now: Instant) {
+        if self.cfg.secure_aggregation.is_some()
+            && matches!(&self.phase, Phase::Fit(f) if !f.secure_done)
+        {
+            self.start_secagg(now);
+            return;
+        }
         let Phase::Fit(f) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             return;
         };
@@ -1251,7 +1353,7 @@ impl Coordinator {
         let quorum = self.cfg.min_fit_clients.min(f.selected.len());
         let mut abandoned = false;
         let mut model_updated = false;
-        let mut note = None;
+        let mut note = f.note.clone();
         // Local mode: every attempt whose requests went out is a release, whatever came
         // back (accepted, rejected, late or never): a node that answered has released its
         // noised update to the server. Charged once, here, to every node asked; the
@@ -1379,6 +1481,7 @@ impl Coordinator {
             note,
             outliers,
             privacy,
+            secure_sum_digest: f.sum_digest,
             epsilon: self.cfg.dp.mode.is_private().then(|| self.ledger.epsilon()),
             federated_eval: None,
             started: self.round_started.unwrap_or(f.started),
@@ -1451,6 +1554,356 @@ impl Coordinator {
     }
 }
 
+/// SHA-256 of a vector mod 2^b, coordinates as 8-byte little-endian.
+pub fn sum_digest(sum: &[u64]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for v in sum {
+        h.update(v.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// Secure aggregation (see [`crate::secure`]): the held-update answers, the five stages and
+/// the hand-over of the unmasked sum to the strategy.
+impl Coordinator {
+    /// A node's answer to a securely aggregated train request: it trained and holds its
+    /// update. Checked like an update's header (round, selection, once, spec, claimed
+    /// weight, metrics); nothing of the update itself arrives.
+    pub fn handle_held(
+        &mut self,
+        node: &str,
+        request_round: u64,
+        meta: UpdateMeta,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        let r = self.check_held(node, request_round, &meta);
+        if let Err(e) = r {
+            *self.rejected.entry(e.kind()).or_default() += 1;
+            if self.open_round() == Some(request_round)
+                && !matches!(
+                    e,
+                    Rejection::NotSelected(_) | Rejection::Duplicate(_) | Rejection::NoOpenRound
+                )
+            {
+                self.fail(node, &format!("rejected: {e}"), now);
+            }
+            return Err(e);
+        }
+        let Phase::Fit(f) = &mut self.phase else {
+            return Err(Rejection::NoOpenRound);
+        };
+        if let Some(m) = &meta.metrics {
+            let w = meta.num_examples.max(1) as f64;
+            f.loss_sum += m.loss * w;
+            f.acc_sum += m.accuracy * w;
+            f.metric_weight += w;
+        }
+        f.pending.remove(node);
+        f.held.push(node.to_string());
+        if f.pending.is_empty() {
+            self.close_fit(now);
+        }
+        Ok(())
+    }
+
+    fn check_held(
+        &self,
+        node: &str,
+        request_round: u64,
+        meta: &UpdateMeta,
+    ) -> Result<(), Rejection> {
+        if meta.round != request_round {
+            return Err(if meta.round < request_round {
+                Rejection::Replayed {
+                    got: meta.round,
+                    request: request_round,
+                }
+            } else {
+                Rejection::WrongRound {
+                    got: meta.round,
+                    request: request_round,
+                }
+            });
+        }
+        if self.cfg.secure_aggregation.is_none() {
+            return Err(Rejection::Protocol(
+                "held-update answer in a round that is not securely aggregated",
+            ));
+        }
+        let Phase::Fit(f) = &self.phase else {
+            return Err(Rejection::NoOpenRound);
+        };
+        if meta.round != f.round {
+            return Err(Rejection::Stale {
+                got: meta.round,
+                current: f.round,
+            });
+        }
+        if !f.selected.contains(node) {
+            return Err(Rejection::NotSelected(f.round));
+        }
+        if !f.pending.contains(node) {
+            return Err(Rejection::Duplicate(f.round));
+        }
+        if meta.spec_hash != self.spec_hash {
+            return Err(Rejection::SpecHash);
+        }
+        let declared = self.infos.get(node).map_or(0, |i| i.num_examples);
+        if meta.num_examples > declared {
+            return Err(Rejection::Weight {
+                claimed: meta.num_examples,
+                declared,
+            });
+        }
+        if let Some(m) = &meta.metrics {
+            check_metrics(m)?;
+        }
+        Ok(())
+    }
+
+    /// A node's answer to a stage of the secure-aggregation round of training round
+    /// `request_round`. A refused message drops the sender from the protocol round (the
+    /// protocol tolerates it like any dropout); it never aborts the round by itself.
+    pub fn handle_secagg_answer(
+        &mut self,
+        node: &str,
+        request_round: u64,
+        msg: FromNode,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        let r = match &mut self.phase {
+            // An answer of an earlier attempt's protocol round (a retry keeps the training
+            // round): stale, and no reason to drop the node from this one.
+            Phase::SecAgg(p)
+                if p.fit.round == request_round && msg.round() != p.server.context().round =>
+            {
+                Err((
+                    Rejection::Stale {
+                        got: msg.round(),
+                        current: p.server.context().round,
+                    },
+                    false,
+                ))
+            }
+            Phase::SecAgg(p) if p.fit.round == request_round => {
+                match p.server.handle_message(node, msg) {
+                    Ok(()) => Ok(p.server.is_stage_complete()),
+                    Err(e) => {
+                        let _ = p.server.handle_dropout(node);
+                        Err((
+                            Rejection::SecAgg(e.to_string()),
+                            p.server.is_stage_complete(),
+                        ))
+                    }
+                }
+            }
+            Phase::SecAgg(p) => Err((
+                Rejection::Stale {
+                    got: request_round,
+                    current: p.fit.round,
+                },
+                false,
+            )),
+            _ => Err((Rejection::NoOpenRound, false)),
+        };
+        match r {
+            Ok(complete) => {
+                if complete {
+                    self.advance_secagg(now);
+                }
+                Ok(())
+            }
+            Err((e, complete)) => {
+                *self.rejected.entry(e.kind()).or_default() += 1;
+                if complete {
+                    self.advance_secagg(now);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Training is over: the nodes holding an update become the participants of a fresh
+    /// protocol round (or, too few of them, the round goes on with nothing accepted).
+    fn start_secagg(&mut self, now: Instant) {
+        let Some(settings) = self.cfg.secure_aggregation.clone() else {
+            return;
+        };
+        let Phase::Fit(mut f) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            return;
+        };
+        f.secure_done = true;
+        let quorum = self.cfg.min_fit_clients.min(f.selected.len());
+        let n = f.held.len();
+        let clip = if f.privacy.mode == DpMode::None {
+            settings.clip_norm
+        } else {
+            f.privacy.clip_norm
+        };
+        let id = self.next_secagg_id;
+        self.next_secagg_id += 1;
+        let mut rng = self.round_rng(f.round, f.attempt, 3);
+        let started = (|| {
+            if n < 3 || n < quorum {
+                return Err(format!(
+                    "{n} nodes hold an update; secure aggregation needs at least {}",
+                    quorum.max(3)
+                ));
+            }
+            let params =
+                dpfl_secagg::params::choose_params(n as u32, &settings.threat, settings.params)
+                    .map_err(|e| e.to_string())?;
+            let ctx = dpfl_secagg::RoundContext::new(
+                id,
+                f.held.clone(),
+                params,
+                settings.bits,
+                self.cfg.spec.num_params() as u32,
+                &mut rng,
+            )
+            .map_err(|e| e.to_string())?;
+            let server = dpfl_secagg::Server::new(ctx).map_err(|e| e.to_string())?;
+            Ok(server)
+        })();
+        match started {
+            Err(why) => {
+                tracing::warn!(round = f.round, "secure aggregation not started: {why}");
+                f.note = Some(format!("secure aggregation not started: {why}"));
+                for node in std::mem::take(&mut f.held) {
+                    f.failures.push(Failure {
+                        node,
+                        reason: "secure aggregation not started".into(),
+                    });
+                }
+                self.phase = Phase::Fit(f);
+                self.close_fit(now);
+            }
+            Ok(server) => {
+                let ctx = server.context().clone();
+                let graph = dpfl_secagg::graph::Graph::new(ctx.len(), ctx.degree, &ctx.graph_seed);
+                let setup = dpfl_secagg::messages::ToNode::Setup(server.setup());
+                let messages = (0..ctx.len())
+                    .filter_map(|i| {
+                        let node = ctx.node(i)?.to_string();
+                        let certificates_of = graph
+                            .neighbours(i)
+                            .into_iter()
+                            .filter_map(|v| ctx.node(v).map(str::to_string))
+                            .collect();
+                        Some(SecAggSend {
+                            node,
+                            message: setup.clone(),
+                            certificates_of,
+                        })
+                    })
+                    .collect();
+                tracing::debug!(
+                    round = f.round,
+                    id,
+                    n,
+                    degree = ctx.degree,
+                    threshold = ctx.threshold,
+                    "secure aggregation started"
+                );
+                self.actions.push_back(Action::SecAgg {
+                    round: f.round,
+                    stage: Stage::AdvertiseKeys,
+                    answer_limit: crate::secure::answer_limit(&ctx),
+                    messages,
+                });
+                self.phase = Phase::SecAgg(Box::new(SecAggPhase {
+                    fit: f,
+                    server,
+                    clip,
+                    deadline: now + settings.stage_timeout,
+                }));
+            }
+        }
+    }
+
+    /// Closes the open stage (everyone answered, or its deadline passed): sends the next
+    /// stage, or ends the protocol round with the sum or with an abort.
+    fn advance_secagg(&mut self, now: Instant) {
+        let Some(timeout) = self
+            .cfg
+            .secure_aggregation
+            .as_ref()
+            .map(|s| s.stage_timeout)
+        else {
+            return;
+        };
+        let Phase::SecAgg(p) = &mut self.phase else {
+            return;
+        };
+        let round = p.fit.round;
+        let outcome = match p.server.close_stage() {
+            Ok(dpfl_secagg::Transition::Send(msgs)) => {
+                let stage = p.server.stage();
+                let answer_limit = crate::secure::answer_limit(p.server.context());
+                p.deadline = now + timeout;
+                self.actions.push_back(Action::SecAgg {
+                    round,
+                    stage,
+                    answer_limit,
+                    messages: msgs
+                        .into_iter()
+                        .map(|(node, message)| SecAggSend {
+                            node,
+                            message,
+                            certificates_of: Vec::new(),
+                        })
+                        .collect(),
+                });
+                return;
+            }
+            Ok(dpfl_secagg::Transition::Done(agg)) => Ok(agg),
+            Err(e) => Err(e.to_string()),
+        };
+        let Phase::SecAgg(p) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            return;
+        };
+        let SecAggPhase {
+            mut fit,
+            server,
+            clip,
+            ..
+        } = *p;
+        let n = server.context().len();
+        let bits = server.context().bits;
+        let result = outcome.and_then(|agg| {
+            fit.sum_digest = Some(sum_digest(&agg.sum));
+            let encoder = dpfl_secagg::Encoding::FixedPoint { clip, bits }
+                .encoder(n)
+                .map_err(|e| e.to_string())?;
+            let sum = encoder.decode_sum(&agg.sum).map_err(|e| e.to_string())?;
+            self.strategy
+                .accumulate_sum(fit.round, &sum, agg.survivors.len())
+                .map_err(|e| e.to_string())?;
+            Ok(agg.survivors)
+        });
+        let survivors = match result {
+            Ok(survivors) => survivors,
+            Err(why) => {
+                tracing::warn!(round, "secure aggregation failed: {why}");
+                fit.note = Some(format!("secure aggregation aborted: {why}"));
+                Vec::new()
+            }
+        };
+        for node in &fit.held {
+            if !survivors.contains(node) {
+                fit.failures.push(Failure {
+                    node: node.clone(),
+                    reason: "dropped out of secure aggregation".into(),
+                });
+            }
+        }
+        fit.accepted = survivors;
+        self.phase = Phase::Fit(fit);
+        self.close_fit(now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1484,6 +1937,7 @@ mod tests {
             limits: UpdateLimits::default(),
             spec: spec(),
             dp,
+            secure_aggregation: None,
         };
         Coordinator::new(
             cfg,
@@ -2127,5 +2581,436 @@ mod tests {
         for n in &nodes {
             assert_eq!(c.ledger().clients[n].rounds_joined, 1, "{n} was asked");
         }
+    }
+}
+
+#[cfg(test)]
+mod secure_tests {
+    use super::*;
+    use crate::strategy::{build, FedAvgConfig, TrainSettings};
+    use dpfl_common::dp::SimulationGaussian;
+    use dpfl_secagg::messages::ToNode;
+    use dpfl_secagg::params::{AdversaryClass, GraphParams, ThreatModel};
+    use dpfl_secagg::{
+        Client, ClientConfig, EcdsaP256Signer, EcdsaP256Verifier, FixedPoint, SumEncoder,
+    };
+    use rand::{Rng, SeedableRng};
+
+    const P: usize = 3 * 2 + 2;
+    const CLIP: f64 = 10.0;
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn spec() -> ModelSpec {
+        ModelSpec::new(vec![3, 2]).unwrap()
+    }
+
+    fn coordinator(n: usize, params: Option<GraphParams>, retries: u32) -> Coordinator {
+        let dp = DpParams::default();
+        let strategy = build(
+            FedAvgConfig::default(),
+            TrainSettings::default(),
+            dp,
+            P,
+            Box::new(SimulationGaussian::seeded(1)),
+        )
+        .unwrap();
+        let cfg = CoordinatorConfig {
+            rounds: 2,
+            min_clients: n,
+            min_fit_clients: 3,
+            round_timeout: Duration::from_secs(10),
+            eval_timeout: Duration::from_secs(5),
+            max_round_retries: retries,
+            selection: Selection::Seeded(7),
+            limits: UpdateLimits::default(),
+            spec: spec(),
+            dp,
+            secure_aggregation: Some(SecAggSettings {
+                stage_timeout: TIMEOUT,
+                bits: 32,
+                clip_norm: CLIP,
+                threat: ThreatModel {
+                    adversarial_rate: 0.05,
+                    dropout_rate: 0.05,
+                    adversary: AdversaryClass::CuriousServer,
+                },
+                params,
+                round_id_base: 1000,
+            }),
+        };
+        Coordinator::new(
+            cfg,
+            strategy,
+            Coordinator::initial_snapshot(vec![0.0; P], &dp),
+        )
+        .unwrap()
+    }
+
+    fn meta(round: u64) -> UpdateMeta {
+        UpdateMeta {
+            round,
+            spec_hash: spec().hash(),
+            num_examples: 10,
+            metrics: None,
+            clipped: None,
+        }
+    }
+
+    /// Real protocol clients standing in for the nodes.
+    struct Nodes {
+        clients: BTreeMap<NodeId, Client<EcdsaP256Signer, EcdsaP256Verifier>>,
+        updates: BTreeMap<NodeId, Vec<f32>>,
+        participants: u32,
+        rng: rand_chacha::ChaCha20Rng,
+        /// Protocol round ids seen in setups.
+        ids: Vec<u64>,
+    }
+
+    impl Nodes {
+        fn new(n: usize) -> Self {
+            let names: Vec<NodeId> = (0..n).map(|i| format!("n{i}")).collect();
+            let signers: Vec<EcdsaP256Signer> = names
+                .iter()
+                .map(|_| EcdsaP256Signer::generate().unwrap().0)
+                .collect();
+            let mut verifier = EcdsaP256Verifier::new();
+            for (name, s) in names.iter().zip(&signers) {
+                verifier.insert_public_key(name, s.public_key()).unwrap();
+            }
+            let config = ClientConfig {
+                vector_len: P as u32,
+                bits: 32,
+                threat_model: None,
+            };
+            let clients = names
+                .iter()
+                .cloned()
+                .zip(signers)
+                .map(|(name, s)| {
+                    let c = Client::new(name.clone(), config, s, verifier.clone());
+                    (name, c)
+                })
+                .collect();
+            Self {
+                clients,
+                updates: BTreeMap::new(),
+                participants: 0,
+                rng: rand_chacha::ChaCha20Rng::seed_from_u64(42),
+                ids: Vec::new(),
+            }
+        }
+
+        /// Every selected node trains (a random update inside the clip ball) and answers
+        /// `Held`.
+        fn train(&mut self, c: &mut Coordinator, t: Instant) -> u64 {
+            let (round, nodes) = loop {
+                match c.poll_action() {
+                    Some(Action::Train {
+                        round,
+                        nodes,
+                        request,
+                        ..
+                    }) => {
+                        let s = request.secure_aggregation.expect("a secure round");
+                        assert_eq!((s.clip_norm, s.bits), (CLIP, 32));
+                        break (round, nodes);
+                    }
+                    Some(_) => continue,
+                    None => panic!("no train action"),
+                }
+            };
+            for n in &nodes {
+                let u: Vec<f32> = (0..P).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+                self.updates.insert(n.clone(), u);
+                c.handle_held(n, round, meta(round), t).unwrap();
+            }
+            round
+        }
+
+        fn answer(&mut self, node: &str, msg: &ToNode) -> FromNode {
+            let c = self.clients.get_mut(node).unwrap();
+            match msg {
+                ToNode::Setup(s) => {
+                    self.participants = s.context.len();
+                    self.ids.push(s.context.round);
+                    FromNode::Keys(c.handle_setup(s, &mut self.rng).unwrap())
+                }
+                ToNode::NeighbourKeys(m) => {
+                    FromNode::Shares(c.handle_neighbour_keys(m, &mut self.rng).unwrap())
+                }
+                ToNode::Shares(m) => {
+                    let enc = FixedPoint::new(CLIP, 32, self.participants).unwrap();
+                    let x = SumEncoder::encode(&enc, &self.updates[node], &mut self.rng).unwrap();
+                    FromNode::MaskedInput(c.handle_shares(m, &x).unwrap())
+                }
+                ToNode::Survivors(m) => FromNode::Signature(c.handle_survivors(m).unwrap()),
+                ToNode::Unmask(m) => FromNode::Unmask(c.handle_unmask(m).unwrap()),
+            }
+        }
+
+        /// Runs the stages; nodes for which `silent(stage, node)` holds never answer that
+        /// stage (nor any later one: a dropped node is asked nothing more). Returns the
+        /// other actions and the time after the last deadline waited for.
+        fn run_stages(
+            &mut self,
+            c: &mut Coordinator,
+            mut t: Instant,
+            silent: &dyn Fn(Stage, &str) -> bool,
+        ) -> (Vec<Action>, Instant) {
+            let mut other = Vec::new();
+            while let Some(a) = c.poll_action() {
+                let Action::SecAgg {
+                    round,
+                    stage,
+                    messages,
+                    ..
+                } = a
+                else {
+                    other.push(a);
+                    continue;
+                };
+                let mut quiet = false;
+                for m in &messages {
+                    if silent(stage, &m.node) {
+                        quiet = true;
+                        continue;
+                    }
+                    let ans = self.answer(&m.node, &m.message);
+                    c.handle_secagg_answer(&m.node, round, ans, t).unwrap();
+                }
+                if quiet {
+                    // The stage stays open until its deadline, not a moment less.
+                    let deadline = c.poll_timeout().unwrap();
+                    assert!(deadline > t);
+                    c.handle_timeout(deadline - Duration::from_millis(1));
+                    assert_eq!(c.round_state().phase, RoundPhase::SecureAggregation);
+                    assert!(c.actions.is_empty(), "nothing before the deadline");
+                    t = deadline;
+                    c.handle_timeout(t);
+                }
+            }
+            (other, t)
+        }
+
+        fn mean_of(&self, nodes: &[&str]) -> Vec<f64> {
+            let mut m = [0.0f64; P];
+            for n in nodes {
+                for (a, b) in m.iter_mut().zip(&self.updates[*n]) {
+                    *a += f64::from(*b);
+                }
+            }
+            m.iter().map(|v| v / nodes.len() as f64).collect()
+        }
+    }
+
+    fn completed(actions: &[Action]) -> Vec<&RoundReport> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::RoundCompleted(r) => Some(r.as_ref()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn assert_model(c: &Coordinator, expected: &[f64], n: u32) {
+        // Fixed point: at most one rounding step per summand and coordinate, over n.
+        let step = FixedPoint::new(CLIP, 32, n).unwrap().error_bound(n) / f64::from(n);
+        for (g, e) in c.global().iter().zip(expected) {
+            assert!(
+                (f64::from(*g) - e).abs() <= step + 1e-6,
+                "model {g} expected {e} (step {step})"
+            );
+        }
+    }
+
+    #[test]
+    fn a_secure_round_gives_the_strategy_the_mean_of_the_held_updates() {
+        let t0 = Instant::now();
+        let mut c = coordinator(5, None, 0);
+        let mut nodes = Nodes::new(5);
+        for i in 0..5 {
+            c.handle_connect(
+                format!("n{i}"),
+                NodeInfo {
+                    num_examples: 1000,
+                    num_eval_examples: 0,
+                },
+                t0,
+            );
+        }
+        // A cleartext update is refused in a secure round.
+        let (round, list) = match c.poll_action() {
+            Some(Action::Train { round, nodes, .. }) => (round, nodes),
+            other => panic!("{other:?}"),
+        };
+        let e = c
+            .handle_update(&list[0], round, meta(round), vec![0.0; P], t0)
+            .unwrap_err();
+        assert_eq!(e.kind(), "protocol");
+        // Start over with a fresh coordinator where every node holds its update.
+        let mut c = coordinator(5, None, 0);
+        for i in 0..5 {
+            c.handle_connect(
+                format!("n{i}"),
+                NodeInfo {
+                    num_examples: 1000,
+                    num_eval_examples: 0,
+                },
+                t0,
+            );
+        }
+        nodes.train(&mut c, t0);
+        let (other, _) = nodes.run_stages(&mut c, t0, &|_, _| false);
+        let r = completed(&other);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].participants.len(), 5);
+        assert!(r[0].model_updated, "{:?}", r[0].note);
+        let all: Vec<&str> = ["n0", "n1", "n2", "n3", "n4"].to_vec();
+        assert_model(&c, &nodes.mean_of(&all), 5);
+    }
+
+    #[test]
+    fn dropouts_up_to_k_minus_t_at_every_stage_are_recovered() {
+        // Complete graph on 8: k = 7, t = 4; k - t = 3 nodes may drop at any stage.
+        let params = GraphParams {
+            degree: 7,
+            threshold: 4,
+        };
+        let stages = [
+            Stage::AdvertiseKeys,
+            Stage::ShareKeys,
+            Stage::MaskedInput,
+            Stage::Consistency,
+            Stage::Unmasking,
+        ];
+        for stage in stages {
+            let t0 = Instant::now();
+            let mut c = coordinator(8, Some(params), 0);
+            let mut nodes = Nodes::new(8);
+            for i in 0..8 {
+                c.handle_connect(
+                    format!("n{i}"),
+                    NodeInfo {
+                        num_examples: 1000,
+                        num_eval_examples: 0,
+                    },
+                    t0,
+                );
+            }
+            nodes.train(&mut c, t0);
+            let dropped = ["n1", "n4", "n6"];
+            let (other, _) =
+                nodes.run_stages(&mut c, t0, &|s, n| s >= stage && dropped.contains(&n));
+            let r = completed(&other);
+            assert_eq!(r.len(), 1, "stage {stage}");
+            assert!(r[0].model_updated, "stage {stage}: {:?}", r[0].note);
+            // Inputs are in the sum exactly when the masked input arrived.
+            let inputs: Vec<&str> = (0..8)
+                .map(|i| ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7"][i])
+                .filter(|n| stage > Stage::MaskedInput || !dropped.contains(n))
+                .collect();
+            assert_eq!(r[0].participants.len(), inputs.len(), "stage {stage}");
+            assert_model(&c, &nodes.mean_of(&inputs), 8);
+        }
+    }
+
+    #[test]
+    fn more_dropouts_abort_unmask_nothing_and_the_retry_uses_a_new_round_id() {
+        let params = GraphParams {
+            degree: 7,
+            threshold: 4,
+        };
+        let t0 = Instant::now();
+        let mut c = coordinator(8, Some(params), 1);
+        let mut nodes = Nodes::new(8);
+        for i in 0..8 {
+            c.handle_connect(
+                format!("n{i}"),
+                NodeInfo {
+                    num_examples: 1000,
+                    num_eval_examples: 0,
+                },
+                t0,
+            );
+        }
+        let round = nodes.train(&mut c, t0);
+        // Four drop after sharing: below t + 1 survivors, the round aborts.
+        let dropped = ["n0", "n2", "n5", "n7"];
+        let (other, t1) = nodes.run_stages(&mut c, t0, &|s, n| {
+            s >= Stage::MaskedInput && dropped.contains(&n)
+        });
+        assert!(completed(&other).is_empty());
+        assert!(other.iter().any(
+            |a| matches!(a, Action::RoundRetried { round: r, attempt: 2, accepted: 0, .. } if *r == round)
+        ));
+        // The retry's train requests were queued with the retry; drive it to the end.
+        assert_eq!(c.global().as_slice(), &[0.0; P], "nothing was unmasked");
+        // The retried attempt's Train action was consumed by run_stages: train again by hand.
+        let (round2, list) = other
+            .iter()
+            .find_map(|a| match a {
+                Action::Train { round, nodes, .. } => Some((*round, nodes.clone())),
+                _ => None,
+            })
+            .expect("the retry asks again");
+        assert_eq!(round2, round);
+        for n in &list {
+            c.handle_held(n, round2, meta(round2), t1).unwrap();
+        }
+        // A late answer of the aborted attempt's protocol round is stale in the new one and
+        // does not drop its sender.
+        let late = FromNode::Signature(dpfl_secagg::messages::SurvivorSignature {
+            round: 1000,
+            signature: vec![1; 64],
+        });
+        assert_eq!(
+            c.handle_secagg_answer("n1", round2, late, t1),
+            Err(Rejection::Stale {
+                got: 1000,
+                current: 1001
+            })
+        );
+        let (other, _) = nodes.run_stages(&mut c, t1, &|_, _| false);
+        let r = completed(&other);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].participants.len(), 8, "n1 was not dropped");
+        assert_eq!(r[0].attempts, 2);
+        assert!(r[0].model_updated);
+        assert_eq!(nodes.ids.len(), 16, "two setups for each of 8 nodes");
+        assert!(nodes.ids[..8].iter().all(|&i| i == 1000));
+        assert!(nodes.ids[8..].iter().all(|&i| i == 1001), "{:?}", nodes.ids);
+    }
+
+    #[test]
+    fn too_few_held_updates_never_start_the_protocol() {
+        let t0 = Instant::now();
+        let mut c = coordinator(4, None, 0);
+        let mut nodes = Nodes::new(4);
+        for i in 0..4 {
+            c.handle_connect(
+                format!("n{i}"),
+                NodeInfo {
+                    num_examples: 1000,
+                    num_eval_examples: 0,
+                },
+                t0,
+            );
+        }
+        let (round, list) = match c.poll_action() {
+            Some(Action::Train { round, nodes, .. }) => (round, nodes),
+            other => panic!("{other:?}"),
+        };
+        // Two answer before the training deadline; two stay silent.
+        for n in &list[..2] {
+            c.handle_held(n, round, meta(round), t0).unwrap();
+        }
+        c.handle_timeout(t0 + Duration::from_secs(10));
+        let (other, _) = nodes.run_stages(&mut c, t0, &|_, _| false);
+        let r = completed(&other);
+        assert_eq!(r.len(), 1);
+        assert!(r[0].abandoned);
+        assert!(nodes.ids.is_empty(), "no setup was sent");
+        assert!(r[0].note.as_deref().unwrap_or("").contains("not started"));
     }
 }

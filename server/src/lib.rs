@@ -5,6 +5,8 @@
 //! - [`aggregate`], [`optimizer`]: aggregation rules (streaming mean, robust rules) and
 //!   server optimizers.
 //! - [`ledger`]: the privacy ledger.
+//! - [`secure`]: secure aggregation settings and stage messages (the stages run in the
+//!   coordinator on `dpfl-secagg`).
 //! - [`service`]: the QUIC/mTLS endpoint and the async driver around the coordinator.
 //! - [`config`], [`checkpoint`], [`admission`]: configuration, crash-safe checkpoints,
 //!   allow/deny lists and rate limits.
@@ -19,6 +21,7 @@ pub mod config;
 pub mod coordinator;
 pub mod ledger;
 pub mod optimizer;
+pub mod secure;
 pub mod service;
 pub mod status;
 pub mod strategy;

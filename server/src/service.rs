@@ -286,6 +286,8 @@ pub struct Server {
     http: Option<std::net::TcpListener>,
     /// Which connection holds each identity.
     seats: Arc<Seats>,
+    /// Bytes of stage message the open secure-aggregation stage allows in an answer.
+    secagg_answer_limit: usize,
 }
 
 fn io_err(e: impl std::fmt::Display) -> ServerError {
@@ -410,6 +412,14 @@ impl Server {
             limits: cfg.update_limits,
             spec: spec.clone(),
             dp: cfg.dp,
+            // Protocol round ids start from the clock, so that a restarted server never
+            // asks nodes for an id they have seen (they would refuse it).
+            secure_aggregation: cfg.secure_aggregation.then(|| {
+                let micros = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
+                cfg.secagg.settings(micros)
+            }),
         };
         log_privacy_plan(&cfg);
         let coordinator =
@@ -488,6 +498,7 @@ impl Server {
             obs,
             http,
             seats: Arc::new(Seats::default()),
+            secagg_answer_limit: 0,
         })
     }
 
@@ -613,7 +624,10 @@ impl Server {
                 std::iter::from_fn(|| self.coordinator.poll_action()).collect();
             let acted = !actions.is_empty();
             actions.sort_by_key(|a| match a {
-                Action::Train { .. } | Action::Evaluate { .. } | Action::RoundRetried { .. } => 0,
+                Action::Train { .. }
+                | Action::Evaluate { .. }
+                | Action::SecAgg { .. }
+                | Action::RoundRetried { .. } => 0,
                 Action::RoundCompleted(_) => 1,
                 Action::Finish { .. } => 2,
             });
@@ -683,6 +697,59 @@ impl Server {
                                 round,
                                 bytes.clone(),
                                 deadline,
+                                &ev_tx,
+                            );
+                        }
+                    }
+                    Action::SecAgg {
+                        round,
+                        stage,
+                        answer_limit,
+                        messages,
+                    } => {
+                        self.secagg_answer_limit = answer_limit;
+                        let deadline = Duration::from_secs_f64(self.cfg.secagg.stage_timeout_secs)
+                            + Duration::from_secs(5);
+                        // The answer's wire message: prefix, header and the padded bytes.
+                        let wire_limit = wire::MAX_HELLO_BYTES + answer_limit + 4;
+                        tracing::info!(
+                            "round {round}: secure aggregation stage {stage} ({} nodes)",
+                            messages.len()
+                        );
+                        let nodes: Vec<NodeId> = messages.iter().map(|m| m.node.clone()).collect();
+                        self.mark_nodes(&nodes, "secure aggregation");
+                        for m in messages {
+                            let certificates = m
+                                .certificates_of
+                                .iter()
+                                .filter_map(|peer| {
+                                    let der = registry.get(peer).and_then(peer_certificate)?;
+                                    Some(dpfl_secagg::PeerCertificate {
+                                        node: peer.clone(),
+                                        der,
+                                    })
+                                })
+                                .collect();
+                            let req = dpfl_secagg::StageRequest {
+                                message: m.message,
+                                certificates,
+                            };
+                            let framed = dpfl_secagg::transport::encode_to_node(&req)
+                                .ok()
+                                .and_then(|b| wire::bytes_payload(round, &b));
+                            let Some((frame, payload)) = framed else {
+                                tracing::error!(node = %m.node, "cannot encode a secure-aggregation stage");
+                                continue;
+                            };
+                            let bytes = wire::encode(&Header::SecAggRequest(frame), &payload);
+                            self.obs.metrics.bytes_out.inc_by(bytes.len() as u64);
+                            self.send_request_with_limit(
+                                &registry,
+                                &m.node,
+                                round,
+                                Arc::new(bytes),
+                                deadline,
+                                wire_limit,
                                 &ev_tx,
                             );
                         }
@@ -1008,7 +1075,7 @@ impl Server {
             names.join(", ")
         };
         match r.phase {
-            RoundPhase::Training | RoundPhase::Evaluating => {
+            RoundPhase::Training | RoundPhase::SecureAggregation | RoundPhase::Evaluating => {
                 let open_for = sent_at.get(&r.round).map(|t| t.elapsed().as_secs_f64());
                 let left = r
                     .deadline
@@ -1200,6 +1267,58 @@ impl Server {
                     }
                 }
                 Ok(Message {
+                    header: Header::Held(meta),
+                    ..
+                }) => {
+                    if let Err(e) = self.coordinator.handle_held(&node, round, meta, now) {
+                        self.obs.metrics.reject(e.kind());
+                        tracing::warn!(%node, kind = e.kind(), "held-update answer rejected: {e}");
+                    }
+                }
+                Ok(Message {
+                    header: Header::SecAggAnswer(frame),
+                    payload,
+                }) => {
+                    let decoded = if frame.round != round {
+                        Err(format!(
+                            "stage answer for round {} to a request of round {round}",
+                            frame.round
+                        ))
+                    } else {
+                        wire::payload_bytes(&frame, &payload)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| {
+                                dpfl_secagg::transport::decode_from_node(
+                                    &b,
+                                    self.secagg_answer_limit,
+                                )
+                                .map_err(|e| e.to_string())
+                            })
+                    };
+                    match decoded {
+                        Ok(msg) => {
+                            if let Err(e) = self
+                                .coordinator
+                                .handle_secagg_answer(&node, round, msg, now)
+                            {
+                                self.obs.metrics.reject(e.kind());
+                                tracing::warn!(%node, kind = e.kind(), "stage answer refused: {e}");
+                            }
+                        }
+                        Err(detail) => {
+                            self.obs.metrics.reject("malformed");
+                            tracing::warn!(%node, "malformed stage answer: {detail}");
+                            self.coordinator.handle_transport_error(
+                                &node,
+                                round,
+                                "malformed",
+                                &detail,
+                                now,
+                            );
+                        }
+                    }
+                }
+                Ok(Message {
                     header: Header::EvalResult(r),
                     ..
                 }) => {
@@ -1250,6 +1369,22 @@ impl Server {
         deadline: Duration,
         ev_tx: &mpsc::Sender<Event>,
     ) {
+        let max = self.cfg.message_limit();
+        self.send_request_with_limit(registry, node, round, bytes, deadline, max, ev_tx);
+    }
+
+    /// As [`Server::send_request`], reading the answer with the limit `max`.
+    #[allow(clippy::too_many_arguments)]
+    fn send_request_with_limit(
+        &self,
+        registry: &HashMap<NodeId, quinn::Connection>,
+        node: &NodeId,
+        round: u64,
+        bytes: Arc<Vec<u8>>,
+        deadline: Duration,
+        max: usize,
+        ev_tx: &mpsc::Sender<Event>,
+    ) {
         let Some(conn) = registry.get(node).cloned() else {
             let _ = ev_tx.try_send(Event::Response {
                 node: node.clone(),
@@ -1260,7 +1395,6 @@ impl Server {
         };
         let tx = ev_tx.clone();
         let node = node.clone();
-        let max = self.cfg.message_limit();
         let obs = self.obs.clone();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(deadline, request(&conn, &bytes, max)).await {
@@ -1604,6 +1738,16 @@ async fn request(
             wire::ReadError::Decode(e) => ("malformed", e.to_string()),
             wire::ReadError::Io(e) => ("connection", e.to_string()),
         })
+}
+
+/// The DER certificate a node presented in its TLS handshake (verified then against the
+/// federation CA), forwarded to its secure-aggregation neighbours.
+fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| c.as_ref().to_vec())
 }
 
 /// A reader that counts the bytes it passes on (message bytes received, for the metrics).

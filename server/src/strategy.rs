@@ -125,6 +125,22 @@ pub trait Strategy: Send {
     /// Receives one accepted update of the open round.
     fn accumulate(&mut self, round: u64, result: FitResult) -> Result<(), StrategyError>;
 
+    /// Receives the sum of `count` clipped updates of the open round, unmasked by secure
+    /// aggregation: the strategy never sees the individual updates. Every summand counts
+    /// once (secure aggregation rounds are unweighted). Strategies that need individual
+    /// updates (robust aggregators, local DP) refuse it.
+    fn accumulate_sum(
+        &mut self,
+        _round: u64,
+        _sum: &[f64],
+        _count: usize,
+    ) -> Result<(), StrategyError> {
+        Err(StrategyError::Invalid(format!(
+            "strategy {} cannot aggregate a secure sum",
+            self.name()
+        )))
+    }
+
     /// Closes the round: returns the new global model, or `None` to keep `global`.
     fn aggregate_fit(
         &mut self,
@@ -348,6 +364,16 @@ impl Strategy for FedAvg {
     fn accumulate(&mut self, _round: u64, r: FitResult) -> Result<(), StrategyError> {
         let w = r.num_examples.max(1) as f64;
         self.accumulator().add(r.delta, w)?;
+        Ok(())
+    }
+
+    fn accumulate_sum(
+        &mut self,
+        _round: u64,
+        sum: &[f64],
+        count: usize,
+    ) -> Result<(), StrategyError> {
+        self.accumulator().add_sum(sum, count)?;
         Ok(())
     }
 
@@ -636,6 +662,8 @@ pub struct CentralDp<S> {
     sum: Option<Vec<f32>>,
     participants: usize,
     unclipped: usize,
+    /// Participants that arrived only as part of a secure sum (no clipped bit).
+    summed: usize,
     reclipped: Vec<NodeId>,
     population: usize,
     len: usize,
@@ -666,6 +694,7 @@ impl<S: Strategy> CentralDp<S> {
             sum: None,
             participants: 0,
             unclipped: 0,
+            summed: 0,
             reclipped: Vec::new(),
             population: 0,
             len: num_params,
@@ -754,6 +783,7 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         self.sum = Some(vec![0.0; self.len]);
         self.participants = 0;
         self.unclipped = 0;
+        self.summed = 0;
         self.reclipped.clear();
         plan
     }
@@ -781,6 +811,39 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         Ok(())
     }
 
+    /// The sum of `count` updates that each node clipped to the round's C before encoding
+    /// (the fixed-point range enforces |coordinate| <= C, not the norm: an honest node's
+    /// norm bound is its own clip, and a node that cheats can spoil the sum, see the
+    /// threat model). No re-clipping and no clipped count are possible here.
+    fn accumulate_sum(
+        &mut self,
+        _round: u64,
+        sum: &[f64],
+        count: usize,
+    ) -> Result<(), StrategyError> {
+        if self.dp.adaptive_clipping.is_some() {
+            return Err(StrategyError::Invalid(
+                "adaptive clipping needs each node's clipped bit; it cannot run with secure \
+                 aggregation"
+                    .into(),
+            ));
+        }
+        let acc = self.sum.get_or_insert_with(|| vec![0.0; sum.len()]);
+        if acc.len() != sum.len() {
+            return Err(AggregateError::Length {
+                expected: acc.len(),
+                got: sum.len(),
+            }
+            .into());
+        }
+        for (a, b) in acc.iter_mut().zip(sum) {
+            *a += *b as f32;
+        }
+        self.participants += count;
+        self.summed += count;
+        Ok(())
+    }
+
     fn aggregate_fit(
         &mut self,
         _round: u64,
@@ -804,8 +867,8 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let inv = (1.0 / expected) as f32;
         sum.iter_mut().for_each(|v| *v *= inv);
         let clip_used = self.clip;
-        let clipped_fraction =
-            (self.participants > 0).then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
+        let clipped_fraction = (self.participants > 0 && self.summed == 0)
+            .then(|| 1.0 - self.unclipped as f64 / self.participants as f64);
         let mut clipped_fraction_noised = None;
         if let (Some(a), Some(sb)) = (self.dp.adaptive_clipping, sigma_b) {
             // Centred count: sensitivity 1/2 (see `split_noise`), noise s.d. sigma_b.

@@ -164,6 +164,11 @@ pub struct SimConfig {
     pub max_round_retries: u32,
     /// Empirical privacy audit with canary clients.
     pub audit: AuditConfig,
+    /// Secure aggregation (SecAgg+) with the deployment's protocol code: nodes send masked
+    /// inputs, the server unmasks only their sum (DP mode none or central).
+    pub secure_aggregation: bool,
+    /// Secure aggregation settings (as the server's `[secagg]`).
+    pub secagg: dpfl_server::secure::SecAggConfig,
 }
 
 /// The empirical privacy audit of a run (see `dpfl_common::dp::audit`).
@@ -214,6 +219,8 @@ impl Default for SimConfig {
             dp: DpParams::default(),
             max_round_retries: 0,
             audit: AuditConfig::default(),
+            secure_aggregation: false,
+            secagg: dpfl_server::secure::SecAggConfig::default(),
         }
     }
 }
@@ -257,6 +264,23 @@ impl SimConfig {
             }
             if self.transport != Transport::Memory {
                 return bad("the audit runs on the in-memory transport".into());
+            }
+        }
+        self.secagg.validate().map_err(ExperimentError::Invalid)?;
+        if self.secure_aggregation {
+            if !matches!(
+                self.dp.mode,
+                dpfl_common::config::DpMode::None | dpfl_common::config::DpMode::Central
+            ) {
+                return bad("secure_aggregation works with dp.mode none or central".into());
+            }
+            if self.audit.canaries > 0 {
+                return bad("the canary audit does not run with secure_aggregation".into());
+            }
+            if !self.strategy.aggregator.is_streaming() || self.dp.adaptive_clipping.is_some() {
+                return bad(
+                    "secure_aggregation needs the mean aggregator and a fixed clip norm".into(),
+                );
             }
         }
         if !(self.audit.fault_noise_factor.is_finite() && self.audit.fault_noise_factor >= 0.0) {

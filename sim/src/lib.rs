@@ -12,6 +12,7 @@ pub mod experiment;
 pub mod quic;
 pub mod report;
 pub mod run;
+mod secure;
 
 use std::path::{Path, PathBuf};
 

@@ -78,6 +78,8 @@ pub(crate) fn run_quic(
         train: cfg.train.clone(),
         strategy: cfg.strategy.clone(),
         dp: cfg.dp,
+        secure_aggregation: cfg.secure_aggregation,
+        secagg: cfg.secagg,
         eval_threads: 1,
         // As the in-memory transport: simulated clients' weights are not capped.
         update_limits: dpfl_server::coordinator::UpdateLimits {
@@ -151,6 +153,7 @@ pub(crate) fn run_quic(
     }
     let (epsilon, epsilon_max_client) = budget_epsilon(cfg, &summary.ledger);
     Ok(RunResult {
+        secure_sum_exact: Vec::new(),
         audit: None,
         rounds: summary.rounds_completed,
         rows,

@@ -78,6 +78,9 @@ pub struct RunResult {
     pub seconds: f64,
     /// Clients in the population.
     pub clients: usize,
+    /// Secure aggregation, per completed round that unmasked a sum: whether the sum the
+    /// server unmasked equals the plaintext sum of the survivors' encoded inputs, exactly.
+    pub secure_sum_exact: Vec<bool>,
 }
 
 impl RunResult {
@@ -416,6 +419,7 @@ fn run_memory(
         },
         spec: spec.clone(),
         dp: cfg.dp,
+        secure_aggregation: cfg.secure_aggregation.then(|| cfg.secagg.settings(1)),
     };
     let snapshot = Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp);
     let mut coord = Coordinator::new(ccfg, strategy, snapshot).map_err(SimError::Setup)?;
@@ -448,6 +452,20 @@ fn run_memory(
         };
         coord.handle_connect(n.clone(), info, t0);
     }
+    let mut secure = if cfg.secure_aggregation {
+        Some(
+            crate::secure::SimSecAgg::new(
+                &pop.names,
+                d as u32,
+                cfg.secagg.bits,
+                derive_seed(cfg.seed, 0x5EC),
+            )
+            .map_err(SimError::Setup)?,
+        )
+    } else {
+        None
+    };
+    let mut secure_sum_exact = Vec::new();
     let mut previous = initial.clone();
     let mut rows = Vec::new();
     let mut finish = String::from("stopped");
@@ -561,7 +579,14 @@ fn run_memory(
                                         a.apply(&mut delta);
                                     }
                                 }
-                                if let Err(e) = coord.handle_update(name, round, meta, delta, now) {
+                                let answer = match (secure.as_mut(), request.secure_aggregation) {
+                                    (Some(sa), Some(spec)) => {
+                                        sa.hold(name, spec, delta);
+                                        coord.handle_held(name, round, meta, now)
+                                    }
+                                    _ => coord.handle_update(name, round, meta, delta, now),
+                                };
+                                if let Err(e) = answer {
                                     tracing::warn!(node = %name, "update rejected: {e}");
                                 }
                             }
@@ -617,6 +642,10 @@ fn run_memory(
                 } else {
                     None
                 };
+                if let (Some(digest), Some(sa)) = (report.secure_sum_digest, secure.as_ref()) {
+                    let plain = sa.plaintext_digest(&report.participants, cfg.secagg.bits);
+                    secure_sum_exact.push(plain == Some(digest));
+                }
                 let (eps, _) = budget_epsilon(cfg, &report.snapshot.ledger);
                 rows.push(RoundRow {
                     round: report.round,
@@ -627,6 +656,26 @@ fn run_memory(
                     elapsed: started.elapsed().as_secs_f64(),
                 });
                 progress(report.round);
+            }
+            Action::SecAgg {
+                round, messages, ..
+            } => {
+                let Some(sa) = secure.as_mut() else {
+                    return Err(SimError::Setup(
+                        "secure aggregation stage without secure nodes".into(),
+                    ));
+                };
+                for m in messages {
+                    let now = Instant::now();
+                    match sa.answer(&m.node, &m.message) {
+                        Ok(ans) => {
+                            if let Err(e) = coord.handle_secagg_answer(&m.node, round, ans, now) {
+                                tracing::warn!(node = %m.node, "stage answer refused: {e}");
+                            }
+                        }
+                        Err(e) => coord.handle_failed(&m.node, round, &e, now),
+                    }
+                }
             }
             Action::RoundRetried { .. } => {}
             Action::Finish { reason, .. } => {
@@ -663,5 +712,6 @@ fn run_memory(
         finish,
         seconds: started.elapsed().as_secs_f64(),
         clients: pop.names.len(),
+        secure_sum_exact,
     })
 }

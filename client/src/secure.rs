@@ -1,0 +1,201 @@
+//! The node's side of secure aggregation: it keeps its clipped update after training and
+//! answers the five stages with `dpfl-secagg`'s [`Client`], signing with its certificate
+//! key and checking its neighbours' keys against the certificates the server forwards,
+//! each chain-checked against the federation CA first.
+//!
+//! The update leaves the node only inside a masked input, encoded by a [`SumEncoder`]
+//! (today the fixed-point encoder, with stochastic rounding from the OS CSPRNG).
+
+use dpfl_certs::{Credentials, PeerCertificates};
+use dpfl_common::wire::SecAggSpec;
+use dpfl_secagg::messages::{FromNode, ToNode};
+use dpfl_secagg::sign::SignatureError;
+use dpfl_secagg::{
+    Client, ClientConfig, EcdsaP256Signer, EcdsaP256Verifier, Encoding, StageRequest, Verifier,
+};
+use rand::rngs::OsRng;
+use rand::SeedableRng;
+use std::sync::{Arc, Mutex};
+
+/// The neighbours' keys of the current round, filled from verified certificates.
+#[derive(Clone, Default)]
+struct SharedVerifier(Arc<Mutex<EcdsaP256Verifier>>);
+
+impl Verifier for SharedVerifier {
+    fn verify(&self, node: &str, message: &[u8], signature: &[u8]) -> Result<(), SignatureError> {
+        let table = self
+            .0
+            .lock()
+            .map_err(|_| SignatureError::UnknownSigner(node.to_string()))?;
+        table.verify(node, message, signature)
+    }
+}
+
+/// An update kept for the secure-aggregation stages of one training round.
+struct Held {
+    round: u64,
+    spec: SecAggSpec,
+    update: Vec<f32>,
+}
+
+/// A node's secure-aggregation state (kept across reconnections: protocol round ids it
+/// has seen are never accepted again).
+pub struct SecureNode {
+    name: String,
+    signer_der: Vec<u8>,
+    peers: PeerCertificates,
+    verifier: SharedVerifier,
+    client: Option<(ClientConfig, Client<EcdsaP256Signer, SharedVerifier>)>,
+    held: Option<Held>,
+    /// Participants of the protocol round in progress (the encoder's headroom).
+    participants: u32,
+}
+
+impl std::fmt::Debug for SecureNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureNode")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecureNode {
+    /// Loads the node's certificate key (PKCS#8, P-256) and the federation CA.
+    pub fn new(name: &str, credentials: &Credentials) -> Result<Self, String> {
+        let key = dpfl_certs::load_key(&credentials.key).map_err(|e| e.to_string())?;
+        let signer_der = match key {
+            rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+            _ => {
+                return Err(format!(
+                    "{}: secure aggregation needs a PKCS#8 P-256 key",
+                    credentials.key.display()
+                ))
+            }
+        };
+        // Check now that the key can sign, not in the middle of a round.
+        EcdsaP256Signer::from_pkcs8(&signer_der).map_err(|e| e.to_string())?;
+        let peers = PeerCertificates::new(&credentials.ca).map_err(|e| e.to_string())?;
+        Ok(Self {
+            name: name.to_string(),
+            signer_der,
+            peers,
+            verifier: SharedVerifier::default(),
+            client: None,
+            held: None,
+            participants: 0,
+        })
+    }
+
+    /// Keeps `update` (clipped here to the round's C) for round `round`'s stages,
+    /// replacing any earlier one.
+    pub fn hold(&mut self, round: u64, spec: SecAggSpec, mut update: Vec<f32>) {
+        // Clip a hair inside C so the encoder's norm check holds after f32 rounding.
+        dpfl_common::dp::clip_in_place(&mut update, spec.clip_norm * (1.0 - 1e-5));
+        self.held = Some(Held {
+            round,
+            spec,
+            update,
+        });
+    }
+
+    /// Answers one stage of training round `round`.
+    pub fn handle(
+        &mut self,
+        round: u64,
+        vector_len: u32,
+        request: StageRequest,
+    ) -> Result<FromNode, String> {
+        let held = self
+            .held
+            .as_ref()
+            .filter(|h| h.round == round)
+            .ok_or_else(|| format!("no update held for round {round}"))?;
+        let spec = held.spec;
+        let config = ClientConfig {
+            vector_len,
+            bits: spec.bits,
+            threat_model: None,
+        };
+        if self.client.as_ref().map(|(c, _)| *c) != Some(config) {
+            let signer =
+                EcdsaP256Signer::from_pkcs8(&self.signer_der).map_err(|e| e.to_string())?;
+            let client = Client::new(self.name.clone(), config, signer, self.verifier.clone());
+            self.client = Some((config, client));
+        }
+        let Some((_, client)) = self.client.as_mut() else {
+            return Err("secure aggregation client missing".into());
+        };
+        let e = |e: dpfl_secagg::ClientError| e.to_string();
+        match request.message {
+            ToNode::Setup(setup) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let mut table = EcdsaP256Verifier::new();
+                for c in &request.certificates {
+                    match self.peers.verify(&c.der, now) {
+                        Ok(name) if name == c.node => {
+                            if let Err(err) = table.insert_certificate(&c.node, &c.der) {
+                                tracing::warn!(peer = %c.node, "unusable neighbour key: {err}");
+                            }
+                        }
+                        Ok(name) => tracing::warn!(
+                            peer = %c.node,
+                            "forwarded certificate names {name}; ignored"
+                        ),
+                        Err(err) => tracing::warn!(
+                            peer = %c.node,
+                            "forwarded certificate refused: {err}"
+                        ),
+                    }
+                }
+                *self
+                    .verifier
+                    .0
+                    .lock()
+                    .map_err(|_| "verifier lock poisoned".to_string())? = table;
+                self.participants = setup.context.len();
+                client
+                    .handle_setup(&setup, &mut OsRng)
+                    .map(FromNode::Keys)
+                    .map_err(e)
+            }
+            ToNode::NeighbourKeys(m) => client
+                .handle_neighbour_keys(&m, &mut OsRng)
+                .map(FromNode::Shares)
+                .map_err(e),
+            ToNode::Shares(m) => {
+                let encoder = Encoding::FixedPoint {
+                    clip: spec.clip_norm,
+                    bits: spec.bits,
+                }
+                .encoder(self.participants)
+                .map_err(|e| e.to_string())?;
+                let held = self.held.as_mut().ok_or("no update held")?;
+                if held.update.len() != vector_len as usize {
+                    return Err(format!(
+                        "held update has {} values, the model {vector_len}",
+                        held.update.len()
+                    ));
+                }
+                // Stochastic rounding needs one draw per coordinate: a ChaCha20 stream keyed
+                // from the OS CSPRNG (a getrandom call per coordinate cost ~0.1 s per update).
+                let mut rng =
+                    rand_chacha::ChaCha20Rng::from_rng(OsRng).map_err(|e| e.to_string())?;
+                let x = encoder
+                    .encode(&held.update, &mut rng)
+                    .map_err(|e| e.to_string())?;
+                let out = client.handle_shares(&m, &x).map_err(e)?;
+                // The update has left, masked: nothing of it is kept.
+                held.update.iter_mut().for_each(|v| *v = 0.0);
+                held.update = Vec::new();
+                Ok(FromNode::MaskedInput(out))
+            }
+            ToNode::Survivors(m) => client
+                .handle_survivors(&m)
+                .map(FromNode::Signature)
+                .map_err(e),
+            ToNode::Unmask(m) => client.handle_unmask(&m).map(FromNode::Unmask).map_err(e),
+        }
+    }
+}

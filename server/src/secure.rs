@@ -1,0 +1,138 @@
+//! Secure aggregation settings of the coordinator and what its stages ask the driver to
+//! send. The stages themselves run in [`crate::coordinator`] on `dpfl-secagg`'s pure
+//! [`dpfl_secagg::Server`]; this module holds the pieces the driver and the configuration
+//! share.
+//!
+//! A securely aggregated round: train requests carry a [`dpfl_common::wire::SecAggSpec`];
+//! each node trains, clips its update to C and keeps it, answering `Held`. The nodes that
+//! answered before the training deadline are the participants of one SecAgg+ round (a
+//! fresh protocol round id per attempt), whose five stages each have their own deadline.
+//! The server learns the sum over the survivors only, decodes it with the fixed-point
+//! encoder and hands it to [`crate::strategy::Strategy::accumulate_sum`].
+
+use dpfl_secagg::messages::{Stage, ToNode};
+use dpfl_secagg::params::{AdversaryClass, GraphParams, ThreatModel};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Secure aggregation as the coordinator runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecAggSettings {
+    /// Deadline of each stage.
+    pub stage_timeout: Duration,
+    /// Ring width b.
+    pub bits: u8,
+    /// Clip norm C in DP mode `none` (with DP on the mechanism's C is used).
+    pub clip_norm: f64,
+    /// What (k, t) are chosen for.
+    pub threat: ThreatModel,
+    /// Explicit (k, t) instead of the finder's.
+    pub params: Option<GraphParams>,
+    /// First protocol round id; each attempt uses the next one. Nodes refuse ids they have
+    /// seen, so deployments start from the clock (a restarted server must not reuse ids).
+    pub round_id_base: u64,
+}
+
+/// The `[secagg]` section of the server configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecAggConfig {
+    /// Seconds each of the five stages may take.
+    pub stage_timeout_secs: f64,
+    /// Ring width b in bits.
+    pub bits: u8,
+    /// Clip norm of updates in DP mode `none` (the fixed-point range).
+    pub clip_norm: f64,
+    /// Fraction of participants assumed to drop out during a round (finder input).
+    pub dropout_rate: f64,
+    /// Fraction of participants assumed to collude with the server (finder input).
+    pub adversarial_rate: f64,
+    /// Degree k instead of the finder's (with `threshold`).
+    pub degree: Option<u32>,
+    /// Threshold t instead of the finder's (with `degree`).
+    pub threshold: Option<u32>,
+}
+
+impl Default for SecAggConfig {
+    fn default() -> Self {
+        Self {
+            stage_timeout_secs: 30.0,
+            bits: 32,
+            clip_norm: 10.0,
+            dropout_rate: 0.05,
+            adversarial_rate: 0.05,
+            degree: None,
+            threshold: None,
+        }
+    }
+}
+
+impl SecAggConfig {
+    /// Range checks.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.stage_timeout_secs > 0.0 && self.stage_timeout_secs <= 86_400.0) {
+            return Err(format!(
+                "secagg.stage_timeout_secs must be in (0, 86400], got {}",
+                self.stage_timeout_secs
+            ));
+        }
+        dpfl_common::wire::SecAggSpec {
+            clip_norm: self.clip_norm,
+            bits: self.bits,
+        }
+        .validate()
+        .map_err(|e| format!("secagg: {e}"))?;
+        for (name, v) in [
+            ("dropout_rate", self.dropout_rate),
+            ("adversarial_rate", self.adversarial_rate),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("secagg.{name} must be in [0, 1), got {v}"));
+            }
+        }
+        if self.degree.is_some() != self.threshold.is_some() {
+            return Err("secagg.degree and secagg.threshold are set together or not at all".into());
+        }
+        Ok(())
+    }
+
+    /// The coordinator's settings; `round_id_base` from the driver.
+    pub fn settings(&self, round_id_base: u64) -> SecAggSettings {
+        SecAggSettings {
+            stage_timeout: Duration::from_secs_f64(self.stage_timeout_secs),
+            bits: self.bits,
+            clip_norm: self.clip_norm,
+            threat: ThreatModel {
+                adversarial_rate: self.adversarial_rate,
+                dropout_rate: self.dropout_rate,
+                adversary: AdversaryClass::CuriousServer,
+            },
+            params: match (self.degree, self.threshold) {
+                (Some(degree), Some(threshold)) => Some(GraphParams { degree, threshold }),
+                _ => None,
+            },
+            round_id_base,
+        }
+    }
+}
+
+/// One stage message for one node.
+#[derive(Debug, Clone)]
+pub struct SecAggSend {
+    /// Recipient.
+    pub node: String,
+    /// The protocol message.
+    pub message: ToNode,
+    /// With the setup: the neighbours whose certificates the driver must forward.
+    pub certificates_of: Vec<String>,
+}
+
+/// Most bytes of stage message (without the wire envelope) a node may answer with.
+pub fn answer_limit(ctx: &dpfl_secagg::RoundContext) -> usize {
+    ctx.max_from_node_bytes()
+}
+
+/// Name of a stage, for logs and status.
+pub fn stage_name(stage: Stage) -> &'static str {
+    stage.name()
+}
