@@ -256,8 +256,8 @@ pub fn train_batched(
     let loss_sum = Tensor::zeros([ki], (Kind::Float, device));
     let correct = Tensor::zeros([ki], (Kind::Int64, device));
     let dim = data.xs.size()[1];
-    for t in 0..total_steps {
-        let ka = active[t] as i64;
+    for (t, &ka) in active.iter().enumerate() {
+        let ka = ka as i64;
         let it = idx.get(t as i64).narrow(0, 0, ka);
         let wt = weight.get(t as i64).narrow(0, 0, ka);
         let nt = rows_t.get(t as i64).narrow(0, 0, ka);
