@@ -46,7 +46,7 @@ case "$mode" in
     bash scripts/run-main-job.sh >"$OUT/main-job.log" 2>&1 &
     job=$!
     node=; server=
-    for _ in $(seq 600); do
+    for _ in $(seq 6000); do  # up to 10 min: the script may build first
       node=$(pgrep -n -f -- "--name node-1 " || true)
       server=$(pgrep -n -f -- "dpfl-server --config configs/main-job.toml" || true)
       [ -n "$node" ] && [ -n "$server" ] && break
