@@ -284,9 +284,10 @@ fn bench_noise(t: &mut Table) {
             .add_noise(&mut v, 1.0)
             .expect("ok")
     });
+    let opendp_rate = p as f64 / secs;
     t.push(
         "noise opendp, 1 thread (199,210 coords)",
-        p as f64 / secs,
+        opendp_rate,
         "coords/s",
         None,
         "",
@@ -321,7 +322,7 @@ fn bench_noise(t: &mut Table) {
         "noise grid discrete Gaussian (fp-safe), 1 thread",
         rate,
         "coords/s",
-        Some((22_000.0, "opendp (this run ~2.2e4)")),
+        Some((opendp_rate, "opendp, this run")),
         ">= 2e7/core, fp-safe",
         Some(rate >= 2e7),
     );
@@ -537,15 +538,20 @@ fn bench_secagg(t: &mut Table) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
+fn bench_main_job(
+    t: &mut Table,
+    root: &std::path::Path,
+    flower: Option<&Flower>,
+) -> anyhow::Result<()> {
     let plain = main_job(root, false)?;
+    // Flower's figure only when measured in this run (--with-flower), never quoted.
     t.push(
         "main job round (10 clients, 2 cores)",
         plain.round,
         "s",
-        Some((2.0, "Flower 1.42 (issue)")),
+        flower.map(|f| (f.round_seconds, "Flower, this run")),
         "<= 0.5x Flower",
-        Some(plain.round <= 1.0),
+        flower.map(|f| plain.round <= 0.5 * f.round_seconds),
     );
     t.push(
         "main job framework overhead share",
@@ -559,9 +565,11 @@ fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
         "main job accuracy after 10 rounds",
         plain.accuracy,
         "",
-        Some((0.8375, "Flower 1.42 (issue)")),
-        ">= Flower",
-        Some(plain.accuracy >= 0.8375),
+        flower
+            .and_then(|f| f.accuracy)
+            .map(|a| (a, "Flower, this run (5 rnd)")),
+        "",
+        None,
     );
     t.push(
         "main job peak memory, server",
@@ -575,14 +583,19 @@ fn bench_main_job(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
         "main job peak memory, one client",
         plain.client_peak_mib,
         "MiB",
-        Some((4800.0 / 11.0, "Flower avg per process")),
+        None,
         "",
         None,
     );
-    bench_main_job_secure(t, root, plain.round)
+    bench_main_job_secure(t, root, plain.round, plain.accuracy)
 }
 
-fn bench_main_job_secure(t: &mut Table, root: &std::path::Path, plain: f64) -> anyhow::Result<()> {
+fn bench_main_job_secure(
+    t: &mut Table,
+    root: &std::path::Path,
+    plain: f64,
+    plain_accuracy: f64,
+) -> anyhow::Result<()> {
     let secure = main_job(root, true)?;
     t.push(
         "main job round with secure aggregation",
@@ -596,11 +609,161 @@ fn bench_main_job_secure(t: &mut Table, root: &std::path::Path, plain: f64) -> a
         "main job accuracy with secure aggregation",
         secure.accuracy,
         "",
-        Some((0.8375, "Flower 1.42 (issue)")),
-        ">= Flower",
-        Some(secure.accuracy >= 0.8375),
+        Some((plain_accuracy, "same job without")),
+        "",
+        None,
     );
     Ok(())
+}
+
+/// Flower's simulation measured in this run (`bench/flower_sim.py`).
+struct Flower {
+    /// Median seconds per round.
+    round_seconds: f64,
+    /// Test accuracy after the last round.
+    accuracy: Option<f64>,
+}
+
+/// Median seconds per round of one `dpfl-sim` configuration (differences between the
+/// rounds' `elapsed`, so data loading and set-up before round 1 are left out).
+fn sim_round_seconds(
+    root: &std::path::Path,
+    experiment: &str,
+    sets: &[&str],
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let out = tempfile::tempdir()?;
+    let mut cmd = std::process::Command::new(root.join("target/release/dpfl-sim"));
+    cmd.arg(root.join(experiment)).arg("--out").arg(out.path());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let status = cmd.stderr(std::process::Stdio::null()).status()?;
+    anyhow::ensure!(status.success(), "dpfl-sim {experiment} failed: {status}");
+    let name = std::fs::read_dir(out.path())?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("dpfl-sim wrote nothing"))??
+        .path();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(name.join("c01.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let elapsed: Vec<f64> = rows.iter().filter_map(|r| r["elapsed"].as_f64()).collect();
+    let mut d: Vec<f64> = elapsed.windows(2).map(|w| w[1] - w[0]).collect();
+    anyhow::ensure!(!d.is_empty(), "dpfl-sim {experiment}: fewer than 2 rounds");
+    d.sort_by(f64::total_cmp);
+    let acc = rows.iter().rev().find_map(|r| r["test_accuracy"].as_f64());
+    Ok((d[d.len() / 2], acc))
+}
+
+/// Runs Flower's simulation on dpfl's own partition of the main-shape experiment.
+fn run_flower(root: &std::path::Path, rounds: u32) -> anyhow::Result<Flower> {
+    // bench/sim/main-shape.toml: seed 1, 10 IID clients over the 60,000 training images;
+    // the simulator partitions with derive_seed(seed, 1), and so does this.
+    let n = dpfl_ml::DataSource::FashionMnistTrain.load()?.len();
+    let parts = dpfl_ml::partition::iid(n, 10, dpfl_ml::partition::derive_seed(1, 1))?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("parts.json");
+    std::fs::write(&file, serde_json::to_string(&parts)?)?;
+    let out = std::process::Command::new(root.join(".venv-flower/bin/python"))
+        .arg(root.join("bench/flower_sim.py"))
+        .arg("--parts")
+        .arg(&file)
+        .args(["--rounds", &rounds.to_string(), "--cpus", "2"])
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| anyhow::anyhow!("flower_sim.py printed no result ({})", out.status))?;
+    Ok(Flower {
+        round_seconds: v["round_seconds_median"]
+            .as_f64()
+            .ok_or_else(|| anyhow::anyhow!("flower_sim.py: no round_seconds_median"))?,
+        accuracy: v["accuracy"].as_f64(),
+    })
+}
+
+/// The simulator's rows: the main job's shape (10 IID clients) one by one and batched,
+/// next to Flower's simulation measured in the same run (`--with-flower`); and experiment
+/// (b)'s shape (1,000 clients of 60, q = 0.1), one by one and batched.
+fn bench_sim(
+    t: &mut Table,
+    root: &std::path::Path,
+    with_flower: bool,
+) -> anyhow::Result<Option<Flower>> {
+    let main = "bench/sim/main-shape.toml";
+    let (seq, seq_acc) = sim_round_seconds(root, main, &["batched=false"])?;
+    let (bat, _) = sim_round_seconds(root, main, &["batched=true"])?;
+    let flower = if with_flower {
+        match run_flower(root, 5) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                println!("(Flower row skipped: {e})");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let fl = flower
+        .as_ref()
+        .map(|f| (f.round_seconds, "Flower, this run"));
+    t.push(
+        "dpfl-sim round, 10 IID clients, one by one",
+        seq,
+        "s",
+        fl,
+        "<= 0.5x Flower",
+        flower.as_ref().map(|f| seq <= 0.5 * f.round_seconds),
+    );
+    t.push(
+        "dpfl-sim round, 10 IID clients, batched",
+        bat,
+        "s",
+        fl,
+        "<= 0.5x Flower",
+        flower.as_ref().map(|f| bat <= 0.5 * f.round_seconds),
+    );
+    t.push(
+        "dpfl-sim batched vs one by one (10 clients)",
+        bat,
+        "s",
+        Some((seq, "one by one, this run")),
+        "",
+        None,
+    );
+    if let Some(f) = &flower {
+        t.push(
+            "Flower 1.42 simulation accuracy (5 rounds)",
+            f.accuracy.unwrap_or(f64::NAN),
+            "",
+            seq_acc.map(|a| (a, "dpfl-sim, this run")),
+            "",
+            None,
+        );
+    }
+    let b = "bench/sim/b-shape.toml";
+    let (b_seq, _) = sim_round_seconds(root, b, &["batched=false", "rounds=20"])?;
+    let (b_bat, _) = sim_round_seconds(root, b, &["batched=true", "rounds=20"])?;
+    t.push(
+        "dpfl-sim round, 1,000 clients q=0.1, one by one",
+        b_seq,
+        "s",
+        None,
+        "",
+        None,
+    );
+    t.push(
+        "dpfl-sim round, 1,000 clients q=0.1, batched",
+        b_bat,
+        "s",
+        Some((b_seq, "one by one, this run")),
+        "<= 1/3 of one by one",
+        Some(b_bat <= b_seq / 3.0),
+    );
+    Ok(flower)
 }
 
 /// What one run of the main job measured.
@@ -748,7 +911,7 @@ fn main() -> anyhow::Result<()> {
             "",
             None,
         );
-        bench_main_job_secure(&mut t, &root, plain.round)?;
+        bench_main_job_secure(&mut t, &root, plain.round, plain.accuracy)?;
         return Ok(());
     }
     bench_codec(&mut t);
@@ -757,10 +920,12 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(quic_and_tcp(&mut t))?;
     bench_training(&mut t, &root)?;
     bench_secagg(&mut t)?;
+    let with_flower = std::env::args().any(|a| a == "--with-flower");
+    let flower = bench_sim(&mut t, &root, with_flower)?;
     if std::env::args().any(|a| a == "--skip-main-job") {
         println!("(main job skipped)");
     } else {
-        bench_main_job(&mut t, &root)?;
+        bench_main_job(&mut t, &root, flower.as_ref())?;
     }
     std::fs::create_dir_all(root.join("results"))?;
     std::fs::write(&out, serde_json::to_string_pretty(&t.rows)?)?;

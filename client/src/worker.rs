@@ -60,6 +60,18 @@ pub fn train_and_privatize(
         .train(data, &req.config, global)
         .map_err(|e| e.to_string())?;
     let train_seconds = t0.elapsed().as_secs_f64();
+    privatize_outcome(outcome, train_seconds, req, noise)
+}
+
+/// The privatization half of [`train_and_privatize`]: clip and noise a trained outcome as
+/// `req.privacy` says. The simulator's batched training hands each client's outcome here,
+/// so batched and sequential clients go through the same pipeline.
+pub fn privatize_outcome(
+    outcome: TrainOutcome,
+    train_seconds: f64,
+    req: &TrainRequest,
+    noise: &mut dyn GaussianNoise,
+) -> Result<TrainDone, String> {
     let t1 = Instant::now();
     let raw = RawDelta::new(outcome.delta.clone());
     let clipped = match req.privacy.mode {

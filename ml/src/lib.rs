@@ -5,10 +5,12 @@
 //! Shared by the client node (training), the server (centralised evaluation, model export)
 //! and the simulator. It knows nothing about the network or about aggregation.
 
+pub mod batched;
 pub mod data;
 pub mod export;
 pub mod model;
 pub mod partition;
 
+pub use batched::{train_batched, BatchedData};
 pub use data::{DataSource, Dataset, Shard};
 pub use model::{DeviceData, EvalOutcome, Mlp, TrainOutcome};

@@ -8,11 +8,11 @@
 //! streaming aggregate in batches of a few per thread.
 
 use crate::experiment::{Sampler, SimConfig, Transport};
-use dpfl_client::worker::train_and_privatize;
+use dpfl_client::worker::{privatize_outcome, train_and_privatize};
 use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGaussian};
 use dpfl_common::model::{init_params, ModelSpec};
 use dpfl_ml::partition::{self, derive_seed, PartitionKind};
-use dpfl_ml::{DataSource, Dataset, DeviceData, Mlp};
+use dpfl_ml::{train_batched, BatchedData, DataSource, Dataset, DeviceData, Mlp};
 use dpfl_server::coordinator::{
     Action, Coordinator, CoordinatorConfig, NodeInfo, Selection, UpdateLimits,
 };
@@ -381,6 +381,66 @@ pub(crate) fn budget_epsilon(
     }
 }
 
+type TrainResult = Result<dpfl_client::worker::TrainDone, String>;
+
+/// Trains one thread's share of a round's clients (population indices) and privatizes
+/// each update with the client's own noise stream: one by one through
+/// `train_and_privatize`, or as one batched model (`cfg.batched`) whose per-client
+/// outcomes go through the same `privatize_outcome`. Either way every client's noise seed
+/// is the same, so the DP pipeline sees the same per-client updates. A failure to build
+/// the model comes back as `usize::MAX`.
+fn train_share(
+    cfg: &SimConfig,
+    pop: &Population,
+    spec: &ModelSpec,
+    request: &dpfl_common::wire::TrainRequest,
+    params: &[f32],
+    round: u64,
+    clients: &[usize],
+) -> Vec<(usize, TrainResult)> {
+    let client_noise =
+        |i: usize| run_noise(cfg, derive_seed(cfg.seed, (round << 32) ^ i as u64 ^ 3));
+    let dev = tch::Device::Cpu;
+    if cfg.batched {
+        let t0 = Instant::now();
+        let parts: Vec<&[usize]> = clients.iter().map(|i| pop.parts[*i].as_slice()).collect();
+        let outcomes = BatchedData::new(&pop.data, &parts, spec, dev)
+            .and_then(|bd| train_batched(spec, &bd, &request.config, params, dev));
+        let outcomes = match outcomes {
+            Ok(o) => o,
+            Err(e) => return clients.iter().map(|i| (*i, Err(e.to_string()))).collect(),
+        };
+        // Wall time of the batch, shared equally (the metric is informational).
+        let seconds = t0.elapsed().as_secs_f64() / clients.len().max(1) as f64;
+        return clients
+            .iter()
+            .zip(outcomes)
+            .map(|(&i, o)| {
+                let r = o
+                    .map_err(|e| e.to_string())
+                    .and_then(|o| privatize_outcome(o, seconds, request, client_noise(i).as_mut()));
+                (i, r)
+            })
+            .collect();
+    }
+    let mut mlp = match Mlp::new(spec, dev) {
+        Ok(m) => m,
+        Err(e) => return vec![(usize::MAX, Err(e.to_string()))],
+    };
+    clients
+        .iter()
+        .map(|&i| {
+            let data = pop.data.subset(&pop.parts[i]);
+            let r = DeviceData::new(&data, spec, dev)
+                .map_err(|e| e.to_string())
+                .and_then(|dd| {
+                    train_and_privatize(&mut mlp, &dd, request, params, client_noise(i).as_mut())
+                });
+            (i, r)
+        })
+        .collect()
+}
+
 fn run_memory(
     cfg: &SimConfig,
     pop: &Population,
@@ -502,59 +562,32 @@ fn run_memory(
                         }
                     }
                 }
-                // Batches of a few clients per thread: trained in parallel, fed to the
+                // Waves of clients, split over the threads: trained in parallel (each
+                // thread's share one by one, or as one batched model), fed to the
                 // coordinator in node order (deterministic), then dropped.
-                for batch in nodes.chunks(threads * 4) {
-                    let mut results: Vec<(usize, Result<dpfl_client::worker::TrainDone, String>)> =
-                        std::thread::scope(|s| {
-                            let handles: Vec<_> = batch
-                                .chunks(batch.len().div_ceil(threads))
-                                .map(|chunk| {
-                                    let (spec, request, params, pop) =
-                                        (&spec, &request, &params, pop);
-                                    let index = &index;
-                                    s.spawn(move || {
-                                        let mut mlp = match Mlp::new(spec, tch::Device::Cpu) {
-                                            Ok(m) => m,
-                                            Err(e) => {
-                                                return vec![(usize::MAX, Err(e.to_string()))]
-                                            }
-                                        };
-                                        chunk
-                                            .iter()
-                                            .map(|n| {
-                                                let i = index[n.as_str()];
-                                                let data = pop.data.subset(&pop.parts[i]);
-                                                let mut nz = run_noise(
-                                                    cfg,
-                                                    derive_seed(
-                                                        cfg.seed,
-                                                        (round << 32) ^ i as u64 ^ 3,
-                                                    ),
-                                                );
-                                                let r =
-                                                    DeviceData::new(&data, spec, tch::Device::Cpu)
-                                                        .map_err(|e| e.to_string())
-                                                        .and_then(|dd| {
-                                                            train_and_privatize(
-                                                                &mut mlp,
-                                                                &dd,
-                                                                request,
-                                                                params,
-                                                                nz.as_mut(),
-                                                            )
-                                                        });
-                                                (i, r)
-                                            })
-                                            .collect::<Vec<_>>()
-                                    })
+                let wave = if cfg.batched {
+                    threads * cfg.batch_clients
+                } else {
+                    threads * 4
+                };
+                for batch in nodes.chunks(wave) {
+                    let mut results: Vec<(usize, TrainResult)> = std::thread::scope(|s| {
+                        let handles: Vec<_> = batch
+                            .chunks(batch.len().div_ceil(threads))
+                            .map(|chunk| {
+                                let clients: Vec<usize> =
+                                    chunk.iter().map(|n| index[n.as_str()]).collect();
+                                let (spec, request, params) = (&spec, &request, &params);
+                                s.spawn(move || {
+                                    train_share(cfg, pop, spec, request, params, round, &clients)
                                 })
-                                .collect();
-                            handles
-                                .into_iter()
-                                .flat_map(|h| h.join().unwrap_or_default())
-                                .collect()
-                        });
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .flat_map(|h| h.join().unwrap_or_default())
+                            .collect()
+                    });
                     results.sort_by_key(|(i, _)| *i);
                     let now = Instant::now();
                     // A client whose thread died counts as failed, never as silently absent.
