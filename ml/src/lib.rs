@@ -5,10 +5,12 @@
 //! Shared by the client node (training), the server (centralised evaluation, model export)
 //! and the simulator. It knows nothing about the network or about aggregation.
 
+pub mod csv;
 pub mod data;
 pub mod export;
 pub mod model;
 pub mod partition;
+pub mod standardize;
 
 pub use data::{DataSource, Dataset, Shard};
 pub use model::{DeviceData, EvalOutcome, Mlp, TrainOutcome};

@@ -114,13 +114,14 @@ pub fn population(cfg: &SimConfig) -> Result<Population, SimError> {
     let seed = derive_seed(cfg.seed, 1);
     let (data, parts) = match &p.partition {
         PartitionKind::Natural { column } => {
-            let DataSource::Csv { path, label } = &source else {
+            let DataSource::Csv { path, options } = &source else {
                 return Err(SimError::Data(
                     "a natural partition needs a csv: data source".into(),
                 ));
             };
-            let (d, keys) = dpfl_ml::data::load_csv_grouped(path, label.as_deref(), Some(column))
+            let t = dpfl_ml::csv::load_table(path, options, Some(column))
                 .map_err(|e| SimError::Data(e.to_string()))?;
+            let (d, keys) = (t.data, t.groups);
             let parts = partition::natural(&keys)
                 .into_iter()
                 .map(|(_, v)| v)
