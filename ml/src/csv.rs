@@ -85,6 +85,8 @@ pub enum Header {
 pub struct CsvOptions {
     /// Label column (default: the last).
     pub label: Option<ColumnSel>,
+    /// No label column (`label=none`: data to predict; every label reads 0).
+    pub unlabeled: bool,
     /// Feature columns, in this order (default: every column but the label, the dropped
     /// ones and the client column).
     pub features: Option<Vec<ColumnSel>>,
@@ -109,6 +111,7 @@ impl Default for CsvOptions {
     fn default() -> Self {
         Self {
             label: None,
+            unlabeled: false,
             features: None,
             drop: Vec::new(),
             delimiter: b',',
@@ -139,7 +142,14 @@ impl CsvOptions {
             return Err(format!("csv option {key}= has no value"));
         }
         match key {
-            "label" => self.label = Some(ColumnSel::parse(value)),
+            "label" if value == "none" => {
+                self.unlabeled = true;
+                self.label = None;
+            }
+            "label" => {
+                self.unlabeled = false;
+                self.label = Some(ColumnSel::parse(value));
+            }
             "features" => self.features = Some(list(value)),
             "drop" => self.drop.extend(list(value)),
             "delimiter" | "sep" => {
@@ -207,6 +217,9 @@ impl CsvOptions {
         if let Some(l) = &self.label {
             s += &format!(",label={l}");
         }
+        if self.unlabeled {
+            s += ",label=none";
+        }
         if let Some(f) = &self.features {
             s += &format!(",features={}", join(f));
         }
@@ -251,6 +264,8 @@ pub struct Table {
     pub groups: Vec<String>,
     /// Number of missing feature cells (NaN in `data`).
     pub missing: usize,
+    /// Whether the file has a label column (`label=none`: every label is 0).
+    pub labelled: bool,
 }
 
 /// A parse error at a cell.
@@ -487,7 +502,7 @@ fn parse_table(
     } else {
         (0..ncols).map(|i| format!("col{i}")).collect()
     };
-    if ncols < 2 {
+    if ncols < 2 - usize::from(opts.unlabeled) {
         let hint = if opts.delimiter == b',' && first.contains(';') {
             " (the line holds `;`: add delimiter=semicolon)"
         } else if opts.delimiter == b',' && first.contains('\t') {
@@ -504,6 +519,7 @@ fn parse_table(
         ));
     }
     let label_col = match &opts.label {
+        _ if opts.unlabeled => usize::MAX,
         None => ncols - 1,
         Some(sel) => match ctx
             .resolve(sel, ncols, first_no, has_header, "label")?
@@ -615,6 +631,13 @@ fn parse_table(
             }
             features.push(v as f32);
         }
+        if opts.unlabeled {
+            label_cells.push((line_no, "0".into()));
+            if let Some(g) = group_col {
+                groups.push(cells[g].clone());
+            }
+            continue;
+        }
         let lab = &cells[label_col];
         if is_missing(lab) {
             return Err(ctx.cell(
@@ -634,7 +657,14 @@ fn parse_table(
     if label_cells.is_empty() {
         return Err(ctx.line(first_no, "no data rows"));
     }
-    let (labels, class_names) = labels(&ctx, label_col, &label_cells, opts.classes.as_deref())?;
+    let (labels, class_names) = if opts.unlabeled {
+        (
+            vec![0; label_cells.len()],
+            opts.classes.clone().unwrap_or_default(),
+        )
+    } else {
+        labels(&ctx, label_col, &label_cells, opts.classes.as_deref())?
+    };
     let data = Dataset::new(features, labels, feature_cols.len())?;
     Ok(Table {
         data,
@@ -642,6 +672,7 @@ fn parse_table(
         class_names,
         groups,
         missing,
+        labelled: !opts.unlabeled,
     })
 }
 
@@ -961,6 +992,14 @@ mod tests {
         assert_eq!(t.data.dim, 2);
         assert_eq!(t.data.labels, vec![0, 1, 1]);
         assert_eq!(t.class_names, vec!["malignant", "benign"]);
+    }
+
+    #[test]
+    fn unlabelled_data_for_prediction() {
+        let t = load("a,b\n1,2\n3,4\n", "label=none").unwrap();
+        assert!(!t.labelled);
+        assert_eq!(t.data.dim, 2);
+        assert_eq!(t.data.labels, vec![0, 0]);
     }
 
     #[test]

@@ -250,6 +250,7 @@ impl DataSource {
                 class_names: Vec::new(),
                 groups: Vec::new(),
                 missing: 0,
+                labelled: true,
             }),
         }
     }

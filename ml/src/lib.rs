@@ -8,8 +8,10 @@
 pub mod csv;
 pub mod data;
 pub mod export;
+pub mod metrics;
 pub mod model;
 pub mod partition;
+pub mod predict;
 pub mod standardize;
 
 pub use data::{DataSource, Dataset, Shard};
