@@ -426,22 +426,56 @@ impl Standardizer {
     }
 }
 
-/// A warning when training makes no progress: after at least `after` rounds, the last
-/// training loss is still within 2% of the loss of a uniform guess, `ln(num_classes)`.
-/// Unscaled features often keep a model there; standardise them.
-pub fn chance_level_warning(losses: &[f64], num_classes: usize, after: usize) -> Option<String> {
-    if num_classes < 2 || losses.len() < after.max(1) {
-        return None;
+/// The loss of a model that knows only the class frequencies: their entropy in nats
+/// (`ln(classes)` for balanced classes). Counts may be noisy; negative ones count as 0.
+pub fn chance_loss(label_counts: &[f64]) -> f64 {
+    let total: f64 = label_counts.iter().map(|c| c.max(0.0)).sum();
+    if total <= 0.0 {
+        return 0.0;
     }
-    let chance = (num_classes as f64).ln();
-    let last = *losses.last()?;
-    (last.is_finite() && last >= 0.98 * chance).then(|| {
-        format!(
-            "training loss {last:.4} after {} rounds is still at chance level (ln {num_classes} = {chance:.4}): \
-             the model is not learning; standardise the features (federated standardisation) or lower the learning rate",
-            losses.len()
-        )
-    })
+    label_counts
+        .iter()
+        .map(|c| c.max(0.0) / total)
+        .filter(|p| *p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum()
+}
+
+/// A warning when training makes no progress, as a model at chance does: the last `after`
+/// rounds' (at least one) losses all lie within 2% of `chance` ([`chance_loss`]), or their
+/// accuracies are all no better than always answering the most frequent class
+/// (`majority`, its share). Unscaled features often leave a model there.
+pub fn chance_level_warning(
+    losses: &[f64],
+    accuracies: &[f64],
+    chance: f64,
+    majority: f64,
+    after: usize,
+) -> Option<String> {
+    let after = after.max(1);
+    let tail = |v: &[f64]| (v.len() >= after).then(|| v[v.len() - after..].to_vec());
+    let rounds = losses.len().max(accuracies.len());
+    let hint = "the model is not learning; standardise the features (federated standardisation) \
+                or lower the learning rate";
+    if let Some(t) = tail(losses) {
+        if chance > 0.0 && t.iter().all(|l| (l - chance).abs() <= 0.02 * chance) {
+            return Some(format!(
+                "loss {:.4} after {rounds} rounds is still at chance level ({chance:.4}, the \
+                 entropy of the labels): {hint}",
+                t[after - 1]
+            ));
+        }
+    }
+    if let Some(t) = tail(accuracies) {
+        if majority > 0.0 && t.iter().all(|a| *a <= majority + 1e-9) {
+            return Some(format!(
+                "accuracy {:.4} after {rounds} rounds is no better than always answering the \
+                 most frequent class ({majority:.4}): {hint}",
+                t[after - 1]
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -618,9 +652,21 @@ mod tests {
     #[test]
     fn chance_level_is_flagged() {
         let ln2 = 2f64.ln();
-        assert!(chance_level_warning(&[0.6934, 0.6933, 0.6932], 2, 3).is_some());
-        assert!(chance_level_warning(&[0.6934, 0.6933], 2, 3).is_none());
-        assert!(chance_level_warning(&[0.69, 0.5, 0.3], 2, 3).is_none());
-        assert!(chance_level_warning(&[ln2; 5], 1, 3).is_none());
+        assert!((chance_loss(&[5.0, 5.0]) - ln2).abs() < 1e-12);
+        // 37 % / 63 %: -(0.37 ln 0.37 + 0.63 ln 0.63) = 0.6589557 (Python math.log).
+        assert!((chance_loss(&[37.0, 63.0]) - 0.658_955_7).abs() < 1e-6);
+        let flag = |l: &[f64], a: &[f64]| chance_level_warning(l, a, ln2, 0.6, 3).is_some();
+        // The motivating run: loss 0.6934, accuracy 0.4985.
+        assert!(flag(&[0.6934, 0.6933, 0.6932], &[]));
+        assert!(!flag(&[0.6934, 0.6933], &[]));
+        assert!(!flag(&[0.69, 0.5, 0.3], &[]));
+        // Only the last rounds count.
+        assert!(flag(&[0.3, 0.6934, 0.6933, 0.6932], &[]));
+        assert!(!flag(&[0.6934, 0.6933, 0.6932, 0.4], &[]));
+        // A diverged model (loss 19) that always answers one class.
+        assert!(flag(&[19.0, 19.0, 19.0], &[0.37, 0.37, 0.37]));
+        // An over-confident but useful one (DP noise): loss above chance, accuracy 0.83.
+        assert!(!flag(&[1.1, 1.2, 1.1], &[0.8, 0.83, 0.83]));
+        assert!(chance_level_warning(&[ln2; 5], &[], 0.0, 0.0, 3).is_none());
     }
 }

@@ -11,7 +11,7 @@ use crate::experiment::SimConfig;
 use crate::run::{noise, Population, SimError};
 use dpfl_common::dp::accountant;
 use dpfl_common::DpMode;
-use dpfl_ml::standardize::{chance_level_warning, Bounds, FeatureStats, Standardizer};
+use dpfl_ml::standardize::{chance_level_warning, chance_loss, Bounds, FeatureStats, Standardizer};
 use dpfl_ml::{DataSource, Dataset};
 use std::sync::Arc;
 
@@ -108,9 +108,17 @@ pub fn standardize(
     Ok(prep)
 }
 
-/// The chance-level warning for a finished run, from its test losses (the simulator's
-/// rows carry the central evaluation's loss).
-pub fn chance_warning(rows: &[crate::run::RoundRow], num_classes: usize) -> Option<String> {
+/// The chance-level warning for a finished run, from its test losses and accuracies (the
+/// simulator's rows carry the central evaluation) against the class frequencies of the
+/// training data.
+pub fn chance_warning(rows: &[crate::run::RoundRow], labels: &[i64]) -> Option<String> {
+    let k = labels.iter().max().map_or(0, |m| *m as usize + 1);
+    let mut counts = vec![0.0; k];
+    for l in labels {
+        counts[*l as usize] += 1.0;
+    }
+    let majority = counts.iter().cloned().fold(0.0, f64::max) / labels.len().max(1) as f64;
     let losses: Vec<f64> = rows.iter().filter_map(|r| r.test_loss).collect();
-    chance_level_warning(&losses, num_classes, 3)
+    let accs: Vec<f64> = rows.iter().filter_map(|r| r.test_accuracy).collect();
+    chance_level_warning(&losses, &accs, chance_loss(&counts), majority, 3)
 }

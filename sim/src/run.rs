@@ -351,9 +351,7 @@ pub fn run_with_prep(
         Transport::Memory => run_memory(cfg, &pop, test.as_ref(), progress),
         Transport::Quic => crate::quic::run_quic(cfg, &pop, test, progress),
     }?;
-    if let Some(w) =
-        crate::prep::chance_warning(&result.rows, cfg.model.layers.last().copied().unwrap_or(0))
-    {
+    if let Some(w) = crate::prep::chance_warning(&result.rows, &pop.data.labels) {
         tracing::warn!("{w}");
         eprintln!("warning: {w}");
     }
