@@ -97,9 +97,8 @@ pub struct CsvOptions {
     /// Missing feature values.
     pub missing: MissingPolicy,
     /// Class names in class-index order. Labels may then be names or indices. Without
-    /// it, labels must be integer class indices unless they are all strings, in which
-    /// case the sorted distinct names of this file are the classes (and every node must
-    /// hold every class: the server compares the names at join).
+    /// it, labels must be integer class indices: string labels are refused, since the
+    /// names found in one node's file need not be those of another's.
     pub classes: Option<Vec<String>>,
     /// Leading lines skipped before the header or the first row.
     pub skip: usize,
@@ -707,22 +706,17 @@ fn labels(
         }
         return Ok((out, names.to_vec()));
     }
-    let all_strings = cells.iter().all(|(_, c)| c.parse::<f64>().is_err());
-    if all_strings {
-        let mut names: Vec<String> = cells.iter().map(|(_, c)| c.clone()).collect();
-        names.sort();
-        names.dedup();
-        if names.len() > MAX_CLASSES {
-            return Err(ctx.line(
-                cells[0].0,
-                format!("{} distinct labels, more than {MAX_CLASSES}", names.len()),
-            ));
-        }
-        let out = cells
-            .iter()
-            .map(|(_, c)| names.binary_search(c).map_or(0, |i| i as i64))
-            .collect();
-        return Ok((out, names));
+    // String labels need the class list: numbering the names found in one file would
+    // number them differently on a node that lacks a class (a label-skewed split).
+    if let Some((line, c)) = cells.iter().find(|(_, c)| c.parse::<f64>().is_err()) {
+        return Err(ctx.cell(
+            *line,
+            col,
+            format!(
+                "label {c:?} is a name: list the classes with classes=A|B|... (the same list, \
+                 in the same order, on every node, so that every node numbers them alike)"
+            ),
+        ));
     }
     let mut out = Vec::with_capacity(cells.len());
     for (line, c) in cells {
@@ -823,7 +817,7 @@ mod tests {
     #[test]
     fn features_label_and_drop_by_name_and_index() {
         let text = "id,age,score,y\nP1,30,1.5,yes\nP2,40,2.5,no\n";
-        let t = load(text, "label=y,drop=id").unwrap();
+        let t = load(text, "label=y,drop=id,classes=no|yes").unwrap();
         assert_eq!(t.feature_names, vec!["age", "score"]);
         assert_eq!(t.data.features, vec![30.0, 1.5, 40.0, 2.5]);
         assert_eq!(t.class_names, vec!["no", "yes"]);
@@ -948,6 +942,20 @@ mod tests {
         let e = load_err("a,y\n1,cat\n2,dog\n3,bird\n", "classes=cat|dog");
         assert!(
             e.contains("line 4") && e.contains("column 2") && e.contains("none of the classes"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn error_string_labels_without_class_list() {
+        let e = load_err("a,y\n1,0\n2,benign\n", "");
+        assert!(
+            e.contains("line 3") && e.contains("column 2") && e.contains("classes="),
+            "{e}"
+        );
+        let e = load_err("a,y\n1,malignant\n2,benign\n", "");
+        assert!(
+            e.contains("line 2") && e.contains("\"malignant\" is a name"),
             "{e}"
         );
     }
