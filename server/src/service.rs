@@ -108,6 +108,10 @@ pub struct RunSummary {
     pub test_accuracy: Option<f64>,
     /// Last centralised test loss.
     pub test_loss: Option<f64>,
+    /// Last centralised ROC AUC of class 1 (two-class models).
+    pub test_auc: Option<f64>,
+    /// Last centralised F1 of class 1 (two-class models).
+    pub test_f1: Option<f64>,
     /// Final ledger.
     pub ledger: Ledger,
     /// Wall-clock seconds.
@@ -145,6 +149,11 @@ struct PublicLine {
     model_updated: bool,
     test_accuracy: Option<f64>,
     test_loss: Option<f64>,
+    /// Two-class models: ROC AUC and F1 of class 1 on the test set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_f1: Option<f64>,
 }
 
 /// One line of `operator/metrics.jsonl` (and of `metrics.jsonl` when DP is off).
@@ -164,6 +173,11 @@ struct MetricsLine {
     train_accuracy: Option<f64>,
     test_accuracy: Option<f64>,
     test_loss: Option<f64>,
+    /// Two-class models: ROC AUC and F1 of class 1 on the test set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_f1: Option<f64>,
     federated_accuracy: Option<f64>,
     federated_loss: Option<f64>,
     federated_examples: Option<u64>,
@@ -215,8 +229,18 @@ struct Evaluator {
     tx: std::sync::mpsc::Sender<EvalJob>,
 }
 
-/// Parameters to evaluate and where to send (accuracy, loss).
-type EvalJob = (Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>);
+/// One centralised evaluation: accuracy, loss and, for two-class models, AUC and F1 of
+/// class 1.
+#[derive(Debug, Clone, Copy)]
+struct CentralEval {
+    accuracy: f64,
+    loss: f64,
+    auc: Option<f64>,
+    f1: Option<f64>,
+}
+
+/// Parameters to evaluate and where to send the result.
+type EvalJob = (Arc<Vec<f32>>, oneshot::Sender<Option<CentralEval>>);
 
 impl Evaluator {
     fn start(
@@ -224,8 +248,7 @@ impl Evaluator {
         data: dpfl_ml::Dataset,
         threads: usize,
     ) -> Result<Self, ServerError> {
-        let (tx, rx) =
-            std::sync::mpsc::channel::<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<EvalJob>();
         let spec = spec.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -246,10 +269,28 @@ impl Evaluator {
                     }
                 };
                 while let Ok((params, reply)) = rx.recv() {
-                    let out = mlp
-                        .evaluate(&dd, &params)
-                        .ok()
-                        .map(|e| (e.accuracy, e.loss));
+                    let out = mlp.evaluate(&dd, &params).ok().map(|e| {
+                        let mut c = CentralEval {
+                            accuracy: e.accuracy,
+                            loss: e.loss,
+                            auc: None,
+                            f1: None,
+                        };
+                        if spec.outputs() == 2 {
+                            let model = dpfl_ml::predict::ModelFile {
+                                spec: spec.clone(),
+                                params: params.to_vec(),
+                                standardizer: None,
+                                class_names: Vec::new(),
+                                feature_names: Vec::new(),
+                            };
+                            if let Ok(p) = dpfl_ml::predict::predict(&model, &data, device) {
+                                let s = dpfl_ml::predict::score(&p, &data.labels);
+                                (c.auc, c.f1) = (s.auc, s.f1);
+                            }
+                        }
+                        c
+                    });
                     let _ = reply.send(out);
                 }
             })
@@ -261,7 +302,7 @@ impl Evaluator {
         Ok(Self { tx })
     }
 
-    async fn evaluate(&self, params: Arc<Vec<f32>>) -> Option<(f64, f64)> {
+    async fn evaluate(&self, params: Arc<Vec<f32>>) -> Option<CentralEval> {
         let (tx, rx) = oneshot::channel();
         self.tx.send((params, tx)).ok()?;
         rx.await.ok().flatten()
@@ -571,6 +612,8 @@ impl Server {
             finish: None,
             test_accuracy: None,
             test_loss: None,
+            test_auc: None,
+            test_f1: None,
             ledger: self.coordinator.ledger().clone(),
             seconds: 0.0,
             rejected: HashMap::new(),
@@ -1296,16 +1339,27 @@ impl Server {
             },
             |t| t.elapsed().as_secs_f64(),
         );
-        let test = match &self.evaluator {
+        let central = match &self.evaluator {
             Some(ev) if r.model_updated || summary.test_accuracy.is_none() => {
                 ev.evaluate(r.global.clone()).await
             }
-            Some(_) => summary.test_accuracy.zip(summary.test_loss),
+            Some(_) => summary
+                .test_accuracy
+                .zip(summary.test_loss)
+                .map(|(accuracy, loss)| CentralEval {
+                    accuracy,
+                    loss,
+                    auc: summary.test_auc,
+                    f1: summary.test_f1,
+                }),
             None => None,
         };
-        if let Some((acc, loss)) = test {
-            summary.test_accuracy = Some(acc);
-            summary.test_loss = Some(loss);
+        let test = central.map(|c| (c.accuracy, c.loss));
+        if let Some(c) = central {
+            summary.test_accuracy = Some(c.accuracy);
+            summary.test_loss = Some(c.loss);
+            summary.test_auc = c.auc;
+            summary.test_f1 = c.f1;
         }
         summary.rounds_completed = r.round;
         let p = r.privacy;
@@ -1327,6 +1381,8 @@ impl Server {
             train_accuracy: r.train_accuracy,
             test_accuracy: test.map(|t| t.0),
             test_loss: test.map(|t| t.1),
+            test_auc: central.and_then(|c| c.auc),
+            test_f1: central.and_then(|c| c.f1),
             federated_accuracy: r.federated_eval.map(|e| e.accuracy),
             federated_loss: r.federated_eval.map(|e| e.loss),
             federated_examples: r.federated_eval.map(|e| e.num_examples),
@@ -1363,6 +1419,8 @@ impl Server {
                 model_updated: r.model_updated,
                 test_accuracy: test.map(|t| t.0),
                 test_loss: test.map(|t| t.1),
+                test_auc: central.and_then(|c| c.auc),
+                test_f1: central.and_then(|c| c.f1),
             })
             .map_err(io_err)?
         } else {

@@ -1123,4 +1123,12 @@ async fn inference_on_the_saved_model_reproduces_the_servers_final_test_accuracy
         scores.accuracy
     );
     assert!(scores.auc.unwrap() > 0.8, "{scores:?}");
+    // The server's central evaluation reports the same AUC and F1 for a two-class model.
+    assert!((summary.test_auc.unwrap() - scores.auc.unwrap()).abs() < 1e-9);
+    assert!((summary.test_f1.unwrap() - scores.f1.unwrap()).abs() < 1e-9);
+    let m = metrics(&fed.out("tabular"));
+    assert_eq!(m.len(), 3);
+    assert!(m
+        .iter()
+        .all(|l| l["test_auc"].is_f64() && l["test_f1"].is_f64()));
 }
