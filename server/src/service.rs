@@ -461,6 +461,12 @@ impl Server {
                     .parse()
                     .map_err(|e: dpfl_ml::data::DataError| ServerError::Data(e.to_string()))?;
                 let mut data = src.load().map_err(|e| ServerError::Data(e.to_string()))?;
+                if data.features.iter().any(|v| v.is_nan()) {
+                    return Err(ServerError::Data(format!(
+                        "test data {src} has missing values (missing=mean), which only \
+                         federated standardisation imputes; fill or drop them first"
+                    )));
+                }
                 if let Some(n) = cfg.test_limit {
                     data = data.take(n);
                 }
