@@ -112,6 +112,9 @@ pub struct RunSummary {
     pub test_auc: Option<f64>,
     /// Last centralised F1 of class 1 (two-class models).
     pub test_f1: Option<f64>,
+    /// Best centralised test accuracy of the rounds this process evaluated, and its round
+    /// (that model is `model-best.safetensors`).
+    pub best_test_accuracy: Option<(f64, u64)>,
     /// Final ledger.
     pub ledger: Ledger,
     /// Wall-clock seconds.
@@ -620,6 +623,7 @@ impl Server {
             test_loss: None,
             test_auc: None,
             test_f1: None,
+            best_test_accuracy: None,
             ledger: self.coordinator.ledger().clone(),
             seconds: 0.0,
             rejected: HashMap::new(),
@@ -1366,6 +1370,22 @@ impl Server {
             summary.test_loss = Some(c.loss);
             summary.test_auc = c.auc;
             summary.test_f1 = c.f1;
+            // Keep the best round's model next to the last one (a released model: with DP
+            // on, choosing among released models is post-processing).
+            if r.model_updated
+                && summary
+                    .best_test_accuracy
+                    .is_none_or(|(b, _)| c.accuracy > b)
+            {
+                let spec = self.cfg.spec();
+                dpfl_ml::export::save_safetensors(
+                    &spec,
+                    &r.global,
+                    &self.out.join("model-best.safetensors"),
+                )
+                .map_err(|e| ServerError::Io(format!("saving the best model: {e}")))?;
+                summary.best_test_accuracy = Some((c.accuracy, r.round));
+            }
         }
         summary.rounds_completed = r.round;
         let p = r.privacy;

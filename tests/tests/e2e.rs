@@ -1131,4 +1131,23 @@ async fn inference_on_the_saved_model_reproduces_the_servers_final_test_accuracy
     assert!(m
         .iter()
         .all(|l| l["test_auc"].is_f64() && l["test_f1"].is_f64()));
+    // The best round's model is kept next to the last one and scores the best accuracy.
+    let best = m
+        .iter()
+        .map(|l| l["test_accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let (best_acc, best_round) = summary.best_test_accuracy.unwrap();
+    assert_eq!(best_acc, best);
+    assert_eq!(
+        m[best_round as usize - 1]["test_accuracy"]
+            .as_f64()
+            .unwrap(),
+        best
+    );
+    let best_model =
+        dpfl_ml::predict::ModelFile::load(&fed.out("tabular").join("model-best.safetensors"))
+            .unwrap();
+    let p = dpfl_ml::predict::predict(&best_model, &test, tch::Device::Cpu).unwrap();
+    let again = dpfl_ml::predict::score(&p, &test.labels).accuracy;
+    assert!((again - best).abs() < 1e-9, "{again} vs {best}");
 }
