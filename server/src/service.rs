@@ -312,12 +312,80 @@ impl Evaluator {
     }
 }
 
+/// Watches for a model that does not learn (issue 15: unscaled features kept an MLP at
+/// loss 0.6934 with no warning): after three rounds at chance level, one warning.
+struct ChanceWatch {
+    train_losses: Vec<f64>,
+    test_losses: Vec<f64>,
+    accuracies: Vec<f64>,
+    /// Loss of knowing only the class frequencies (test labels; else `ln(classes)`).
+    chance: f64,
+    /// Share of the most frequent test class (0 without test data).
+    majority: f64,
+    warned: bool,
+}
+
+impl ChanceWatch {
+    fn new(classes: usize, test_labels: Option<&[i64]>) -> Self {
+        let (chance, majority) = match test_labels {
+            Some(l) if !l.is_empty() => {
+                let mut counts = vec![0.0; classes];
+                for y in l {
+                    if let Some(c) = counts.get_mut(*y as usize) {
+                        *c += 1.0;
+                    }
+                }
+                let top = counts.iter().cloned().fold(0.0, f64::max);
+                (
+                    dpfl_ml::standardize::chance_loss(&counts),
+                    top / l.len() as f64,
+                )
+            }
+            _ => ((classes.max(1) as f64).ln(), 0.0),
+        };
+        Self {
+            train_losses: Vec::new(),
+            test_losses: Vec::new(),
+            accuracies: Vec::new(),
+            chance,
+            majority,
+            warned: false,
+        }
+    }
+
+    /// Records a round; returns the warning the first time the model looks stuck.
+    fn observe(&mut self, train_loss: Option<f64>, test: Option<(f64, f64)>) -> Option<String> {
+        self.train_losses.extend(train_loss);
+        if let Some((acc, loss)) = test {
+            self.accuracies.push(acc);
+            self.test_losses.push(loss);
+        }
+        if self.warned {
+            return None;
+        }
+        let w = dpfl_ml::standardize::chance_level_warning(
+            &self.test_losses,
+            &self.accuracies,
+            self.chance,
+            self.majority,
+            3,
+        )
+        .or_else(|| {
+            dpfl_ml::standardize::chance_level_warning(&self.train_losses, &[], self.chance, 0.0, 3)
+        });
+        self.warned = w.is_some();
+        w
+    }
+}
+
 /// A bound server, ready to run.
 pub struct Server {
     cfg: ServerConfig,
     endpoint: quinn::Endpoint,
     coordinator: Coordinator,
     evaluator: Option<Evaluator>,
+    /// Losses and accuracies so far, for the chance-level warning.
+    progress: ChanceWatch,
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
     out: PathBuf,
     pins: Arc<Mutex<Pins>>,
@@ -458,6 +526,7 @@ impl Server {
         log_privacy_plan(&cfg);
         let coordinator =
             Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
+        let mut progress = ChanceWatch::new(spec.outputs(), None);
         let evaluator = match &cfg.test_data {
             Some(src) => {
                 let src: DataSource = src
@@ -473,6 +542,7 @@ impl Server {
                 if let Some(n) = cfg.test_limit {
                     data = data.take(n);
                 }
+                progress = ChanceWatch::new(spec.outputs(), Some(&data.labels));
                 Some(Evaluator::start(&spec, data, cfg.eval_threads)?)
             }
             None => None,
@@ -532,6 +602,7 @@ impl Server {
             endpoint,
             coordinator,
             evaluator,
+            progress,
             observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
@@ -1365,6 +1436,9 @@ impl Server {
             None => None,
         };
         let test = central.map(|c| (c.accuracy, c.loss));
+        if let Some(w) = self.progress.observe(r.train_loss, test) {
+            tracing::warn!("{w}");
+        }
         if let Some(c) = central {
             summary.test_accuracy = Some(c.accuracy);
             summary.test_loss = Some(c.loss);
@@ -2331,5 +2405,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod chance_tests {
+    use super::ChanceWatch;
+
+    #[test]
+    fn warns_once_after_three_rounds_at_chance() {
+        // The issue's run: loss 0.6934, accuracy 0.4985, balanced test labels.
+        let labels: Vec<i64> = (0..100).map(|i| i % 2).collect();
+        let mut w = ChanceWatch::new(2, Some(&labels));
+        assert!(w.observe(Some(0.6935), Some((0.49, 0.6934))).is_none());
+        assert!(w.observe(Some(0.6934), Some((0.50, 0.6933))).is_none());
+        let msg = w.observe(Some(0.6934), Some((0.4985, 0.6934))).unwrap();
+        assert!(msg.contains("chance level"), "{msg}");
+        assert!(
+            w.observe(Some(0.6934), Some((0.4985, 0.6934))).is_none(),
+            "once"
+        );
+        // A learning model is not flagged.
+        let mut w = ChanceWatch::new(2, Some(&labels));
+        for (l, a) in [(0.6, 0.7), (0.4, 0.85), (0.3, 0.9), (0.25, 0.92)] {
+            assert!(w.observe(Some(l), Some((a, l))).is_none());
+        }
+        // Without test data the training loss against ln(classes) decides.
+        let mut w = ChanceWatch::new(10, None);
+        let ln10 = 10f64.ln();
+        assert!(w.observe(Some(ln10), None).is_none());
+        assert!(w.observe(Some(ln10), None).is_none());
+        assert!(w.observe(Some(ln10 * 1.01), None).is_some());
     }
 }
