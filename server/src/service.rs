@@ -386,6 +386,8 @@ pub struct Server {
     evaluator: Option<Evaluator>,
     /// Losses and accuracies so far, for the chance-level warning.
     progress: ChanceWatch,
+    /// Class and feature names of a CSV test table, saved with the model for inference.
+    names: (Vec<String>, Vec<String>),
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
     out: PathBuf,
     pins: Arc<Mutex<Pins>>,
@@ -527,12 +529,17 @@ impl Server {
         let coordinator =
             Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
         let mut progress = ChanceWatch::new(spec.outputs(), None);
+        let mut names = (Vec::new(), Vec::new());
         let evaluator = match &cfg.test_data {
             Some(src) => {
                 let src: DataSource = src
                     .parse()
                     .map_err(|e: dpfl_ml::data::DataError| ServerError::Data(e.to_string()))?;
-                let mut data = src.load().map_err(|e| ServerError::Data(e.to_string()))?;
+                let table = src
+                    .load_table()
+                    .map_err(|e| ServerError::Data(e.to_string()))?;
+                names = (table.class_names, table.feature_names);
+                let mut data = table.data;
                 if data.features.iter().any(|v| v.is_nan()) {
                     return Err(ServerError::Data(format!(
                         "test data {src} has missing values (missing=mean), which only \
@@ -603,6 +610,7 @@ impl Server {
             coordinator,
             evaluator,
             progress,
+            names,
             observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
@@ -929,15 +937,28 @@ impl Server {
         Ok(summary)
     }
 
+    /// Writes a model file into the output folder, with the class and feature names of a
+    /// CSV test table (so `dpfl-predict` names its classes).
+    fn save_model(&self, params: &[f32], file: &str) -> Result<(), ServerError> {
+        dpfl_ml::predict::ModelFile {
+            spec: self.cfg.spec(),
+            params: params.to_vec(),
+            standardizer: None,
+            class_names: self.names.0.clone(),
+            feature_names: self.names.1.clone(),
+        }
+        .save(&self.out.join(file))
+        .map_err(|e| ServerError::Io(format!("saving {file}: {e}")))
+    }
+
     /// The final model, the audit and the summaries (public and operator).
     fn write_final_outputs(
         &mut self,
         spec: &ModelSpec,
         summary: &mut RunSummary,
     ) -> Result<(), ServerError> {
-        let final_model = self.out.join("model.safetensors");
-        dpfl_ml::export::save_safetensors(spec, self.coordinator.global(), &final_model)
-            .map_err(io_err)?;
+        let global = self.coordinator.global().clone();
+        self.save_model(&global, "model.safetensors")?;
         if self.cfg.dp.audit_canaries > 0 {
             summary.audit = self
                 .coordinator
@@ -1451,13 +1472,7 @@ impl Server {
                     .best_test_accuracy
                     .is_none_or(|(b, _)| c.accuracy > b)
             {
-                let spec = self.cfg.spec();
-                dpfl_ml::export::save_safetensors(
-                    &spec,
-                    &r.global,
-                    &self.out.join("model-best.safetensors"),
-                )
-                .map_err(|e| ServerError::Io(format!("saving the best model: {e}")))?;
+                self.save_model(&r.global, "model-best.safetensors")?;
                 summary.best_test_accuracy = Some((c.accuracy, r.round));
             }
         }

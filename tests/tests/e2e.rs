@@ -1109,6 +1109,9 @@ async fn inference_on_the_saved_model_reproduces_the_servers_final_test_accuracy
     assert!(server_acc > 0.75, "accuracy {server_acc}");
     let model =
         dpfl_ml::predict::ModelFile::load(&fed.out("tabular").join("model.safetensors")).unwrap();
+    // The server names the classes and features of its CSV test table in the file.
+    assert_eq!(model.class_names, ["benign", "malignant"]);
+    assert_eq!(model.feature_names, ["a", "b", "c"]);
     let test = test_src
         .parse::<dpfl_ml::DataSource>()
         .unwrap()
