@@ -22,5 +22,7 @@ for m in "$dir"/c*.model.safetensors; do
   target/release/dpfl-predict --model "$m" \
     --data "csv:$OUT/test.csv,skip=1,header=no,classes=malignant|benign" \
     --out "$dir/$id.predictions.csv" --metrics-json "$dir/$id.scores.json"
-  [ -f "$dir/$id.standardize.json" ] && echo "standardisation release: $(cat "$dir/$id.standardize.json")"
+  if [ -f "$dir/$id.standardize.json" ]; then
+    echo "standardisation release (per row): $(cat "$dir/$id.standardize.json")"
+  fi
 done

@@ -52,7 +52,7 @@ pub fn run_experiment(
             std::fs::write(
                 dir.join(format!("{}.standardize.json", c.id)),
                 format!(
-                    "{{\"epsilon\": {eps}, \"delta\": {}, \"noise_multiplier\": {}}}\n",
+                    "{{\"epsilon\": {eps}, \"delta\": {}, \"noise_multiplier\": {}, \"unit\": \"row\"}}\n",
                     c.config.dp.delta, c.config.standardize.noise_multiplier
                 ),
             )?;

@@ -20,8 +20,10 @@ use std::sync::Arc;
 pub struct Prep {
     /// The transform applied to every client's data and the test set.
     pub standardizer: Option<Standardizer>,
-    /// Epsilon of the statistics' Gaussian release (at the run's delta); compose with the
-    /// training's epsilon (basic composition: the sum, at twice the delta).
+    /// Epsilon of the statistics' Gaussian release (at the run's delta) for one **row**
+    /// (add or remove one example), not one client: a client with `m` rows has group
+    /// privacy only (an effective multiplier `z / m`), so it does not add to the training's
+    /// client-level epsilon.
     pub epsilon: Option<f64>,
     /// Class names of a CSV table with string labels or `classes=`.
     pub class_names: Vec<String>,
