@@ -111,6 +111,13 @@ pub fn prepare_data(cfg: &ClientConfig) -> Result<(dpfl_ml::Dataset, dpfl_ml::Da
         .data
         .load()
         .map_err(|e| NodeError::Setup(e.to_string()))?;
+    if data.features.iter().any(|v| v.is_nan()) {
+        return Err(NodeError::Setup(format!(
+            "{} has missing values (missing=mean): they are imputed by federated \
+             standardisation, which nodes do not run yet; fill or drop them first",
+            cfg.data
+        )));
+    }
     let mut data = match cfg.shard {
         Some(s) => data.subset(&s.indices(data.len(), cfg.shard_seed)),
         None => data,
@@ -257,4 +264,29 @@ pub async fn run_with_noise(
         log_file: cfg.log_file,
     };
     node::run(ncfg, worker).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_values_are_refused_until_nodes_standardise() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.csv");
+        std::fs::write(&p, "a,b,y\n1,2,0\n3,NA,1\n").unwrap();
+        let creds = Credentials {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("n.pem"),
+            key: dir.path().join("n.key"),
+        };
+        let src = |o: &str| format!("csv:{},{o}", p.display()).parse().unwrap();
+        let mut cfg = ClientConfig::new("127.0.0.1:1".parse().unwrap(), creds, src("missing=mean"));
+        let e = prepare_data(&cfg).unwrap_err().to_string();
+        assert!(e.contains("missing values"), "{e}");
+        // Refused by the parser already, naming line and column, without missing=mean.
+        cfg.data = src("label=y");
+        let e = prepare_data(&cfg).unwrap_err().to_string();
+        assert!(e.contains("line 3, column 2"), "{e}");
+    }
 }

@@ -2,8 +2,10 @@
 //! deterministic shards.
 //!
 //! A [`Dataset`] is a dense `f32` feature matrix (row-major) with `i64` labels. Pixel
-//! data from IDX files is scaled to [0, 1]; CSV features are taken as they are.
+//! data from IDX files is scaled to [0, 1]; CSV tables (`crate::csv`) are taken as they
+//! are and scaled by federated standardisation.
 
+pub use crate::csv::{CsvOptions, Table};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::io::Read;
@@ -34,9 +36,26 @@ pub enum DataError {
         /// What is wrong.
         what: String,
     },
+    /// One cell of a table is unusable.
+    #[error("{path}: line {line}, column {column} ({name:?}): {what}")]
+    Cell {
+        /// File.
+        path: PathBuf,
+        /// 1-based line number in the file.
+        line: usize,
+        /// 1-based column number (options take 0-based indices: this minus one).
+        column: usize,
+        /// Header name of the column (`col<i>` without a header).
+        name: String,
+        /// What is wrong.
+        what: String,
+    },
     /// A data source string that cannot be parsed.
-    #[error("unknown data source {0:?}: use fashion-mnist, fashion-mnist-test, idx:IMAGES,LABELS or csv:PATH[,label=COLUMN]")]
+    #[error("unknown data source {0:?}: use fashion-mnist, fashion-mnist-test, idx:IMAGES,LABELS or csv:PATH[,label=COL][,features=COLS][,drop=COLS][,delimiter=C][,missing=refuse|mean][,classes=A|B][,skip=N][,header=auto|yes|no]")]
     Source(String),
+    /// A `csv:` option that cannot be used.
+    #[error("{0}")]
+    CsvOption(String),
     /// The built-in data set is not installed.
     #[error("Fashion-MNIST not found in {FASHION_MNIST_DIR}; install it with `apt-get install -y dataset-fashion-mnist` (as root)")]
     MissingFashionMnist,
@@ -145,12 +164,13 @@ pub enum DataSource {
     },
     /// A data set already in memory (simulations hand virtual clients their part).
     Memory(std::sync::Arc<Dataset>),
-    /// A CSV file of numeric features and an integer label column.
+    /// A CSV table: feature and label columns, delimiter, missing values and class names
+    /// as [`CsvOptions`] say.
     Csv {
         /// File.
         path: PathBuf,
-        /// Label column: a header name or a 0-based index; default the last column.
-        label: Option<String>,
+        /// Columns, delimiter, missing values, classes.
+        options: CsvOptions,
     },
 }
 
@@ -172,14 +192,8 @@ impl std::str::FromStr for DataSource {
             });
         }
         if let Some(rest) = s.strip_prefix("csv:") {
-            let (path, label) = match rest.split_once(",label=") {
-                Some((p, l)) => (p, Some(l.to_string())),
-                None => (rest, None),
-            };
-            return Ok(Self::Csv {
-                path: path.into(),
-                label,
-            });
+            let (path, options) = crate::csv::parse_source(rest).map_err(DataError::CsvOption)?;
+            return Ok(Self::Csv { path, options });
         }
         Err(DataError::Source(s.into()))
     }
@@ -194,11 +208,9 @@ impl std::fmt::Display for DataSource {
                 write!(f, "idx:{},{}", images.display(), labels.display())
             }
             Self::Memory(d) => write!(f, "memory ({} rows)", d.len()),
-            Self::Csv { path, label: None } => write!(f, "csv:{}", path.display()),
-            Self::Csv {
-                path,
-                label: Some(l),
-            } => write!(f, "csv:{},label={l}", path.display()),
+            Self::Csv { path, options } => {
+                write!(f, "csv:{}{}", path.display(), options.to_source_suffix())
+            }
         }
     }
 }
@@ -223,7 +235,23 @@ impl DataSource {
             }
             Self::Idx { images, labels } => load_idx(images, labels),
             Self::Memory(d) => Ok(d.as_ref().clone()),
-            Self::Csv { path, label } => load_csv(path, label.as_deref()),
+            Self::Csv { path, options } => Ok(crate::csv::load_table(path, options, None)?.data),
+        }
+    }
+
+    /// Loads the data set with what a table knows about it: feature and class names and
+    /// missing cells (empty names and no missing cells for image data).
+    pub fn load_table(&self) -> Result<Table, DataError> {
+        match self {
+            Self::Csv { path, options } => crate::csv::load_table(path, options, None),
+            other => Ok(Table {
+                data: other.load()?,
+                feature_names: Vec::new(),
+                class_names: Vec::new(),
+                groups: Vec::new(),
+                missing: 0,
+                labelled: true,
+            }),
         }
     }
 }
@@ -304,8 +332,9 @@ pub fn load_idx(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
     Dataset::new(features, labels, dim)
 }
 
-/// Loads a CSV file: comma-separated numbers, an optional header row, the label in the
-/// column named or numbered by `label` (default: the last column).
+/// Loads a CSV file with default options except the label: comma-separated numbers, an
+/// optional header row, the label in the column named or numbered by `label` (default:
+/// the last column).
 pub fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset, DataError> {
     load_csv_grouped(path, label, None).map(|(d, _)| d)
 }
@@ -317,91 +346,14 @@ pub fn load_csv_grouped(
     label: Option<&str>,
     group: Option<&str>,
 ) -> Result<(Dataset, Vec<String>), DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let fmt = |line: usize, what: String| DataError::Format {
-        path: path.to_path_buf(),
-        what: format!("line {line}: {what}"),
-    };
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let Some((_, first)) = lines.next() else {
-        return Err(fmt(1, "empty file".into()));
-    };
-    let first_cells: Vec<&str> = first.split(',').map(str::trim).collect();
-    let has_header = group.is_some() || first_cells.iter().any(|c| c.parse::<f64>().is_err());
-    let ncols = first_cells.len();
-    if ncols < 2 {
-        return Err(fmt(
-            1,
-            "need at least one feature column and a label column".into(),
-        ));
+    let mut options = CsvOptions::default();
+    if let Some(l) = label {
+        options
+            .parse_option("label", l)
+            .map_err(DataError::CsvOption)?;
     }
-    let label_col = match label {
-        None => ncols - 1,
-        Some(l) => match l.parse::<usize>() {
-            Ok(i) if i < ncols => i,
-            _ => first_cells
-                .iter()
-                .position(|c| *c == l)
-                .filter(|_| has_header)
-                .ok_or_else(|| fmt(1, format!("label column {l:?} not found")))?,
-        },
-    };
-    let group_col = match group {
-        None => None,
-        Some(g) => Some(
-            first_cells
-                .iter()
-                .position(|c| *c == g)
-                .filter(|i| *i != label_col)
-                .ok_or_else(|| fmt(1, format!("client column {g:?} not found")))?,
-        ),
-    };
-    let mut groups = Vec::new();
-    let mut features = Vec::new();
-    let mut labels = Vec::new();
-    let rows = std::iter::once((0, first))
-        .filter(|_| !has_header)
-        .chain(lines);
-    for (i, line) in rows {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        if cells.len() != ncols {
-            return Err(fmt(
-                i + 1,
-                format!("{} columns, expected {ncols}", cells.len()),
-            ));
-        }
-        for (c, cell) in cells.iter().enumerate() {
-            if Some(c) == group_col {
-                groups.push(cell.to_string());
-                continue;
-            }
-            let v: f64 = cell
-                .parse()
-                .map_err(|_| fmt(i + 1, format!("{cell:?} is not a number")))?;
-            if !v.is_finite() {
-                return Err(fmt(i + 1, format!("{cell:?} is not finite")));
-            }
-            if c == label_col {
-                if v.fract() != 0.0 || v < 0.0 {
-                    return Err(fmt(i + 1, format!("label {cell:?} is not a class index")));
-                }
-                labels.push(v as i64);
-            } else {
-                features.push(v as f32);
-            }
-        }
-        if features.len() > MAX_VALUES {
-            return Err(fmt(i + 1, "data set too large".into()));
-        }
-    }
-    let dim = ncols - 1 - usize::from(group_col.is_some());
-    Ok((Dataset::new(features, labels, dim)?, groups))
+    let t = crate::csv::load_table(path, &options, group)?;
+    Ok((t.data, t.groups))
 }
 
 /// One client's deterministic slice of a shared file: `i/n` (1-based).
@@ -549,7 +501,10 @@ mod tests {
         );
         assert!(matches!(
             "csv:a.csv,label=y".parse::<DataSource>().unwrap(),
-            DataSource::Csv { label: Some(_), .. }
+            DataSource::Csv {
+                options: CsvOptions { label: Some(_), .. },
+                ..
+            }
         ));
         assert!("mnist".parse::<DataSource>().is_err());
     }

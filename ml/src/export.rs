@@ -28,6 +28,17 @@ pub enum ExportError {
 
 /// Writes `params` (wire order) as a safetensors file, atomically (temp file + rename).
 pub fn save_safetensors(spec: &ModelSpec, params: &[f32], path: &Path) -> Result<(), ExportError> {
+    save_safetensors_with_metadata(spec, params, path, &HashMap::new())
+}
+
+/// As [`save_safetensors`], with more metadata entries (the standardisation, class and
+/// feature names: `crate::predict::ModelFile`). `layers` and `format` cannot be overridden.
+pub fn save_safetensors_with_metadata(
+    spec: &ModelSpec,
+    params: &[f32],
+    path: &Path,
+    extra: &HashMap<String, String>,
+) -> Result<(), ExportError> {
     if params.len() != spec.num_params() {
         return Err(ExportError::Length {
             expected: spec.num_params(),
@@ -42,7 +53,7 @@ pub fn save_safetensors(spec: &ModelSpec, params: &[f32], path: &Path) -> Result
             .map_err(|e| ExportError::Format(e.to_string()))?;
         views.push((slot.name.clone(), view));
     }
-    let mut meta = HashMap::new();
+    let mut meta = extra.clone();
     meta.insert(
         "layers".to_string(),
         spec.layers
@@ -67,13 +78,20 @@ pub fn save_safetensors(spec: &ModelSpec, params: &[f32], path: &Path) -> Result
 
 /// Reads a safetensors file written by [`save_safetensors`] back into (spec, params).
 pub fn load_safetensors(path: &Path) -> Result<(ModelSpec, Vec<f32>), ExportError> {
+    load_safetensors_with_metadata(path).map(|(s, p, _)| (s, p))
+}
+
+/// A model file's spec, parameters (wire order) and metadata entries.
+pub type Loaded = (ModelSpec, Vec<f32>, HashMap<String, String>);
+
+/// As [`load_safetensors`], with every metadata entry of the file.
+pub fn load_safetensors_with_metadata(path: &Path) -> Result<Loaded, ExportError> {
     let bytes = std::fs::read(path)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| ExportError::Format(e.to_string()))?;
+    let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
     let layers = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("layers"))
+        .get("layers")
         .ok_or_else(|| ExportError::Format("no `layers` metadata".into()))?
         .split(',')
         .map(|s| s.parse::<usize>())
@@ -96,7 +114,7 @@ pub fn load_safetensors(path: &Path) -> Result<(ModelSpec, Vec<f32>), ExportErro
         let vals = dpfl_common::wire::f32_from_le_bytes(t.data());
         params[slot.offset..slot.offset + slot.len].copy_from_slice(&vals);
     }
-    Ok((spec, params))
+    Ok((spec, params, meta))
 }
 
 fn bytemuck_cast(v: &[f32]) -> &[u8] {

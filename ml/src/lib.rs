@@ -6,10 +6,14 @@
 //! and the simulator. It knows nothing about the network or about aggregation.
 
 pub mod batched;
+pub mod csv;
 pub mod data;
 pub mod export;
+pub mod metrics;
 pub mod model;
 pub mod partition;
+pub mod predict;
+pub mod standardize;
 
 pub use batched::{train_batched, BatchedData};
 pub use data::{DataSource, Dataset, Shard};

@@ -57,10 +57,13 @@ struct Args {
     /// checkpoint (key `out_dir`).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Held-out test data: fashion-mnist-test, idx:IMAGES,LABELS or csv:PATH[,label=COL]
+    /// Held-out test data: fashion-mnist-test, idx:IMAGES,LABELS or csv:PATH[,OPTIONS]
     /// (key `test_data`).
     #[arg(long)]
     test_data: Option<String>,
+    /// MLP layer widths, inputs to classes, e.g. 30,16,16,2 (key `model.layers`).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
     /// Differential privacy mode: none, local or central (key `dp.mode`).
     #[arg(long)]
     dp_mode: Option<String>,
@@ -121,6 +124,9 @@ fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
     }
     if let Some(v) = &a.test_data {
         o.push(("test_data".into(), q(v)));
+    }
+    if let Some(v) = &a.layers {
+        o.push(("model.layers".into(), format!("{v:?}")));
     }
     if let Some(v) = &a.dp_mode {
         o.push(("dp.mode".into(), q(v)));

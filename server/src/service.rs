@@ -108,6 +108,13 @@ pub struct RunSummary {
     pub test_accuracy: Option<f64>,
     /// Last centralised test loss.
     pub test_loss: Option<f64>,
+    /// Last centralised ROC AUC of class 1 (two-class models).
+    pub test_auc: Option<f64>,
+    /// Last centralised F1 of class 1 (two-class models).
+    pub test_f1: Option<f64>,
+    /// Best centralised test accuracy of the rounds this process evaluated, and its round
+    /// (that model is `model-best.safetensors`).
+    pub best_test_accuracy: Option<(f64, u64)>,
     /// Final ledger.
     pub ledger: Ledger,
     /// Wall-clock seconds.
@@ -145,6 +152,11 @@ struct PublicLine {
     model_updated: bool,
     test_accuracy: Option<f64>,
     test_loss: Option<f64>,
+    /// Two-class models: ROC AUC and F1 of class 1 on the test set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_f1: Option<f64>,
 }
 
 /// One line of `operator/metrics.jsonl` (and of `metrics.jsonl` when DP is off).
@@ -164,6 +176,11 @@ struct MetricsLine {
     train_accuracy: Option<f64>,
     test_accuracy: Option<f64>,
     test_loss: Option<f64>,
+    /// Two-class models: ROC AUC and F1 of class 1 on the test set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_f1: Option<f64>,
     federated_accuracy: Option<f64>,
     federated_loss: Option<f64>,
     federated_examples: Option<u64>,
@@ -215,8 +232,18 @@ struct Evaluator {
     tx: std::sync::mpsc::Sender<EvalJob>,
 }
 
-/// Parameters to evaluate and where to send (accuracy, loss).
-type EvalJob = (Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>);
+/// One centralised evaluation: accuracy, loss and, for two-class models, AUC and F1 of
+/// class 1.
+#[derive(Debug, Clone, Copy)]
+struct CentralEval {
+    accuracy: f64,
+    loss: f64,
+    auc: Option<f64>,
+    f1: Option<f64>,
+}
+
+/// Parameters to evaluate and where to send the result.
+type EvalJob = (Arc<Vec<f32>>, oneshot::Sender<Option<CentralEval>>);
 
 impl Evaluator {
     fn start(
@@ -224,8 +251,7 @@ impl Evaluator {
         data: dpfl_ml::Dataset,
         threads: usize,
     ) -> Result<Self, ServerError> {
-        let (tx, rx) =
-            std::sync::mpsc::channel::<(Arc<Vec<f32>>, oneshot::Sender<Option<(f64, f64)>>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<EvalJob>();
         let spec = spec.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -246,10 +272,28 @@ impl Evaluator {
                     }
                 };
                 while let Ok((params, reply)) = rx.recv() {
-                    let out = mlp
-                        .evaluate(&dd, &params)
-                        .ok()
-                        .map(|e| (e.accuracy, e.loss));
+                    let out = mlp.evaluate(&dd, &params).ok().map(|e| {
+                        let mut c = CentralEval {
+                            accuracy: e.accuracy,
+                            loss: e.loss,
+                            auc: None,
+                            f1: None,
+                        };
+                        if spec.outputs() == 2 {
+                            let model = dpfl_ml::predict::ModelFile {
+                                spec: spec.clone(),
+                                params: params.to_vec(),
+                                standardizer: None,
+                                class_names: Vec::new(),
+                                feature_names: Vec::new(),
+                            };
+                            if let Ok(p) = dpfl_ml::predict::predict(&model, &data, device) {
+                                let s = dpfl_ml::predict::score(&p, &data.labels);
+                                (c.auc, c.f1) = (s.auc, s.f1);
+                            }
+                        }
+                        c
+                    });
                     let _ = reply.send(out);
                 }
             })
@@ -261,10 +305,76 @@ impl Evaluator {
         Ok(Self { tx })
     }
 
-    async fn evaluate(&self, params: Arc<Vec<f32>>) -> Option<(f64, f64)> {
+    async fn evaluate(&self, params: Arc<Vec<f32>>) -> Option<CentralEval> {
         let (tx, rx) = oneshot::channel();
         self.tx.send((params, tx)).ok()?;
         rx.await.ok().flatten()
+    }
+}
+
+/// Watches for a model that does not learn (issue 15: unscaled features kept an MLP at
+/// loss 0.6934 with no warning): after three rounds at chance level, one warning.
+struct ChanceWatch {
+    train_losses: Vec<f64>,
+    test_losses: Vec<f64>,
+    accuracies: Vec<f64>,
+    /// Loss of knowing only the class frequencies (test labels; else `ln(classes)`).
+    chance: f64,
+    /// Share of the most frequent test class (0 without test data).
+    majority: f64,
+    warned: bool,
+}
+
+impl ChanceWatch {
+    fn new(classes: usize, test_labels: Option<&[i64]>) -> Self {
+        let (chance, majority) = match test_labels {
+            Some(l) if !l.is_empty() => {
+                let mut counts = vec![0.0; classes];
+                for y in l {
+                    if let Some(c) = counts.get_mut(*y as usize) {
+                        *c += 1.0;
+                    }
+                }
+                let top = counts.iter().cloned().fold(0.0, f64::max);
+                (
+                    dpfl_ml::standardize::chance_loss(&counts),
+                    top / l.len() as f64,
+                )
+            }
+            _ => ((classes.max(1) as f64).ln(), 0.0),
+        };
+        Self {
+            train_losses: Vec::new(),
+            test_losses: Vec::new(),
+            accuracies: Vec::new(),
+            chance,
+            majority,
+            warned: false,
+        }
+    }
+
+    /// Records a round; returns the warning the first time the model looks stuck.
+    fn observe(&mut self, train_loss: Option<f64>, test: Option<(f64, f64)>) -> Option<String> {
+        self.train_losses.extend(train_loss);
+        if let Some((acc, loss)) = test {
+            self.accuracies.push(acc);
+            self.test_losses.push(loss);
+        }
+        if self.warned {
+            return None;
+        }
+        let w = dpfl_ml::standardize::chance_level_warning(
+            &self.test_losses,
+            &self.accuracies,
+            self.chance,
+            self.majority,
+            3,
+        )
+        .or_else(|| {
+            dpfl_ml::standardize::chance_level_warning(&self.train_losses, &[], self.chance, 0.0, 3)
+        });
+        self.warned = w.is_some();
+        w
     }
 }
 
@@ -274,6 +384,10 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     coordinator: Coordinator,
     evaluator: Option<Evaluator>,
+    /// Losses and accuracies so far, for the chance-level warning.
+    progress: ChanceWatch,
+    /// Class and feature names of a CSV test table, saved with the model for inference.
+    names: (Vec<String>, Vec<String>),
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
     out: PathBuf,
     pins: Arc<Mutex<Pins>>,
@@ -424,15 +538,28 @@ impl Server {
         log_privacy_plan(&cfg);
         let coordinator =
             Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
+        let mut progress = ChanceWatch::new(spec.outputs(), None);
+        let mut names = (Vec::new(), Vec::new());
         let evaluator = match &cfg.test_data {
             Some(src) => {
                 let src: DataSource = src
                     .parse()
                     .map_err(|e: dpfl_ml::data::DataError| ServerError::Data(e.to_string()))?;
-                let mut data = src.load().map_err(|e| ServerError::Data(e.to_string()))?;
+                let table = src
+                    .load_table()
+                    .map_err(|e| ServerError::Data(e.to_string()))?;
+                names = (table.class_names, table.feature_names);
+                let mut data = table.data;
+                if data.features.iter().any(|v| v.is_nan()) {
+                    return Err(ServerError::Data(format!(
+                        "test data {src} has missing values (missing=mean), which only \
+                         federated standardisation imputes; fill or drop them first"
+                    )));
+                }
                 if let Some(n) = cfg.test_limit {
                     data = data.take(n);
                 }
+                progress = ChanceWatch::new(spec.outputs(), Some(&data.labels));
                 Some(Evaluator::start(&spec, data, cfg.eval_threads)?)
             }
             None => None,
@@ -492,6 +619,8 @@ impl Server {
             endpoint,
             coordinator,
             evaluator,
+            progress,
+            names,
             observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
@@ -582,6 +711,9 @@ impl Server {
             finish: None,
             test_accuracy: None,
             test_loss: None,
+            test_auc: None,
+            test_f1: None,
+            best_test_accuracy: None,
             ledger: self.coordinator.ledger().clone(),
             seconds: 0.0,
             rejected: HashMap::new(),
@@ -872,15 +1004,28 @@ impl Server {
         Ok(summary)
     }
 
+    /// Writes a model file into the output folder, with the class and feature names of a
+    /// CSV test table (so `dpfl-predict` names its classes).
+    fn save_model(&self, params: &[f32], file: &str) -> Result<(), ServerError> {
+        dpfl_ml::predict::ModelFile {
+            spec: self.cfg.spec(),
+            params: params.to_vec(),
+            standardizer: None,
+            class_names: self.names.0.clone(),
+            feature_names: self.names.1.clone(),
+        }
+        .save(&self.out.join(file))
+        .map_err(|e| ServerError::Io(format!("saving {file}: {e}")))
+    }
+
     /// The final model, the audit and the summaries (public and operator).
     fn write_final_outputs(
         &mut self,
         spec: &ModelSpec,
         summary: &mut RunSummary,
     ) -> Result<(), ServerError> {
-        let final_model = self.out.join("model.safetensors");
-        dpfl_ml::export::save_safetensors(spec, self.coordinator.global(), &final_model)
-            .map_err(io_err)?;
+        let global = self.coordinator.global().clone();
+        self.save_model(&global, "model.safetensors")?;
         if self.cfg.dp.audit_canaries > 0 {
             summary.audit = self
                 .coordinator
@@ -1430,16 +1575,40 @@ impl Server {
             },
             |t| t.elapsed().as_secs_f64(),
         );
-        let test = match &self.evaluator {
+        let central = match &self.evaluator {
             Some(ev) if r.model_updated || summary.test_accuracy.is_none() => {
                 ev.evaluate(r.global.clone()).await
             }
-            Some(_) => summary.test_accuracy.zip(summary.test_loss),
+            Some(_) => summary
+                .test_accuracy
+                .zip(summary.test_loss)
+                .map(|(accuracy, loss)| CentralEval {
+                    accuracy,
+                    loss,
+                    auc: summary.test_auc,
+                    f1: summary.test_f1,
+                }),
             None => None,
         };
-        if let Some((acc, loss)) = test {
-            summary.test_accuracy = Some(acc);
-            summary.test_loss = Some(loss);
+        let test = central.map(|c| (c.accuracy, c.loss));
+        if let Some(w) = self.progress.observe(r.train_loss, test) {
+            tracing::warn!("{w}");
+        }
+        if let Some(c) = central {
+            summary.test_accuracy = Some(c.accuracy);
+            summary.test_loss = Some(c.loss);
+            summary.test_auc = c.auc;
+            summary.test_f1 = c.f1;
+            // Keep the best round's model next to the last one (a released model: with DP
+            // on, choosing among released models is post-processing).
+            if r.model_updated
+                && summary
+                    .best_test_accuracy
+                    .is_none_or(|(b, _)| c.accuracy > b)
+            {
+                self.save_model(&r.global, "model-best.safetensors")?;
+                summary.best_test_accuracy = Some((c.accuracy, r.round));
+            }
         }
         summary.rounds_completed = r.round;
         let p = r.privacy;
@@ -1461,6 +1630,8 @@ impl Server {
             train_accuracy: r.train_accuracy,
             test_accuracy: test.map(|t| t.0),
             test_loss: test.map(|t| t.1),
+            test_auc: central.and_then(|c| c.auc),
+            test_f1: central.and_then(|c| c.f1),
             federated_accuracy: r.federated_eval.map(|e| e.accuracy),
             federated_loss: r.federated_eval.map(|e| e.loss),
             federated_examples: r.federated_eval.map(|e| e.num_examples),
@@ -1497,6 +1668,8 @@ impl Server {
                 model_updated: r.model_updated,
                 test_accuracy: test.map(|t| t.0),
                 test_loss: test.map(|t| t.1),
+                test_auc: central.and_then(|c| c.auc),
+                test_f1: central.and_then(|c| c.f1),
             })
             .map_err(io_err)?
         } else {
@@ -2391,5 +2564,36 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod chance_tests {
+    use super::ChanceWatch;
+
+    #[test]
+    fn warns_once_after_three_rounds_at_chance() {
+        // The issue's run: loss 0.6934, accuracy 0.4985, balanced test labels.
+        let labels: Vec<i64> = (0..100).map(|i| i % 2).collect();
+        let mut w = ChanceWatch::new(2, Some(&labels));
+        assert!(w.observe(Some(0.6935), Some((0.49, 0.6934))).is_none());
+        assert!(w.observe(Some(0.6934), Some((0.50, 0.6933))).is_none());
+        let msg = w.observe(Some(0.6934), Some((0.4985, 0.6934))).unwrap();
+        assert!(msg.contains("chance level"), "{msg}");
+        assert!(
+            w.observe(Some(0.6934), Some((0.4985, 0.6934))).is_none(),
+            "once"
+        );
+        // A learning model is not flagged.
+        let mut w = ChanceWatch::new(2, Some(&labels));
+        for (l, a) in [(0.6, 0.7), (0.4, 0.85), (0.3, 0.9), (0.25, 0.92)] {
+            assert!(w.observe(Some(l), Some((a, l))).is_none());
+        }
+        // Without test data the training loss against ln(classes) decides.
+        let mut w = ChanceWatch::new(10, None);
+        let ln10 = 10f64.ln();
+        assert!(w.observe(Some(ln10), None).is_none());
+        assert!(w.observe(Some(ln10), None).is_none());
+        assert!(w.observe(Some(ln10 * 1.01), None).is_some());
     }
 }

@@ -178,6 +178,25 @@ pub struct SimConfig {
     pub secure_aggregation: bool,
     /// Secure aggregation settings (as the server's `[secagg]`).
     pub secagg: dpfl_server::secure::SecAggConfig,
+    /// Federated standardisation of the features before round 1.
+    pub standardize: StandardizeConfig,
+}
+
+/// Federated standardisation (`dpfl_ml::standardize`): every client's count, sum and sum
+/// of squares per feature are summed as the server would, and the global mean and
+/// standard deviation are applied to every client's data and to the test set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandardizeConfig {
+    /// Standardise (off by default).
+    pub enabled: bool,
+    /// Public ranges the features are clipped to, `lo:hi|lo:hi|...` (or one `lo:hi` for
+    /// all); required with DP on (they bound the sensitivity). Never derive them from the
+    /// private data.
+    pub bounds: Option<String>,
+    /// Noise multiplier of the Gaussian release of the statistics (0: exact). With DP on
+    /// it must be positive; the release's epsilon is reported next to the training's.
+    pub noise_multiplier: f64,
 }
 
 /// The empirical privacy audit of a run (see `dpfl_common::dp::audit`).
@@ -232,6 +251,7 @@ impl Default for SimConfig {
             audit: AuditConfig::default(),
             secure_aggregation: false,
             secagg: dpfl_server::secure::SecAggConfig::default(),
+            standardize: StandardizeConfig::default(),
         }
     }
 }
@@ -275,6 +295,19 @@ impl SimConfig {
             .validate()
             .map_err(|e| ExperimentError::Invalid(e.to_string()))?;
         self.dp.validate().map_err(ExperimentError::Invalid)?;
+        let st = &self.standardize;
+        if st.enabled
+            && self.dp.mode.is_private()
+            && (st.bounds.is_none() || st.noise_multiplier <= 0.0)
+        {
+            return bad("standardize with DP on needs bounds and a positive noise_multiplier (the statistics are released too)".into());
+        }
+        if !(st.noise_multiplier.is_finite() && st.noise_multiplier >= 0.0) {
+            return bad("standardize.noise_multiplier must be >= 0".into());
+        }
+        if st.noise_multiplier > 0.0 && st.bounds.is_none() {
+            return bad("standardize.noise_multiplier needs standardize.bounds (they bound the sensitivity)".into());
+        }
         if self.audit.canaries > 0 {
             if !self.dp.mode.is_private() {
                 return bad("audit.canaries needs DP on (dp.mode = central or local)".into());

@@ -9,6 +9,7 @@
 //! sockets.
 
 pub mod experiment;
+pub mod prep;
 pub mod quic;
 pub mod report;
 pub mod run;
@@ -33,8 +34,30 @@ pub fn run_experiment(
     let mut finished = Vec::new();
     for c in configs {
         let label = format!("{} {}", c.id, c.label);
-        let result = run::run(&c.config, &mut |r| progress(done_before + r, total, &label))
-            .map_err(|e| format!("{}: {e}", c.id))?;
+        let (result, prep) =
+            run::run_with_prep(&c.config, &mut |r| progress(done_before + r, total, &label))
+                .map_err(|e| format!("{}: {e}", c.id))?;
+        // The final model with what inference needs (`dpfl-predict`): the transform and
+        // the names of the table.
+        let model = dpfl_ml::predict::ModelFile {
+            spec: dpfl_common::model::ModelSpec::new(c.config.model.layers.clone())?,
+            params: result.final_params.clone(),
+            standardizer: prep.standardizer.clone(),
+            class_names: prep.class_names.clone(),
+            feature_names: prep.feature_names.clone(),
+        };
+        if !model.params.is_empty() {
+            model.save(&dir.join(format!("{}.model.safetensors", c.id)))?;
+        }
+        if let Some(eps) = prep.epsilon {
+            std::fs::write(
+                dir.join(format!("{}.standardize.json", c.id)),
+                format!(
+                    "{{\"epsilon\": {eps}, \"delta\": {}, \"noise_multiplier\": {}, \"unit\": \"row\"}}\n",
+                    c.config.dp.delta, c.config.standardize.noise_multiplier
+                ),
+            )?;
+        }
         done_before += c.config.rounds;
         let f = report::Finished {
             config: c,

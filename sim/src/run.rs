@@ -117,13 +117,14 @@ pub fn population(cfg: &SimConfig) -> Result<Population, SimError> {
     let seed = derive_seed(cfg.seed, 1);
     let (data, parts) = match &p.partition {
         PartitionKind::Natural { column } => {
-            let DataSource::Csv { path, label } = &source else {
+            let DataSource::Csv { path, options } = &source else {
                 return Err(SimError::Data(
                     "a natural partition needs a csv: data source".into(),
                 ));
             };
-            let (d, keys) = dpfl_ml::data::load_csv_grouped(path, label.as_deref(), Some(column))
+            let t = dpfl_ml::csv::load_table(path, options, Some(column))
                 .map_err(|e| SimError::Data(e.to_string()))?;
+            let (d, keys) = (t.data, t.groups);
             let parts = partition::natural(&keys)
                 .into_iter()
                 .map(|(_, v)| v)
@@ -337,13 +338,27 @@ impl Canaries {
 
 /// Runs one configuration; `progress` is called after every round.
 pub fn run(cfg: &SimConfig, progress: &mut dyn FnMut(u64)) -> Result<RunResult, SimError> {
+    run_with_prep(cfg, progress).map(|(r, _)| r)
+}
+
+/// As [`run`], after federated standardisation (`crate::prep`); also returns what it made.
+pub fn run_with_prep(
+    cfg: &SimConfig,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(RunResult, crate::prep::Prep), SimError> {
     dpfl_ml::model::set_threads(1);
-    let pop = population(cfg)?;
-    let test = test_set(cfg)?;
-    match cfg.transport {
+    let mut pop = population(cfg)?;
+    let mut test = test_set(cfg)?;
+    let prep = crate::prep::standardize(cfg, &mut pop, test.as_mut(), derive_seed(cfg.seed, 3))?;
+    let result = match cfg.transport {
         Transport::Memory => run_memory(cfg, &pop, test.as_ref(), progress),
         Transport::Quic => crate::quic::run_quic(cfg, &pop, test, progress),
+    }?;
+    if let Some(w) = crate::prep::chance_warning(&result.rows, &pop.data.labels) {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
     }
+    Ok((result, prep))
 }
 
 /// Evaluates global models on the test set (main thread).

@@ -424,3 +424,93 @@ sampling_rate = 0.5
         "the model trained"
     );
 }
+
+/// A table like a clinic's: an ID column, features on very different scales (one around
+/// 1000, one around 0.1), string labels. Seeded, so the file is the same on every run.
+fn clinic_csv(path: &std::path::Path, rows: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let mut s = String::from("id;area;smoothness;texture;diagnosis\n");
+    for i in 0..rows {
+        let m = rng.gen_bool(0.4);
+        let shift = if m { 1.0 } else { -1.0 };
+        let area = 800.0 + 150.0 * (shift + rng.gen_range(-1.2..1.2));
+        let smooth = 0.1 + 0.01 * (shift + rng.gen_range(-1.2..1.2));
+        let texture = 20.0 + 4.0 * rng.gen_range(-1.0..1.0);
+        let label = if m { "malignant" } else { "benign" };
+        s += &format!("P{i:05};{area:.1};{smooth:.5};{texture:.2};{label}\n");
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+#[test]
+fn federated_standardisation_trains_a_label_skewed_table_and_its_model_file_predicts_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = (dir.path().join("train.csv"), dir.path().join("test.csv"));
+    clinic_csv(&train, 600, 1);
+    clinic_csv(&test, 300, 2);
+    let opts = "label=diagnosis,drop=id,delimiter=semicolon,classes=benign|malignant";
+    let text = format!(
+        r#"
+name = "clinic"
+data = "csv:{},{opts}"
+test_data = "csv:{},{opts}"
+rounds = 8
+seed = 5
+threads = 2
+[model]
+layers = [3, 8, 2]
+[population]
+clients = 3
+partition = {{ kind = "dirichlet", alpha = 0.5 }}
+min_examples = 20
+[train]
+batch_size = 16
+lr = 0.1
+[strategy]
+min_fit_clients = 3
+[standardize]
+enabled = true
+"#,
+        train.display(),
+        test.display()
+    );
+    let configs = expand(&text, &[]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (rdir, finished) =
+        dpfl_sim::run_experiment(configs, out.path(), &mut |_, _, _| {}).unwrap();
+    let acc = finished[0].result.final_accuracy().unwrap();
+    assert!(acc > 0.9, "accuracy {acc}");
+    // The model file carries the transform (the pooled statistics of the training table,
+    // computed here independently) and the names, and predicts exactly what was evaluated.
+    let model = dpfl_ml::predict::ModelFile::load(
+        &rdir.join(format!("{}.model.safetensors", finished[0].config.id)),
+    )
+    .unwrap();
+    assert_eq!(model.class_names, vec!["benign", "malignant"]);
+    assert_eq!(model.feature_names, vec!["area", "smoothness", "texture"]);
+    let src: dpfl_ml::DataSource = format!("csv:{},{opts}", train.display()).parse().unwrap();
+    let raw = src.load().unwrap();
+    let st = model.standardizer.clone().unwrap();
+    for j in 0..3 {
+        let col: Vec<f64> = (0..raw.len())
+            .map(|r| raw.features[r * 3 + j] as f64)
+            .collect();
+        let mean = col.iter().sum::<f64>() / col.len() as f64;
+        let var = col.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / col.len() as f64;
+        assert!(
+            (st.mean[j] - mean).abs() < 1e-9 * mean.abs().max(1.0),
+            "feature {j}"
+        );
+        assert!(
+            (st.std[j] - var.sqrt()).abs() < 1e-6 * var.sqrt(),
+            "feature {j}"
+        );
+    }
+    let tsrc: dpfl_ml::DataSource = format!("csv:{},{opts}", test.display()).parse().unwrap();
+    let tdata = tsrc.load().unwrap();
+    let p = dpfl_ml::predict::predict(&model, &tdata, tch::Device::Cpu).unwrap();
+    let s = dpfl_ml::predict::score(&p, &tdata.labels);
+    assert!((s.accuracy - acc).abs() < 1e-9, "{} vs {acc}", s.accuracy);
+    assert!(s.auc.unwrap() > 0.9 && s.f1.unwrap() > 0.8, "{s:?}");
+}

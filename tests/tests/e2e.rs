@@ -1163,3 +1163,109 @@ async fn central_dp_with_secure_aggregation_noises_the_unmasked_sum_and_accounts
         assert!(line["clipped_fraction"].is_null(), "{line}");
     }
 }
+
+/// Issue 15: a tabular federation (string labels, an ID column, `;` delimiter) trains over
+/// QUIC, and `dpfl-predict`'s library on the saved model file reproduces the server's final
+/// test accuracy exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inference_on_the_saved_model_reproduces_the_servers_final_test_accuracy() {
+    init_logs();
+    let fed = Federation::new(2);
+    let dir = fed.dir.path();
+    // Two classes separated along a direction of three features on unit scale.
+    let table = |rows: usize, phase: f64| {
+        let mut s = String::from("id;a;b;c;diagnosis\n");
+        for i in 0..rows {
+            let m = i % 3 == 0;
+            let sign = if m { 1.0 } else { -1.0 };
+            let t = (i as f64 * 0.61 + phase).sin();
+            let u = (i as f64 * 1.37 + phase).cos();
+            s += &format!(
+                "P{i:05};{:.4};{:.4};{:.4};{}\n",
+                0.6 * sign + 0.7 * t,
+                -0.4 * sign + 0.7 * u,
+                0.8 * t * u,
+                if m { "malignant" } else { "benign" }
+            );
+        }
+        s
+    };
+    std::fs::write(dir.join("train.csv"), table(600, 0.0)).unwrap();
+    std::fs::write(dir.join("test.csv"), table(300, 1.0)).unwrap();
+    let opts = "label=diagnosis,drop=id,delimiter=semicolon,classes=benign|malignant";
+    let test_src = format!("csv:{},{opts}", dir.join("test.csv").display());
+    let cfg = fed.server_config(
+        "tabular",
+        &[
+            ("rounds", "3"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("model.layers", "[3, 8, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("train.lr", "0.1"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let train_src: dpfl_ml::DataSource = format!("csv:{},{opts}", dir.join("train.csv").display())
+        .parse()
+        .unwrap();
+    let clients: Vec<_> = (1..=2)
+        .map(|i| {
+            let mut c = fed.client(s.addr, i, 2, 1000);
+            c.data = train_src.clone();
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 3);
+    }
+    let server_acc = summary.test_accuracy.unwrap();
+    assert!(server_acc > 0.75, "accuracy {server_acc}");
+    let model =
+        dpfl_ml::predict::ModelFile::load(&fed.out("tabular").join("model.safetensors")).unwrap();
+    // The server names the classes and features of its CSV test table in the file.
+    assert_eq!(model.class_names, ["benign", "malignant"]);
+    assert_eq!(model.feature_names, ["a", "b", "c"]);
+    let test = test_src
+        .parse::<dpfl_ml::DataSource>()
+        .unwrap()
+        .load()
+        .unwrap();
+    let p = dpfl_ml::predict::predict(&model, &test, tch::Device::Cpu).unwrap();
+    let scores = dpfl_ml::predict::score(&p, &test.labels);
+    assert_eq!(scores.n, 300);
+    assert!(
+        (scores.accuracy - server_acc).abs() < 1e-9,
+        "prediction {} vs server {server_acc}",
+        scores.accuracy
+    );
+    assert!(scores.auc.unwrap() > 0.8, "{scores:?}");
+    // The server's central evaluation reports the same AUC and F1 for a two-class model.
+    assert!((summary.test_auc.unwrap() - scores.auc.unwrap()).abs() < 1e-9);
+    assert!((summary.test_f1.unwrap() - scores.f1.unwrap()).abs() < 1e-9);
+    let m = metrics(&fed.out("tabular"));
+    assert_eq!(m.len(), 3);
+    assert!(m
+        .iter()
+        .all(|l| l["test_auc"].is_f64() && l["test_f1"].is_f64()));
+    // The best round's model is kept next to the last one and scores the best accuracy.
+    let best = m
+        .iter()
+        .map(|l| l["test_accuracy"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let (best_acc, best_round) = summary.best_test_accuracy.unwrap();
+    assert_eq!(best_acc, best);
+    assert_eq!(
+        m[best_round as usize - 1]["test_accuracy"]
+            .as_f64()
+            .unwrap(),
+        best
+    );
+    let best_model =
+        dpfl_ml::predict::ModelFile::load(&fed.out("tabular").join("model-best.safetensors"))
+            .unwrap();
+    let p = dpfl_ml::predict::predict(&best_model, &test, tch::Device::Cpu).unwrap();
+    let again = dpfl_ml::predict::score(&p, &test.labels).accuracy;
+    assert!((again - best).abs() < 1e-9, "{again} vs {best}");
+}
