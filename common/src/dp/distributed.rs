@@ -376,23 +376,39 @@ pub fn model_epsilon(
     rounds: u64,
     delta: f64,
 ) -> Result<f64, DistributedAccountError> {
+    model_epsilon_of_rounds(p, &[(q, rounds)], delta)
+}
+
+/// As [`model_epsilon`] for releases at several rates, given as `(q, count)` groups
+/// (RDP adds over releases).
+pub fn model_epsilon_of_rounds(
+    p: &DistributedParams,
+    groups: &[(f64, u64)],
+    delta: f64,
+) -> Result<f64, DistributedAccountError> {
     p.validate()?;
-    check_q_delta(q, delta)?;
+    check_q_delta(1.0, delta)?;
+    for (q, _) in groups {
+        check_q_delta(*q, delta)?;
+    }
     let ords = orders();
-    let mut rdp = Vec::with_capacity(ords.len());
-    for &a in &ords {
-        // every order <= a is needed by the subsampled bound: precompute them
-        let table: Vec<f64> = (0..=a)
-            .map(|l| {
-                if l < 2 {
-                    0.0
-                } else {
-                    p.rdp_model(l).unwrap_or(f64::INFINITY)
-                }
-            })
-            .collect();
-        let r = subsampled_rdp(a, q, &|l| table[l as usize]);
-        rdp.push(r * rounds as f64);
+    // RDP at every order up to the largest, unsampled (the subsampled bound needs them).
+    let top = ords.iter().copied().max().unwrap_or(2);
+    let mut table = vec![0.0; top as usize + 1];
+    for (l, t) in table.iter_mut().enumerate().skip(2) {
+        *t = p.rdp_model(l as u64)?;
+    }
+    let mut rdp = vec![0.0; ords.len()];
+    for (q, count) in groups {
+        if *count == 0 {
+            continue;
+        }
+        for (r, &a) in rdp.iter_mut().zip(&ords) {
+            *r += subsampled_rdp(a, *q, &|l| table[l as usize]) * *count as f64;
+        }
+    }
+    if rdp.iter().all(|r| *r == 0.0) {
+        return Ok(0.0);
     }
     let of: Vec<f64> = ords.iter().map(|a| *a as f64).collect();
     Ok(rdp_to_epsilon(&of, &rdp, delta).0)
@@ -456,6 +472,94 @@ pub fn gaussian_generic_epsilon(
         .collect();
     let of: Vec<f64> = ords.iter().map(|a| *a as f64).collect();
     Ok(rdp_to_epsilon(&of, &rdp, delta).0)
+}
+
+/// A node's own limits in distributed mode (it never takes them from the server).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharePolicy {
+    /// Refuse rounds whose summed noise has a multiplier below this.
+    pub min_noise_multiplier: f64,
+    /// Refuse rounds that account the noise over fewer contributors than this: with a
+    /// threshold of `n`, the node's own share carries `1/sqrt(n)` of the noise, which is
+    /// all that is left if the other contributors collude with the server.
+    pub min_contributors: usize,
+    /// Refuse rounds that would bring the node's epsilon against the server above this.
+    pub max_server_epsilon: Option<f64>,
+    /// delta of the node's figures.
+    pub delta: f64,
+}
+
+/// Why a node refuses to add its share.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum ShareRefusal {
+    /// The parameters are unusable.
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    /// Too little noise.
+    #[error("noise multiplier {asked} is below this node's minimum {min}")]
+    NoiseTooLow {
+        /// Asked by the server.
+        asked: f64,
+        /// The node's floor.
+        min: f64,
+    },
+    /// Noise accounted over too few contributors.
+    #[error("the round accepts sums of {asked} contributors, below this node's minimum {min}")]
+    TooFewContributors {
+        /// The round's threshold.
+        asked: usize,
+        /// The node's floor.
+        min: usize,
+    },
+    /// One more participation would exceed the node's budget.
+    #[error("one more round would bring this node's epsilon against the server to {next:.4}, above its budget {max}")]
+    Exhausted {
+        /// After this round.
+        next: f64,
+        /// The ceiling.
+        max: f64,
+    },
+    /// Accounting failed.
+    #[error("privacy accounting: {0}")]
+    Account(String),
+}
+
+/// Checks a round's public distributed-DP parameters before the node adds its share:
+/// the noise floor, the contributor floor, then the node's epsilon against the server
+/// after taking part in `participations_so_far + 1` rounds at these parameters, which it
+/// returns. (Recording distributed releases in the node's persisted books, and composing
+/// them with its other spends, belongs to the network wiring.)
+pub fn check_share(
+    policy: &SharePolicy,
+    params: &DistributedParams,
+    participations_so_far: u64,
+) -> Result<f64, ShareRefusal> {
+    params.validate()?;
+    let z = params.noise_multiplier;
+    if z.is_nan() || z < policy.min_noise_multiplier {
+        return Err(ShareRefusal::NoiseTooLow {
+            asked: z,
+            min: policy.min_noise_multiplier,
+        });
+    }
+    if params.min_contributors < policy.min_contributors {
+        return Err(ShareRefusal::TooFewContributors {
+            asked: params.min_contributors,
+            min: policy.min_contributors,
+        });
+    }
+    let next = server_epsilon(
+        params,
+        participations_so_far.saturating_add(1),
+        policy.delta,
+    )
+    .map_err(|e| ShareRefusal::Account(e.to_string()))?;
+    if let Some(max) = policy.max_server_epsilon {
+        if next > max {
+            return Err(ShareRefusal::Exhausted { next, max });
+        }
+    }
+    Ok(next)
 }
 
 #[cfg(test)]
@@ -580,5 +684,54 @@ mod tests {
         assert!(p.validate().is_err());
         assert!("gauss".parse::<Mechanism>().is_err());
         assert_eq!("ddgauss".parse::<Mechanism>().unwrap(), Mechanism::Ddgauss);
+    }
+
+    #[test]
+    fn heterogeneous_rounds_compose() {
+        let p = reference(Mechanism::Skellam, 16);
+        let one = model_epsilon_of_rounds(&p, &[(0.01, 1000)], 1e-5).unwrap();
+        let split = model_epsilon_of_rounds(&p, &[(0.01, 400), (0.01, 600)], 1e-5).unwrap();
+        assert!((one - split).abs() < 1e-9);
+        let more = model_epsilon_of_rounds(&p, &[(0.01, 1000), (0.02, 10)], 1e-5).unwrap();
+        assert!(more > one);
+        assert_eq!(model_epsilon_of_rounds(&p, &[], 1e-5).unwrap(), 0.0);
+        assert!(model_epsilon_of_rounds(&p, &[(0.0, 1)], 1e-5).is_err());
+    }
+
+    #[test]
+    fn node_checks_its_share_against_its_own_policy() {
+        let p = reference(Mechanism::Skellam, 16);
+        let policy = SharePolicy {
+            min_noise_multiplier: 1.0,
+            min_contributors: 50,
+            max_server_epsilon: Some(60.0),
+            delta: 1e-5,
+        };
+        // 10 rounds at z = 1, replace-one: about 50 (see server_sees_more_than_model_observers)
+        let e = check_share(&policy, &p, 9).unwrap();
+        assert_eq!(e, server_epsilon(&p, 10, 1e-5).unwrap());
+        assert!(matches!(
+            check_share(&policy, &p, 20),
+            Err(ShareRefusal::Exhausted { .. })
+        ));
+        let mut low = p;
+        low.noise_multiplier = 0.5;
+        assert!(matches!(
+            check_share(&policy, &low, 0),
+            Err(ShareRefusal::NoiseTooLow { .. })
+        ));
+        let mut few = p;
+        few.min_contributors = 10;
+        few.max_contributors = 100;
+        assert!(matches!(
+            check_share(&policy, &few, 0),
+            Err(ShareRefusal::TooFewContributors { asked: 10, min: 50 })
+        ));
+        let mut bad = p;
+        bad.bits = 1;
+        assert!(matches!(
+            check_share(&policy, &bad, 0),
+            Err(ShareRefusal::Params(_))
+        ));
     }
 }
