@@ -224,6 +224,15 @@ impl DistributedEncoder {
         update: &[f32],
         rng: &mut impl RngCore,
     ) -> Result<(Vec<i64>, RoundingReport), EncodeError> {
+        self.quantize_with_tries(update, rng, ROUNDING_TRIES)
+    }
+
+    fn quantize_with_tries(
+        &self,
+        update: &[f32],
+        rng: &mut impl RngCore,
+        tries: u32,
+    ) -> Result<(Vec<i64>, RoundingReport), EncodeError> {
         if update.len() != self.params.dim {
             return Err(EncodeError::Length {
                 expected: self.params.dim,
@@ -245,7 +254,7 @@ impl DistributedEncoder {
         };
         y.iter_mut().for_each(|v| *v *= factor);
         let mut out = vec![0i64; y.len()];
-        for attempt in 0..ROUNDING_TRIES {
+        for attempt in 0..tries {
             let mut sq: i128 = 0;
             for (o, v) in out.iter_mut().zip(&y) {
                 let f = v.floor();
@@ -259,7 +268,7 @@ impl DistributedEncoder {
                 return Ok((out, report));
             }
         }
-        report.retries = ROUNDING_TRIES;
+        report.retries = tries;
         report.fell_back = true;
         let d = y.len() as f64;
         let target = (self.bound - d.sqrt() / 2.0).max(0.0);
@@ -290,8 +299,13 @@ impl DistributedEncoder {
         for x in v.iter_mut() {
             *x = x.wrapping_add(self.share.sample(rng));
         }
+        Ok((self.to_ring(&v), report))
+    }
+
+    /// Reduces signed integers into `Z/2^bits`.
+    pub fn to_ring(&self, v: &[i64]) -> Vec<u64> {
         let mask = self.mask();
-        Ok((v.into_iter().map(|x| x as u64 & mask).collect(), report))
+        v.iter().map(|x| *x as u64 & mask).collect()
     }
 
     /// Adds `x` into the modular accumulator `acc` (both in `Z/2^bits`).
@@ -431,6 +445,35 @@ mod tests {
                 let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
                 assert!(n <= r, "bits {bits} norm {norm}: {n} > {r}");
                 assert_eq!(rep.clipped, norm > 1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_fallback_stays_inside_the_bound() {
+        // With no redraws allowed the deterministic fallback runs: still inside R, and
+        // close to the scaled update (it only shrinks it by the rounding margin).
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        for bits in [8u32, 16] {
+            let p = params(Mechanism::Skellam, bits, 3000, 10);
+            let enc = DistributedEncoder::new(p, 5).unwrap();
+            let r = p.rounded_l2().unwrap();
+            let x = random_update(3000, 1.0, &mut rng);
+            let (v, rep) = enc.quantize_with_tries(&x, &mut rng, 0).unwrap();
+            assert!(rep.fell_back);
+            let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(n <= r, "bits {bits}: {n} > {r}");
+            if bits == 16 {
+                let back = enc.decode_sum(&enc.to_ring(&v), 1).unwrap();
+                let err = back
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                // shrink to R - sqrt(d)/2 plus rounding: both of order sqrt(d) / s
+                let d = p.padded_dim() as f64;
+                assert!(err < 2.0 * d.sqrt() / enc.scale() + 1e-3, "{err}");
             }
         }
     }

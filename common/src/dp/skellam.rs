@@ -47,11 +47,13 @@ const BAND: f64 = 1e-11;
 /// Relative guard band of the careful geometric path (`exp(g ln r)` is accurate to about
 /// `(1 + |g ln r|) 4e-16`, and `|g ln r| <= 50` there).
 const BAND_GEOMETRIC: f64 = 1e-12;
-/// The table of acceptance probabilities covers `|k - m| <= TABLE_SDS sqrt(lambda) + 64`.
-const TABLE_SDS: f64 = 40.0;
-/// Largest mean accepted: beyond it a table would be unreasonably large (2^40 is far
-/// beyond any share: 20 bits at n = 2 is about 2^37).
-pub const MAX_MEAN: f64 = (1u64 << 40) as f64;
+/// The table of acceptance probabilities covers `|k - m| <= TABLE_SDS sqrt(lambda) + 64`;
+/// beyond it (one proposal in about e^12) an upper bound below e^-50 stands in, so the
+/// first 64 bits of the uniform reject.
+const TABLE_SDS: f64 = 12.0;
+/// Largest mean accepted, so that a sampler's table stays below 25 MB (a share at 20 bits
+/// with 100 contributors has mean about 2^27; at 20 bits and 4 contributors about 2^32).
+pub const MAX_MEAN: f64 = (1u64 << 34) as f64;
 
 /// Why a sampler cannot be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
