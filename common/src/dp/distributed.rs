@@ -176,9 +176,9 @@ impl DistributedParams {
             self.max_contributors as f64,
         )?;
         domain(
-            self.dim >= 1 && self.dim <= 1 << 30,
+            self.dim >= 1 && self.dim <= 1 << 26,
             "dimension",
-            "in 1..=2^30",
+            "in 1..=2^26",
             self.dim as f64,
         )?;
         domain(
@@ -261,7 +261,11 @@ impl DistributedParams {
                 let mut tau = 0.0;
                 for k in 1..self.min_contributors {
                     let k = k as f64;
-                    tau += (-2.0 * std::f64::consts::PI.powi(2) * sigma2 * k / (k + 1.0)).exp();
+                    let term = (-2.0 * std::f64::consts::PI.powi(2) * sigma2 * k / (k + 1.0)).exp();
+                    if term == 0.0 {
+                        break; // the terms only shrink as k grows
+                    }
+                    tau += term;
                 }
                 tau *= 10.0;
                 let central = (n * sigma2).sqrt();
@@ -631,6 +635,26 @@ mod tests {
         let want = 2.0 * r * r / (2.0 * mu)
             + ((3.0 * r * r + 6.0 * l1) / (4.0 * mu * mu)).min(3.0 * l1 / (2.0 * mu));
         assert!((p.rdp_model(2).unwrap() - want).abs() < 1e-12 * want);
+    }
+
+    #[test]
+    fn ddgauss_rdp_matches_hand_computation() {
+        // Reference point: n sigma_i^2 = s^2 and tau = 10 * 99 * exp(-2 pi^2 s^2/100 * k/(k+1))
+        // underflows to 0, so Prop. 14 is alpha/2 (R/s)^2 at every alpha.
+        let p = reference(Mechanism::Ddgauss, 16);
+        let s = p.scale().unwrap();
+        let r = p.rounded_l2().unwrap();
+        for a in [2u64, 7, 100] {
+            let want = a as f64 / 2.0 * (r / s).powi(2);
+            assert!((p.rdp_model(a).unwrap() - want).abs() < 1e-12 * want);
+        }
+        // With one contributor there is no sum of shares: tau = 0 exactly as well.
+        let mut one = p;
+        one.min_contributors = 1;
+        one.max_contributors = 1;
+        let s1 = one.scale().unwrap();
+        let r1 = one.rounded_l2().unwrap();
+        assert!((one.rdp_model(2).unwrap() - (r1 / s1).powi(2)).abs() < 1e-12);
     }
 
     #[test]
