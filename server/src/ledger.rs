@@ -22,11 +22,18 @@
 //!   participation). No "aggregate view" figure is reported: under add/remove the removed
 //!   client's noise disappears with it, so the variance of the sum itself reveals presence.
 //!
+//! - `distributed` (not yet runnable: the network wiring is pending): a separate
+//!   [`DistributedLedger`] keeps both labelled epsilons, against observers of the models
+//!   (amplified by sampling) and against the server (not amplified).
+//!
 //! [`Ledger::public`] is the part that may be published.
 
 use crate::strategy::{DpParams, NodeId, RoundPrivacy};
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::accountant::{self, AccountError, Method};
+use dpfl_common::dp::distributed::{
+    self, DistributedAccountError, DistributedEpsilons, DistributedParams,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -364,6 +371,152 @@ impl Ledger {
     }
 }
 
+/// One distributed-DP release: a round whose modular sum secure aggregation unmasked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistributedRelease {
+    /// Round number.
+    pub round: u64,
+    /// Poisson sampling rate q of the round.
+    pub sampling_rate: f64,
+    /// Contributors in the unmasked sum (never below the accounted minimum).
+    pub contributors: usize,
+    /// Both epsilons after this release (the server's: a client that took part in every
+    /// release so far).
+    pub epsilons: DistributedEpsilons,
+}
+
+/// Why a distributed release cannot be recorded.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum DistributedLedgerError {
+    /// The sum has fewer contributors than the noise was accounted for: it must not be
+    /// released (less noise than the ledger assumes).
+    #[error("a sum of {contributors} contributors is below the accounted minimum {min}")]
+    TooFewContributors {
+        /// Contributors in the sum.
+        contributors: usize,
+        /// The accounted minimum.
+        min: usize,
+    },
+    /// Accounting failed.
+    #[error(transparent)]
+    Account(#[from] DistributedAccountError),
+}
+
+/// The ledger of a `distributed` federation: both labelled epsilons of every release,
+/// recomputed from the rows. What the coordinator calls once secure aggregation is wired
+/// in (issue 12); nothing calls it yet.
+///
+/// - `model_observers`: against anyone who sees the released models, amplified by the
+///   Poisson sampling of each release (public: it does not depend on who took part);
+/// - `server`: against the server, which knows who took part: no amplification,
+///   replace-one sensitivity, over the releases a client took part in.
+///   [`DistributedLedger::epsilons`] reports it for a client that took part in every
+///   release (public); [`DistributedLedger::client_server_epsilon`] is each client's
+///   actual figure (operator-only: it reveals participation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistributedLedger {
+    /// The federation's distributed-DP parameters.
+    pub params: DistributedParams,
+    /// delta of every reported epsilon.
+    pub delta: f64,
+    /// Releases, in order.
+    pub releases: Vec<DistributedRelease>,
+    /// Releases each client took part in.
+    pub joined: BTreeMap<NodeId, u64>,
+}
+
+impl DistributedLedger {
+    /// An empty ledger; the parameters must be usable.
+    pub fn new(params: DistributedParams, delta: f64) -> Result<Self, DistributedLedgerError> {
+        // validates params and delta
+        distributed::server_epsilon(&params, 0, delta)?;
+        Ok(Self {
+            params,
+            delta,
+            releases: Vec::new(),
+            joined: BTreeMap::new(),
+        })
+    }
+
+    fn epsilons_with(
+        &self,
+        extra: Option<f64>,
+    ) -> Result<DistributedEpsilons, DistributedAccountError> {
+        let mut groups: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in &self.releases {
+            *groups.entry(r.sampling_rate.to_bits()).or_default() += 1;
+        }
+        if let Some(q) = extra {
+            *groups.entry(q.to_bits()).or_default() += 1;
+        }
+        let groups: Vec<(f64, u64)> = groups
+            .into_iter()
+            .map(|(q, n)| (f64::from_bits(q), n))
+            .collect();
+        let n = groups.iter().map(|(_, c)| *c).sum();
+        Ok(DistributedEpsilons {
+            model_observers: distributed::model_epsilon_of_rounds(
+                &self.params,
+                &groups,
+                self.delta,
+            )?,
+            server: distributed::server_epsilon(&self.params, n, self.delta)?,
+        })
+    }
+
+    /// Both epsilons so far (zero before the first release).
+    pub fn epsilons(&self) -> DistributedEpsilons {
+        self.releases.last().map_or(
+            DistributedEpsilons {
+                model_observers: 0.0,
+                server: 0.0,
+            },
+            |r| r.epsilons,
+        )
+    }
+
+    /// Both epsilons after one more release at rate `q`, without recording it (for a
+    /// `target_epsilon` check before a round).
+    pub fn epsilons_if(
+        &self,
+        sampling_rate: f64,
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        Ok(self.epsilons_with(Some(sampling_rate))?)
+    }
+
+    /// Records a released sum of `contributors` and returns both epsilons after it.
+    pub fn record(
+        &mut self,
+        round: u64,
+        sampling_rate: f64,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        if contributors.len() < self.params.min_contributors {
+            return Err(DistributedLedgerError::TooFewContributors {
+                contributors: contributors.len(),
+                min: self.params.min_contributors,
+            });
+        }
+        let epsilons = self.epsilons_with(Some(sampling_rate))?;
+        self.releases.push(DistributedRelease {
+            round,
+            sampling_rate,
+            contributors: contributors.len(),
+            epsilons,
+        });
+        for n in contributors {
+            *self.joined.entry(n.clone()).or_default() += 1;
+        }
+        Ok(epsilons)
+    }
+
+    /// A client's actual epsilon against the server (operator-only).
+    pub fn client_server_epsilon(&self, node: &str) -> Result<f64, DistributedLedgerError> {
+        let n = self.joined.get(node).copied().unwrap_or(0);
+        Ok(distributed::server_epsilon(&self.params, n, self.delta)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,5 +676,57 @@ mod tests {
             .unwrap();
         let back: Ledger = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back, l);
+    }
+
+    fn ddp_params() -> DistributedParams {
+        DistributedParams {
+            mechanism: dpfl_common::dp::distributed::Mechanism::Skellam,
+            bits: 16,
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            min_contributors: 3,
+            max_contributors: 5,
+            dim: 1000,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        }
+    }
+
+    #[test]
+    fn distributed_ledger_records_both_epsilons_and_refuses_thin_sums() {
+        let p = ddp_params();
+        let mut l = DistributedLedger::new(p, 1e-5).unwrap();
+        assert_eq!(l.epsilons().model_observers, 0.0);
+        let ids: Vec<NodeId> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let before = l.epsilons_if(0.1).unwrap();
+        let e1 = l.record(1, 0.1, &ids[..3]).unwrap();
+        assert_eq!(before, e1);
+        assert_eq!(
+            e1.model_observers,
+            distributed::model_epsilon(&p, 0.1, 1, 1e-5).unwrap()
+        );
+        assert_eq!(e1.server, distributed::server_epsilon(&p, 1, 1e-5).unwrap());
+        let e2 = l.record(2, 0.2, &ids[1..]).unwrap();
+        assert!(e2.model_observers > e1.model_observers && e2.server > e1.server);
+        assert_eq!(
+            e2.model_observers,
+            distributed::model_epsilon_of_rounds(&p, &[(0.1, 1), (0.2, 1)], 1e-5).unwrap()
+        );
+        // client a joined once, b twice
+        assert_eq!(l.client_server_epsilon("a").unwrap(), e1.server);
+        assert_eq!(l.client_server_epsilon("b").unwrap(), e2.server);
+        assert_eq!(l.client_server_epsilon("zz").unwrap(), 0.0);
+        // below the accounted minimum: refused, nothing recorded
+        assert_eq!(
+            l.record(3, 0.1, &ids[..2]),
+            Err(DistributedLedgerError::TooFewContributors {
+                contributors: 2,
+                min: 3
+            })
+        );
+        assert_eq!(l.releases.len(), 2);
+        let mut bad = p;
+        bad.bits = 2;
+        assert!(DistributedLedger::new(bad, 1e-5).is_err());
     }
 }

@@ -9,12 +9,15 @@
 pub mod accountant;
 pub mod audit;
 mod dd;
+pub mod distributed;
+pub mod encoding;
 pub mod grid;
 pub mod noise;
 pub mod pld;
+pub mod skellam;
 
 use crate::config::{ClientPrivacy, DpMode};
-pub use grid::GridGaussian;
+pub use grid::{DiscreteGaussianInt, GridGaussian};
 pub use noise::{GaussianNoise, NoiseError, OpenDpGaussian, SimulationGaussian};
 
 /// L2 norm of a vector, accumulated in f64.
