@@ -30,7 +30,9 @@ impl TrainDone {
     /// The update header for this result. In `local` mode nothing but the noised delta
     /// leaves the node: no example count, no metrics, no clipped bit.
     pub fn meta(&self, req: &TrainRequest) -> UpdateMeta {
-        let local = req.privacy.mode == DpMode::Local;
+        // Local and distributed modes do not trust the server: nothing about the node's
+        // data leaves outside the noised update (no count, metrics or clipped bit).
+        let local = matches!(req.privacy.mode, DpMode::Local | DpMode::Distributed);
         UpdateMeta {
             round: req.round,
             spec_hash: req.spec_hash,

@@ -606,13 +606,41 @@ impl ServerConfig {
             .validate()
             .map_err(ConfigError::Invalid)?;
         self.secagg.validate().map_err(ConfigError::Invalid)?;
+        if self.dp.mode == dpfl_common::config::DpMode::Distributed {
+            if !self.secure_aggregation {
+                return bad(
+                    "dp.mode = \"distributed\" needs secure aggregation (secure_aggregation = \
+                     true): the server must see only the sum of the noised updates"
+                        .into(),
+                );
+            }
+            let d = self.secagg.distributed(self.strategy.min_fit_clients);
+            let p = d.params(
+                self.secagg.bits,
+                self.dp.clip_norm,
+                self.dp.noise_multiplier,
+                self.spec().num_params(),
+            );
+            p.validate()
+                .map_err(|e| ConfigError::Invalid(format!("distributed DP: {e}")))?;
+            if let Some(t) = self.secagg.threshold {
+                if (t as usize) < d.min_contributors {
+                    return bad(format!(
+                        "secagg.threshold {t} is below secagg.min_contributors {}: rounds would \
+                         unmask sums carrying less noise than accounted",
+                        d.min_contributors
+                    ));
+                }
+            }
+        }
         if self.secure_aggregation {
             use dpfl_common::config::DpMode;
-            if !matches!(self.dp.mode, DpMode::None | DpMode::Central) {
-                return bad(format!(
-                    "secure_aggregation works with dp.mode none or central, not {}",
-                    self.dp.mode
-                ));
+            if self.dp.mode == DpMode::Local {
+                return bad(
+                    "secure_aggregation works with dp.mode none, central or distributed, not \
+                     local"
+                        .into(),
+                );
             }
             if !self.strategy.aggregator.is_streaming() {
                 return bad(

@@ -22,9 +22,11 @@
 //!   participation). No "aggregate view" figure is reported: under add/remove the removed
 //!   client's noise disappears with it, so the variance of the sum itself reveals presence.
 //!
-//! - `distributed` (not yet runnable: the network wiring is pending): a separate
-//!   [`DistributedLedger`] keeps both labelled epsilons, against observers of the models
-//!   (amplified by sampling) and against the server (not amplified).
+//! - `distributed` (adversaries: observers of the models, and the server): a
+//!   [`DistributedLedger`] inside [`Ledger::distributed`] keeps both labelled epsilons,
+//!   against observers of the models (amplified by sampling; the rows' `epsilon`) and
+//!   against the server (not amplified; the clients' `epsilon` is each one's actual figure
+//!   against the server). The noise is accounted over the round's `min_contributors`.
 //!
 //! [`Ledger::public`] is the part that may be published.
 
@@ -82,6 +84,10 @@ pub struct Ledger {
     pub rounds: Vec<LedgerRound>,
     /// Per-client spend.
     pub clients: BTreeMap<NodeId, ClientSpend>,
+    /// `distributed` mode: both labelled epsilons of every release (the rows above carry
+    /// the one against observers of the models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedLedger>,
 }
 
 /// Largest per-client epsilon in local mode (sensitivity 2C: multiplier z/2, q = 1).
@@ -177,7 +183,52 @@ impl Ledger {
             delta,
             rounds: Vec::new(),
             clients: BTreeMap::new(),
+            distributed: None,
         }
+    }
+
+    /// `distributed` mode: records a released sum of `contributors` at the round's public
+    /// parameters in the [`DistributedLedger`] (both labelled epsilons), and a row whose
+    /// epsilon is the one against observers of the models. The parameters must stay those
+    /// of the first release; a sum of fewer contributors than accounted is refused.
+    pub fn record_distributed(
+        &mut self,
+        round: u64,
+        p: &RoundPrivacy,
+        params: &DistributedParams,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        let d = match &mut self.distributed {
+            Some(d) => d,
+            None => self
+                .distributed
+                .insert(DistributedLedger::new(*params, self.delta)?),
+        };
+        if d.params != *params {
+            return Err(DistributedLedgerError::ParamsChanged);
+        }
+        let eps = d.record(round, p.sampling_rate, contributors)?;
+        let mut row = Self::row(round, p, contributors.len());
+        row.epsilon = eps.model_observers;
+        row.method = Method::Rdp;
+        self.rounds.push(row);
+        for n in contributors {
+            let c = self.clients.entry(n.clone()).or_default();
+            c.rounds_joined += 1;
+        }
+        let joined: Vec<(NodeId, u64)> = self
+            .clients
+            .iter()
+            .map(|(n, c)| (n.clone(), c.rounds_joined))
+            .collect();
+        for (n, k) in joined {
+            let e = distributed::server_epsilon(params, k, self.delta)
+                .map_err(DistributedLedgerError::Account)?;
+            if let Some(c) = self.clients.get_mut(&n) {
+                c.epsilon = e;
+            }
+        }
+        Ok(eps)
     }
 
     /// Epsilon so far (0 when DP is off or nothing was released): `central`, every
@@ -219,6 +270,12 @@ impl Ledger {
     /// The epsilon after one more release like `p`, without recording it (for the
     /// `target_epsilon` check before every attempt).
     pub fn epsilon_if(&self, p: &RoundPrivacy) -> Result<f64, AccountError> {
+        if let Some(d) = &self.distributed {
+            return d
+                .epsilons_if(p.sampling_rate)
+                .map(|e| e.model_observers)
+                .map_err(|e| AccountError::Distributed(e.to_string()));
+        }
         let mut steps = self.steps();
         steps.push(Self::step(&Self::row(0, p, 0)));
         Ok(Self::epsilon_of(&steps, self.delta)?.0)
@@ -318,6 +375,12 @@ impl Ledger {
                  updates); epsilon of a client that took part in every release, sensitivity \
                  2C, no amplification by sampling"
             }
+            DpMode::Distributed => {
+                "everyone who sees the released models, other nodes included (the server \
+                 sees only the securely aggregated sum of the nodes' noised encodings); \
+                 Poisson sampling at rate q from the OS CSPRNG, sample not published. \
+                 Against the server itself (no amplification): `distributed.server`"
+            }
             _ => {
                 "everyone who sees the released models, other nodes included (the server is \
                  trusted with clipped updates); Poisson sampling at rate q from the OS \
@@ -359,6 +422,22 @@ impl Ledger {
                 self.epsilon(),
                 self.max_client_epsilon()
             )),
+            DpMode::Distributed => {
+                let e = self.distributed.as_ref().map_or(
+                    DistributedEpsilons {
+                        model_observers: 0.0,
+                        server: 0.0,
+                    },
+                    DistributedLedger::epsilons,
+                );
+                s.push_str(&format!(
+                    "| epsilon against observers of the models {:.4} (amplified by sampling); \
+                     against the server {:.4} for a client in every release, max actual {:.4}",
+                    e.model_observers,
+                    e.server,
+                    self.max_client_epsilon()
+                ))
+            }
             _ => s.push_str(&format!("| epsilon {:.4} (every client)", self.epsilon())),
         }
         for (n, c) in &self.clients {
@@ -400,11 +479,13 @@ pub enum DistributedLedgerError {
     /// Accounting failed.
     #[error(transparent)]
     Account(#[from] DistributedAccountError),
+    /// A release at other public parameters than the ledger's.
+    #[error("distributed DP parameters changed during the run")]
+    ParamsChanged,
 }
 
 /// The ledger of a `distributed` federation: both labelled epsilons of every release,
-/// recomputed from the rows. What the coordinator calls once secure aggregation is wired
-/// in (issue 12); nothing calls it yet.
+/// recomputed from the rows ([`Ledger::record_distributed`] keeps it).
 ///
 /// - `model_observers`: against anyone who sees the released models, amplified by the
 ///   Poisson sampling of each release (public: it does not depend on who took part);

@@ -754,6 +754,9 @@ impl<S: Strategy> CentralDp<S> {
 
 impl<S: Strategy> Strategy for CentralDp<S> {
     fn name(&self) -> String {
+        if self.dp.mode == DpMode::Distributed {
+            return format!("distributed-dp({})", self.inner.name());
+        }
         format!("central-dp({})", self.inner.name())
     }
 
@@ -766,7 +769,7 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         let mut plan = self.inner.configure_fit(round, available, rng);
         plan.nodes = poisson_select(available, self.dp.sampling_rate, rng);
         plan.privacy = ClientPrivacy {
-            mode: DpMode::Central,
+            mode: self.dp.mode,
             clip_norm: self.clip,
             noise_multiplier: self.dp.noise_multiplier,
         };
@@ -789,6 +792,11 @@ impl<S: Strategy> Strategy for CentralDp<S> {
     }
 
     fn accumulate(&mut self, _round: u64, mut r: FitResult) -> Result<(), StrategyError> {
+        if self.dp.mode == DpMode::Distributed {
+            return Err(StrategyError::Invalid(
+                "distributed DP takes only securely aggregated, noised sums".into(),
+            ));
+        }
         let (norm, clipped) = clip_in_place(&mut r.delta, self.clip);
         if clipped {
             // The client should have clipped: enforce the bound the accountant relies on.
@@ -863,7 +871,11 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         }
         // Noise is released even when nobody answered: the mechanism (and the accountant)
         // covers every sampled round, and skipping it would reveal the empty sample.
-        self.noise.add_calibrated(&mut sum, z_update, self.clip)?;
+        // Distributed mode: the noise is in the decoded sum already (each contributor's
+        // integer share); the server adds none.
+        if self.dp.mode != DpMode::Distributed {
+            self.noise.add_calibrated(&mut sum, z_update, self.clip)?;
+        }
         let inv = (1.0 / expected) as f32;
         sum.iter_mut().for_each(|v| *v *= inv);
         let clip_used = self.clip;
@@ -880,7 +892,7 @@ impl<S: Strategy> Strategy for CentralDp<S> {
             self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
         }
         self.last = Some(RoundPrivacy {
-            mode: DpMode::Central,
+            mode: self.dp.mode,
             sampling_rate: self.dp.sampling_rate,
             noise_multiplier: self.dp.noise_multiplier,
             clip_norm: clip_used,
@@ -902,6 +914,11 @@ impl<S: Strategy> Strategy for CentralDp<S> {
         available: &[NodeId],
         rng: &mut dyn RngCore,
     ) -> Vec<NodeId> {
+        // Distributed mode does not trust the server: nodes refuse federated evaluation
+        // (exact metrics on their data), as in local mode; none is asked.
+        if self.dp.mode == DpMode::Distributed {
+            return Vec::new();
+        }
         self.inner.configure_evaluate(round, available, rng)
     }
 
@@ -993,7 +1010,18 @@ pub fn build(
             }
             Box::new(CentralDp::new(base, dp, noise, num_params))
         }
-        DpMode::Distributed => unreachable!("validate() refuses distributed mode"),
+        // Distributed: the central wrapper without server noise (the sum it is given was
+        // decoded from the nodes' noised encodings), divided by the same expected count.
+        DpMode::Distributed => {
+            if !fedavg.aggregator.is_streaming() {
+                return Err(
+                    "robust aggregators cannot be combined with distributed DP: the server \
+                     sees only the sum"
+                        .into(),
+                );
+            }
+            Box::new(CentralDp::new(base, dp, noise, num_params))
+        }
     })
 }
 
@@ -1314,15 +1342,22 @@ mod tests {
             mode: DpMode::Distributed,
             ..Default::default()
         };
-        let err = build(
+        let robust = FedAvgConfig {
+            aggregator: AggregatorKind::Median,
+            ..Default::default()
+        };
+        let err = build(robust, TrainSettings::default(), dist, 3, noise())
+            .err()
+            .unwrap();
+        assert!(err.contains("distributed"), "{err}");
+        let s = build(
             FedAvgConfig::default(),
             TrainSettings::default(),
             dist,
             3,
             noise(),
         )
-        .err()
         .unwrap();
-        assert!(err.contains("secure aggregation"));
+        assert!(s.name().starts_with("distributed-dp"));
     }
 }
