@@ -498,4 +498,68 @@ mod tests {
             Err(BudgetError::NoiseTooLow { .. })
         ));
     }
+
+    #[test]
+    fn distributed_rounds_below_the_nodes_floors_are_refused_and_spends_are_books() {
+        use dpfl_common::dp::distributed::{server_epsilon, DistributedParams, Mechanism};
+        let policy = Policy {
+            min_noise_multiplier: 0.8,
+            max_epsilon: None,
+            delta: 1e-5,
+            min_contributors: 5,
+        };
+        let params = DistributedParams {
+            mechanism: Mechanism::Skellam,
+            bits: 20,
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            min_contributors: 5,
+            max_contributors: 10,
+            dim: 1000,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        };
+        let release = |p: DistributedParams| Release::Distributed {
+            federation: "fed".into(),
+            params: p,
+        };
+        let mut b = Budget::open(policy.clone(), None).unwrap();
+        let low_z = DistributedParams {
+            noise_multiplier: 0.5,
+            ..params
+        };
+        assert!(matches!(
+            b.check(&release(low_z)),
+            Err(BudgetError::Share(ShareRefusal::NoiseTooLow { .. }))
+        ));
+        let few = DistributedParams {
+            min_contributors: 4,
+            ..params
+        };
+        assert!(matches!(
+            b.check(&release(few)),
+            Err(BudgetError::Share(ShareRefusal::TooFewContributors {
+                asked: 4,
+                min: 5
+            }))
+        ));
+        // Accepted rounds are counted against the server, per parameter set.
+        b.check(&release(params)).unwrap();
+        b.record(&release(params)).unwrap();
+        let e = b.record(&release(params)).unwrap();
+        let reference = server_epsilon(&params, 2, 1e-5).unwrap();
+        assert!((e - reference).abs() < 1e-12, "{e} vs {reference}");
+        // And the ceiling holds over them.
+        let tight = Policy {
+            max_epsilon: Some(reference * 1.01),
+            ..policy
+        };
+        let mut b2 = Budget::open(tight, None).unwrap();
+        b2.record(&release(params)).unwrap();
+        b2.record(&release(params)).unwrap();
+        assert!(matches!(
+            b2.check(&release(params)),
+            Err(BudgetError::Exhausted { .. })
+        ));
+    }
 }
