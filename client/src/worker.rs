@@ -81,7 +81,8 @@ pub fn train_and_privatize(
 enum Job {
     Setup(ModelSpec, oneshot::Sender<Result<(), String>>),
     Train(
-        TrainRequest,
+        // Boxed: a request with distributed-DP parameters is the largest job by far.
+        Box<TrainRequest>,
         Vec<f32>,
         oneshot::Sender<Result<TrainDone, String>>,
     ),
@@ -181,7 +182,7 @@ impl Worker {
 
     /// Trains from `global` and privatizes the delta.
     pub async fn train(&self, req: TrainRequest, global: Vec<f32>) -> Result<TrainDone, String> {
-        self.call(|tx| Job::Train(req, global, tx)).await
+        self.call(|tx| Job::Train(Box::new(req), global, tx)).await
     }
 
     /// Evaluates `params` on the validation split.
