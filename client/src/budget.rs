@@ -17,11 +17,25 @@
 //!   the noise it announced, which is what central mode means; the node can only check the
 //!   announced z against its floor.
 //!
+//! - `distributed` mode: each round the node takes part in adds its integer noise share
+//!   to its encoded update; against the server (which knows who took part, so no
+//!   amplification) the release is the distributed mechanism at the round's public
+//!   parameters, with the summed noise accounted over the round's `min_contributors`
+//!   shares (what is left if the other contributors' shares were known). The node checks
+//!   the parameters with [`check_share`] (its noise and contributor floors) and counts
+//!   its participations per parameter set.
+//!
 //! All spends of the data compose (several federations, several runs): the total is the
-//! tightest of PLD, RDP and zCDP over every recorded release.
+//! tightest of PLD, RDP and zCDP over every recorded local and central release;
+//! distributed spends (RDP of the discrete mechanisms, converted per parameter set) are
+//! added to it by basic composition: conservative in epsilon, and each kind spends its
+//! own delta (the figure holds at delta times the number of kinds with spends).
 
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::accountant;
+use dpfl_common::dp::distributed::{
+    check_share, server_epsilon, DistributedParams, SharePolicy, ShareRefusal,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -50,6 +64,9 @@ pub enum BudgetError {
     /// Accounting failed.
     #[error("privacy accounting: {0}")]
     Account(String),
+    /// Distributed mode: the node refuses the round's noise share.
+    #[error("distributed DP: {0}")]
+    Share(#[from] ShareRefusal),
     /// The state file could not be read or written.
     #[error("privacy state {path}: {detail}")]
     State {
@@ -69,6 +86,8 @@ pub struct Policy {
     pub max_epsilon: Option<f64>,
     /// delta of the node's own (epsilon, delta).
     pub delta: f64,
+    /// Distributed mode: refuse rounds whose noise is accounted over fewer contributors.
+    pub min_contributors: usize,
 }
 
 impl Default for Policy {
@@ -79,6 +98,7 @@ impl Default for Policy {
             min_noise_multiplier: 1.0,
             max_epsilon: None,
             delta: 1e-5,
+            min_contributors: 2,
         }
     }
 }
@@ -99,6 +119,18 @@ pub struct Spent {
     pub local: Vec<LocalSpend>,
     /// Central federations: one entry per (server and model, q, z).
     pub central: BTreeMap<String, CentralSpend>,
+    /// Distributed federations: one entry per (server and model, public parameters).
+    #[serde(default)]
+    pub distributed: BTreeMap<String, DistributedSpend>,
+}
+
+/// Rounds this node took part in at one set of distributed-DP parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistributedSpend {
+    /// The public parameters (mechanism, bits, C, z, contributors, dimension).
+    pub params: DistributedParams,
+    /// Rounds whose noised encoding left this node.
+    pub participations: u64,
 }
 
 /// What one central federation has released, by the node's count.
@@ -180,9 +212,19 @@ impl Budget {
     }
 
     fn epsilon_of(&self, spent: &Spent) -> Result<f64, BudgetError> {
-        accountant::epsilon_of_rounds(&Self::groups(spent), self.policy.delta)
-            .map(|e| e.0)
-            .map_err(|e| BudgetError::Account(e.to_string()))
+        let groups = Self::groups(spent);
+        let mut eps = if groups.iter().all(|g| g.2 == 0) {
+            0.0
+        } else {
+            accountant::epsilon_of_rounds(&groups, self.policy.delta)
+                .map(|e| e.0)
+                .map_err(|e| BudgetError::Account(e.to_string()))?
+        };
+        for d in spent.distributed.values() {
+            eps += server_epsilon(&d.params, d.participations, self.policy.delta)
+                .map_err(|e| BudgetError::Account(e.to_string()))?;
+        }
+        Ok(eps)
     }
 
     /// Epsilon spent so far, by the node's own count.
@@ -227,6 +269,16 @@ impl Budget {
                 };
                 e.last_round = *round;
             }
+            Release::Distributed { federation, params } => {
+                let key = format!("{federation}|{}", serde_json::json!(params));
+                next.distributed
+                    .entry(key)
+                    .or_insert(DistributedSpend {
+                        params: *params,
+                        participations: 0,
+                    })
+                    .participations += 1;
+            }
         }
         next
     }
@@ -241,6 +293,18 @@ impl Budget {
             | Release::Central {
                 noise_multiplier, ..
             } => *noise_multiplier,
+            Release::Distributed { params, .. } => {
+                // The node's own floors on z and on the contributors the noise is
+                // accounted over (the budget is checked below, over every spend).
+                let share = SharePolicy {
+                    min_noise_multiplier: self.policy.min_noise_multiplier,
+                    min_contributors: self.policy.min_contributors,
+                    max_server_epsilon: None,
+                    delta: self.policy.delta,
+                };
+                check_share(&share, params, 0)?;
+                params.noise_multiplier
+            }
         };
         if z.is_nan() || z < self.policy.min_noise_multiplier {
             return Err(BudgetError::NoiseTooLow {
@@ -296,6 +360,13 @@ pub enum Release {
         noise_multiplier: f64,
         /// Round number.
         round: u64,
+    },
+    /// `distributed` mode: this node's noised encoding, summed by secure aggregation.
+    Distributed {
+        /// Which federation (server name and model).
+        federation: String,
+        /// The round's public parameters.
+        params: DistributedParams,
     },
 }
 
@@ -372,6 +443,7 @@ mod tests {
             min_noise_multiplier: 1.0,
             max_epsilon: Some(40.0),
             delta: 1e-5,
+            min_contributors: 2,
         };
         let mut b = Budget::open(policy.clone(), Some(path.clone())).unwrap();
         let e1 = b.record(&local(2.0)).unwrap();
@@ -424,6 +496,70 @@ mod tests {
         assert!(matches!(
             b.check(&r(20, 1e-9)),
             Err(BudgetError::NoiseTooLow { .. })
+        ));
+    }
+
+    #[test]
+    fn distributed_rounds_below_the_nodes_floors_are_refused_and_spends_are_books() {
+        use dpfl_common::dp::distributed::{server_epsilon, DistributedParams, Mechanism};
+        let policy = Policy {
+            min_noise_multiplier: 0.8,
+            max_epsilon: None,
+            delta: 1e-5,
+            min_contributors: 5,
+        };
+        let params = DistributedParams {
+            mechanism: Mechanism::Skellam,
+            bits: 20,
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            min_contributors: 5,
+            max_contributors: 10,
+            dim: 1000,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        };
+        let release = |p: DistributedParams| Release::Distributed {
+            federation: "fed".into(),
+            params: p,
+        };
+        let mut b = Budget::open(policy.clone(), None).unwrap();
+        let low_z = DistributedParams {
+            noise_multiplier: 0.5,
+            ..params
+        };
+        assert!(matches!(
+            b.check(&release(low_z)),
+            Err(BudgetError::Share(ShareRefusal::NoiseTooLow { .. }))
+        ));
+        let few = DistributedParams {
+            min_contributors: 4,
+            ..params
+        };
+        assert!(matches!(
+            b.check(&release(few)),
+            Err(BudgetError::Share(ShareRefusal::TooFewContributors {
+                asked: 4,
+                min: 5
+            }))
+        ));
+        // Accepted rounds are counted against the server, per parameter set.
+        b.check(&release(params)).unwrap();
+        b.record(&release(params)).unwrap();
+        let e = b.record(&release(params)).unwrap();
+        let reference = server_epsilon(&params, 2, 1e-5).unwrap();
+        assert!((e - reference).abs() < 1e-12, "{e} vs {reference}");
+        // And the ceiling holds over them.
+        let tight = Policy {
+            max_epsilon: Some(reference * 1.01),
+            ..policy
+        };
+        let mut b2 = Budget::open(tight, None).unwrap();
+        b2.record(&release(params)).unwrap();
+        b2.record(&release(params)).unwrap();
+        assert!(matches!(
+            b2.check(&release(params)),
+            Err(BudgetError::Exhausted { .. })
         ));
     }
 }

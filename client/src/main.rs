@@ -63,10 +63,11 @@ struct Args {
     /// libtorch threads for local training.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// DP mode this node agrees to: none, local or central. Must equal the server's.
+    /// DP mode this node agrees to: none, local, central or distributed. Must equal the
+    /// server's.
     #[arg(long, default_value = "none")]
     dp_mode: String,
-    /// In local mode, refuse rounds whose noise multiplier is below this (the node owns
+    /// In local and distributed mode, refuse rounds whose noise multiplier is below this (the node owns
     /// its privacy: the server cannot lower it).
     #[arg(long, default_value_t = 1.0)]
     min_noise_multiplier: f64,
@@ -77,6 +78,11 @@ struct Args {
     /// delta of the node's own (epsilon, delta).
     #[arg(long, default_value_t = 1e-5)]
     delta: f64,
+    /// In distributed mode, refuse rounds whose noise is accounted over fewer
+    /// contributors than this (if the others colluded with the server, this node's share
+    /// carries 1/sqrt(n) of the noise).
+    #[arg(long, default_value_t = 2)]
+    min_contributors: usize,
     /// Where the node records what its data has spent (default: <certs>/<name>.privacy.json).
     #[arg(long)]
     privacy_state: Option<PathBuf>,
@@ -147,6 +153,7 @@ async fn main() -> Result<()> {
         min_noise_multiplier: a.min_noise_multiplier,
         max_epsilon: a.max_epsilon,
         delta: a.delta,
+        min_contributors: a.min_contributors,
     };
     cfg.privacy_state = Some(
         a.privacy_state

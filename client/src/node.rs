@@ -363,13 +363,21 @@ async fn session(
             }
             Header::Train(req) => {
                 let round = req.round;
-                let release = Release::of(
-                    req.privacy.mode,
-                    &federation,
-                    welcome.dp.sampling_rate,
-                    req.privacy.noise_multiplier,
-                    round,
-                );
+                let release = match (req.privacy.mode, &req.secure_aggregation) {
+                    (DpMode::Distributed, Some(spec)) => {
+                        spec.distributed.map(|d| Release::Distributed {
+                            federation: federation.clone(),
+                            params: d.params,
+                        })
+                    }
+                    _ => Release::of(
+                        req.privacy.mode,
+                        &federation,
+                        welcome.dp.sampling_rate,
+                        req.privacy.noise_multiplier,
+                        round,
+                    ),
+                };
                 let refusal =
                     check_train(&welcome, &req, msg.payload.len()).and_then(|()| match &release {
                         Some(r) => budget.check(r).map(|_| ()).map_err(|e| e.to_string()),
@@ -460,14 +468,19 @@ async fn session(
                     }
                 }
             }
-            Header::Evaluate(req) if welcome.dp.mode == DpMode::Local => Header::Failed {
-                round: req.round,
-                reason: format!(
-                    "node {} refuses evaluation in local DP mode: exact loss, accuracy and count \
-                     on its data would bypass the noise that protects it from the server",
-                    welcome.node
-                ),
-            },
+            Header::Evaluate(req)
+                if matches!(welcome.dp.mode, DpMode::Local | DpMode::Distributed) =>
+            {
+                Header::Failed {
+                    round: req.round,
+                    reason: format!(
+                        "node {} refuses evaluation in {} DP mode: exact loss, accuracy and \
+                         count on its data would bypass the noise that protects it from the \
+                         server",
+                        welcome.node, welcome.dp.mode
+                    ),
+                }
+            }
             Header::Evaluate(req) => {
                 if req.spec_hash != welcome.spec_hash
                     || msg.payload.len() != welcome.spec.num_params()
@@ -588,6 +601,38 @@ fn check_train(welcome: &Welcome, req: &wire::TrainRequest, payload: usize) -> R
         if req.privacy.mode == DpMode::Local {
             return Err("secure aggregation is not offered with local DP".into());
         }
+    }
+    // Distributed DP: the node adds its noise share only inside a securely aggregated
+    // round, at the parameters of the round's privacy settings and this model.
+    let distributed = req.secure_aggregation.as_ref().and_then(|s| s.distributed);
+    match (req.privacy.mode, distributed) {
+        (DpMode::Distributed, None) => {
+            return Err(
+                "distributed DP round without secure aggregation or its public parameters".into(),
+            )
+        }
+        (DpMode::Distributed, Some(d)) => {
+            let p = &d.params;
+            if p.noise_multiplier != req.privacy.noise_multiplier
+                || p.clip_norm != req.privacy.clip_norm
+                || p.dim != welcome.spec.num_params()
+            {
+                return Err(format!(
+                    "distributed DP parameters (z {}, C {}, dim {}) disagree with the round \
+                     (z {}, C {}, dim {})",
+                    p.noise_multiplier,
+                    p.clip_norm,
+                    p.dim,
+                    req.privacy.noise_multiplier,
+                    req.privacy.clip_norm,
+                    welcome.spec.num_params()
+                ));
+            }
+        }
+        (_, Some(_)) => {
+            return Err("distributed DP parameters in a round of another mode".into());
+        }
+        (_, None) => {}
     }
     if req.privacy.mode != welcome.dp.mode {
         return Err(format!(

@@ -3,10 +3,14 @@
 //! key and checking its neighbours' keys against the certificates the server forwards,
 //! each chain-checked against the federation CA first.
 //!
-//! The update leaves the node only inside a masked input, encoded by a [`SumEncoder`]
-//! (today the fixed-point encoder, with stochastic rounding from the OS CSPRNG).
+//! The update leaves the node only inside a masked input, encoded by the fixed-point
+//! encoder (stochastic rounding from the OS CSPRNG) or, in DP mode `distributed`, by
+//! [`DistributedEncoder`] (public rotation seed, conditional rounding, this node's
+//! integer noise share from the OS CSPRNG), after the node checked the protocol's
+//! threshold and size against the contributor bounds the noise is accounted with.
 
 use dpfl_certs::{Credentials, PeerCertificates};
+use dpfl_common::dp::encoding::DistributedEncoder;
 use dpfl_common::wire::SecAggSpec;
 use dpfl_secagg::messages::{FromNode, ToNode};
 use dpfl_secagg::sign::SignatureError;
@@ -111,6 +115,13 @@ impl SecureNode {
             .filter(|h| h.round == round)
             .ok_or_else(|| format!("no update held for round {round}"))?;
         let spec = held.spec;
+        // Distributed DP encodes the rotated update, padded to a power of two.
+        let model_len = vector_len;
+        let vector_len = match &spec.distributed {
+            Some(d) => u32::try_from(d.params.padded_dim())
+                .map_err(|_| "distributed DP dimension too large".to_string())?,
+            None => vector_len,
+        };
         let config = ClientConfig {
             vector_len,
             bits: spec.bits,
@@ -155,6 +166,25 @@ impl SecureNode {
                     .lock()
                     .map_err(|_| "verifier lock poisoned".to_string())? = table;
                 self.participants = setup.context.len();
+                if let Some(d) = &spec.distributed {
+                    // The noise is accounted over `min_contributors` shares: the protocol
+                    // must not unmask a sum of fewer, nor sum more than the headroom holds.
+                    let ctx = &setup.context;
+                    if (ctx.threshold as usize) < d.params.min_contributors {
+                        return Err(format!(
+                            "secure aggregation threshold {} is below the {} contributors \
+                             distributed DP accounts for",
+                            ctx.threshold, d.params.min_contributors
+                        ));
+                    }
+                    if ctx.len() as usize > d.params.max_contributors {
+                        return Err(format!(
+                            "{} participants, above the {} distributed DP's headroom holds",
+                            ctx.len(),
+                            d.params.max_contributors
+                        ));
+                    }
+                }
                 client
                     .handle_setup(&setup, &mut OsRng)
                     .map(FromNode::Keys)
@@ -165,26 +195,32 @@ impl SecureNode {
                 .map(FromNode::Shares)
                 .map_err(e),
             ToNode::Shares(m) => {
-                let encoder = Encoding::FixedPoint {
-                    clip: spec.clip_norm,
-                    bits: spec.bits,
-                }
-                .encoder(self.participants)
-                .map_err(|e| e.to_string())?;
                 let held = self.held.as_mut().ok_or("no update held")?;
-                if held.update.len() != vector_len as usize {
+                if held.update.len() != model_len as usize {
                     return Err(format!(
-                        "held update has {} values, the model {vector_len}",
+                        "held update has {} values, the model {model_len}",
                         held.update.len()
                     ));
                 }
-                // Stochastic rounding needs one draw per coordinate: a ChaCha20 stream keyed
-                // from the OS CSPRNG (a getrandom call per coordinate cost ~0.1 s per update).
+                // Stochastic rounding (and, in distributed mode, the integer noise share)
+                // needs draws per coordinate: a ChaCha20 stream keyed from the OS CSPRNG
+                // once per update (a getrandom call per coordinate cost ~0.1 s per update).
                 let mut rng =
                     rand_chacha::ChaCha20Rng::from_rng(OsRng).map_err(|e| e.to_string())?;
-                let x = encoder
-                    .encode(&held.update, &mut rng)
-                    .map_err(|e| e.to_string())?;
+                let x = match &spec.distributed {
+                    // Rotation from the round's public seed, conditional rounding and this
+                    // node's integer noise share.
+                    Some(d) => DistributedEncoder::new(d.params, d.rotation_seed)
+                        .and_then(|enc| enc.encode(&held.update, &mut rng))
+                        .map_err(|e| e.to_string())?,
+                    None => Encoding::FixedPoint {
+                        clip: spec.clip_norm,
+                        bits: spec.bits,
+                    }
+                    .encoder(self.participants)
+                    .and_then(|enc| enc.encode(&held.update, &mut rng))
+                    .map_err(|e| e.to_string())?,
+                };
                 let out = client.handle_shares(&m, &x).map_err(e)?;
                 // The update has left, masked: nothing of it is kept.
                 held.update.iter_mut().for_each(|v| *v = 0.0);

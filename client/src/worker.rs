@@ -30,7 +30,9 @@ impl TrainDone {
     /// The update header for this result. In `local` mode nothing but the noised delta
     /// leaves the node: no example count, no metrics, no clipped bit.
     pub fn meta(&self, req: &TrainRequest) -> UpdateMeta {
-        let local = req.privacy.mode == DpMode::Local;
+        // Local and distributed modes do not trust the server: nothing about the node's
+        // data leaves outside the noised update (no count, metrics or clipped bit).
+        let local = matches!(req.privacy.mode, DpMode::Local | DpMode::Distributed);
         UpdateMeta {
             round: req.round,
             spec_hash: req.spec_hash,
@@ -91,7 +93,8 @@ pub fn privatize_outcome(
 enum Job {
     Setup(ModelSpec, oneshot::Sender<Result<(), String>>),
     Train(
-        TrainRequest,
+        // Boxed: a request with distributed-DP parameters is the largest job by far.
+        Box<TrainRequest>,
         Vec<f32>,
         oneshot::Sender<Result<TrainDone, String>>,
     ),
@@ -191,7 +194,7 @@ impl Worker {
 
     /// Trains from `global` and privatizes the delta.
     pub async fn train(&self, req: TrainRequest, global: Vec<f32>) -> Result<TrainDone, String> {
-        self.call(|tx| Job::Train(req, global, tx)).await
+        self.call(|tx| Job::Train(Box::new(req), global, tx)).await
     }
 
     /// Evaluates `params` on the validation split.

@@ -151,6 +151,19 @@ pub struct SecAggSpec {
     pub clip_norm: f64,
     /// Ring width b: the update is encoded into Z/2^b.
     pub bits: u8,
+    /// DP mode `distributed`: the round's public parameters. The node encodes with
+    /// [`crate::dp::encoding::DistributedEncoder`] (rotation, integer noise share) instead
+    /// of fixed point; `bits` then equals `params.bits`.
+    pub distributed: Option<DistributedRound>,
+}
+
+/// The public distributed-DP parameters of one securely aggregated round attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistributedRound {
+    /// Mechanism, bits, C, z, contributor bounds, dimension.
+    pub params: crate::dp::distributed::DistributedParams,
+    /// Seed of the shared random rotation (fresh from the server's OS CSPRNG per attempt).
+    pub rotation_seed: u64,
 }
 
 impl SecAggSpec {
@@ -167,6 +180,18 @@ impl SecAggSpec {
                 "secure aggregation ring width must be in 16..=62 bits, got {}",
                 self.bits
             ));
+        }
+        if let Some(d) = &self.distributed {
+            d.params.validate().map_err(|e| e.to_string())?;
+            if d.params.bits != u32::from(self.bits) {
+                return Err(format!(
+                    "distributed DP encodes into {} bits, the ring has {}",
+                    d.params.bits, self.bits
+                ));
+            }
+            if (d.params.clip_norm - self.clip_norm).abs() > 0.0 {
+                return Err("distributed DP and secure aggregation disagree on C".into());
+            }
         }
         Ok(())
     }
@@ -846,6 +871,7 @@ mod tests {
                     secure_aggregation: Some(SecAggSpec {
                         clip_norm: 1.0,
                         bits: 32,
+                        distributed: None,
                     }),
                 }),
                 vec![1.0],

@@ -306,7 +306,7 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("strategy.server_optimizer.beta1", None, "Momentum of FedAvgM; first-moment decay of FedAdam / FedYogi."),
     ("strategy.server_optimizer.beta2", None, "Second-moment decay of FedAdagrad / FedAdam / FedYogi."),
     ("strategy.server_optimizer.tau", None, "Adaptivity (epsilon) of FedAdagrad / FedAdam / FedYogi."),
-    ("dp.mode", None, "Differential privacy: \"none\", \"local\" (nodes noise their updates) or \"central\" (the server noises the sum) (`--dp-mode`)."),
+    ("dp.mode", None, "Differential privacy: \"none\", \"local\" (nodes noise their updates), \"central\" (the server noises the sum) or \"distributed\" (nodes add integer noise shares inside secure aggregation; needs secure_aggregation = true) (`--dp-mode`)."),
     ("dp.noise_multiplier", None, "Noise multiplier z (`--noise-multiplier`)."),
     ("dp.clip_norm", None, "L2 clipping bound C (initial bound with adaptive clipping) (`--clip-norm`)."),
     ("dp.sampling_rate", None, "Poisson client sampling rate q per round (`--sampling-rate`)."),
@@ -329,7 +329,7 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.max_update_norm", Some("10.0"), "Mode none: largest L2 norm of an update. Unset: unbounded (with DP the clip norm bounds it)."),
     ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
-    ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\" and \"central\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
+    ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\", \"central\" and \"distributed\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
     ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
     ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62), with log2(n) bits of headroom so the sum of n cannot wrap."),
     ("secagg.clip_norm", None, "dp.mode \"none\": the L2 norm nodes clip their update to before encoding (the fixed-point range). With central DP, dp.clip_norm is used."),
@@ -337,6 +337,9 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("secagg.adversarial_rate", None, "Fraction of a round's participants assumed to collude with the server (input of the (k, t) finder)."),
     ("secagg.degree", Some("30"), "Neighbours per node k instead of the finder's choice (set with secagg.threshold; even, or n - 1). Unset: the finder decides per round."),
     ("secagg.threshold", Some("17"), "Shares t needed to reconstruct a node's secrets instead of the finder's choice (set with secagg.degree). Unset: the finder decides per round."),
+    ("secagg.mechanism", None, "dp.mode \"distributed\": the nodes' integer noise, \"skellam\" or \"ddgauss\" (the ring width is secagg.bits, at most 40)."),
+    ("secagg.min_contributors", Some("10"), "dp.mode \"distributed\": fewest contributors a round accepts; the noise is accounted over this many shares, the threshold t is raised to it, and a sum of fewer survivors is never decoded. Unset: strategy.min_fit_clients (at least 2)."),
+    ("secagg.max_contributors", Some("100"), "dp.mode \"distributed\": most contributors a round sums (sizes the modular headroom); a round holding more does not start secure aggregation. Unset: 100."),
 ];
 
 /// The configuration reference: every key with its default (commented out when unset by
@@ -606,13 +609,41 @@ impl ServerConfig {
             .validate()
             .map_err(ConfigError::Invalid)?;
         self.secagg.validate().map_err(ConfigError::Invalid)?;
+        if self.dp.mode == dpfl_common::config::DpMode::Distributed {
+            if !self.secure_aggregation {
+                return bad(
+                    "dp.mode = \"distributed\" needs secure aggregation (secure_aggregation = \
+                     true): the server must see only the sum of the noised updates"
+                        .into(),
+                );
+            }
+            let d = self.secagg.distributed(self.strategy.min_fit_clients);
+            let p = d.params(
+                self.secagg.bits,
+                self.dp.clip_norm,
+                self.dp.noise_multiplier,
+                self.spec().num_params(),
+            );
+            p.validate()
+                .map_err(|e| ConfigError::Invalid(format!("distributed DP: {e}")))?;
+            if let Some(t) = self.secagg.threshold {
+                if (t as usize) < d.min_contributors {
+                    return bad(format!(
+                        "secagg.threshold {t} is below secagg.min_contributors {}: rounds would \
+                         unmask sums carrying less noise than accounted",
+                        d.min_contributors
+                    ));
+                }
+            }
+        }
         if self.secure_aggregation {
             use dpfl_common::config::DpMode;
-            if !matches!(self.dp.mode, DpMode::None | DpMode::Central) {
-                return bad(format!(
-                    "secure_aggregation works with dp.mode none or central, not {}",
-                    self.dp.mode
-                ));
+            if self.dp.mode == DpMode::Local {
+                return bad(
+                    "secure_aggregation works with dp.mode none, central or distributed, not \
+                     local"
+                        .into(),
+                );
             }
             if !self.strategy.aggregator.is_streaming() {
                 return bad(

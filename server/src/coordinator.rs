@@ -22,9 +22,12 @@ use crate::ledger::Ledger;
 use crate::secure::{SecAggSend, SecAggSettings};
 use crate::strategy::{DpParams, EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy};
 use dpfl_common::config::{ClientPrivacy, DpMode};
+use dpfl_common::dp::encoding::DistributedEncoder;
 use dpfl_common::model::{ModelSpec, SpecHash};
 use dpfl_common::wire::printable;
-use dpfl_common::wire::{EvalResult, EvaluateRequest, SecAggSpec, TrainRequest, UpdateMeta};
+use dpfl_common::wire::{
+    DistributedRound, EvalResult, EvaluateRequest, SecAggSpec, TrainRequest, UpdateMeta,
+};
 use dpfl_secagg::messages::{FromNode, Stage};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -609,6 +612,8 @@ struct FitRound {
     note: Option<String>,
     /// Digest of the unmasked sum.
     sum_digest: Option<[u8; 32]>,
+    /// DP mode `distributed`: the public parameters this attempt's nodes encode with.
+    distributed: Option<DistributedRound>,
 }
 
 /// A securely aggregated round between training and aggregation.
@@ -1261,6 +1266,23 @@ impl Coordinator {
                 .filter(|n| self.connected.contains(n))
                 .collect(),
         };
+        // Distributed DP: the round's public parameters, with a rotation seed fresh per
+        // attempt (from the OS CSPRNG in deployments).
+        let distributed = match (&self.cfg.secure_aggregation, plan.privacy.mode) {
+            (Some(s), DpMode::Distributed) => s.distributed.map(|d| {
+                use rand::RngCore;
+                DistributedRound {
+                    params: d.params(
+                        s.bits,
+                        plan.privacy.clip_norm,
+                        plan.privacy.noise_multiplier,
+                        self.cfg.spec.num_params(),
+                    ),
+                    rotation_seed: self.round_rng(round, attempt, 5).next_u64(),
+                }
+            }),
+            _ => None,
+        };
         let request = TrainRequest {
             round,
             spec_hash: self.spec_hash,
@@ -1273,6 +1295,7 @@ impl Coordinator {
                     plan.privacy.clip_norm
                 },
                 bits: s.bits,
+                distributed,
             }),
         };
         let caps = if plan.privacy.mode == DpMode::None {
@@ -1323,6 +1346,7 @@ impl Coordinator {
             secure_done: false,
             note: None,
             sum_digest: None,
+            distributed,
         });
         tracing::debug!(round, attempt, selected = selected.len(), "round started");
         if pending.is_empty() {
@@ -1420,6 +1444,34 @@ impl Coordinator {
                                 }
                             }
                         }
+                        // Distributed mode: both labelled epsilons; a sum of fewer
+                        // contributors than the noise is accounted over is withheld.
+                        (DpMode::Distributed, Some(p)) => {
+                            let recorded = match &f.distributed {
+                                Some(d) => self
+                                    .ledger
+                                    .record_distributed(f.round, &p, &d.params, &f.accepted)
+                                    .map_err(|e| e.to_string()),
+                                None => Err("no distributed parameters for the round".into()),
+                            };
+                            match recorded {
+                                Ok(eps) => {
+                                    tracing::info!(
+                                        round = f.round,
+                                        "distributed DP release: epsilon {:.4} against observers \
+                                         of the models, {:.4} against the server",
+                                        eps.model_observers,
+                                        eps.server
+                                    );
+                                    charged_central = true;
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::warn!(round = f.round, "ledger: {e}; model withheld");
+                                    false
+                                }
+                            }
+                        }
                         _ => true,
                     };
                     if !recorded {
@@ -1447,7 +1499,9 @@ impl Coordinator {
             let p = self.strategy.round_privacy();
             match &p {
                 // Local mode was charged above; central when the model was adopted.
-                Some(_) if mode == DpMode::Local || charged_central => {}
+                // Distributed: only a recorded sum is a release (nothing else left).
+                Some(_)
+                    if mode == DpMode::Local || mode == DpMode::Distributed || charged_central => {}
                 Some(p) => {
                     if let Err(e) = self.ledger.record(f.round, p, &f.accepted) {
                         tracing::error!("ledger: {e}");
@@ -1751,15 +1805,39 @@ impl Coordinator {
                     quorum.max(3)
                 ));
             }
-            let params =
+            let mut params =
                 dpfl_secagg::params::choose_params(n as u32, &settings.threat, settings.params)
                     .map_err(|e| e.to_string())?;
+            let mut vector_len = self.cfg.spec.num_params();
+            if let Some(d) = &f.distributed {
+                // The noise is accounted over `min_contributors` shares: the protocol must
+                // not unmask a sum of fewer, and the modular headroom holds at most
+                // `max_contributors`.
+                let p = &d.params;
+                if n > p.max_contributors {
+                    return Err(format!(
+                        "{n} nodes hold an update; distributed DP sums at most {}",
+                        p.max_contributors
+                    ));
+                }
+                if (params.threshold as usize) < p.min_contributors {
+                    if p.min_contributors > params.degree as usize {
+                        return Err(format!(
+                            "distributed DP needs a threshold of {} contributors, above the \
+                             graph degree {} of {n} participants",
+                            p.min_contributors, params.degree
+                        ));
+                    }
+                    params.threshold = p.min_contributors as u32;
+                }
+                vector_len = p.padded_dim();
+            }
             let ctx = dpfl_secagg::RoundContext::new(
                 id,
                 f.held.clone(),
                 params,
                 settings.bits,
-                self.cfg.spec.num_params() as u32,
+                vector_len as u32,
                 &mut rng,
             )
             .map_err(|e| e.to_string())?;
@@ -1873,10 +1951,35 @@ impl Coordinator {
         let bits = server.context().bits;
         let result = outcome.and_then(|agg| {
             fit.sum_digest = Some(sum_digest(&agg.sum));
-            let encoder = dpfl_secagg::Encoding::FixedPoint { clip, bits }
-                .encoder(n)
-                .map_err(|e| e.to_string())?;
-            let sum = encoder.decode_sum(&agg.sum).map_err(|e| e.to_string())?;
+            let sum = match &fit.distributed {
+                Some(d) => {
+                    // The unmasked sum carries every survivor's noise share; no fewer than
+                    // the accounted count may be released.
+                    if agg.survivors.len() < d.params.min_contributors {
+                        return Err(format!(
+                            "{} survivors, fewer than the {} distributed DP accounts for",
+                            agg.survivors.len(),
+                            d.params.min_contributors
+                        ));
+                    }
+                    let encoder = DistributedEncoder::new(d.params, d.rotation_seed)
+                        .map_err(|e| e.to_string())?;
+                    // Count 1: the decoded sum itself; the strategy divides by the
+                    // expected count as in central mode.
+                    encoder
+                        .decode_sum(&agg.sum, 1)
+                        .map_err(|e| e.to_string())?
+                        .into_iter()
+                        .map(f64::from)
+                        .collect()
+                }
+                None => {
+                    let encoder = dpfl_secagg::Encoding::FixedPoint { clip, bits }
+                        .encoder(n)
+                        .map_err(|e| e.to_string())?;
+                    encoder.decode_sum(&agg.sum).map_err(|e| e.to_string())?
+                }
+            };
             self.strategy
                 .accumulate_sum(fit.round, &sum, agg.survivors.len())
                 .map_err(|e| e.to_string())?;
@@ -2636,6 +2739,7 @@ mod secure_tests {
                 },
                 params,
                 round_id_base: 1000,
+                distributed: None,
             }),
         };
         Coordinator::new(

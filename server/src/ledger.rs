@@ -22,11 +22,20 @@
 //!   participation). No "aggregate view" figure is reported: under add/remove the removed
 //!   client's noise disappears with it, so the variance of the sum itself reveals presence.
 //!
+//! - `distributed` (adversaries: observers of the models, and the server): a
+//!   [`DistributedLedger`] inside [`Ledger::distributed`] keeps both labelled epsilons,
+//!   against observers of the models (amplified by sampling; the rows' `epsilon`) and
+//!   against the server (not amplified; the clients' `epsilon` is each one's actual figure
+//!   against the server). The noise is accounted over the round's `min_contributors`.
+//!
 //! [`Ledger::public`] is the part that may be published.
 
 use crate::strategy::{DpParams, NodeId, RoundPrivacy};
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::accountant::{self, AccountError, Method};
+use dpfl_common::dp::distributed::{
+    self, DistributedAccountError, DistributedEpsilons, DistributedParams,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -75,6 +84,10 @@ pub struct Ledger {
     pub rounds: Vec<LedgerRound>,
     /// Per-client spend.
     pub clients: BTreeMap<NodeId, ClientSpend>,
+    /// `distributed` mode: both labelled epsilons of every release (the rows above carry
+    /// the one against observers of the models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedLedger>,
 }
 
 /// Largest per-client epsilon in local mode (sensitivity 2C: multiplier z/2, q = 1).
@@ -170,7 +183,52 @@ impl Ledger {
             delta,
             rounds: Vec::new(),
             clients: BTreeMap::new(),
+            distributed: None,
         }
+    }
+
+    /// `distributed` mode: records a released sum of `contributors` at the round's public
+    /// parameters in the [`DistributedLedger`] (both labelled epsilons), and a row whose
+    /// epsilon is the one against observers of the models. The parameters must stay those
+    /// of the first release; a sum of fewer contributors than accounted is refused.
+    pub fn record_distributed(
+        &mut self,
+        round: u64,
+        p: &RoundPrivacy,
+        params: &DistributedParams,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        let d = match &mut self.distributed {
+            Some(d) => d,
+            None => self
+                .distributed
+                .insert(DistributedLedger::new(*params, self.delta)?),
+        };
+        if d.params != *params {
+            return Err(DistributedLedgerError::ParamsChanged);
+        }
+        let eps = d.record(round, p.sampling_rate, contributors)?;
+        let mut row = Self::row(round, p, contributors.len());
+        row.epsilon = eps.model_observers;
+        row.method = Method::Rdp;
+        self.rounds.push(row);
+        for n in contributors {
+            let c = self.clients.entry(n.clone()).or_default();
+            c.rounds_joined += 1;
+        }
+        let joined: Vec<(NodeId, u64)> = self
+            .clients
+            .iter()
+            .map(|(n, c)| (n.clone(), c.rounds_joined))
+            .collect();
+        for (n, k) in joined {
+            let e = distributed::server_epsilon(params, k, self.delta)
+                .map_err(DistributedLedgerError::Account)?;
+            if let Some(c) = self.clients.get_mut(&n) {
+                c.epsilon = e;
+            }
+        }
+        Ok(eps)
     }
 
     /// Epsilon so far (0 when DP is off or nothing was released): `central`, every
@@ -212,6 +270,12 @@ impl Ledger {
     /// The epsilon after one more release like `p`, without recording it (for the
     /// `target_epsilon` check before every attempt).
     pub fn epsilon_if(&self, p: &RoundPrivacy) -> Result<f64, AccountError> {
+        if let Some(d) = &self.distributed {
+            return d
+                .epsilons_if(p.sampling_rate)
+                .map(|e| e.model_observers)
+                .map_err(|e| AccountError::Distributed(e.to_string()));
+        }
         let mut steps = self.steps();
         steps.push(Self::step(&Self::row(0, p, 0)));
         Ok(Self::epsilon_of(&steps, self.delta)?.0)
@@ -311,6 +375,12 @@ impl Ledger {
                  updates); epsilon of a client that took part in every release, sensitivity \
                  2C, no amplification by sampling"
             }
+            DpMode::Distributed => {
+                "everyone who sees the released models, other nodes included (the server \
+                 sees only the securely aggregated sum of the nodes' noised encodings); \
+                 Poisson sampling at rate q from the OS CSPRNG, sample not published. \
+                 Against the server itself (no amplification): `distributed.server`"
+            }
             _ => {
                 "everyone who sees the released models, other nodes included (the server is \
                  trusted with clipped updates); Poisson sampling at rate q from the OS \
@@ -352,6 +422,22 @@ impl Ledger {
                 self.epsilon(),
                 self.max_client_epsilon()
             )),
+            DpMode::Distributed => {
+                let e = self.distributed.as_ref().map_or(
+                    DistributedEpsilons {
+                        model_observers: 0.0,
+                        server: 0.0,
+                    },
+                    DistributedLedger::epsilons,
+                );
+                s.push_str(&format!(
+                    "| epsilon against observers of the models {:.4} (amplified by sampling); \
+                     against the server {:.4} for a client in every release, max actual {:.4}",
+                    e.model_observers,
+                    e.server,
+                    self.max_client_epsilon()
+                ))
+            }
             _ => s.push_str(&format!("| epsilon {:.4} (every client)", self.epsilon())),
         }
         for (n, c) in &self.clients {
@@ -361,6 +447,154 @@ impl Ledger {
             ));
         }
         s
+    }
+}
+
+/// One distributed-DP release: a round whose modular sum secure aggregation unmasked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistributedRelease {
+    /// Round number.
+    pub round: u64,
+    /// Poisson sampling rate q of the round.
+    pub sampling_rate: f64,
+    /// Contributors in the unmasked sum (never below the accounted minimum).
+    pub contributors: usize,
+    /// Both epsilons after this release (the server's: a client that took part in every
+    /// release so far).
+    pub epsilons: DistributedEpsilons,
+}
+
+/// Why a distributed release cannot be recorded.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum DistributedLedgerError {
+    /// The sum has fewer contributors than the noise was accounted for: it must not be
+    /// released (less noise than the ledger assumes).
+    #[error("a sum of {contributors} contributors is below the accounted minimum {min}")]
+    TooFewContributors {
+        /// Contributors in the sum.
+        contributors: usize,
+        /// The accounted minimum.
+        min: usize,
+    },
+    /// Accounting failed.
+    #[error(transparent)]
+    Account(#[from] DistributedAccountError),
+    /// A release at other public parameters than the ledger's.
+    #[error("distributed DP parameters changed during the run")]
+    ParamsChanged,
+}
+
+/// The ledger of a `distributed` federation: both labelled epsilons of every release,
+/// recomputed from the rows ([`Ledger::record_distributed`] keeps it).
+///
+/// - `model_observers`: against anyone who sees the released models, amplified by the
+///   Poisson sampling of each release (public: it does not depend on who took part);
+/// - `server`: against the server, which knows who took part: no amplification,
+///   replace-one sensitivity, over the releases a client took part in.
+///   [`DistributedLedger::epsilons`] reports it for a client that took part in every
+///   release (public); [`DistributedLedger::client_server_epsilon`] is each client's
+///   actual figure (operator-only: it reveals participation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistributedLedger {
+    /// The federation's distributed-DP parameters.
+    pub params: DistributedParams,
+    /// delta of every reported epsilon.
+    pub delta: f64,
+    /// Releases, in order.
+    pub releases: Vec<DistributedRelease>,
+    /// Releases each client took part in.
+    pub joined: BTreeMap<NodeId, u64>,
+}
+
+impl DistributedLedger {
+    /// An empty ledger; the parameters must be usable.
+    pub fn new(params: DistributedParams, delta: f64) -> Result<Self, DistributedLedgerError> {
+        // validates params and delta
+        distributed::server_epsilon(&params, 0, delta)?;
+        Ok(Self {
+            params,
+            delta,
+            releases: Vec::new(),
+            joined: BTreeMap::new(),
+        })
+    }
+
+    fn epsilons_with(
+        &self,
+        extra: Option<f64>,
+    ) -> Result<DistributedEpsilons, DistributedAccountError> {
+        let mut groups: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in &self.releases {
+            *groups.entry(r.sampling_rate.to_bits()).or_default() += 1;
+        }
+        if let Some(q) = extra {
+            *groups.entry(q.to_bits()).or_default() += 1;
+        }
+        let groups: Vec<(f64, u64)> = groups
+            .into_iter()
+            .map(|(q, n)| (f64::from_bits(q), n))
+            .collect();
+        let n = groups.iter().map(|(_, c)| *c).sum();
+        Ok(DistributedEpsilons {
+            model_observers: distributed::model_epsilon_of_rounds(
+                &self.params,
+                &groups,
+                self.delta,
+            )?,
+            server: distributed::server_epsilon(&self.params, n, self.delta)?,
+        })
+    }
+
+    /// Both epsilons so far (zero before the first release).
+    pub fn epsilons(&self) -> DistributedEpsilons {
+        self.releases.last().map_or(
+            DistributedEpsilons {
+                model_observers: 0.0,
+                server: 0.0,
+            },
+            |r| r.epsilons,
+        )
+    }
+
+    /// Both epsilons after one more release at rate `q`, without recording it (for a
+    /// `target_epsilon` check before a round).
+    pub fn epsilons_if(
+        &self,
+        sampling_rate: f64,
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        Ok(self.epsilons_with(Some(sampling_rate))?)
+    }
+
+    /// Records a released sum of `contributors` and returns both epsilons after it.
+    pub fn record(
+        &mut self,
+        round: u64,
+        sampling_rate: f64,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        if contributors.len() < self.params.min_contributors {
+            return Err(DistributedLedgerError::TooFewContributors {
+                contributors: contributors.len(),
+                min: self.params.min_contributors,
+            });
+        }
+        let epsilons = self.epsilons_with(Some(sampling_rate))?;
+        self.releases.push(DistributedRelease {
+            round,
+            sampling_rate,
+            contributors: contributors.len(),
+            epsilons,
+        });
+        for n in contributors {
+            *self.joined.entry(n.clone()).or_default() += 1;
+        }
+        Ok(epsilons)
+    }
+
+    /// A client's actual epsilon against the server (operator-only).
+    pub fn client_server_epsilon(&self, node: &str) -> Result<f64, DistributedLedgerError> {
+        let n = self.joined.get(node).copied().unwrap_or(0);
+        Ok(distributed::server_epsilon(&self.params, n, self.delta)?)
     }
 }
 
@@ -523,5 +757,57 @@ mod tests {
             .unwrap();
         let back: Ledger = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back, l);
+    }
+
+    fn ddp_params() -> DistributedParams {
+        DistributedParams {
+            mechanism: dpfl_common::dp::distributed::Mechanism::Skellam,
+            bits: 16,
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            min_contributors: 3,
+            max_contributors: 5,
+            dim: 1000,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        }
+    }
+
+    #[test]
+    fn distributed_ledger_records_both_epsilons_and_refuses_thin_sums() {
+        let p = ddp_params();
+        let mut l = DistributedLedger::new(p, 1e-5).unwrap();
+        assert_eq!(l.epsilons().model_observers, 0.0);
+        let ids: Vec<NodeId> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let before = l.epsilons_if(0.1).unwrap();
+        let e1 = l.record(1, 0.1, &ids[..3]).unwrap();
+        assert_eq!(before, e1);
+        assert_eq!(
+            e1.model_observers,
+            distributed::model_epsilon(&p, 0.1, 1, 1e-5).unwrap()
+        );
+        assert_eq!(e1.server, distributed::server_epsilon(&p, 1, 1e-5).unwrap());
+        let e2 = l.record(2, 0.2, &ids[1..]).unwrap();
+        assert!(e2.model_observers > e1.model_observers && e2.server > e1.server);
+        assert_eq!(
+            e2.model_observers,
+            distributed::model_epsilon_of_rounds(&p, &[(0.1, 1), (0.2, 1)], 1e-5).unwrap()
+        );
+        // client a joined once, b twice
+        assert_eq!(l.client_server_epsilon("a").unwrap(), e1.server);
+        assert_eq!(l.client_server_epsilon("b").unwrap(), e2.server);
+        assert_eq!(l.client_server_epsilon("zz").unwrap(), 0.0);
+        // below the accounted minimum: refused, nothing recorded
+        assert_eq!(
+            l.record(3, 0.1, &ids[..2]),
+            Err(DistributedLedgerError::TooFewContributors {
+                contributors: 2,
+                min: 3
+            })
+        );
+        assert_eq!(l.releases.len(), 2);
+        let mut bad = p;
+        bad.bits = 2;
+        assert!(DistributedLedger::new(bad, 1e-5).is_err());
     }
 }

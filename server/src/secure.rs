@@ -10,6 +10,7 @@
 //! The server learns the sum over the survivors only, decodes it with the fixed-point
 //! encoder and hands it to [`crate::strategy::Strategy::accumulate_sum`].
 
+use dpfl_common::dp::distributed::{DistributedParams, Mechanism};
 use dpfl_secagg::messages::{Stage, ToNode};
 use dpfl_secagg::params::{AdversaryClass, GraphParams, ThreatModel};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,40 @@ pub struct SecAggSettings {
     /// First protocol round id; each attempt uses the next one. Nodes refuse ids they have
     /// seen, so deployments start from the clock (a restarted server must not reuse ids).
     pub round_id_base: u64,
+    /// DP mode `distributed`: what the nodes' integer noise shares are calibrated to.
+    pub distributed: Option<DistributedSettings>,
+}
+
+/// Distributed DP on top of secure aggregation (C and z come from the DP settings, the
+/// ring width from `bits`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistributedSettings {
+    /// Integer noise the nodes add.
+    pub mechanism: Mechanism,
+    /// Fewest contributors a round accepts: the noise is accounted at this count, the
+    /// protocol's threshold t must be at least this and the server decodes no sum of
+    /// fewer survivors.
+    pub min_contributors: usize,
+    /// Most contributors a round sums (sizes the modular headroom); a round that would
+    /// hold more does not start secure aggregation.
+    pub max_contributors: usize,
+}
+
+impl DistributedSettings {
+    /// The round's public parameters for a model of `dim` values.
+    pub fn params(&self, bits: u8, clip_norm: f64, z: f64, dim: usize) -> DistributedParams {
+        DistributedParams {
+            mechanism: self.mechanism,
+            bits: u32::from(bits),
+            clip_norm,
+            noise_multiplier: z,
+            min_contributors: self.min_contributors,
+            max_contributors: self.max_contributors,
+            dim,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        }
+    }
 }
 
 /// The `[secagg]` section of the server configuration.
@@ -51,6 +86,16 @@ pub struct SecAggConfig {
     pub degree: Option<u32>,
     /// Threshold t instead of the finder's (with `degree`).
     pub threshold: Option<u32>,
+    /// DP mode `distributed`: the nodes' integer noise, `skellam` or `ddgauss`.
+    pub mechanism: Mechanism,
+    /// DP mode `distributed`: fewest contributors a round accepts (the noise is accounted
+    /// at this count; the protocol threshold t is raised to it); default: the strategy's
+    /// `min_fit_clients`, at least 2.
+    pub min_contributors: Option<usize>,
+    /// DP mode `distributed`: most contributors a round sums (modular headroom); default
+    /// 100 (at least `min_contributors`). A round whose secure aggregation would hold more
+    /// fails instead of wrapping around.
+    pub max_contributors: Option<usize>,
 }
 
 impl Default for SecAggConfig {
@@ -63,6 +108,9 @@ impl Default for SecAggConfig {
             adversarial_rate: 0.05,
             degree: None,
             threshold: None,
+            mechanism: Mechanism::Skellam,
+            min_contributors: None,
+            max_contributors: None,
         }
     }
 }
@@ -79,6 +127,7 @@ impl SecAggConfig {
         dpfl_common::wire::SecAggSpec {
             clip_norm: self.clip_norm,
             bits: self.bits,
+            distributed: None,
         }
         .validate()
         .map_err(|e| format!("secagg: {e}"))?;
@@ -96,8 +145,13 @@ impl SecAggConfig {
         Ok(())
     }
 
-    /// The coordinator's settings; `round_id_base` from the driver.
-    pub fn settings(&self, round_id_base: u64) -> SecAggSettings {
+    /// The coordinator's settings; `round_id_base` from the driver, `distributed` when the
+    /// DP mode is `distributed`.
+    pub fn settings(
+        &self,
+        round_id_base: u64,
+        distributed: Option<DistributedSettings>,
+    ) -> SecAggSettings {
         SecAggSettings {
             stage_timeout: Duration::from_secs_f64(self.stage_timeout_secs),
             bits: self.bits,
@@ -112,6 +166,17 @@ impl SecAggConfig {
                 _ => None,
             },
             round_id_base,
+            distributed,
+        }
+    }
+
+    /// The distributed-DP settings for a federation whose rounds wait for `min_clients`.
+    pub fn distributed(&self, min_clients: usize) -> DistributedSettings {
+        let min_contributors = self.min_contributors.unwrap_or(min_clients.max(2));
+        DistributedSettings {
+            mechanism: self.mechanism,
+            min_contributors,
+            max_contributors: self.max_contributors.unwrap_or(100).max(min_contributors),
         }
     }
 }

@@ -532,7 +532,9 @@ impl Server {
                 let micros = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64);
-                cfg.secagg.settings(micros)
+                let distributed = (cfg.dp.mode == DpMode::Distributed)
+                    .then(|| cfg.secagg.distributed(cfg.strategy.min_fit_clients));
+                cfg.secagg.settings(micros, distributed)
             }),
         };
         log_privacy_plan(&cfg);
@@ -1834,6 +1836,41 @@ fn log_privacy_plan(cfg: &ServerConfig) {
     let dp = &cfg.dp;
     if !dp.mode.is_private() {
         tracing::warn!("differential privacy is off (dp.mode = none): no privacy guarantee");
+        return;
+    }
+    if dp.mode == DpMode::Distributed {
+        let d = cfg.secagg.distributed(cfg.strategy.min_fit_clients);
+        let params = d.params(
+            cfg.secagg.bits,
+            dp.clip_norm,
+            dp.noise_multiplier,
+            cfg.spec().num_params(),
+        );
+        match dpfl_common::dp::distributed::epsilons(
+            &params,
+            dp.sampling_rate,
+            cfg.rounds,
+            cfg.rounds,
+            dp.delta,
+        ) {
+            Ok(e) => tracing::info!(
+                mechanism = %params.mechanism,
+                bits = params.bits,
+                z = dp.noise_multiplier,
+                clip = dp.clip_norm,
+                q = dp.sampling_rate,
+                delta = dp.delta,
+                min_contributors = params.min_contributors,
+                max_contributors = params.max_contributors,
+                "privacy plan (distributed DP): {} rounds reach epsilon {:.4} against observers \
+                 of the released models (amplified by sampling) and {:.4} against the server \
+                 for a client in every round (no amplification)",
+                cfg.rounds,
+                e.model_observers,
+                e.server
+            ),
+            Err(e) => tracing::error!("privacy plan: {e}"),
+        }
         return;
     }
     match crate::ledger::plan(dp, cfg.rounds) {

@@ -293,3 +293,72 @@ fn huge_step_counts_are_answered_without_a_huge_allocation() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+fn distributed(mechanism: &str, bits: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "distributed",
+        "--mechanism",
+        mechanism,
+        "--bits",
+        bits,
+        "--clients-per-round",
+        "100",
+        "--dim",
+        "262144",
+        "--sampling-rate",
+        "0.01",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn distributed_prints_both_labelled_epsilons_at_the_reference_point() {
+    // Issue 12's reference: Skellam at 16 bits, 2.452 against model observers.
+    let out = distributed("skellam", "16", &[]);
+    let lines: Vec<&str> = out.lines().collect();
+    let model = number(lines[lines.len() - 1], "model_epsilon=");
+    let server = number(lines[lines.len() - 2], "server_epsilon=");
+    assert!((model - 2.452).abs() < 0.002, "{out}");
+    // ceil(0.01 * 1000) = 10 unamplified rounds at replace-one sensitivity 2C.
+    assert!(server > model, "{out}");
+    assert!(
+        out.contains("against the server (no amplification, 10 rounds"),
+        "{out}"
+    );
+    assert!(
+        out.contains("against observers of the released model"),
+        "{out}"
+    );
+    // ddgauss at 20 bits is within 0.01 of the continuous Gaussian's 2.450
+    let out = distributed("ddgauss", "20", &["--participations", "1"]);
+    let model = number(out.lines().last().unwrap(), "model_epsilon=");
+    assert!((model - 2.450).abs() < 0.01, "{out}");
+    // fewer accepted contributors do not change z's epsilon, but too few bits are refused
+    let bad = Command::new(env!("CARGO_BIN_EXE_dpfl-privacy"))
+        .args([
+            "distributed",
+            "--mechanism",
+            "skellam",
+            "--bits",
+            "3",
+            "--clients-per-round",
+            "100",
+            "--dim",
+            "1000",
+            "--sampling-rate",
+            "0.1",
+            "--noise-multiplier",
+            "1",
+            "--steps",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bits"));
+}

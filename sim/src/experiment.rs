@@ -308,6 +308,15 @@ impl SimConfig {
         if st.noise_multiplier > 0.0 && st.bounds.is_none() {
             return bad("standardize.noise_multiplier needs standardize.bounds (they bound the sensitivity)".into());
         }
+        if self.dp.mode == dpfl_common::config::DpMode::Distributed {
+            // The coordinator and the in-memory SecAgg+ clients carry the distributed
+            // parameters, but no simulation of this mode has been validated yet.
+            return bad(
+                "dp.mode = \"distributed\" runs over QUIC (dpfl-server / dpfl-client); the \
+                 simulator does not run it yet"
+                    .into(),
+            );
+        }
         if self.audit.canaries > 0 {
             if !self.dp.mode.is_private() {
                 return bad("audit.canaries needs DP on (dp.mode = central or local)".into());

@@ -494,7 +494,11 @@ fn run_memory(
         },
         spec: spec.clone(),
         dp: cfg.dp,
-        secure_aggregation: cfg.secure_aggregation.then(|| cfg.secagg.settings(1)),
+        secure_aggregation: cfg.secure_aggregation.then(|| {
+            let distributed = (cfg.dp.mode == dpfl_common::DpMode::Distributed)
+                .then(|| cfg.secagg.distributed(cfg.strategy.min_fit_clients));
+            cfg.secagg.settings(1, distributed)
+        }),
     };
     let snapshot = Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp);
     let mut coord = Coordinator::new(ccfg, strategy, snapshot).map_err(SimError::Setup)?;
@@ -531,7 +535,12 @@ fn run_memory(
         Some(
             crate::secure::SimSecAgg::new(
                 &pop.names,
-                d as u32,
+                // Distributed DP encodes the rotated update, padded to a power of two.
+                if cfg.dp.mode == dpfl_common::DpMode::Distributed {
+                    d.next_power_of_two() as u32
+                } else {
+                    d as u32
+                },
                 cfg.secagg.bits,
                 derive_seed(cfg.seed, 0x5EC),
             )

@@ -97,15 +97,22 @@ impl SimSecAgg {
                     .held
                     .get(node)
                     .ok_or_else(|| format!("{node} holds no update"))?;
-                let encoder = Encoding::FixedPoint {
-                    clip: spec.clip_norm,
-                    bits: spec.bits,
-                }
-                .encoder(self.participants)
-                .map_err(|e| e.to_string())?;
-                let x = encoder
-                    .encode(update, &mut self.rng)
-                    .map_err(|e| e.to_string())?;
+                let x = match &spec.distributed {
+                    // The deployment's distributed-DP encoder (seeded noise shares here).
+                    Some(dr) => dpfl_common::dp::encoding::DistributedEncoder::new(
+                        dr.params,
+                        dr.rotation_seed,
+                    )
+                    .and_then(|enc| enc.encode(update, &mut self.rng))
+                    .map_err(|e| e.to_string())?,
+                    None => Encoding::FixedPoint {
+                        clip: spec.clip_norm,
+                        bits: spec.bits,
+                    }
+                    .encoder(self.participants)
+                    .and_then(|enc| enc.encode(update, &mut self.rng))
+                    .map_err(|e| e.to_string())?,
+                };
                 let out = client.handle_shares(m, &x).map_err(e)?;
                 self.encoded.insert(node.to_string(), x);
                 Ok(FromNode::MaskedInput(out))

@@ -51,6 +51,9 @@ pub enum AccountError {
     /// The PLD accountant was asked for and has no answer.
     #[error("PLD accountant: {0}")]
     Pld(#[from] PldError),
+    /// The distributed-DP accountant ([`super::distributed`]) has no answer.
+    #[error("distributed DP accounting: {0}")]
+    Distributed(String),
 }
 
 fn domain(

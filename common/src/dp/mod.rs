@@ -9,12 +9,15 @@
 pub mod accountant;
 pub mod audit;
 mod dd;
+pub mod distributed;
+pub mod encoding;
 pub mod grid;
 pub mod noise;
 pub mod pld;
+pub mod skellam;
 
 use crate::config::{ClientPrivacy, DpMode};
-pub use grid::GridGaussian;
+pub use grid::{DiscreteGaussianInt, GridGaussian};
 pub use noise::{GaussianNoise, NoiseError, OpenDpGaussian, SimulationGaussian};
 
 /// L2 norm of a vector, accumulated in f64.
@@ -229,11 +232,12 @@ pub fn privatize(
     privacy.validate()?;
     Ok(match privacy.mode {
         DpMode::None => delta.into_non_private(),
-        DpMode::Central => delta.clip(privacy.clip_norm).into_central(),
+        // Distributed: the node clips here; its noise share is added when the clipped
+        // update is encoded for secure aggregation (`encoding::DistributedEncoder`).
+        DpMode::Central | DpMode::Distributed => delta.clip(privacy.clip_norm).into_central(),
         DpMode::Local => delta
             .clip(privacy.clip_norm)
             .add_noise(privacy.noise_multiplier, noise)?,
-        DpMode::Distributed => unreachable!("validate() refuses distributed mode"),
     })
 }
 
@@ -311,16 +315,23 @@ mod tests {
             / 1000.0)
             .sqrt();
         assert!((sd - 1.0).abs() < 0.15, "{sd}");
+        // Distributed: clipped only here (the share is added by the encoder).
         let distributed = privatize(
-            RawDelta::new(vec![1.0]),
+            RawDelta::new(vec![3.0, 4.0]),
             &ClientPrivacy {
                 mode: DpMode::Distributed,
                 clip_norm: 1.0,
                 noise_multiplier: 1.0,
             },
             &mut noise,
+        )
+        .unwrap();
+        assert_eq!(
+            distributed.protection(),
+            Protection::Clipped { clipped: true }
         );
-        assert!(matches!(distributed, Err(PrivatizeError::Config(_))));
+        assert!((distributed.as_slice()[0] - 0.6).abs() < 1e-6);
+        assert!((distributed.as_slice()[1] - 0.8).abs() < 1e-6);
     }
 
     #[test]

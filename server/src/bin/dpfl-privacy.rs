@@ -6,6 +6,15 @@
 //! - `dpfl-privacy noise --sampling-rate Q --steps T --delta D --target-epsilon E` prints
 //!   the smallest noise multiplier meeting the target (last line `noise_multiplier=<number>`).
 //!
+//! - `dpfl-privacy distributed --mechanism skellam|ddgauss --bits B --clients-per-round N
+//!   --dim D --sampling-rate Q --noise-multiplier Z --steps T` prints the two epsilons of
+//!   distributed DP (issue 12), labelled: against observers of the released model
+//!   (`model_epsilon=`, amplified by sampling) and against the server
+//!   (`server_epsilon=`, no amplification, per client over the rounds it takes part in:
+//!   `--participations`, by default ceil(Q T)); the last line is `model_epsilon=`.
+//!   `--min-clients` is the fewest contributors a round accepts (the noise is accounted at
+//!   that count; default N).
+//!
 //! `--accountant best` (the default) answers with the tightest valid bound, as the
 //! server's ledger does: the privacy loss distribution (PLD) almost always, RDP or zCDP
 //! where the PLD has no answer or is not tighter. `--accountant rdp` or `pld` answer with
@@ -14,6 +23,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use dpfl_common::dp::accountant::{self, Accountant};
+use dpfl_common::dp::distributed::{self, DistributedParams, Mechanism};
 
 #[derive(Parser)]
 #[command(
@@ -87,6 +97,58 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Choice::Best)]
         accountant: Choice,
     },
+    /// Both epsilons of distributed DP (integer noise shares summed by secure aggregation).
+    #[command(allow_negative_numbers = true)]
+    Distributed {
+        /// Integer noise of the shares.
+        #[arg(long, value_enum)]
+        mechanism: MechanismArg,
+        /// Bits per coordinate of the modular sum.
+        #[arg(long)]
+        bits: u32,
+        /// Contributors summed per round (sizes the modular headroom).
+        #[arg(long)]
+        clients_per_round: usize,
+        /// Fewest contributors a round accepts (the noise is accounted there); default N.
+        #[arg(long)]
+        min_clients: Option<usize>,
+        /// Model dimension (padded to a power of two for the rotation).
+        #[arg(long)]
+        dim: usize,
+        /// Poisson sampling rate q of clients per round, in (0, 1].
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Noise multiplier z of the summed noise over the minimum contributors.
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Rounds T.
+        #[arg(long)]
+        steps: u64,
+        /// Rounds one client takes part in, for the server's view; default ceil(q T).
+        #[arg(long)]
+        participations: Option<u64>,
+        /// L2 clipping bound C.
+        #[arg(long, default_value_t = 1.0)]
+        clip_norm: f64,
+        /// Conditional-rounding beta (default e^-0.5).
+        #[arg(long, default_value_t = (-0.5f64).exp())]
+        beta: f64,
+        /// Standard deviations of the sum kept inside the modular range.
+        #[arg(long, default_value_t = 3.0)]
+        headroom: f64,
+        /// delta.
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+    },
+}
+
+/// The noise of distributed DP.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MechanismArg {
+    /// Skellam shares (Agarwal, Kairouz, Liu 2021).
+    Skellam,
+    /// Distributed discrete Gaussian (Kairouz, Liu, Steinke 2021).
+    Ddgauss,
 }
 
 fn main() -> Result<()> {
@@ -146,6 +208,68 @@ fn main() -> Result<()> {
             println!("q={sampling_rate} T={steps} delta={delta:e} target epsilon={target_epsilon}");
             println!("achieved epsilon {eps:.6} ({method:?})");
             println!("noise_multiplier={z}");
+        }
+        Command::Distributed {
+            mechanism,
+            bits,
+            clients_per_round,
+            min_clients,
+            dim,
+            sampling_rate,
+            noise_multiplier,
+            steps,
+            participations,
+            clip_norm,
+            beta,
+            headroom,
+            delta,
+        } => {
+            let params = DistributedParams {
+                mechanism: match mechanism {
+                    MechanismArg::Skellam => Mechanism::Skellam,
+                    MechanismArg::Ddgauss => Mechanism::Ddgauss,
+                },
+                bits,
+                clip_norm,
+                noise_multiplier,
+                min_contributors: min_clients.unwrap_or(clients_per_round),
+                max_contributors: clients_per_round,
+                dim,
+                beta,
+                headroom,
+            };
+            params.validate()?;
+            let participations =
+                participations.unwrap_or((sampling_rate * steps as f64).ceil() as u64);
+            let eps = distributed::epsilons(&params, sampling_rate, steps, participations, delta)?;
+            let gauss = distributed::gaussian_generic_epsilon(
+                noise_multiplier,
+                sampling_rate,
+                steps,
+                delta,
+            )?;
+            println!(
+                "{} bits={bits} n={clients_per_round} (accounted at {}) d={dim} (padded {}) C={clip_norm} z={noise_multiplier} q={sampling_rate} T={steps} delta={delta:e}",
+                params.mechanism,
+                params.min_contributors,
+                params.padded_dim()
+            );
+            println!(
+                "scale s={:.3}  post-rounding L2 sensitivity {:.6} C",
+                params.scale()?,
+                params.rounded_l2()? / params.scale()? / clip_norm
+            );
+            println!("continuous Gaussian, same subsampling bound (reference): {gauss:.6}");
+            println!(
+                "against the server (no amplification, {participations} rounds taken part in): {:.6}",
+                eps.server
+            );
+            println!(
+                "against observers of the released model (amplified by sampling): {:.6}",
+                eps.model_observers
+            );
+            println!("server_epsilon={:.6}", eps.server);
+            println!("model_epsilon={:.6}", eps.model_observers);
         }
     }
     Ok(())

@@ -1,0 +1,761 @@
+//! Distributed DP: parameters, per-node noise shares and accounting (no networking).
+//!
+//! Every node adds an **integer noise share** to its encoded update (see
+//! [`super::encoding`]); secure aggregation reveals only the modular sum, whose noise is
+//! the sum of the shares. The shares are sized so that the sum over the **minimum number
+//! of contributors the round accepts** (`min_contributors`, the secure-aggregation
+//! threshold) carries noise of multiplier `z`: dropouts can only add noise to what is
+//! accounted, never remove it.
+//!
+//! **Scale.** Encoded coordinates are `s` times the rotated, clipped update, rounded to
+//! integers. `s` is the largest scale that keeps `headroom` standard deviations of the sum
+//! of `max_contributors` updates inside `[-2^(bits-1), 2^(bits-1))`: with `d` the padded
+//! dimension, the sum's per-coordinate variance in integer units is
+//! `s^2 (C^2 N^2 / d + z^2 C^2 N / n) + N / 4` (signal if all `N` updates were aligned
+//! after the rotation's flattening, noise, rounding), as the TFF/google-research
+//! `dskellam_params` / `ddgauss_params` do (`rho = 1`, no `sqrt(n)` norm growth).
+//!
+//! **Sensitivity after rounding** (Kairouz, Liu, Steinke 2021, Thm. 2): conditional
+//! stochastic rounding keeps `|round(s x)|_2 <= R = min(sC + sqrt(d), sqrt((sC)^2 + d/4 +
+//! sqrt(2 ln(1/beta)) (sC + sqrt(d)/2)))` and, integer vectors, `|v|_1 <= R min(sqrt(d), R)`.
+//!
+//! **RDP of one release** (integer units; `mu` the accounted variance of the summed noise):
+//! - Skellam (Agarwal, Kairouz, Liu 2021, Thm. 3.5 / Cor. 3.6):
+//!   `alpha D2^2 / (2 mu) + min(((2 alpha - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu))`;
+//! - distributed discrete Gaussian (Kairouz, Liu, Steinke 2021, Prop. 14), `n` shares of
+//!   scale `sigma`, `tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 sigma^2 k / (k+1))`, `e2, e1` the
+//!   sensitivities over `sqrt(n) sigma`: `min(alpha e2^2 / 2 + tau d, alpha/2 (e2^2 + 2 e1
+//!   tau + tau^2 d), alpha/2 (e2 + sqrt(d) tau)^2)`.
+//!
+//! **Two epsilons.** Against *observers of the released model*: neighbouring data sets
+//! add or remove one client (sensitivity `R`), rounds are Poisson-sampled at rate `q`,
+//! amplified with the general Poisson-subsampled RDP bound of Zhu and Wang (2019, Thm. 6;
+//! the repo's Mironov-Talwar-Zhang bound holds only for the Gaussian). Against *the
+//! server*: it knows who took part, so no amplification, and the client's update may be
+//! anything in the ball (replace-one: sensitivity `2R`, `2 D1`), per round taken part in
+//! (as `local` mode's server-side figure). RDP is converted with the improved conversion
+//! ([`super::accountant::rdp_to_epsilon`]) over integer orders 2..=128 and 256.
+
+use super::accountant::{rdp_to_epsilon, AccountError};
+use serde::{Deserialize, Serialize};
+
+/// Which integer noise the nodes add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    /// Symmetric Skellam shares ([`super::skellam::Skellam`]).
+    Skellam,
+    /// Discrete Gaussian shares ([`super::grid::DiscreteGaussianInt`]).
+    Ddgauss,
+}
+
+impl std::fmt::Display for Mechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mechanism::Skellam => "skellam",
+            Mechanism::Ddgauss => "ddgauss",
+        })
+    }
+}
+
+impl std::str::FromStr for Mechanism {
+    type Err = ParamsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "skellam" => Ok(Mechanism::Skellam),
+            "ddgauss" => Ok(Mechanism::Ddgauss),
+            other => Err(ParamsError::Mechanism(other.to_string())),
+        }
+    }
+}
+
+/// Why distributed-DP parameters are unusable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamsError {
+    /// A parameter outside its domain.
+    #[error("{what} must be {expected}, got {got}")]
+    Domain {
+        /// Parameter name.
+        what: &'static str,
+        /// Allowed range.
+        expected: &'static str,
+        /// Value given.
+        got: f64,
+    },
+    /// Too few bits for the headroom: no positive scale exists.
+    #[error("{bits} bits cannot hold {headroom} standard deviations of the sum of {contributors} updates")]
+    TooFewBits {
+        /// Bits per coordinate.
+        bits: u32,
+        /// Standard deviations of headroom asked.
+        headroom: f64,
+        /// Contributors summed.
+        contributors: usize,
+    },
+    /// Unknown mechanism name.
+    #[error("unknown mechanism {0:?} (expected skellam or ddgauss)")]
+    Mechanism(String),
+}
+
+/// The public parameters of distributed DP for one federation (the same for every node
+/// and round; the rotation seed is per round).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistributedParams {
+    /// Integer noise.
+    pub mechanism: Mechanism,
+    /// Bits per coordinate of the modular sum (the secure-aggregation ring `Z/2^bits`).
+    pub bits: u32,
+    /// L2 clipping bound `C`.
+    pub clip_norm: f64,
+    /// Noise multiplier `z` of the summed noise over `min_contributors` shares.
+    pub noise_multiplier: f64,
+    /// Fewest contributors a round accepts (the secure-aggregation threshold): the noise
+    /// is accounted at this count.
+    pub min_contributors: usize,
+    /// Most contributors a round sums (sizes the modular headroom).
+    pub max_contributors: usize,
+    /// Model dimension before padding.
+    pub dim: usize,
+    /// Conditional-rounding failure probability `beta` in `[0, 1)` (`e^-0.5` usual).
+    pub beta: f64,
+    /// Standard deviations of the sum kept inside the modular range (3 usual).
+    pub headroom: f64,
+}
+
+fn domain(
+    ok: bool,
+    what: &'static str,
+    expected: &'static str,
+    got: f64,
+) -> Result<(), ParamsError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ParamsError::Domain {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// Largest supported bits per coordinate (sums of up to 2^16 i64 shares cannot overflow).
+pub const MAX_BITS: u32 = 40;
+
+impl DistributedParams {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ParamsError> {
+        domain(
+            (2..=MAX_BITS).contains(&self.bits),
+            "bits",
+            "in 2..=40",
+            self.bits as f64,
+        )?;
+        domain(
+            self.clip_norm.is_finite() && self.clip_norm > 0.0,
+            "clip norm",
+            "finite and > 0",
+            self.clip_norm,
+        )?;
+        domain(
+            self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0,
+            "noise multiplier",
+            "finite and > 0",
+            self.noise_multiplier,
+        )?;
+        domain(
+            self.min_contributors >= 1,
+            "min contributors",
+            ">= 1",
+            self.min_contributors as f64,
+        )?;
+        domain(
+            self.max_contributors >= self.min_contributors && self.max_contributors <= 1 << 16,
+            "max contributors",
+            ">= min contributors and <= 65536",
+            self.max_contributors as f64,
+        )?;
+        domain(
+            self.dim >= 1 && self.dim <= 1 << 26,
+            "dimension",
+            "in 1..=2^26",
+            self.dim as f64,
+        )?;
+        domain(
+            (0.0..1.0).contains(&self.beta),
+            "beta",
+            "in [0, 1)",
+            self.beta,
+        )?;
+        domain(
+            self.headroom.is_finite() && self.headroom > 0.0,
+            "headroom",
+            "finite and > 0",
+            self.headroom,
+        )?;
+        self.scale().map(|_| ())
+    }
+
+    /// The dimension after padding to a power of two (the rotation's).
+    pub fn padded_dim(&self) -> usize {
+        self.dim.next_power_of_two()
+    }
+
+    /// The scale `s` (module docs).
+    pub fn scale(&self) -> Result<f64, ParamsError> {
+        let d = self.padded_dim() as f64;
+        let big_n = self.max_contributors as f64;
+        let n = self.min_contributors as f64;
+        let c = self.clip_norm;
+        let z = self.noise_multiplier;
+        let range = 2f64.powi(self.bits as i32 - 1) / self.headroom;
+        let num = range * range - big_n / 4.0;
+        let den = c * c * big_n * big_n / d + z * z * c * c * big_n / n;
+        if num <= 0.0 || !(num / den).is_finite() {
+            return Err(ParamsError::TooFewBits {
+                bits: self.bits,
+                headroom: self.headroom,
+                contributors: self.max_contributors,
+            });
+        }
+        Ok((num / den).sqrt())
+    }
+
+    /// `R`, the L2 bound of a rounded update in integer units.
+    pub fn rounded_l2(&self) -> Result<f64, ParamsError> {
+        Ok(rounded_l2_bound(
+            self.scale()? * self.clip_norm,
+            self.beta,
+            self.padded_dim(),
+        ))
+    }
+
+    /// The L1 bound of a rounded update in integer units.
+    pub fn rounded_l1(&self) -> Result<f64, ParamsError> {
+        let r = self.rounded_l2()?;
+        Ok(r * (self.padded_dim() as f64).sqrt().min(r))
+    }
+
+    /// Variance of one node's share, in integer units: `(z C s)^2 / min_contributors`.
+    pub fn share_variance(&self) -> Result<f64, ParamsError> {
+        let sigma = self.noise_multiplier * self.clip_norm * self.scale()?;
+        Ok(sigma * sigma / self.min_contributors as f64)
+    }
+
+    /// RDP of one release at integer order `alpha >= 2`, for sensitivities `(D2, D1)` in
+    /// integer units.
+    fn rdp_release(&self, alpha: u64, l2: f64, l1: f64) -> Result<f64, ParamsError> {
+        let a = alpha as f64;
+        let share = self.share_variance()?;
+        let n = self.min_contributors as f64;
+        Ok(match self.mechanism {
+            Mechanism::Skellam => {
+                let mu = n * share;
+                a * l2 * l2 / (2.0 * mu)
+                    + (((2.0 * a - 1.0) * l2 * l2 + 6.0 * l1) / (4.0 * mu * mu))
+                        .min(3.0 * l1 / (2.0 * mu))
+            }
+            Mechanism::Ddgauss => {
+                let sigma2 = share; // D_{Z,sigma}: scale^2 (variance within 1e-60)
+                let d = self.padded_dim() as f64;
+                let mut tau = 0.0;
+                for k in 1..self.min_contributors {
+                    let k = k as f64;
+                    let term = (-2.0 * std::f64::consts::PI.powi(2) * sigma2 * k / (k + 1.0)).exp();
+                    if term == 0.0 {
+                        break; // the terms only shrink as k grows
+                    }
+                    tau += term;
+                }
+                tau *= 10.0;
+                let central = (n * sigma2).sqrt();
+                let e2 = l2 / central;
+                let e1 = l1 / central;
+                let t1 = a / 2.0 * e2 * e2 + tau * d;
+                let t2 = a / 2.0 * (e2 * e2 + 2.0 * e1 * tau + tau * tau * d);
+                let t3 = a / 2.0 * (e2 + d.sqrt() * tau).powi(2);
+                t1.min(t2).min(t3)
+            }
+        })
+    }
+
+    /// RDP of one release against observers of the model (sensitivity `R`, unsampled).
+    pub fn rdp_model(&self, alpha: u64) -> Result<f64, ParamsError> {
+        self.rdp_release(alpha, self.rounded_l2()?, self.rounded_l1()?)
+    }
+
+    /// RDP of one release against the server (replace-one: `2R`, `2 D1`).
+    pub fn rdp_server(&self, alpha: u64) -> Result<f64, ParamsError> {
+        self.rdp_release(alpha, 2.0 * self.rounded_l2()?, 2.0 * self.rounded_l1()?)
+    }
+}
+
+/// `R` for an L2 norm `l2` (integer units), `beta`, padded dimension `d`
+/// (google-research `rounded_l2_norm_bound`).
+pub fn rounded_l2_bound(l2: f64, beta: f64, d: usize) -> f64 {
+    let d = d as f64;
+    let bound1 = l2 + d.sqrt();
+    if beta == 0.0 {
+        return bound1;
+    }
+    let sq = l2 * l2 + 0.25 * d + (2.0 * (1.0 / beta).ln()).sqrt() * (l2 + 0.5 * d.sqrt());
+    bound1.min(sq.sqrt())
+}
+
+/// Integer orders for these bounds (the general subsampled bound needs integers).
+pub fn orders() -> Vec<u64> {
+    let mut v: Vec<u64> = (2..=128).collect();
+    v.push(256);
+    v
+}
+
+fn ln_binom(n: u64, k: u64) -> f64 {
+    libm::lgamma(n as f64 + 1.0) - libm::lgamma(k as f64 + 1.0) - libm::lgamma((n - k) as f64 + 1.0)
+}
+
+/// Zhu and Wang (2019), Thm. 6: RDP at integer order `alpha >= 2` of a mechanism with RDP
+/// `eps(l)` (at every integer `l <= alpha`) under Poisson subsampling at rate `q`; never
+/// above the unsampled `eps(alpha)`.
+pub fn subsampled_rdp(alpha: u64, q: f64, eps: &dyn Fn(u64) -> f64) -> f64 {
+    if q >= 1.0 {
+        return eps(alpha);
+    }
+    let a = alpha as f64;
+    let l1q = (-q).ln_1p();
+    let mut terms = vec![(a - 1.0) * l1q + (a * q - q + 1.0).ln()];
+    terms.push(ln_binom(alpha, 2) + 2.0 * q.ln() + (a - 2.0) * l1q + eps(2));
+    for l in 3..=alpha {
+        let lf = l as f64;
+        terms.push(
+            3f64.ln() + ln_binom(alpha, l) + (a - lf) * l1q + lf * q.ln() + (lf - 1.0) * eps(l),
+        );
+    }
+    let m = terms.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + terms.iter().map(|t| (t - m).exp()).sum::<f64>().ln();
+    (lse / (a - 1.0)).min(eps(alpha))
+}
+
+/// The two labelled epsilons of a distributed-DP run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistributedEpsilons {
+    /// Against anyone who sees the released models (amplified by sampling at rate `q`).
+    pub model_observers: f64,
+    /// Against the server (no amplification; per round the client took part in).
+    pub server: f64,
+}
+
+/// Why an epsilon has no answer.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum DistributedAccountError {
+    /// The parameters are unusable.
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    /// The accounting question is malformed.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+}
+
+fn check_q_delta(q: f64, delta: f64) -> Result<(), AccountError> {
+    if !(q > 0.0 && q <= 1.0) {
+        return Err(AccountError::Domain {
+            what: "sampling rate",
+            expected: "in (0, 1]",
+            got: q,
+        });
+    }
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(AccountError::Domain {
+            what: "delta",
+            expected: "in (0, 1)",
+            got: delta,
+        });
+    }
+    Ok(())
+}
+
+/// Epsilon against observers of the model after `rounds` releases with Poisson rate `q`.
+pub fn model_epsilon(
+    p: &DistributedParams,
+    q: f64,
+    rounds: u64,
+    delta: f64,
+) -> Result<f64, DistributedAccountError> {
+    model_epsilon_of_rounds(p, &[(q, rounds)], delta)
+}
+
+/// As [`model_epsilon`] for releases at several rates, given as `(q, count)` groups
+/// (RDP adds over releases).
+pub fn model_epsilon_of_rounds(
+    p: &DistributedParams,
+    groups: &[(f64, u64)],
+    delta: f64,
+) -> Result<f64, DistributedAccountError> {
+    p.validate()?;
+    check_q_delta(1.0, delta)?;
+    for (q, _) in groups {
+        check_q_delta(*q, delta)?;
+    }
+    let ords = orders();
+    // RDP at every order up to the largest, unsampled (the subsampled bound needs them).
+    let top = ords.iter().copied().max().unwrap_or(2);
+    let mut table = vec![0.0; top as usize + 1];
+    for (l, t) in table.iter_mut().enumerate().skip(2) {
+        *t = p.rdp_model(l as u64)?;
+    }
+    let mut rdp = vec![0.0; ords.len()];
+    for (q, count) in groups {
+        if *count == 0 {
+            continue;
+        }
+        for (r, &a) in rdp.iter_mut().zip(&ords) {
+            *r += subsampled_rdp(a, *q, &|l| table[l as usize]) * *count as f64;
+        }
+    }
+    if rdp.iter().all(|r| *r == 0.0) {
+        return Ok(0.0);
+    }
+    let of: Vec<f64> = ords.iter().map(|a| *a as f64).collect();
+    Ok(rdp_to_epsilon(&of, &rdp, delta).0)
+}
+
+/// Epsilon against the server after the client took part in `participations` rounds.
+pub fn server_epsilon(
+    p: &DistributedParams,
+    participations: u64,
+    delta: f64,
+) -> Result<f64, DistributedAccountError> {
+    p.validate()?;
+    check_q_delta(1.0, delta)?;
+    if participations == 0 {
+        return Ok(0.0);
+    }
+    let ords = orders();
+    let mut rdp = Vec::with_capacity(ords.len());
+    for &a in &ords {
+        rdp.push(p.rdp_server(a)? * participations as f64);
+    }
+    let of: Vec<f64> = ords.iter().map(|a| *a as f64).collect();
+    Ok(rdp_to_epsilon(&of, &rdp, delta).0)
+}
+
+/// Both epsilons: `rounds` released rounds at rate `q`, of which the client took part in
+/// `participations`.
+pub fn epsilons(
+    p: &DistributedParams,
+    q: f64,
+    rounds: u64,
+    participations: u64,
+    delta: f64,
+) -> Result<DistributedEpsilons, DistributedAccountError> {
+    Ok(DistributedEpsilons {
+        model_observers: model_epsilon(p, q, rounds, delta)?,
+        server: server_epsilon(p, participations, delta)?,
+    })
+}
+
+/// The continuous Gaussian with multiplier `z` under the same general subsampled bound:
+/// the reference the distributed mechanisms approach as `bits` grow.
+pub fn gaussian_generic_epsilon(
+    z: f64,
+    q: f64,
+    rounds: u64,
+    delta: f64,
+) -> Result<f64, AccountError> {
+    check_q_delta(q, delta)?;
+    if !(z.is_finite() && z > 0.0) {
+        return Err(AccountError::Domain {
+            what: "noise multiplier",
+            expected: "finite and > 0",
+            got: z,
+        });
+    }
+    let ords = orders();
+    let rdp: Vec<f64> = ords
+        .iter()
+        .map(|&a| subsampled_rdp(a, q, &|l| l as f64 / (2.0 * z * z)) * rounds as f64)
+        .collect();
+    let of: Vec<f64> = ords.iter().map(|a| *a as f64).collect();
+    Ok(rdp_to_epsilon(&of, &rdp, delta).0)
+}
+
+/// A node's own limits in distributed mode (it never takes them from the server).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharePolicy {
+    /// Refuse rounds whose summed noise has a multiplier below this.
+    pub min_noise_multiplier: f64,
+    /// Refuse rounds that account the noise over fewer contributors than this: with a
+    /// threshold of `n`, the node's own share carries `1/sqrt(n)` of the noise, which is
+    /// all that is left if the other contributors collude with the server.
+    pub min_contributors: usize,
+    /// Refuse rounds that would bring the node's epsilon against the server above this.
+    pub max_server_epsilon: Option<f64>,
+    /// delta of the node's figures.
+    pub delta: f64,
+}
+
+/// Why a node refuses to add its share.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum ShareRefusal {
+    /// The parameters are unusable.
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    /// Too little noise.
+    #[error("noise multiplier {asked} is below this node's minimum {min}")]
+    NoiseTooLow {
+        /// Asked by the server.
+        asked: f64,
+        /// The node's floor.
+        min: f64,
+    },
+    /// Noise accounted over too few contributors.
+    #[error("the round accepts sums of {asked} contributors, below this node's minimum {min}")]
+    TooFewContributors {
+        /// The round's threshold.
+        asked: usize,
+        /// The node's floor.
+        min: usize,
+    },
+    /// One more participation would exceed the node's budget.
+    #[error("one more round would bring this node's epsilon against the server to {next:.4}, above its budget {max}")]
+    Exhausted {
+        /// After this round.
+        next: f64,
+        /// The ceiling.
+        max: f64,
+    },
+    /// Accounting failed.
+    #[error("privacy accounting: {0}")]
+    Account(String),
+}
+
+/// Checks a round's public distributed-DP parameters before the node adds its share:
+/// the noise floor, the contributor floor, then the node's epsilon against the server
+/// after taking part in `participations_so_far + 1` rounds at these parameters, which it
+/// returns. (Recording distributed releases in the node's persisted books, and composing
+/// them with its other spends, belongs to the network wiring.)
+pub fn check_share(
+    policy: &SharePolicy,
+    params: &DistributedParams,
+    participations_so_far: u64,
+) -> Result<f64, ShareRefusal> {
+    params.validate()?;
+    let z = params.noise_multiplier;
+    if z.is_nan() || z < policy.min_noise_multiplier {
+        return Err(ShareRefusal::NoiseTooLow {
+            asked: z,
+            min: policy.min_noise_multiplier,
+        });
+    }
+    if params.min_contributors < policy.min_contributors {
+        return Err(ShareRefusal::TooFewContributors {
+            asked: params.min_contributors,
+            min: policy.min_contributors,
+        });
+    }
+    let next = server_epsilon(
+        params,
+        participations_so_far.saturating_add(1),
+        policy.delta,
+    )
+    .map_err(|e| ShareRefusal::Account(e.to_string()))?;
+    if let Some(max) = policy.max_server_epsilon {
+        if next > max {
+            return Err(ShareRefusal::Exhausted { next, max });
+        }
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The issue's reference point.
+    fn reference(mechanism: Mechanism, bits: u32) -> DistributedParams {
+        DistributedParams {
+            mechanism,
+            bits,
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            min_contributors: 100,
+            max_contributors: 100,
+            dim: 1 << 18,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        }
+    }
+
+    #[test]
+    fn reference_point_skellam_16_bits() {
+        // d = 2^18, C = 1, delta = 1e-5, beta = e^-0.5, 3 s.d. headroom, n = 100,
+        // q = 0.01, T = 1,000, z = 1: 2.452 (issue 12, from the papers' formulas as the
+        // google-research accounting utilities compute them); the continuous Gaussian
+        // under the same general subsampling bound: 2.450.
+        let p = reference(Mechanism::Skellam, 16);
+        let s = p.scale().unwrap();
+        // s = sqrt(((2^15 / 3)^2 - 25) / (1e4 / 2^18 + 1)), by hand: 10,720.1
+        assert!((s - 10_720.1).abs() < 0.1, "{s}");
+        let eps = model_epsilon(&p, 0.01, 1000, 1e-5).unwrap();
+        assert!((eps - 2.452).abs() < 0.02 * 2.452, "{eps}");
+        assert!(
+            (eps - 2.452).abs() < 0.001,
+            "{eps}: the same formulas give 2.4522"
+        );
+        let g = gaussian_generic_epsilon(1.0, 0.01, 1000, 1e-5).unwrap();
+        assert!((g - 2.450).abs() < 0.001, "{g}");
+        assert!(eps > g);
+    }
+
+    #[test]
+    fn more_bits_approach_the_gaussian_and_fewer_cost_more() {
+        let g = gaussian_generic_epsilon(1.0, 0.01, 1000, 1e-5).unwrap();
+        for m in [Mechanism::Skellam, Mechanism::Ddgauss] {
+            let e: Vec<f64> = [10u32, 12, 16, 20]
+                .iter()
+                .map(|b| model_epsilon(&reference(m, *b), 0.01, 1000, 1e-5).unwrap())
+                .collect();
+            for w in e.windows(2) {
+                assert!(w[0] >= w[1], "{m}: {e:?}");
+            }
+            assert!((e[3] - g).abs() < 0.01, "{m}: {e:?} vs {g}");
+            assert!(e[0] > g, "{m}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn skellam_rdp_matches_hand_computation() {
+        // alpha = 2 at the reference: mu = s^2, D2 = R, D1 = R sqrt(d).
+        let p = reference(Mechanism::Skellam, 16);
+        let s = p.scale().unwrap();
+        let d = (1u64 << 18) as f64;
+        let sq = s * s + d / 4.0 + (2.0f64 * 0.5).sqrt() * (s + d.sqrt() / 2.0);
+        let r = sq.sqrt();
+        let l1 = r * d.sqrt();
+        let mu = s * s;
+        let want = 2.0 * r * r / (2.0 * mu)
+            + ((3.0 * r * r + 6.0 * l1) / (4.0 * mu * mu)).min(3.0 * l1 / (2.0 * mu));
+        assert!((p.rdp_model(2).unwrap() - want).abs() < 1e-12 * want);
+    }
+
+    #[test]
+    fn ddgauss_rdp_matches_hand_computation() {
+        // Reference point: n sigma_i^2 = s^2 and tau = 10 * 99 * exp(-2 pi^2 s^2/100 * k/(k+1))
+        // underflows to 0, so Prop. 14 is alpha/2 (R/s)^2 at every alpha.
+        let p = reference(Mechanism::Ddgauss, 16);
+        let s = p.scale().unwrap();
+        let r = p.rounded_l2().unwrap();
+        for a in [2u64, 7, 100] {
+            let want = a as f64 / 2.0 * (r / s).powi(2);
+            assert!((p.rdp_model(a).unwrap() - want).abs() < 1e-12 * want);
+        }
+        // With one contributor there is no sum of shares: tau = 0 exactly as well.
+        let mut one = p;
+        one.min_contributors = 1;
+        one.max_contributors = 1;
+        let s1 = one.scale().unwrap();
+        let r1 = one.rounded_l2().unwrap();
+        assert!((one.rdp_model(2).unwrap() - (r1 / s1).powi(2)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn subsampling_at_rate_one_is_the_mechanism() {
+        let f = |l: u64| l as f64 * 0.3;
+        for a in [2u64, 5, 40] {
+            assert_eq!(subsampled_rdp(a, 1.0, &f), f(a));
+            assert!(subsampled_rdp(a, 0.1, &f) < f(a));
+        }
+    }
+
+    #[test]
+    fn server_sees_more_than_model_observers() {
+        let p = reference(Mechanism::Skellam, 16);
+        let e = epsilons(&p, 0.01, 1000, 10, 1e-5).unwrap();
+        // 10 unamplified rounds at sensitivity 2 (z_eff = 1/2) vs 1,000 rounds at q = 0.01.
+        assert!(e.server > e.model_observers, "{e:?}");
+        // Gaussian with multiplier 1/2, 10 rounds: RDP 2 alpha * 10, conversion by hand at
+        // the optimum is about 20 + 2 sqrt(20 ln(1e5)) ~ 50; the discretisation adds little.
+        assert!(e.server > 40.0 && e.server < 60.0, "{e:?}");
+        assert_eq!(server_epsilon(&p, 0, 1e-5).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn dropouts_are_accounted_at_the_minimum() {
+        // Fewer accepted contributors: each share must carry more noise (in units of the
+        // update, share variance / s^2 = (zC)^2 / n_min) so that n_min shares alone still
+        // have multiplier z; the scale shrinks because more noise must fit the range.
+        let mut p = reference(Mechanism::Skellam, 16);
+        let (v100, s100) = (p.share_variance().unwrap(), p.scale().unwrap());
+        p.min_contributors = 50;
+        let (v50, s50) = (p.share_variance().unwrap(), p.scale().unwrap());
+        assert!((v100 / (s100 * s100) - 1.0 / 100.0).abs() < 1e-12);
+        assert!((v50 / (s50 * s50) - 1.0 / 50.0).abs() < 1e-12);
+        assert!(s50 < s100);
+        // and the epsilon is that of z over the minimum: it does not depend on n_min
+        // beyond rounding effects
+        let e50 = model_epsilon(&p, 0.01, 1000, 1e-5).unwrap();
+        assert!((e50 - 2.452).abs() < 0.01, "{e50}");
+    }
+
+    #[test]
+    fn refuses_bad_parameters() {
+        let mut p = reference(Mechanism::Skellam, 3);
+        assert!(matches!(p.validate(), Err(ParamsError::TooFewBits { .. })));
+        p.bits = 16;
+        p.beta = 1.0;
+        assert!(p.validate().is_err());
+        p.beta = 0.5;
+        p.max_contributors = 10;
+        assert!(p.validate().is_err());
+        assert!("gauss".parse::<Mechanism>().is_err());
+        assert_eq!("ddgauss".parse::<Mechanism>().unwrap(), Mechanism::Ddgauss);
+    }
+
+    #[test]
+    fn heterogeneous_rounds_compose() {
+        let p = reference(Mechanism::Skellam, 16);
+        let one = model_epsilon_of_rounds(&p, &[(0.01, 1000)], 1e-5).unwrap();
+        let split = model_epsilon_of_rounds(&p, &[(0.01, 400), (0.01, 600)], 1e-5).unwrap();
+        assert!((one - split).abs() < 1e-9);
+        let more = model_epsilon_of_rounds(&p, &[(0.01, 1000), (0.02, 10)], 1e-5).unwrap();
+        assert!(more > one);
+        assert_eq!(model_epsilon_of_rounds(&p, &[], 1e-5).unwrap(), 0.0);
+        assert!(model_epsilon_of_rounds(&p, &[(0.0, 1)], 1e-5).is_err());
+    }
+
+    #[test]
+    fn node_checks_its_share_against_its_own_policy() {
+        let p = reference(Mechanism::Skellam, 16);
+        let policy = SharePolicy {
+            min_noise_multiplier: 1.0,
+            min_contributors: 50,
+            max_server_epsilon: Some(60.0),
+            delta: 1e-5,
+        };
+        // 10 rounds at z = 1, replace-one: about 50 (see server_sees_more_than_model_observers)
+        let e = check_share(&policy, &p, 9).unwrap();
+        assert_eq!(e, server_epsilon(&p, 10, 1e-5).unwrap());
+        assert!(matches!(
+            check_share(&policy, &p, 20),
+            Err(ShareRefusal::Exhausted { .. })
+        ));
+        let mut low = p;
+        low.noise_multiplier = 0.5;
+        assert!(matches!(
+            check_share(&policy, &low, 0),
+            Err(ShareRefusal::NoiseTooLow { .. })
+        ));
+        let mut few = p;
+        few.min_contributors = 10;
+        few.max_contributors = 100;
+        assert!(matches!(
+            check_share(&policy, &few, 0),
+            Err(ShareRefusal::TooFewContributors { asked: 10, min: 50 })
+        ));
+        let mut bad = p;
+        bad.bits = 1;
+        assert!(matches!(
+            check_share(&policy, &bad, 0),
+            Err(ShareRefusal::Params(_))
+        ));
+    }
+}
