@@ -175,9 +175,18 @@ impl SecAggSpec {
                 self.clip_norm
             ));
         }
-        if !(16..=62).contains(&self.bits) {
+        // Fixed-point encoding needs 16 bits of precision; distributed DP's encoding is
+        // sized by its own parameters (scale and headroom), down to a few bits.
+        let widths = if self.distributed.is_some() {
+            2..=crate::dp::distributed::MAX_BITS as u8
+        } else {
+            16..=62
+        };
+        if !widths.contains(&self.bits) {
             return Err(format!(
-                "secure aggregation ring width must be in 16..=62 bits, got {}",
+                "secure aggregation ring width must be in {}..={} bits, got {}",
+                widths.start(),
+                widths.end(),
                 self.bits
             ));
         }
