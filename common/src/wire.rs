@@ -175,9 +175,18 @@ impl SecAggSpec {
                 self.clip_norm
             ));
         }
-        if !(16..=62).contains(&self.bits) {
+        // Fixed-point encoding needs 16 bits of precision; distributed DP's encoding is
+        // sized by its own parameters (scale and headroom), down to a few bits.
+        let widths = if self.distributed.is_some() {
+            2..=crate::dp::distributed::MAX_BITS as u8
+        } else {
+            16..=62
+        };
+        if !widths.contains(&self.bits) {
             return Err(format!(
-                "secure aggregation ring width must be in 16..=62 bits, got {}",
+                "secure aggregation ring width must be in {}..={} bits, got {}",
+                widths.start(),
+                widths.end(),
                 self.bits
             ));
         }
@@ -794,6 +803,35 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn distributed_rings_may_be_narrower_than_fixed_point_ones() {
+        use crate::dp::distributed::{DistributedParams, Mechanism};
+        let params = |bits: u32| DistributedParams {
+            mechanism: Mechanism::Skellam,
+            bits,
+            clip_norm: 0.5,
+            noise_multiplier: 1.0,
+            min_contributors: 80,
+            max_contributors: 150,
+            dim: 199_210,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        };
+        let spec = |bits: u8, distributed: bool| SecAggSpec {
+            clip_norm: 0.5,
+            bits,
+            distributed: distributed.then(|| DistributedRound {
+                params: params(u32::from(bits)),
+                rotation_seed: 1,
+            }),
+        };
+        assert!(spec(10, true).validate().is_ok());
+        assert!(spec(10, false).validate().is_err());
+        assert!(spec(16, false).validate().is_ok());
+        assert!(spec(41, true).validate().is_err());
+        assert!(spec(1, true).validate().is_err());
+    }
 
     fn update(round: u64) -> Header {
         Header::Update(UpdateMeta {

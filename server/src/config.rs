@@ -331,7 +331,7 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
     ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\", \"central\" and \"distributed\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
     ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
-    ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62), with log2(n) bits of headroom so the sum of n cannot wrap."),
+    ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62; 2-40 with dp.mode \"distributed\", whose encoding sizes its own headroom), with log2(n) bits of headroom so the sum of n cannot wrap."),
     ("secagg.clip_norm", None, "dp.mode \"none\": the L2 norm nodes clip their update to before encoding (the fixed-point range). With central DP, dp.clip_norm is used."),
     ("secagg.dropout_rate", None, "Fraction of a round's participants assumed to drop out (input of the (k, t) finder)."),
     ("secagg.adversarial_rate", None, "Fraction of a round's participants assumed to collude with the server (input of the (k, t) finder)."),
@@ -608,7 +608,9 @@ impl ServerConfig {
             .server_optimizer
             .validate()
             .map_err(ConfigError::Invalid)?;
-        self.secagg.validate().map_err(ConfigError::Invalid)?;
+        self.secagg
+            .validate(self.dp.mode == dpfl_common::config::DpMode::Distributed)
+            .map_err(ConfigError::Invalid)?;
         if self.dp.mode == dpfl_common::config::DpMode::Distributed {
             if !self.secure_aggregation {
                 return bad(

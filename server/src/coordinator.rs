@@ -1822,13 +1822,26 @@ impl Coordinator {
                 }
                 if (params.threshold as usize) < p.min_contributors {
                     if p.min_contributors > params.degree as usize {
-                        return Err(format!(
-                            "distributed DP needs a threshold of {} contributors, above the \
-                             graph degree {} of {n} participants",
-                            p.min_contributors, params.degree
-                        ));
+                        // The sparse graph's neighbourhoods cannot hold the threshold: the
+                        // complete graph can (costlier, and the nodes check it is secure).
+                        if p.min_contributors + 1 > n {
+                            return Err(format!(
+                                "distributed DP needs a threshold of {} contributors, above \
+                                 the {} neighbours of {n} participants",
+                                p.min_contributors,
+                                n - 1
+                            ));
+                        }
+                        params.degree = (n - 1) as u32;
                     }
                     params.threshold = p.min_contributors as u32;
+                    if !dpfl_secagg::params::is_secure(n as u32, params, &settings.threat) {
+                        return Err(format!(
+                            "distributed DP's threshold {} with degree {} is not secure for \
+                             {n} participants",
+                            params.threshold, params.degree
+                        ));
+                    }
                 }
                 vector_len = p.padded_dim();
             }

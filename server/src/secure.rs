@@ -116,21 +116,32 @@ impl Default for SecAggConfig {
 }
 
 impl SecAggConfig {
-    /// Range checks.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Range checks; `distributed`: DP mode `distributed`, whose encoding allows narrower
+    /// rings (2..=40 bits) than fixed-point (16..=62).
+    pub fn validate(&self, distributed: bool) -> Result<(), String> {
         if !(self.stage_timeout_secs > 0.0 && self.stage_timeout_secs <= 86_400.0) {
             return Err(format!(
                 "secagg.stage_timeout_secs must be in (0, 86400], got {}",
                 self.stage_timeout_secs
             ));
         }
-        dpfl_common::wire::SecAggSpec {
-            clip_norm: self.clip_norm,
-            bits: self.bits,
-            distributed: None,
+        if distributed {
+            let max = dpfl_common::dp::distributed::MAX_BITS;
+            if !(2..=max).contains(&u32::from(self.bits)) {
+                return Err(format!(
+                    "secagg.bits must be in 2..={max} with distributed DP, got {}",
+                    self.bits
+                ));
+            }
+        } else {
+            dpfl_common::wire::SecAggSpec {
+                clip_norm: self.clip_norm,
+                bits: self.bits,
+                distributed: None,
+            }
+            .validate()
+            .map_err(|e| format!("secagg: {e}"))?;
         }
-        .validate()
-        .map_err(|e| format!("secagg: {e}"))?;
         for (name, v) in [
             ("dropout_rate", self.dropout_rate),
             ("adversarial_rate", self.adversarial_rate),

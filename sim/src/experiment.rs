@@ -309,13 +309,18 @@ impl SimConfig {
             return bad("standardize.noise_multiplier needs standardize.bounds (they bound the sensitivity)".into());
         }
         if self.dp.mode == dpfl_common::config::DpMode::Distributed {
-            // The coordinator and the in-memory SecAgg+ clients carry the distributed
-            // parameters, but no simulation of this mode has been validated yet.
-            return bad(
-                "dp.mode = \"distributed\" runs over QUIC (dpfl-server / dpfl-client); the \
-                 simulator does not run it yet"
-                    .into(),
-            );
+            // Each virtual client encodes with the deployment's `DistributedEncoder` inside
+            // the in-memory SecAgg+ clients (`crate::secure`); the noise is in the sum.
+            if !self.secure_aggregation {
+                return bad("dp.mode = \"distributed\" needs secure_aggregation = true".into());
+            }
+            if self.transport != Transport::Memory {
+                return bad(
+                    "dp.mode = \"distributed\" runs on the in-memory transport (over QUIC, \
+                     run dpfl-server / dpfl-client)"
+                        .into(),
+                );
+            }
         }
         if self.audit.canaries > 0 {
             if !self.dp.mode.is_private() {
@@ -325,13 +330,19 @@ impl SimConfig {
                 return bad("the audit runs on the in-memory transport".into());
             }
         }
-        self.secagg.validate().map_err(ExperimentError::Invalid)?;
+        self.secagg
+            .validate(self.dp.mode == dpfl_common::config::DpMode::Distributed)
+            .map_err(ExperimentError::Invalid)?;
         if self.secure_aggregation {
             if !matches!(
                 self.dp.mode,
-                dpfl_common::config::DpMode::None | dpfl_common::config::DpMode::Central
+                dpfl_common::config::DpMode::None
+                    | dpfl_common::config::DpMode::Central
+                    | dpfl_common::config::DpMode::Distributed
             ) {
-                return bad("secure_aggregation works with dp.mode none or central".into());
+                return bad(
+                    "secure_aggregation works with dp.mode none, central or distributed".into(),
+                );
             }
             if self.audit.canaries > 0 {
                 return bad("the canary audit does not run with secure_aggregation".into());
@@ -575,7 +586,14 @@ seed = [1, 2]
     fn unknown_keys_and_bad_sweeps_are_errors() {
         assert!(expand("roundz = 3", &[]).is_err());
         assert!(expand("[sweep]\nseed = 3", &[]).is_err());
-        assert!(expand("[dp]\nmode = \"distributed\"", &[]).is_err());
+        // Distributed DP runs in the simulator over in-memory secure aggregation only.
+        let dist = "[dp]\nmode = \"distributed\"\nnoise_multiplier = 1.0";
+        let e = expand(dist, &[]).unwrap_err().to_string();
+        assert!(e.contains("secure_aggregation"), "{e}");
+        let secure = format!("secure_aggregation = true\n{dist}");
+        assert!(expand(&secure, &[]).is_ok());
+        let quic = format!("transport = \"quic\"\n{secure}");
+        assert!(expand(&quic, &[]).is_err());
         // Audit: misspelled keys in [dp], [train] and [strategy] were silently ignored.
         for bad in [
             "[dp]\nnoise_multipler = 5.0",

@@ -151,7 +151,7 @@ pub(crate) fn run_quic(
         });
         progress(round);
     }
-    let (epsilon, epsilon_max_client) = budget_epsilon(cfg, &summary.ledger);
+    let (epsilon, epsilon_max_client, epsilon_server) = budget_epsilon(cfg, &summary.ledger);
     Ok(RunResult {
         secure_sum_exact: Vec::new(),
         audit: None,
@@ -160,6 +160,7 @@ pub(crate) fn run_quic(
         final_params: params,
         epsilon,
         epsilon_max_client,
+        epsilon_server,
         delta: cfg.dp.mode.is_private().then_some(cfg.dp.delta),
         finish: summary.finish.unwrap_or_else(|| "stopped".into()),
         seconds: started.elapsed().as_secs_f64(),

@@ -44,7 +44,7 @@ pub fn write_rounds(dir: &Path, f: &Finished) -> std::io::Result<()> {
 }
 
 /// Header of `summary.csv`.
-pub const CSV_HEADER: &str = "config,label,transport,clients,dp_mode,noise_multiplier,sampling_rate,rounds,final_accuracy,best_accuracy,epsilon,epsilon_max_client,delta,epsilon_empirical,epsilon_lower_bound,audit_flagged,seconds,peak_rss_mib,finish";
+pub const CSV_HEADER: &str = "config,label,transport,clients,dp_mode,noise_multiplier,sampling_rate,rounds,final_accuracy,best_accuracy,epsilon,epsilon_max_client,epsilon_server,delta,epsilon_empirical,epsilon_lower_bound,audit_flagged,seconds,peak_rss_mib,finish";
 
 /// Writes `summary.csv`.
 pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
@@ -55,7 +55,7 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
         let r = &f.result;
         writeln!(
             out,
-            "{},\"{}\",{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{},\"{}\"",
+            "{},\"{}\",{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.1},{},\"{}\"",
             f.config.id,
             f.config.label.replace('"', "'"),
             c.transport,
@@ -76,6 +76,7 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
             opt(r.best_accuracy(), 4),
             opt(r.epsilon, 4),
             opt(r.epsilon_max_client, 4),
+            opt(r.epsilon_server, 4),
             r.delta.map_or(String::new(), |d| format!("{d:e}")),
             opt(r.audit.and_then(|a| a.epsilon_estimate), 4),
             opt(r.audit.map(|a| a.epsilon_lower_bound), 4),
@@ -91,8 +92,17 @@ pub fn write_summary(dir: &Path, all: &[Finished]) -> std::io::Result<()> {
 /// A terminal table.
 pub fn table(all: &[Finished]) -> String {
     let mut s = format!(
-        "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8}\n",
-        "cfg", "label", "clients", "rounds", "final", "epsilon", "empirical", "seconds", "rss_mib"
+        "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8}\n",
+        "cfg",
+        "label",
+        "clients",
+        "rounds",
+        "final",
+        "epsilon",
+        "eps_srv",
+        "empirical",
+        "seconds",
+        "rss_mib"
     );
     for f in all {
         let r = &f.result;
@@ -103,13 +113,14 @@ pub fn table(all: &[Finished]) -> String {
         };
         let label: String = label.chars().take(40).collect();
         s.push_str(&format!(
-            "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8.1} {:>8}\n",
+            "{:<5} {:<40} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8.1} {:>8}\n",
             f.config.id,
             label,
             r.clients,
             r.rounds,
             opt(r.final_accuracy(), 4),
             opt(r.epsilon, 3),
+            opt(r.epsilon_server, 3),
             opt(r.audit.and_then(|a| a.epsilon_estimate), 3),
             r.seconds,
             opt(f.peak_rss_mib, 0),

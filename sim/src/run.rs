@@ -63,11 +63,15 @@ pub struct RunResult {
     /// Final global parameters.
     #[serde(skip)]
     pub final_params: Vec<f32>,
-    /// Central: against observers of the released models (every client). Local: against
-    /// the server, for a client that took part in every release.
+    /// Central and distributed: against observers of the released models (every client).
+    /// Local: against the server, for a client that took part in every release.
     pub epsilon: Option<f64>,
-    /// Local mode: the largest spend against the server any client actually reached.
+    /// Local and distributed modes: the largest spend against the server any client
+    /// actually reached.
     pub epsilon_max_client: Option<f64>,
+    /// Distributed mode: against the server, for a client that took part in every release
+    /// (the ring sum's integer noise only, no amplification by sampling).
+    pub epsilon_server: Option<f64>,
     /// The empirical privacy audit, when canaries were configured.
     pub audit: Option<dpfl_common::dp::audit::AuditReport>,
     /// delta.
@@ -384,15 +388,32 @@ impl TestEval {
     }
 }
 
+/// (epsilon, epsilon_max_client, epsilon_server) as [`RunResult`] reports them.
 pub(crate) fn budget_epsilon(
     cfg: &SimConfig,
     ledger: &dpfl_server::ledger::Ledger,
-) -> (Option<f64>, Option<f64>) {
+) -> (Option<f64>, Option<f64>, Option<f64>) {
     use dpfl_common::DpMode;
     match cfg.dp.mode {
-        DpMode::Central => (Some(ledger.epsilon()), None),
-        DpMode::Local => (Some(ledger.epsilon()), Some(ledger.max_client_epsilon())),
-        _ => (None, None),
+        DpMode::Central => (Some(ledger.epsilon()), None, None),
+        DpMode::Local => (
+            Some(ledger.epsilon()),
+            Some(ledger.max_client_epsilon()),
+            None,
+        ),
+        // Both labelled epsilons: against observers of the models (the rows' figure) and
+        // against the server (a client in every release; the largest actual spend).
+        DpMode::Distributed => (
+            Some(ledger.epsilon()),
+            Some(ledger.max_client_epsilon()),
+            Some(
+                ledger
+                    .distributed
+                    .as_ref()
+                    .map_or(0.0, |d| d.epsilons().server),
+            ),
+        ),
+        DpMode::None => (None, None, None),
     }
 }
 
@@ -703,7 +724,7 @@ fn run_memory(
                     let plain = sa.plaintext_digest(&report.participants, cfg.secagg.bits);
                     secure_sum_exact.push(plain == Some(digest));
                 }
-                let (eps, _) = budget_epsilon(cfg, &report.snapshot.ledger);
+                let (eps, ..) = budget_epsilon(cfg, &report.snapshot.ledger);
                 rows.push(RoundRow {
                     round: report.round,
                     participants: report.participants.len(),
@@ -748,7 +769,7 @@ fn run_memory(
             last.test_loss = t.map(|t| t.1);
         }
     }
-    let (epsilon, epsilon_max_client) = budget_epsilon(cfg, coord.ledger());
+    let (epsilon, epsilon_max_client, epsilon_server) = budget_epsilon(cfg, coord.ledger());
     let audit = canaries.map(|c| {
         let change: Vec<f32> = coord
             .global()
@@ -765,6 +786,7 @@ fn run_memory(
         final_params: coord.global().to_vec(),
         epsilon,
         epsilon_max_client,
+        epsilon_server,
         delta: cfg.dp.mode.is_private().then_some(cfg.dp.delta),
         finish,
         seconds: started.elapsed().as_secs_f64(),
