@@ -2763,6 +2763,22 @@ mod secure_tests {
         .unwrap()
     }
 
+    /// A coordinator of `n` nodes `n0..n{n-1}`, all connected at `t0`.
+    fn connected(n: usize, params: Option<GraphParams>, retries: u32, t0: Instant) -> Coordinator {
+        let mut c = coordinator(n, params, retries);
+        for i in 0..n {
+            c.handle_connect(
+                format!("n{i}"),
+                NodeInfo {
+                    num_examples: 1000,
+                    num_eval_examples: 0,
+                },
+                t0,
+            );
+        }
+        c
+    }
+
     fn meta(round: u64) -> UpdateMeta {
         UpdateMeta {
             round,
@@ -2944,18 +2960,8 @@ mod secure_tests {
     #[test]
     fn a_secure_round_gives_the_strategy_the_mean_of_the_held_updates() {
         let t0 = Instant::now();
-        let mut c = coordinator(5, None, 0);
+        let mut c = connected(5, None, 0, t0);
         let mut nodes = Nodes::new(5);
-        for i in 0..5 {
-            c.handle_connect(
-                format!("n{i}"),
-                NodeInfo {
-                    num_examples: 1000,
-                    num_eval_examples: 0,
-                },
-                t0,
-            );
-        }
         // A cleartext update is refused in a secure round.
         let (round, list) = match c.poll_action() {
             Some(Action::Train { round, nodes, .. }) => (round, nodes),
@@ -2966,17 +2972,7 @@ mod secure_tests {
             .unwrap_err();
         assert_eq!(e.kind(), "protocol");
         // Start over with a fresh coordinator where every node holds its update.
-        let mut c = coordinator(5, None, 0);
-        for i in 0..5 {
-            c.handle_connect(
-                format!("n{i}"),
-                NodeInfo {
-                    num_examples: 1000,
-                    num_eval_examples: 0,
-                },
-                t0,
-            );
-        }
+        let mut c = connected(5, None, 0, t0);
         nodes.train(&mut c, t0);
         let (other, _) = nodes.run_stages(&mut c, t0, &|_, _| false);
         let r = completed(&other);
@@ -3003,18 +2999,8 @@ mod secure_tests {
         ];
         for stage in stages {
             let t0 = Instant::now();
-            let mut c = coordinator(8, Some(params), 0);
+            let mut c = connected(8, Some(params), 0, t0);
             let mut nodes = Nodes::new(8);
-            for i in 0..8 {
-                c.handle_connect(
-                    format!("n{i}"),
-                    NodeInfo {
-                        num_examples: 1000,
-                        num_eval_examples: 0,
-                    },
-                    t0,
-                );
-            }
             nodes.train(&mut c, t0);
             let dropped = ["n1", "n4", "n6"];
             let (other, _) =
@@ -3039,18 +3025,8 @@ mod secure_tests {
             threshold: 4,
         };
         let t0 = Instant::now();
-        let mut c = coordinator(8, Some(params), 1);
+        let mut c = connected(8, Some(params), 1, t0);
         let mut nodes = Nodes::new(8);
-        for i in 0..8 {
-            c.handle_connect(
-                format!("n{i}"),
-                NodeInfo {
-                    num_examples: 1000,
-                    num_eval_examples: 0,
-                },
-                t0,
-            );
-        }
         let round = nodes.train(&mut c, t0);
         // Four drop after sharing: below t + 1 survivors, the round aborts.
         let dropped = ["n0", "n2", "n5", "n7"];
@@ -3102,18 +3078,8 @@ mod secure_tests {
     #[test]
     fn too_few_held_updates_never_start_the_protocol() {
         let t0 = Instant::now();
-        let mut c = coordinator(4, None, 0);
+        let mut c = connected(4, None, 0, t0);
         let mut nodes = Nodes::new(4);
-        for i in 0..4 {
-            c.handle_connect(
-                format!("n{i}"),
-                NodeInfo {
-                    num_examples: 1000,
-                    num_eval_examples: 0,
-                },
-                t0,
-            );
-        }
         let (round, list) = match c.poll_action() {
             Some(Action::Train { round, nodes, .. }) => (round, nodes),
             other => panic!("{other:?}"),
