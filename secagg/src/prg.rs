@@ -32,54 +32,44 @@ pub(crate) fn apply_masks(acc: &mut [u64], seeds: &[(&[u8; 32], MaskSign)], bits
         .map(|(key, sign)| (ChaCha20::new((*key).into(), &[0u8; 12].into()), *sign))
         .collect();
     if bits > 32 {
-        let mut words = vec![0u64; BLOCK];
-        for block in acc.chunks_mut(BLOCK) {
-            let words = &mut words[..block.len()];
-            for (cipher, sign) in ciphers.iter_mut() {
-                words.fill(0);
-                cipher.apply_keystream(bytemuck::cast_slice_mut(words));
-                match sign {
-                    MaskSign::Add => {
-                        for (a, w) in block.iter_mut().zip(words.iter()) {
-                            *a = a.wrapping_add(u64::from_le(*w));
-                        }
-                    }
-                    MaskSign::Sub => {
-                        for (a, w) in block.iter_mut().zip(words.iter()) {
-                            *a = a.wrapping_sub(u64::from_le(*w));
-                        }
-                    }
-                }
-            }
-        }
-        words.fill(0);
+        fold_keystreams::<u64>(acc, &mut ciphers, u64::from_le);
     } else {
-        let mut words = vec![0u32; BLOCK];
-        for block in acc.chunks_mut(BLOCK) {
-            let words = &mut words[..block.len()];
-            for (cipher, sign) in ciphers.iter_mut() {
-                words.fill(0);
-                cipher.apply_keystream(bytemuck::cast_slice_mut(words));
-                match sign {
-                    MaskSign::Add => {
-                        for (a, w) in block.iter_mut().zip(words.iter()) {
-                            *a = a.wrapping_add(u64::from(u32::from_le(*w)));
-                        }
-                    }
-                    MaskSign::Sub => {
-                        for (a, w) in block.iter_mut().zip(words.iter()) {
-                            *a = a.wrapping_sub(u64::from(u32::from_le(*w)));
-                        }
-                    }
-                }
-            }
-        }
-        words.fill(0);
+        fold_keystreams::<u32>(acc, &mut ciphers, |w| u64::from(u32::from_le(w)));
     }
     let mask = crate::context::ring_mask(bits);
     for a in acc.iter_mut() {
         *a &= mask;
     }
+}
+
+/// Folds every cipher's keystream, read as little-endian words of type `W` (one per
+/// coordinate), into `acc` with its sign, block by block; the buffer is wiped afterwards.
+fn fold_keystreams<W: bytemuck::Pod + Default>(
+    acc: &mut [u64],
+    ciphers: &mut [(ChaCha20, MaskSign)],
+    to_u64: impl Fn(W) -> u64,
+) {
+    let mut words = [W::default(); BLOCK];
+    for block in acc.chunks_mut(BLOCK) {
+        let words = &mut words[..block.len()];
+        for (cipher, sign) in ciphers.iter_mut() {
+            words.fill(W::default());
+            cipher.apply_keystream(bytemuck::cast_slice_mut(words));
+            match sign {
+                MaskSign::Add => {
+                    for (a, w) in block.iter_mut().zip(words.iter()) {
+                        *a = a.wrapping_add(to_u64(*w));
+                    }
+                }
+                MaskSign::Sub => {
+                    for (a, w) in block.iter_mut().zip(words.iter()) {
+                        *a = a.wrapping_sub(to_u64(*w));
+                    }
+                }
+            }
+        }
+    }
+    words.fill(W::default());
 }
 
 #[cfg(test)]
