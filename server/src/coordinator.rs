@@ -22,6 +22,7 @@ use crate::ledger::Ledger;
 use crate::secure::{SecAggSend, SecAggSettings};
 use crate::strategy::{DpParams, EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy};
 use dpfl_common::config::{ClientPrivacy, DpMode};
+use dpfl_common::dp::distributed::DistributedParams;
 use dpfl_common::dp::encoding::DistributedEncoder;
 use dpfl_common::model::{ModelSpec, SpecHash};
 use dpfl_common::wire::printable;
@@ -614,6 +615,8 @@ struct FitRound {
     sum_digest: Option<[u8; 32]>,
     /// DP mode `distributed`: the public parameters this attempt's nodes encode with.
     distributed: Option<DistributedRound>,
+    /// Connected nodes the sample was drawn from.
+    population: usize,
 }
 
 /// A securely aggregated round between training and aggregation.
@@ -658,6 +661,9 @@ pub struct Coordinator {
     round_started: Option<Instant>,
     /// Next secure-aggregation protocol round id.
     next_secagg_id: u64,
+    /// Distributed DP: the counts of other participants at which the release decision
+    /// changes ([`release_edges`]).
+    release_edges: Vec<u64>,
 }
 
 impl Coordinator {
@@ -679,6 +685,20 @@ impl Coordinator {
             .secure_aggregation
             .as_ref()
             .map_or(0, |s| s.round_id_base);
+        let release_edges = match (&cfg.secure_aggregation, cfg.dp.mode) {
+            (Some(s), DpMode::Distributed) => s.distributed.map_or(Vec::new(), |d| {
+                release_edges(
+                    s,
+                    &d.params(
+                        s.bits,
+                        cfg.dp.clip_norm,
+                        cfg.dp.noise_multiplier,
+                        cfg.spec.num_params(),
+                    ),
+                )
+            }),
+            _ => Vec::new(),
+        };
         strategy
             .restore(&snapshot.strategy)
             .map_err(|e| e.to_string())?;
@@ -697,6 +717,7 @@ impl Coordinator {
             norm_exceeded: 0,
             round_started: None,
             next_secagg_id,
+            release_edges,
         })
     }
 
@@ -1203,16 +1224,38 @@ impl Coordinator {
 
     /// With a target epsilon, whether one more release would exceed it (checked before
     /// every attempt, retries included).
+    ///
+    /// Distributed mode checks every attempt, with or without a target: a round whose
+    /// release decision would depend on one client too likely for the run's delta
+    /// ([`dpfl_common::dp::distributed::release_flip_probability`]) does not start.
     fn over_budget(&self) -> Option<FinishReason> {
-        let target = self.cfg.dp.target_epsilon?;
         if !self.cfg.dp.mode.is_private() {
             return None;
         }
-        match self.ledger.epsilon_if(&self.planned_privacy()) {
-            Ok(next) if next > target => Some(FinishReason::BudgetReached {
+        let target = self.cfg.dp.target_epsilon;
+        let next = match self.distributed_params() {
+            Some(params) => self
+                .ledger
+                .distributed_epsilons_if(
+                    &self.planned_privacy(),
+                    &params,
+                    self.release_flip(self.connected.len()),
+                )
+                .map(|e| e.model_observers)
+                .map_err(|e| e.to_string()),
+            None => {
+                target?;
+                self.ledger
+                    .epsilon_if(&self.planned_privacy())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let target_or_inf = target.unwrap_or(f64::INFINITY);
+        match next {
+            Ok(next) if next > target_or_inf => Some(FinishReason::BudgetReached {
                 epsilon: self.ledger.budget_epsilon(),
                 next,
-                target,
+                target: target_or_inf,
             }),
             Ok(_) => None,
             Err(e) => {
@@ -1220,10 +1263,37 @@ impl Coordinator {
                 Some(FinishReason::BudgetReached {
                     epsilon: self.ledger.budget_epsilon(),
                     next: f64::INFINITY,
-                    target,
+                    target: target_or_inf,
                 })
             }
         }
+    }
+
+    /// Distributed mode: the probability that whether a round sampled from `population`
+    /// is released depends on one client.
+    fn release_flip(&self, population: usize) -> f64 {
+        dpfl_common::dp::distributed::release_flip_probability(
+            population as u64,
+            self.cfg.dp.sampling_rate,
+            &self.release_edges,
+        )
+    }
+
+    /// Distributed mode: the public parameters the next round would use.
+    fn distributed_params(&self) -> Option<DistributedParams> {
+        let s = self.cfg.secure_aggregation.as_ref()?;
+        if self.cfg.dp.mode != DpMode::Distributed {
+            return None;
+        }
+        let p = self.planned_privacy();
+        s.distributed.map(|d| {
+            d.params(
+                s.bits,
+                p.clip_norm,
+                p.noise_multiplier,
+                self.cfg.spec.num_params(),
+            )
+        })
     }
 
     fn maybe_start(&mut self, now: Instant) {
@@ -1347,6 +1417,7 @@ impl Coordinator {
             note: None,
             sum_digest: None,
             distributed,
+            population: available.len(),
         });
         tracing::debug!(round, attempt, selected = selected.len(), "round started");
         if pending.is_empty() {
@@ -1450,7 +1521,13 @@ impl Coordinator {
                             let recorded = match &f.distributed {
                                 Some(d) => self
                                     .ledger
-                                    .record_distributed(f.round, &p, &d.params, &f.accepted)
+                                    .record_distributed(
+                                        f.round,
+                                        &p,
+                                        &d.params,
+                                        &f.accepted,
+                                        self.release_flip(f.population),
+                                    )
                                     .map_err(|e| e.to_string()),
                                 None => Err("no distributed parameters for the round".into()),
                             };
@@ -1517,6 +1594,19 @@ impl Coordinator {
         } else {
             None
         };
+        // Distributed mode: a round run without a release still counts (whether it was
+        // released is visible and may depend on one client).
+        if mode == DpMode::Distributed && !charged_central {
+            if let Some(d) = &f.distributed {
+                let flip = self.release_flip(f.population);
+                if let Err(e) = self
+                    .ledger
+                    .record_distributed_unreleased(f.round, &d.params, flip)
+                {
+                    tracing::error!(round = f.round, "ledger: {e}");
+                }
+            }
+        }
         let outliers = outliers(&f.norms, self.cfg.limits.outlier_factor);
         self.completed = f.round;
         let w = f.metric_weight;
@@ -1606,6 +1696,71 @@ impl Coordinator {
             self.phase = Phase::Done;
         }
     }
+}
+
+/// The SecAgg+ graph for `n` nodes holding an update, or why secure aggregation does not
+/// start: fewer than 3, the finder (or the configured override) has no graph, or, with
+/// distributed DP, more than `max_contributors` or no secure graph whose threshold reaches
+/// `min_contributors` (raised to it; on the complete graph when the sparse degree is below).
+pub fn secagg_graph(
+    settings: &SecAggSettings,
+    distributed: Option<&DistributedParams>,
+    n: usize,
+) -> Result<dpfl_secagg::GraphParams, String> {
+    if n < 3 {
+        return Err(format!(
+            "{n} nodes hold an update; secure aggregation needs at least 3"
+        ));
+    }
+    let mut params =
+        dpfl_secagg::params::choose_params(n as u32, &settings.threat, settings.params)
+            .map_err(|e| e.to_string())?;
+    if let Some(p) = distributed {
+        // The noise is accounted over `min_contributors` shares: the protocol must not
+        // unmask a sum of fewer, and the modular headroom holds at most `max_contributors`.
+        if n > p.max_contributors {
+            return Err(format!(
+                "{n} nodes hold an update; distributed DP sums at most {}",
+                p.max_contributors
+            ));
+        }
+        if (params.threshold as usize) < p.min_contributors {
+            if p.min_contributors > params.degree as usize {
+                // The sparse graph's neighbourhoods cannot hold the threshold: the complete
+                // graph can (costlier, and the nodes check it is secure).
+                if p.min_contributors + 1 > n {
+                    return Err(format!(
+                        "distributed DP needs a threshold of {} contributors, above the {} \
+                         neighbours of {n} participants",
+                        p.min_contributors,
+                        n - 1
+                    ));
+                }
+                params.degree = (n - 1) as u32;
+            }
+            params.threshold = p.min_contributors as u32;
+            if !dpfl_secagg::params::is_secure(n as u32, params, &settings.threat) {
+                return Err(format!(
+                    "distributed DP's threshold {} with degree {} is not secure for {n} \
+                     participants",
+                    params.threshold, params.degree
+                ));
+            }
+        }
+    }
+    Ok(params)
+}
+
+/// Distributed DP: the counts k of *other* participants at which one more participant
+/// changes whether secure aggregation starts (so whether the round is released), from the
+/// very checks of [`secagg_graph`]; see
+/// [`dpfl_common::dp::distributed::release_flip_probability`].
+pub fn release_edges(settings: &SecAggSettings, p: &DistributedParams) -> Vec<u64> {
+    let starts = |n: usize| secagg_graph(settings, Some(p), n).is_ok();
+    (0..=p.max_contributors)
+        .filter(|&k| starts(k) != starts(k + 1))
+        .map(|k| k as u64)
+        .collect()
 }
 
 /// SHA-256 of a vector mod 2^b, coordinates as 8-byte little-endian.
@@ -1799,52 +1954,17 @@ impl Coordinator {
         self.next_secagg_id += 1;
         let mut rng = self.round_rng(f.round, f.attempt, 3);
         let started = (|| {
-            if n < 3 || n < quorum {
+            if n < quorum {
                 return Err(format!(
                     "{n} nodes hold an update; secure aggregation needs at least {}",
                     quorum.max(3)
                 ));
             }
-            let mut params =
-                dpfl_secagg::params::choose_params(n as u32, &settings.threat, settings.params)
-                    .map_err(|e| e.to_string())?;
-            let mut vector_len = self.cfg.spec.num_params();
-            if let Some(d) = &f.distributed {
-                // The noise is accounted over `min_contributors` shares: the protocol must
-                // not unmask a sum of fewer, and the modular headroom holds at most
-                // `max_contributors`.
-                let p = &d.params;
-                if n > p.max_contributors {
-                    return Err(format!(
-                        "{n} nodes hold an update; distributed DP sums at most {}",
-                        p.max_contributors
-                    ));
-                }
-                if (params.threshold as usize) < p.min_contributors {
-                    if p.min_contributors > params.degree as usize {
-                        // The sparse graph's neighbourhoods cannot hold the threshold: the
-                        // complete graph can (costlier, and the nodes check it is secure).
-                        if p.min_contributors + 1 > n {
-                            return Err(format!(
-                                "distributed DP needs a threshold of {} contributors, above \
-                                 the {} neighbours of {n} participants",
-                                p.min_contributors,
-                                n - 1
-                            ));
-                        }
-                        params.degree = (n - 1) as u32;
-                    }
-                    params.threshold = p.min_contributors as u32;
-                    if !dpfl_secagg::params::is_secure(n as u32, params, &settings.threat) {
-                        return Err(format!(
-                            "distributed DP's threshold {} with degree {} is not secure for \
-                             {n} participants",
-                            params.threshold, params.degree
-                        ));
-                    }
-                }
-                vector_len = p.padded_dim();
-            }
+            let params = secagg_graph(&settings, f.distributed.as_ref().map(|d| &d.params), n)?;
+            let vector_len = match &f.distributed {
+                Some(d) => d.params.padded_dim(),
+                None => self.cfg.spec.num_params(),
+            };
             let ctx = dpfl_secagg::RoundContext::new(
                 id,
                 f.held.clone(),
@@ -1951,9 +2071,63 @@ impl Coordinator {
             Ok(dpfl_secagg::Transition::Done(agg)) => Ok(agg),
             Err(e) => Err(e.to_string()),
         };
+        self.finish_secagg(outcome, now);
+    }
+
+    /// **Simulation only** (`dpfl-sim`'s `secure_sum = "sum"`): ends the protocol round of
+    /// training round `round`, before its first stage was answered, with `sum`: the sum mod
+    /// 2^b of every participant's encoded input, which is exactly what the protocol unmasks
+    /// when nobody drops out (checked bit for bit by the simulator's tests). It spares a
+    /// simulation the pairwise masks' cost; everything after the unmasking (the threshold
+    /// checks, decoding, ledger) runs as in a deployment. A deployment never calls it: its
+    /// nodes never hand their inputs to the server.
+    pub fn complete_secagg_in_simulation(
+        &mut self,
+        round: u64,
+        sum: Vec<u64>,
+        now: Instant,
+    ) -> Result<(), Rejection> {
+        let Phase::SecAgg(p) = &self.phase else {
+            return Err(Rejection::NoOpenRound);
+        };
+        if p.fit.round != round {
+            return Err(Rejection::Stale {
+                got: round,
+                current: p.fit.round,
+            });
+        }
+        if p.server.stage() != Stage::AdvertiseKeys
+            || p.server.pending().len() != p.server.context().participants.len()
+        {
+            return Err(Rejection::Protocol(
+                "a simulated sum replaces the whole protocol round, not a part of it",
+            ));
+        }
+        let ctx = p.server.context();
+        let modulus_ok = ctx.bits >= 64 || sum.iter().all(|v| *v >> ctx.bits == 0);
+        if sum.len() != ctx.vector_len as usize || !modulus_ok {
+            return Err(Rejection::Protocol(
+                "a simulated sum must have the round's length, reduced mod 2^b",
+            ));
+        }
+        let mut survivors = ctx.participants.clone();
+        survivors.sort();
+        let agg = dpfl_secagg::Aggregate {
+            round: ctx.round,
+            sum,
+            survivors,
+        };
+        self.finish_secagg(Ok(agg), now);
+        Ok(())
+    }
+
+    /// The protocol round is over: decodes and hands the sum to the strategy (or records
+    /// why not), then closes the training round.
+    fn finish_secagg(&mut self, outcome: Result<dpfl_secagg::Aggregate, String>, now: Instant) {
         let Phase::SecAgg(p) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
             return;
         };
+        let round = p.fit.round;
         let SecAggPhase {
             mut fit,
             server,
@@ -2975,6 +3149,62 @@ mod secure_tests {
         let mut c = connected(5, None, 0, t0);
         nodes.train(&mut c, t0);
         let (other, _) = nodes.run_stages(&mut c, t0, &|_, _| false);
+        let r = completed(&other);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].participants.len(), 5);
+        assert!(r[0].model_updated, "{:?}", r[0].note);
+        let all: Vec<&str> = ["n0", "n1", "n2", "n3", "n4"].to_vec();
+        assert_model(&c, &nodes.mean_of(&all), 5);
+    }
+
+    #[test]
+    fn a_simulated_sum_is_taken_only_whole_well_formed_and_for_the_open_round() {
+        let t0 = Instant::now();
+        let mut c = connected(5, None, 0, t0);
+        let mut nodes = Nodes::new(5);
+        // Before any protocol round: refused.
+        let e = c
+            .complete_secagg_in_simulation(1, vec![0; P], t0)
+            .unwrap_err();
+        assert_eq!(e.kind(), "no_open_round");
+        let round = nodes.train(&mut c, t0);
+        let Some(Action::SecAgg {
+            stage, messages, ..
+        }) = c.poll_action()
+        else {
+            panic!("no secure aggregation stage");
+        };
+        assert_eq!(stage, Stage::AdvertiseKeys);
+        let stale = c.complete_secagg_in_simulation(round + 1, vec![0; P], t0);
+        assert_eq!(stale.unwrap_err().kind(), "stale");
+        let short = c.complete_secagg_in_simulation(round, vec![0; P - 1], t0);
+        assert_eq!(short.unwrap_err().kind(), "protocol");
+        let wide = c.complete_secagg_in_simulation(round, vec![1 << 32; P], t0);
+        assert_eq!(wide.unwrap_err().kind(), "protocol");
+        // Once a stage was answered, the protocol round is under way: a sum cannot replace
+        // part of it.
+        let first = &messages[0];
+        let ans = nodes.answer(&first.node, &first.message);
+        c.handle_secagg_answer(&first.node, round, ans, t0).unwrap();
+        let late = c.complete_secagg_in_simulation(round, vec![0; P], t0);
+        assert_eq!(late.unwrap_err().kind(), "protocol");
+        // On a fresh round, the encoded sum of every held update is decoded to their mean.
+        let mut c = connected(5, None, 0, t0);
+        let mut nodes = Nodes::new(5);
+        let round = nodes.train(&mut c, t0);
+        let Some(Action::SecAgg { messages, .. }) = c.poll_action() else {
+            panic!("no secure aggregation stage");
+        };
+        let enc = FixedPoint::new(CLIP, 32, messages.len() as u32).unwrap();
+        let mut sum = vec![0u64; P];
+        for m in &messages {
+            let x = SumEncoder::encode(&enc, &nodes.updates[&m.node], &mut nodes.rng).unwrap();
+            for (a, b) in sum.iter_mut().zip(x) {
+                *a = (*a + b) & 0xFFFF_FFFF;
+            }
+        }
+        c.complete_secagg_in_simulation(round, sum, t0).unwrap();
+        let other: Vec<Action> = std::iter::from_fn(|| c.poll_action()).collect();
         let r = completed(&other);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].participants.len(), 5);

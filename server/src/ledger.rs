@@ -197,6 +197,7 @@ impl Ledger {
         p: &RoundPrivacy,
         params: &DistributedParams,
         contributors: &[NodeId],
+        flip: f64,
     ) -> Result<DistributedEpsilons, DistributedLedgerError> {
         let d = match &mut self.distributed {
             Some(d) => d,
@@ -207,7 +208,7 @@ impl Ledger {
         if d.params != *params {
             return Err(DistributedLedgerError::ParamsChanged);
         }
-        let eps = d.record(round, p.sampling_rate, contributors)?;
+        let eps = d.record(round, p.sampling_rate, flip, contributors)?;
         let mut row = Self::row(round, p, contributors.len());
         row.epsilon = eps.model_observers;
         row.method = Method::Rdp;
@@ -231,9 +232,52 @@ impl Ledger {
         Ok(eps)
     }
 
+    /// `distributed` mode: a round that was run (sampled) and released nothing (no
+    /// quorum, secure aggregation not started or aborted, sum withheld). Nothing is added
+    /// to the rows, but whether a round is released is itself visible and may depend on one
+    /// client: its probability `flip` is added to the run's (see
+    /// [`distributed::release_flip_probability`]) and both epsilons are recomputed.
+    pub fn record_distributed_unreleased(
+        &mut self,
+        round: u64,
+        params: &DistributedParams,
+        flip: f64,
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        let d = match &mut self.distributed {
+            Some(d) => d,
+            None => self
+                .distributed
+                .insert(DistributedLedger::new(*params, self.delta)?),
+        };
+        if d.params != *params {
+            return Err(DistributedLedgerError::ParamsChanged);
+        }
+        d.record_unreleased(round, flip)
+    }
+
+    /// `distributed` mode: both epsilons if one more round like `p`, whose release decision
+    /// flips with probability `flip`, is run and released (checked before every attempt):
+    /// an error means that round must not start.
+    pub fn distributed_epsilons_if(
+        &self,
+        p: &RoundPrivacy,
+        params: &DistributedParams,
+        flip: f64,
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        match &self.distributed {
+            Some(d) if d.params != *params => Err(DistributedLedgerError::ParamsChanged),
+            Some(d) => d.epsilons_if(p.sampling_rate, flip),
+            None => DistributedLedger::new(*params, self.delta)?.epsilons_if(p.sampling_rate, flip),
+        }
+    }
+
     /// Epsilon so far (0 when DP is off or nothing was released): `central`, every
-    /// client's; `local`, that of a client that took part in every release.
+    /// client's; `local`, that of a client that took part in every release; `distributed`,
+    /// against observers of the models (the rows' figure, updated by unreleased rounds).
     pub fn epsilon(&self) -> f64 {
+        if let Some(d) = &self.distributed {
+            return d.epsilons().model_observers;
+        }
         self.rounds.last().map_or(0.0, |r| r.epsilon)
     }
 
@@ -272,7 +316,7 @@ impl Ledger {
     pub fn epsilon_if(&self, p: &RoundPrivacy) -> Result<f64, AccountError> {
         if let Some(d) = &self.distributed {
             return d
-                .epsilons_if(p.sampling_rate)
+                .epsilons_if(p.sampling_rate, 0.0)
                 .map(|e| e.model_observers)
                 .map_err(|e| AccountError::Distributed(e.to_string()));
         }
@@ -504,6 +548,24 @@ pub struct DistributedLedger {
     pub releases: Vec<DistributedRelease>,
     /// Releases each client took part in.
     pub joined: BTreeMap<NodeId, u64>,
+    /// Rounds run (sampled) that released nothing.
+    #[serde(default)]
+    pub unreleased: Vec<u64>,
+    /// Summed over every round run, released or not: the probability that whether it was
+    /// released depended on one client ([`distributed::release_flip_probability`]); it is
+    /// inside `model_observers` ([`distributed::model_epsilon_with_release_flip`]).
+    #[serde(default)]
+    pub release_flip: f64,
+    /// Both epsilons now (after the last release or unreleased round).
+    #[serde(default = "zero_epsilons")]
+    pub current: DistributedEpsilons,
+}
+
+fn zero_epsilons() -> DistributedEpsilons {
+    DistributedEpsilons {
+        model_observers: 0.0,
+        server: 0.0,
+    }
 }
 
 impl DistributedLedger {
@@ -516,12 +578,18 @@ impl DistributedLedger {
             delta,
             releases: Vec::new(),
             joined: BTreeMap::new(),
+            unreleased: Vec::new(),
+            release_flip: 0.0,
+            current: zero_epsilons(),
         })
     }
 
+    /// Both epsilons over the releases, one more at rate `extra` if given, with the summed
+    /// release-decision probability `flip`.
     fn epsilons_with(
         &self,
         extra: Option<f64>,
+        flip: f64,
     ) -> Result<DistributedEpsilons, DistributedAccountError> {
         let mut groups: BTreeMap<u64, u64> = BTreeMap::new();
         for r in &self.releases {
@@ -536,40 +604,40 @@ impl DistributedLedger {
             .collect();
         let n = groups.iter().map(|(_, c)| *c).sum();
         Ok(DistributedEpsilons {
-            model_observers: distributed::model_epsilon_of_rounds(
+            model_observers: distributed::model_epsilon_with_release_flip(
                 &self.params,
                 &groups,
                 self.delta,
+                flip,
             )?,
             server: distributed::server_epsilon(&self.params, n, self.delta)?,
         })
     }
 
-    /// Both epsilons so far (zero before the first release).
+    /// Both epsilons so far (zero before the first round).
     pub fn epsilons(&self) -> DistributedEpsilons {
-        self.releases.last().map_or(
-            DistributedEpsilons {
-                model_observers: 0.0,
-                server: 0.0,
-            },
-            |r| r.epsilons,
-        )
+        self.current
     }
 
-    /// Both epsilons after one more release at rate `q`, without recording it (for a
-    /// `target_epsilon` check before a round).
+    /// Both epsilons after one more round at rate `q` whose release decision flips with
+    /// probability `flip`, released, without recording it (checked before every attempt).
     pub fn epsilons_if(
         &self,
         sampling_rate: f64,
+        flip: f64,
     ) -> Result<DistributedEpsilons, DistributedLedgerError> {
-        Ok(self.epsilons_with(Some(sampling_rate))?)
+        let flip = self.release_flip + flip;
+        Ok(self.epsilons_with(Some(sampling_rate), flip)?)
     }
 
-    /// Records a released sum of `contributors` and returns both epsilons after it.
+    /// Records a released sum of `contributors` (sampled at `sampling_rate`; the round's
+    /// release decision flipped with probability `flip`) and returns both epsilons after
+    /// it. Nothing is recorded on error.
     pub fn record(
         &mut self,
         round: u64,
         sampling_rate: f64,
+        flip: f64,
         contributors: &[NodeId],
     ) -> Result<DistributedEpsilons, DistributedLedgerError> {
         if contributors.len() < self.params.min_contributors {
@@ -578,7 +646,10 @@ impl DistributedLedger {
                 min: self.params.min_contributors,
             });
         }
-        let epsilons = self.epsilons_with(Some(sampling_rate))?;
+        let flip = self.release_flip + flip;
+        let epsilons = self.epsilons_with(Some(sampling_rate), flip)?;
+        self.release_flip = flip;
+        self.current = epsilons;
         self.releases.push(DistributedRelease {
             round,
             sampling_rate,
@@ -588,6 +659,20 @@ impl DistributedLedger {
         for n in contributors {
             *self.joined.entry(n.clone()).or_default() += 1;
         }
+        Ok(epsilons)
+    }
+
+    /// Records a round run without a release: its release-decision probability counts
+    /// (kept even when the epsilons can no longer be computed: the round did happen).
+    pub fn record_unreleased(
+        &mut self,
+        round: u64,
+        flip: f64,
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        self.release_flip += flip;
+        self.unreleased.push(round);
+        let epsilons = self.epsilons_with(None, self.release_flip)?;
+        self.current = epsilons;
         Ok(epsilons)
     }
 
@@ -779,15 +864,16 @@ mod tests {
         let mut l = DistributedLedger::new(p, 1e-5).unwrap();
         assert_eq!(l.epsilons().model_observers, 0.0);
         let ids: Vec<NodeId> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let before = l.epsilons_if(0.1).unwrap();
-        let e1 = l.record(1, 0.1, &ids[..3]).unwrap();
+        // No release-decision term (the next test covers it).
+        let before = l.epsilons_if(0.1, 0.0).unwrap();
+        let e1 = l.record(1, 0.1, 0.0, &ids[..3]).unwrap();
         assert_eq!(before, e1);
         assert_eq!(
             e1.model_observers,
             distributed::model_epsilon(&p, 0.1, 1, 1e-5).unwrap()
         );
         assert_eq!(e1.server, distributed::server_epsilon(&p, 1, 1e-5).unwrap());
-        let e2 = l.record(2, 0.2, &ids[1..]).unwrap();
+        let e2 = l.record(2, 0.2, 0.0, &ids[1..]).unwrap();
         assert!(e2.model_observers > e1.model_observers && e2.server > e1.server);
         assert_eq!(
             e2.model_observers,
@@ -799,7 +885,7 @@ mod tests {
         assert_eq!(l.client_server_epsilon("zz").unwrap(), 0.0);
         // below the accounted minimum: refused, nothing recorded
         assert_eq!(
-            l.record(3, 0.1, &ids[..2]),
+            l.record(3, 0.1, 0.0, &ids[..2]),
             Err(DistributedLedgerError::TooFewContributors {
                 contributors: 2,
                 min: 3
@@ -809,5 +895,62 @@ mod tests {
         let mut bad = p;
         bad.bits = 2;
         assert!(DistributedLedger::new(bad, 1e-5).is_err());
+    }
+
+    #[test]
+    fn every_round_run_counts_in_the_release_decision_and_too_much_stops_releases() {
+        // 1,000 clients at q = 0.1 (about 100 sampled), accounted over 50, at most 200.
+        let mut p = ddp_params();
+        p.min_contributors = 50;
+        p.max_contributors = 200;
+        let flip = distributed::release_flip_probability(
+            1000,
+            0.1,
+            &distributed::default_release_edges(&p),
+        );
+        assert!(flip > 0.0 && flip < 1e-8, "{flip}");
+        let mut ledger = Ledger::new(DpMode::Distributed, 1e-5);
+        let ids: Vec<NodeId> = (0..60).map(|i| format!("n{i}")).collect();
+        let mut q = privacy(DpMode::Distributed, 0.1, 1.0);
+        q.population = 1000;
+        let next = ledger.distributed_epsilons_if(&q, &p, flip).unwrap();
+        let e1 = ledger.record_distributed(1, &q, &p, &ids, flip).unwrap();
+        assert_eq!(next, e1);
+        // Round 2 runs and releases nothing: it still counts.
+        let e2 = ledger.record_distributed_unreleased(2, &p, flip).unwrap();
+        let e3 = ledger.record_distributed(3, &q, &p, &ids, flip).unwrap();
+        let d = ledger.distributed.as_ref().unwrap();
+        assert_eq!(d.unreleased, vec![2]);
+        assert!((d.release_flip - 3.0 * flip).abs() < 1e-20);
+        let expect = |releases: u64, flips: f64| {
+            distributed::model_epsilon_of_rounds(&p, &[(0.1, releases)], 1e-5 - flips).unwrap()
+        };
+        assert_eq!(e1.model_observers, expect(1, flip));
+        assert_eq!(e2.model_observers, expect(1, 2.0 * flip));
+        assert!(e2.model_observers > e1.model_observers);
+        assert_eq!(e3.model_observers, expect(2, 3.0 * flip));
+        assert_eq!(ledger.epsilon(), e3.model_observers);
+        // The server's figure is about participation, not the decision.
+        assert_eq!(e2.server, e1.server);
+        // Accounted over 80 of about 100: whether a round is released depends on one client
+        // in about 8 rounds in 10,000 — at delta 1e-5 no epsilon holds, and nothing is
+        // recorded or released.
+        let mut close = p;
+        close.min_contributors = 80;
+        let flip80 = distributed::release_flip_probability(
+            1000,
+            0.1,
+            &distributed::default_release_edges(&close),
+        );
+        let mut ledger = Ledger::new(DpMode::Distributed, 1e-5);
+        let e = ledger
+            .distributed_epsilons_if(&q, &close, flip80)
+            .unwrap_err();
+        assert!(e.to_string().contains("min_contributors"), "{e}");
+        assert!(ledger
+            .record_distributed(1, &q, &close, &ids, flip80)
+            .is_err());
+        assert!(ledger.rounds.is_empty());
+        assert_eq!(ledger.epsilon(), 0.0);
     }
 }

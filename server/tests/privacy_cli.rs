@@ -362,3 +362,58 @@ fn distributed_prints_both_labelled_epsilons_at_the_reference_point() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bits"));
 }
+
+#[test]
+fn distributed_with_a_population_accounts_for_the_release_decision() {
+    // The reference setting (n = 100 per round at q = 0.01: a population of 10,000),
+    // accounted over 60 and summed up to 100: the expected count sits on the ceiling, so
+    // one client decides whether about half the rounds are released — no epsilon holds.
+    let out = distributed(
+        "skellam",
+        "16",
+        &["--min-clients", "60", "--population", "10000"],
+    );
+    assert!(out.contains("release decision: population 10000"), "{out}");
+    assert!(out.contains("none holds"), "{out}");
+    // 200 per sum, 40 accounted: both edges far from the ~100 expected; the decision costs
+    // a sliver of delta and the figure is at most a hair above the one without it.
+    let out = run(&[
+        "distributed",
+        "--mechanism",
+        "skellam",
+        "--bits",
+        "16",
+        "--clients-per-round",
+        "200",
+        "--min-clients",
+        "40",
+        "--population",
+        "10000",
+        "--dim",
+        "262144",
+        "--sampling-rate",
+        "0.01",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "1000",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    let with = number(
+        lines[lines.len() - 1],
+        "model_epsilon_with_release_decision=",
+    );
+    let without = number(
+        lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("model_epsilon="))
+            .unwrap(),
+        "model_epsilon=",
+    );
+    assert!(with >= without && with < without * 1.01, "{out}");
+    assert!(
+        out.contains("it changes at [40, 200] other participants"),
+        "{out}"
+    );
+}

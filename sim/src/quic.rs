@@ -148,6 +148,8 @@ pub(crate) fn run_quic(
             test_loss: v["test_loss"].as_f64(),
             epsilon: v["epsilon"].as_f64(),
             elapsed: started.elapsed().as_secs_f64(),
+            abandoned: v["abandoned"].as_bool().unwrap_or(false),
+            note: v["note"].as_str().map(str::to_string),
         });
         progress(round);
     }

@@ -281,8 +281,90 @@ where
     Ok(())
 }
 
-/// Writes `accuracy.{png,svg}` and, when any configuration is private,
-/// `frontier.{png,svg}`.
+/// Distributed DP: final accuracy against the ring width, one line per mechanism, with
+/// every central-DP configuration of the same experiment as a dashed reference line.
+fn bits_chart<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    all: &[Finished],
+) -> PlotResult
+where
+    DB::ErrorType: 'static,
+{
+    use dpfl_common::DpMode;
+    root.fill(&WHITE)?;
+    let mut series: std::collections::BTreeMap<String, Vec<(u32, f64)>> = Default::default();
+    for f in all {
+        let c = &f.config.config;
+        if c.dp.mode != DpMode::Distributed {
+            continue;
+        }
+        if let Some(a) = f.result.final_accuracy() {
+            series
+                .entry(c.secagg.mechanism.to_string())
+                .or_default()
+                .push((u32::from(c.secagg.bits), a));
+        }
+    }
+    let bits: Vec<u32> = series.values().flatten().map(|p| p.0).collect();
+    let (lo, hi) = (
+        bits.iter().min().copied().unwrap_or(8).saturating_sub(1),
+        bits.iter().max().copied().unwrap_or(32) + 1,
+    );
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(lo..hi, 0f64..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("bits per coordinate (secure-aggregation ring)")
+        .y_desc("final test accuracy")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for (i, (mechanism, mut pts)) in series.into_iter().enumerate() {
+        pts.sort_by_key(|p| p.0);
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(format!("distributed DP, {mechanism}"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    for f in all {
+        if f.config.config.dp.mode != DpMode::Central {
+            continue;
+        }
+        let Some(a) = f.result.final_accuracy() else {
+            continue;
+        };
+        let dashes: Vec<(u32, f64)> = (lo..=hi).map(|b| (b, a)).collect();
+        chart
+            .draw_series(
+                dashes
+                    .chunks(2)
+                    .filter(|c| c.len() == 2)
+                    .map(|c| PathElement::new(vec![c[0], c[1]], BLACK.stroke_width(1))),
+            )?
+            .label(format!("central DP ({})", label_of(f)))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(1)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Writes `accuracy.{png,svg}`; when any configuration is private, `frontier.{png,svg}`;
+/// when any uses distributed DP, `bits.{png,svg}` (accuracy against the ring width).
 pub fn write_plots(dir: &Path, name: &str, all: &[Finished]) -> PlotResult {
     register_font();
     let title = format!("{name}: test accuracy per round");
@@ -305,6 +387,22 @@ pub fn write_plots(dir: &Path, name: &str, all: &[Finished]) -> PlotResult {
         )?;
         frontier_chart(
             &SVGBackend::new(&dir.join("frontier.svg"), (960, 600)).into_drawing_area(),
+            &title,
+            all,
+        )?;
+    }
+    if all
+        .iter()
+        .any(|f| f.config.config.dp.mode == dpfl_common::DpMode::Distributed)
+    {
+        let title = format!("{name}: accuracy vs bits per coordinate");
+        bits_chart(
+            &BitMapBackend::new(&dir.join("bits.png"), (960, 600)).into_drawing_area(),
+            &title,
+            all,
+        )?;
+        bits_chart(
+            &SVGBackend::new(&dir.join("bits.svg"), (960, 600)).into_drawing_area(),
             &title,
             all,
         )?;

@@ -7,7 +7,7 @@
 //! thread, reused for every client that thread trains; updates are folded into the
 //! streaming aggregate in batches of a few per thread.
 
-use crate::experiment::{Sampler, SimConfig, Transport};
+use crate::experiment::{Sampler, SecureSum, SimConfig, Transport};
 use dpfl_client::worker::{privatize_outcome, train_and_privatize};
 use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGaussian};
 use dpfl_common::model::{init_params, ModelSpec};
@@ -51,6 +51,12 @@ pub struct RoundRow {
     pub epsilon: Option<f64>,
     /// Seconds since the configuration started.
     pub elapsed: f64,
+    /// The round was abandoned (no quorum after its retries, secure aggregation that never
+    /// started or aborted, ...): the model did not change and nothing was released.
+    pub abandoned: bool,
+    /// Why the round ended as it did, when it was not a plain aggregation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Outcome of one configuration.
@@ -720,7 +726,9 @@ fn run_memory(
                 } else {
                     None
                 };
-                if let (Some(digest), Some(sa)) = (report.secure_sum_digest, secure.as_ref()) {
+                if let (Some(digest), Some(sa), SecureSum::Protocol) =
+                    (report.secure_sum_digest, secure.as_ref(), cfg.secure_sum)
+                {
                     let plain = sa.plaintext_digest(&report.participants, cfg.secagg.bits);
                     secure_sum_exact.push(plain == Some(digest));
                 }
@@ -732,6 +740,8 @@ fn run_memory(
                     test_loss: test.map(|t| t.1),
                     epsilon: eps,
                     elapsed: started.elapsed().as_secs_f64(),
+                    abandoned: report.abandoned,
+                    note: report.note.clone(),
                 });
                 progress(report.round);
             }
@@ -743,6 +753,22 @@ fn run_memory(
                         "secure aggregation stage without secure nodes".into(),
                     ));
                 };
+                // `secure_sum = "sum"`: the protocol round's first stage is answered at once
+                // with the sum of the participants' encoded inputs.
+                let setup = messages.iter().find_map(|m| match &m.message {
+                    dpfl_secagg::messages::ToNode::Setup(s) => Some(s.context.clone()),
+                    _ => None,
+                });
+                if let (SecureSum::Sum, Some(ctx)) = (cfg.secure_sum, setup) {
+                    let nodes: Vec<String> = messages.into_iter().map(|m| m.node).collect();
+                    let sum = sa
+                        .direct_sum(&nodes, ctx.round, ctx.bits, threads)
+                        .map_err(SimError::Setup)?;
+                    coord
+                        .complete_secagg_in_simulation(round, sum, Instant::now())
+                        .map_err(|e| SimError::Setup(format!("simulated secure sum: {e}")))?;
+                    continue;
+                }
                 for m in messages {
                     let now = Instant::now();
                     match sa.answer(&m.node, &m.message) {

@@ -21,7 +21,11 @@ pub(crate) struct SimSecAgg {
     held: HashMap<String, (SecAggSpec, Vec<f32>)>,
     encoded: HashMap<String, Vec<u64>>,
     participants: u32,
+    /// Protocol keys and masks (deterministic per run).
     rng: rand_chacha::ChaCha20Rng,
+    /// Encoding randomness: per (protocol round, node) streams of this seed.
+    seed: u64,
+    index: HashMap<String, u64>,
 }
 
 impl SimSecAgg {
@@ -63,6 +67,12 @@ impl SimSecAgg {
             encoded: HashMap::new(),
             participants: 0,
             rng: rand_chacha::ChaCha20Rng::seed_from_u64(seed),
+            seed: dpfl_ml::partition::derive_seed(seed, 0xE2C0),
+            index: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), i as u64))
+                .collect(),
         })
     }
 
@@ -75,6 +85,10 @@ impl SimSecAgg {
 
     /// A node's answer to a stage message.
     pub(crate) fn answer(&mut self, node: &str, msg: &ToNode) -> Result<FromNode, String> {
+        let input = match msg {
+            ToNode::Shares(m) => Some(self.encode(node, m.round, self.participants)?),
+            _ => None,
+        };
         let client = self
             .clients
             .get_mut(node)
@@ -93,26 +107,7 @@ impl SimSecAgg {
                 .map(FromNode::Shares)
                 .map_err(e),
             ToNode::Shares(m) => {
-                let (spec, update) = self
-                    .held
-                    .get(node)
-                    .ok_or_else(|| format!("{node} holds no update"))?;
-                let x = match &spec.distributed {
-                    // The deployment's distributed-DP encoder (seeded noise shares here).
-                    Some(dr) => dpfl_common::dp::encoding::DistributedEncoder::new(
-                        dr.params,
-                        dr.rotation_seed,
-                    )
-                    .and_then(|enc| enc.encode(update, &mut self.rng))
-                    .map_err(|e| e.to_string())?,
-                    None => Encoding::FixedPoint {
-                        clip: spec.clip_norm,
-                        bits: spec.bits,
-                    }
-                    .encoder(self.participants)
-                    .and_then(|enc| enc.encode(update, &mut self.rng))
-                    .map_err(|e| e.to_string())?,
-                };
+                let x = input.ok_or_else(|| format!("{node} encoded nothing"))?;
                 let out = client.handle_shares(m, &x).map_err(e)?;
                 self.encoded.insert(node.to_string(), x);
                 Ok(FromNode::MaskedInput(out))
@@ -123,6 +118,105 @@ impl SimSecAgg {
                 .map_err(e),
             ToNode::Unmask(m) => client.handle_unmask(m).map(FromNode::Unmask).map_err(e),
         }
+    }
+
+    /// `node`'s encoded input for protocol round `protocol_round` of `participants`: the
+    /// deployment's encoder (distributed DP's, or fixed point), with stochastic rounding
+    /// and noise from a ChaCha20 stream seeded by (run seed, protocol round, node), so the
+    /// input is the same whether the protocol runs or the sum is taken directly.
+    pub(crate) fn encode(
+        &self,
+        node: &str,
+        protocol_round: u64,
+        participants: u32,
+    ) -> Result<Vec<u64>, String> {
+        let (spec, update) = self
+            .held
+            .get(node)
+            .ok_or_else(|| format!("{node} holds no update"))?;
+        let index = self
+            .index
+            .get(node)
+            .ok_or_else(|| format!("{node} is not a simulated node"))?;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(self.seed);
+        rng.set_stream(protocol_round.rotate_left(32) ^ *index);
+        match &spec.distributed {
+            // The deployment's distributed-DP encoder (seeded noise shares here).
+            Some(dr) => {
+                dpfl_common::dp::encoding::DistributedEncoder::new(dr.params, dr.rotation_seed)
+                    .and_then(|enc| enc.encode(update, &mut rng))
+                    .map_err(|e| e.to_string())
+            }
+            None => Encoding::FixedPoint {
+                clip: spec.clip_norm,
+                bits: spec.bits,
+            }
+            .encoder(participants)
+            .and_then(|enc| enc.encode(update, &mut rng))
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// `secure_sum = "sum"`: the sum mod 2^`bits` of the encoded inputs of `nodes` (protocol
+    /// round `protocol_round`), encoded on `threads` threads; what the protocol would
+    /// unmask with no dropout.
+    pub(crate) fn direct_sum(
+        &self,
+        nodes: &[String],
+        protocol_round: u64,
+        bits: u8,
+        threads: usize,
+    ) -> Result<Vec<u64>, String> {
+        let mask = if bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        };
+        let participants = u32::try_from(nodes.len()).map_err(|e| e.to_string())?;
+        let fold = |chunk: &[String]| -> Result<Vec<u64>, String> {
+            let mut sum: Vec<u64> = Vec::new();
+            for n in chunk {
+                let x = self.encode(n, protocol_round, participants)?;
+                if sum.is_empty() {
+                    sum = vec![0; x.len()];
+                }
+                if x.len() != sum.len() {
+                    return Err(format!("{n} encoded {} values, not {}", x.len(), sum.len()));
+                }
+                for (a, b) in sum.iter_mut().zip(&x) {
+                    *a = a.wrapping_add(*b) & mask;
+                }
+            }
+            Ok(sum)
+        };
+        let partials: Vec<Result<Vec<u64>, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = nodes
+                .chunks(nodes.len().div_ceil(threads.max(1)).max(1))
+                .map(|chunk| s.spawn(move || fold(chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("an encoding thread failed".into()))
+                })
+                .collect()
+        });
+        let mut sum: Vec<u64> = Vec::new();
+        for p in partials {
+            let p = p?;
+            if sum.is_empty() {
+                sum = p;
+                continue;
+            }
+            if p.len() != sum.len() {
+                return Err("encoded inputs of different lengths".into());
+            }
+            for (a, b) in sum.iter_mut().zip(&p) {
+                *a = a.wrapping_add(*b) & mask;
+            }
+        }
+        Ok(sum)
     }
 
     /// SHA-256 (as the coordinator's report) of the plaintext sum mod 2^`bits` of the

@@ -109,6 +109,65 @@ min_fit_clients = 3
     assert!((a - b).abs() < 0.01, "{a} vs {b}");
 }
 
+/// Distributed DP over the QUIC transport: real nodes encode their noised shares and run
+/// SecAgg+ with the real server; the ledger's two epsilons equal the in-memory run's (they
+/// depend on the settings, not on who was sampled).
+#[test]
+fn distributed_dp_runs_over_the_quic_transport_with_the_same_epsilons() {
+    let text = r#"
+name = "distributed-quic"
+rounds = 2
+seed = 5
+test_limit = 300
+threads = 2
+secure_aggregation = true
+[model]
+layers = [784, 8, 10]
+[population]
+clients = 6
+examples_per_client = 60
+[train]
+epochs = 3
+batch_size = 10
+lr = 0.1
+[strategy]
+min_fit_clients = 4
+# Real nodes draw their noise from the OS CSPRNG (not seeded): a small z keeps the
+# accuracy check about training, not about the noise draw.
+[dp]
+mode = "distributed"
+sampling_rate = 1.0
+noise_multiplier = 0.05
+clip_norm = 0.5
+delta = 1e-5
+[secagg]
+min_contributors = 4
+max_contributors = 6
+bits = 20
+"#;
+    let run = |t: Transport| {
+        let mut cs = expand(text, &[]).unwrap();
+        cs[0].config.transport = t;
+        dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap()
+    };
+    let quic = run(Transport::Quic);
+    let mem = run(Transport::Memory);
+    assert_eq!(quic.rounds, 2, "{}", quic.finish);
+    assert!(
+        quic.rows
+            .iter()
+            .all(|r| !r.abandoned && r.participants >= 4),
+        "{:?}",
+        quic.rows
+    );
+    let (eq, em) = (quic.epsilon.unwrap(), mem.epsilon.unwrap());
+    assert!(eq > 0.0 && (eq - em).abs() < 1e-9, "{eq} vs {em}");
+    let (sq, sm) = (quic.epsilon_server.unwrap(), mem.epsilon_server.unwrap());
+    assert!(sq >= eq && (sq - sm).abs() < 1e-9, "{sq} vs {sm}");
+    let acc = quic.final_accuracy().unwrap();
+    assert!(acc > 0.2, "the model did not train over QUIC ({acc})");
+}
+
 #[test]
 fn poisoned_updates_break_fedavg_but_not_the_robust_rules() {
     let text = r#"
@@ -547,8 +606,11 @@ sampling_rate = 0.8
 noise_multiplier = 0.5
 clip_norm = 0.5
 delta = 1e-5
+# Accounted over 4 of about 16 sampled: whether a round is released depends on one client
+# with probability ~4e-8 per round (inside delta); over 10 it would be ~5e-3, and no
+# epsilon would hold.
 [secagg]
-min_contributors = 10
+min_contributors = 4
 max_contributors = 20
 bits = 20
 mechanism = "{mechanism}"
@@ -571,7 +633,7 @@ mechanism = "{mechanism}"
             vec![true, true],
             "{mechanism}: every unmasked sum is the plaintext ring sum"
         );
-        assert!(r.rows.iter().all(|w| w.participants >= 10), "{:?}", r.rows);
+        assert!(r.rows.iter().all(|w| w.participants >= 4), "{:?}", r.rows);
         // Chance is 0.1 on ten classes; the untrained [784, 8, 10] model is near it (this
         // configuration reaches about 0.3 with either DP mode, 0.42 without DP).
         let acc = r.final_accuracy().unwrap();
@@ -592,6 +654,140 @@ mechanism = "{mechanism}"
             r.rows.last().unwrap().epsilon,
             Some(model),
             "the rows carry the epsilon against observers of the models"
+        );
+    }
+}
+
+/// `secure_sum = "sum"` replaces the masking protocol by the sum it unmasks: with the same
+/// seed, a run that takes the sum directly ends with exactly the model (bit for bit), the
+/// rows and the epsilons of a run in which every client went through the five stages, for
+/// distributed DP (both mechanisms) and for central DP over secure aggregation. Rounds
+/// that can never be summed (more participants than `max_contributors`) are abandoned with
+/// the model untouched and nothing released, and limits under which the release decision
+/// would hinge on one client stop the run before its first round, in both modes.
+#[test]
+fn a_directly_taken_secure_sum_equals_the_protocols_bit_for_bit() {
+    let base = |mode: &str, extra: &str| {
+        format!(
+            r#"
+name = "sum-{mode}"
+rounds = 2
+seed = 11
+test_limit = 200
+threads = 2
+secure_aggregation = true
+secure_sum = "{mode}"
+[model]
+layers = [784, 6, 10]
+[population]
+clients = 16
+examples_per_client = 20
+[train]
+epochs = 1
+batch_size = 10
+lr = 0.1
+[strategy]
+min_fit_clients = 3
+[dp]
+sampling_rate = 1.0
+noise_multiplier = 0.5
+clip_norm = 0.5
+delta = 1e-5
+{extra}
+"#
+        )
+    };
+    let cases = [
+        (
+            "distributed skellam",
+            "mode = \"distributed\"\n[secagg]\nmin_contributors = 8\nmax_contributors = 16\nbits = 18\nmechanism = \"skellam\"",
+        ),
+        (
+            "distributed ddgauss",
+            "mode = \"distributed\"\n[secagg]\nmin_contributors = 8\nmax_contributors = 16\nbits = 14\nmechanism = \"ddgauss\"",
+        ),
+        ("central", "mode = \"central\"\n[secagg]\nbits = 32"),
+    ];
+    for (what, extra) in cases {
+        let run = |mode: &str| {
+            let cs = expand(&base(mode, extra), &[]).unwrap();
+            dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap()
+        };
+        let (protocol, direct) = (run("protocol"), run("sum"));
+        assert_eq!(protocol.rounds, 2, "{what}: {}", protocol.finish);
+        assert!(
+            !protocol.secure_sum_exact.is_empty() && protocol.secure_sum_exact.iter().all(|b| *b),
+            "{what}: {:?}",
+            protocol.secure_sum_exact
+        );
+        assert!(protocol
+            .rows
+            .iter()
+            .all(|r| !r.abandoned && r.participants >= 3));
+        let changed = protocol
+            .final_params
+            .iter()
+            .zip(&dpfl_common::model::init_params(
+                &dpfl_common::ModelSpec::new(vec![784, 6, 10]).unwrap(),
+                dpfl_sim::experiment::SimConfig::default().model.init_seed,
+            ))
+            .any(|(a, b)| a != b);
+        assert!(changed, "{what}: the model trained");
+        assert_eq!(protocol.final_params.len(), direct.final_params.len());
+        let first_difference = protocol
+            .final_params
+            .iter()
+            .zip(&direct.final_params)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(first_difference, None, "{what}: same model bit for bit");
+        let parts = |r: &dpfl_sim::run::RunResult| {
+            r.rows.iter().map(|w| w.participants).collect::<Vec<_>>()
+        };
+        assert_eq!(parts(&protocol), parts(&direct), "{what}");
+        assert_eq!(protocol.epsilon, direct.epsilon, "{what}");
+        assert_eq!(protocol.epsilon_server, direct.epsilon_server, "{what}");
+    }
+    // Every round samples all 16, more than the 10 a sum may hold: abandoned, nothing
+    // released (and one client more or less changes nothing: no epsilon is spent).
+    for mode in ["protocol", "sum"] {
+        let text = base(
+            mode,
+            "mode = \"distributed\"\n[secagg]\nmin_contributors = 8\nmax_contributors = 10\nbits = 18",
+        );
+        let cs = expand(&text, &[]).unwrap();
+        let r = dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap();
+        assert_eq!(r.rows.len(), 2, "{mode}: {}", r.finish);
+        assert!(
+            r.rows.iter().all(|w| w.abandoned && w.participants == 0),
+            "{mode}: {:?}",
+            r.rows
+        );
+        assert!(r.rows.iter().all(|w| w
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("secure aggregation"))));
+        assert_eq!(r.epsilon, Some(0.0), "{mode}: nothing was released");
+    }
+    // At most 15 per sum and 16 clients, all sampled: whether a round is released would
+    // hinge on one client (probability 1), so no epsilon holds and the run stops before
+    // its first round, in both modes, with nothing released.
+    for mode in ["protocol", "sum"] {
+        let text = base(
+            mode,
+            "mode = \"distributed\"\n[secagg]\nmin_contributors = 8\nmax_contributors = 15\nbits = 18",
+        );
+        let cs = expand(&text, &[]).unwrap();
+        let r = dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap();
+        assert_eq!(r.rounds, 0, "{mode}: {}", r.finish);
+        assert!(r.rows.is_empty(), "{mode}: {:?}", r.rows);
+        assert_eq!(r.epsilon, Some(0.0), "{mode}: nothing was released");
+        assert_eq!(
+            r.final_params,
+            dpfl_common::model::init_params(
+                &dpfl_common::ModelSpec::new(vec![784, 6, 10]).unwrap(),
+                dpfl_sim::experiment::SimConfig::default().model.init_seed,
+            ),
+            "{mode}: the model never changed"
         );
     }
 }

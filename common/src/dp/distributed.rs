@@ -353,6 +353,99 @@ pub enum DistributedAccountError {
     /// The accounting question is malformed.
     #[error(transparent)]
     Account(#[from] AccountError),
+    /// Whether rounds are released at all depends on one client too often: no epsilon
+    /// holds at this delta (see [`release_flip_probability`]).
+    #[error(
+        "whether a round is released depends on one client with probability {flip:.3e} over \
+         the run, too much for delta = {delta:e}: min_contributors is too close to the expected \
+         number of participants (or max_contributors to it from above)"
+    )]
+    ReleaseDecision {
+        /// Summed per-round probability.
+        flip: f64,
+        /// The target delta.
+        delta: f64,
+    },
+}
+
+/// ln P(Binomial(n, q) = k).
+fn ln_binomial_pmf(n: u64, k: u64, q: f64) -> f64 {
+    if k > n {
+        return f64::NEG_INFINITY;
+    }
+    let j = k.min(n - k);
+    // ln C(n, j) as a sum of logs: j is at most a few thousand here.
+    let ln_choose: f64 = (1..=j)
+        .map(|i| ((n - j + i) as f64).ln() - (i as f64).ln())
+        .sum();
+    let (a, b) = (k as f64 * q.ln(), (n - k) as f64 * (-q).ln_1p());
+    ln_choose + if k == 0 { 0.0 } else { a } + if k == n { 0.0 } else { b }
+}
+
+/// Per-round probability that **whether** a distributed-DP round is released depends on
+/// one client (add/remove of one client among `population`, Poisson rate `q`).
+///
+/// `edges` are the counts k of *other* participants at which one more participant changes
+/// whether the round is released (the coordinator derives them from its own checks:
+/// `dpfl_server::coordinator::release_edges`; [`default_release_edges`] is the usual set).
+/// The decision differs between the two neighbouring populations (k and k + 1
+/// participants) only if k is an edge, and only if the client is sampled: probability
+/// q * P(Binomial(population - 1, q) in edges). Outside that event both neighbours are
+/// released (with at least m noise shares: the accounted mechanism) or both are not.
+///
+/// Assumes dropouts are independent of the data (they thin the participants before the
+/// same decision).
+pub fn release_flip_probability(population: u64, q: f64, edges: &[u64]) -> f64 {
+    if population == 0 || !(q > 0.0 && q <= 1.0) {
+        return 0.0;
+    }
+    let mut ks = edges.to_vec();
+    ks.sort_unstable();
+    ks.dedup();
+    let mass: f64 = ks
+        .into_iter()
+        .map(|k| ln_binomial_pmf(population - 1, k, q).exp())
+        .sum();
+    (q * mass).min(1.0)
+}
+
+/// The usual decision edges: a round is released iff its participant count n is at least
+/// max(m, 3) (max(m + 1, 3) when the threshold m forces the complete graph) and at most
+/// `max_contributors`; so k in {max(m, 3) - 1, max(m + 1, 3) - 1, max_contributors}.
+pub fn default_release_edges(p: &DistributedParams) -> Vec<u64> {
+    let m = p.min_contributors as u64;
+    let mut ks = vec![m.max(3) - 1, (m + 1).max(3) - 1, p.max_contributors as u64];
+    ks.sort_unstable();
+    ks.dedup();
+    ks
+}
+
+/// Epsilon against observers of the models over `groups` of (q, releases), when the
+/// releases' on/off decision depends on one client with summed probability `flip` over the
+/// run ([`release_flip_probability`]; every round run counts, released or not).
+///
+/// Outside that event the run is the accounted mechanism: for neighbours D (without the
+/// client) and D' (with it), let the hybrid H(D) behave like D' in the rounds whose other
+/// participants' count k sits at a decision edge (like D elsewhere). Per round, H(D) and
+/// M(D') are the accounted mechanism or identical (a mixture over k, which does not depend
+/// on the client: RDP is quasi-convex), so their composition is (epsilon, delta') by the
+/// RDP bound, and M(D) differs from H(D) only if the client is sampled in such a round:
+/// total variation at most `flip`. Hence P[M(D) in A] <= e^epsilon P[M(D') in A] +
+/// delta' + flip, and symmetrically (the hybrid on D' behaves like D). The figure is the
+/// RDP epsilon at delta' = delta - flip; none exists when flip >= delta.
+pub fn model_epsilon_with_release_flip(
+    p: &DistributedParams,
+    groups: &[(f64, u64)],
+    delta: f64,
+    flip: f64,
+) -> Result<f64, DistributedAccountError> {
+    if flip <= 0.0 {
+        return model_epsilon_of_rounds(p, groups, delta);
+    }
+    if flip.is_nan() || flip >= delta {
+        return Err(DistributedAccountError::ReleaseDecision { flip, delta });
+    }
+    model_epsilon_of_rounds(p, groups, delta - flip)
 }
 
 fn check_q_delta(q: f64, delta: f64) -> Result<(), AccountError> {
@@ -604,6 +697,86 @@ mod tests {
         let g = gaussian_generic_epsilon(1.0, 0.01, 1000, 1e-5).unwrap();
         assert!((g - 2.450).abs() < 0.001, "{g}");
         assert!(eps > g);
+    }
+
+    #[test]
+    fn binomial_pmf_matches_exact_values() {
+        // C(10, 3) 0.3^3 0.7^7 = 120 * 0.027 * 0.0823543 (by hand).
+        let p = ln_binomial_pmf(10, 3, 0.3).exp();
+        assert!((p - 0.266_827_932).abs() < 1e-9, "{p}");
+        assert!((ln_binomial_pmf(10, 0, 0.3).exp() - 0.7f64.powi(10)).abs() < 1e-15);
+        assert!((ln_binomial_pmf(10, 10, 0.3).exp() - 0.3f64.powi(10)).abs() < 1e-15);
+        assert_eq!(ln_binomial_pmf(10, 11, 0.3), f64::NEG_INFINITY);
+        let total: f64 = (0..=999).map(|k| ln_binomial_pmf(999, k, 0.1).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12, "{total}");
+    }
+
+    #[test]
+    fn release_flip_probability_is_the_binomial_mass_at_the_decision_edges() {
+        // Population 11, q = 1/2: the other 10 clients' count is Binomial(10, 1/2); with
+        // m = 3 and max 10 the decision can change for k in {2, 3} and k = 10:
+        // (45 + 120 + 1) / 1024, times q.
+        let mut p = reference(Mechanism::Skellam, 16);
+        p.min_contributors = 3;
+        p.max_contributors = 10;
+        let f = release_flip_probability(11, 0.5, &default_release_edges(&p));
+        assert!((f - 0.5 * 166.0 / 1024.0).abs() < 1e-12, "{f}");
+        // Everyone sampled (q = 1): the count is fixed (10 others), nothing flips unless
+        // it sits on an edge: at the ceiling 10 one more client stops every release.
+        assert_eq!(
+            release_flip_probability(11, 1.0, &default_release_edges(&p)),
+            1.0
+        );
+        p.max_contributors = 20;
+        assert_eq!(
+            release_flip_probability(11, 1.0, &default_release_edges(&p)),
+            0.0
+        );
+        p.min_contributors = 10;
+        assert_eq!(
+            release_flip_probability(11, 1.0, &default_release_edges(&p)),
+            1.0
+        );
+        // m = 2: the smallest released count is 3 either way (one edge, counted once).
+        p.min_contributors = 2;
+        let f2 = release_flip_probability(11, 0.5, &default_release_edges(&p));
+        assert!((f2 - 0.5 * 45.0 / 1024.0).abs() < 1e-12, "{f2}");
+        p.min_contributors = 3;
+        // Far from the expected count (1,000 clients at q = 0.1: about 100 sampled), a
+        // threshold of 40 and a ceiling of 200 almost never decide (exact: 2.787e-13; a
+        // ceiling of 150 alone, 1.62e-8 per round). Reference values: Python's exact
+        // math.comb.
+        p.min_contributors = 40;
+        p.max_contributors = 200;
+        let f40 = release_flip_probability(1000, 0.1, &default_release_edges(&p));
+        assert!((f40 - 9.642_625_443e-14).abs() < 1e-21, "{f40}");
+        // At 80 the decision flips in about 8 rounds in 10,000 (exact: 7.920006343e-4).
+        p.min_contributors = 80;
+        let f80 = release_flip_probability(1000, 0.1, &default_release_edges(&p));
+        assert!((f80 - 7.920_006_343e-4).abs() < 1e-12, "{f80}");
+    }
+
+    #[test]
+    fn the_release_decision_is_inside_epsilon_or_no_epsilon_is_claimed() {
+        let p = reference(Mechanism::Skellam, 16);
+        let groups = [(0.01, 1000u64)];
+        let plain = model_epsilon_of_rounds(&p, &groups, 1e-5).unwrap();
+        assert_eq!(
+            model_epsilon_with_release_flip(&p, &groups, 1e-5, 0.0).unwrap(),
+            plain
+        );
+        // The flip is paid out of delta: epsilon at delta - flip.
+        let tiny = model_epsilon_with_release_flip(&p, &groups, 1e-5, 1e-14).unwrap();
+        assert!(tiny >= plain && tiny < plain * 1.001, "{tiny} vs {plain}");
+        let half = model_epsilon_with_release_flip(&p, &groups, 1e-5, 5e-6).unwrap();
+        assert_eq!(half, model_epsilon_of_rounds(&p, &groups, 5e-6).unwrap());
+        assert!(half > tiny);
+        // A flip of the size of delta leaves nothing: an error, never a figure.
+        let e = model_epsilon_with_release_flip(&p, &groups, 1e-5, 1e-5).unwrap_err();
+        assert!(
+            matches!(e, DistributedAccountError::ReleaseDecision { .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -139,6 +139,11 @@ enum Command {
         /// delta.
         #[arg(long, default_value_t = 1e-5)]
         delta: f64,
+        /// Clients sampled from (with the default `[secagg]` settings and `--bits`): also
+        /// account for whether rounds are released at all, which may depend on one client
+        /// (`release_flip_probability`, at the coordinator's own decision edges).
+        #[arg(long)]
+        population: Option<u64>,
     },
 }
 
@@ -223,6 +228,7 @@ fn main() -> Result<()> {
             beta,
             headroom,
             delta,
+            population,
         } => {
             let params = DistributedParams {
                 mechanism: match mechanism {
@@ -270,6 +276,40 @@ fn main() -> Result<()> {
             );
             println!("server_epsilon={:.6}", eps.server);
             println!("model_epsilon={:.6}", eps.model_observers);
+            if let Some(population) = population {
+                let bits8 = u8::try_from(bits)?;
+                let cfg = dpfl_server::secure::SecAggConfig {
+                    bits: bits8,
+                    mechanism: params.mechanism,
+                    min_contributors: Some(params.min_contributors),
+                    max_contributors: Some(params.max_contributors),
+                    ..Default::default()
+                };
+                let settings = cfg.settings(1, Some(cfg.distributed(params.min_contributors)));
+                let edges = dpfl_server::coordinator::release_edges(&settings, &params);
+                let per_round =
+                    distributed::release_flip_probability(population, sampling_rate, &edges);
+                let flip = per_round * steps as f64;
+                println!(
+                    "release decision: population {population}, it changes at {edges:?} other \
+                     participants; depends on one client with probability {per_round:.3e} per \
+                     round, {flip:.3e} over {steps} rounds (paid out of delta)"
+                );
+                match distributed::model_epsilon_with_release_flip(
+                    &params,
+                    &[(sampling_rate, steps)],
+                    delta,
+                    flip,
+                ) {
+                    Ok(e) => {
+                        println!(
+                            "against observers of the released model, release decision included: {e:.6}"
+                        );
+                        println!("model_epsilon_with_release_decision={e:.6}");
+                    }
+                    Err(e) => println!("against observers of the released model: none holds: {e}"),
+                }
+            }
         }
     }
     Ok(())
