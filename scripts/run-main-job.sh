@@ -6,6 +6,7 @@
 #   scripts/run-main-job.sh                      # FedAvg, no DP
 #   scripts/run-main-job.sh --dp central         # same federation with central DP
 #   scripts/run-main-job.sh --dp local           # local DP (noise added on each node)
+#   scripts/run-main-job.sh --pin                # each node pinned to one CPU (round-robin)
 #   scripts/run-main-job.sh --dp distributed     # distributed DP: integer noise shares inside
 #                                                # secure aggregation (the server sees the noisy sum)
 #   scripts/run-main-job.sh --dp local --sampler grid   # fast fp-safe sampler instead of opendp
@@ -16,12 +17,14 @@ cd "$(dirname "$0")/.."
 DP=none
 SAMPLER=opendp
 EXTRA=()
+PIN=0
 while (($#)); do
   case "$1" in
     --dp) DP="$2"; shift 2 ;;
+    --pin) PIN=1; shift ;;
     --sampler) SAMPLER="$2"; shift 2 ;;
     --set) EXTRA+=(--set "$2"); shift 2 ;;
-    *) echo "usage: $0 [--dp none|central|local|distributed] [--sampler opendp|grid] [--set KEY=VALUE]..." >&2; exit 2 ;;
+    *) echo "usage: $0 [--dp none|central|local|distributed] [--sampler opendp|grid] [--pin] [--set KEY=VALUE]..." >&2; exit 2 ;;
   esac
 done
 bash scripts/setup.sh
@@ -61,10 +64,14 @@ trap cleanup EXIT
 "$BIN/dpfl-server" --config configs/main-job.toml --listen "127.0.0.1:$PORT" --out "$OUT" --fresh \
   --set "noise_sampler=\"$SAMPLER\"" "${DPARGS[@]}" "${EXTRA[@]}" 2> >(tee "$OUT/server.log" | grep --line-buffered -E "round [0-9]+/[0-9]+:|finished|ERROR|WARN|privacy|status endpoint" >&2) &
 server=$!
+CPUS=$(nproc)
 for i in $(seq 1 $NODES); do
+  # --pin: node i trains on CPU (i - 1) mod nproc only, instead of migrating between cores.
+  PINARGS=()
+  if ((PIN)); then PINARGS=(--pin-cpus $(((i - 1) % CPUS))); fi
   "$BIN/dpfl-client" --server "127.0.0.1:$PORT" --certs "certs-dev/node-$i" --name "node-$i" \
     --data fashion-mnist --shard "$i/$NODES" --dp-mode "$DP" --sampler "$SAMPLER" --threads 1 \
-    --log-file "$OUT/node-$i.jsonl" --privacy-state "$OUT/node-$i.privacy.json" "${NODEARGS[@]}" \
+    --log-file "$OUT/node-$i.jsonl" --privacy-state "$OUT/node-$i.privacy.json" "${NODEARGS[@]}" "${PINARGS[@]}" \
     >"$OUT/node-$i.log" 2>&1 &
   pids+=($!)
 done

@@ -55,6 +55,8 @@ pub struct ClientConfig {
     pub device: String,
     /// libtorch intra-op threads.
     pub threads: usize,
+    /// CPUs the trainer thread is pinned to (empty: not pinned).
+    pub pin_cpus: Vec<usize>,
     /// DP mode the node agrees to.
     pub dp_mode: DpMode,
     /// The node's own privacy policy: noise floor, budget, delta.
@@ -92,6 +94,7 @@ impl ClientConfig {
             val_fraction: 0.0,
             device: "auto".into(),
             threads: 1,
+            pin_cpus: Vec::new(),
             dp_mode: DpMode::None,
             policy: budget::Policy::default(),
             privacy_state: None,
@@ -241,8 +244,8 @@ pub async fn run_with_noise(
     );
     let input_dim = data_dim;
     let (num_examples, num_eval_examples) = (train.len(), val.len());
-    let worker =
-        worker::Worker::start(device, cfg.threads, train, val, noise).map_err(|e| setup(&e))?;
+    let worker = worker::Worker::start(device, cfg.threads, &cfg.pin_cpus, train, val, noise)
+        .map_err(|e| setup(&e))?;
     let ncfg = node::NodeConfig {
         server: cfg.server,
         server_host: cfg.server_host,

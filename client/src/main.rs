@@ -63,6 +63,10 @@ struct Args {
     /// libtorch threads for local training.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Pin the training thread(s) to these CPUs, e.g. `--pin-cpus 2` or `--pin-cpus 0,1`
+    /// (Linux): spreads co-located nodes over the cores (see scripts/run-main-job.sh --pin).
+    #[arg(long, value_delimiter = ',')]
+    pin_cpus: Vec<usize>,
     /// DP mode this node agrees to: none, local, central or distributed. Must equal the
     /// server's.
     #[arg(long, default_value = "none")]
@@ -140,6 +144,7 @@ async fn main() -> Result<()> {
     cfg.val_fraction = a.val_fraction;
     cfg.device = a.device;
     cfg.threads = a.threads;
+    cfg.pin_cpus = a.pin_cpus;
     cfg.dp_mode = a.dp_mode.parse()?;
     anyhow::ensure!(
         a.min_noise_multiplier.is_finite() && a.min_noise_multiplier >= 0.0,

@@ -139,17 +139,34 @@ impl State {
 
 impl Worker {
     /// Starts the worker with the node's training and validation data.
+    ///
+    /// `pin_cpus`: when not empty, the trainer thread (and the libtorch threads it starts,
+    /// which inherit its mask) runs only on these CPUs: co-located nodes can be spread
+    /// over the cores instead of being migrated between them.
     pub fn start(
         device: tch::Device,
         threads: usize,
+        pin_cpus: &[usize],
         train: Dataset,
         val: Dataset,
         noise: Box<dyn GaussianNoise>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let (pinned_tx, pinned_rx) = mpsc::channel::<std::io::Result<()>>();
+        let pin_cpus = pin_cpus.to_vec();
         std::thread::Builder::new()
             .name("trainer".into())
             .spawn(move || {
+                if !pin_cpus.is_empty() {
+                    let pinned = pin_current_thread(&pin_cpus);
+                    let failed = pinned.is_err();
+                    let _ = pinned_tx.send(pinned);
+                    if failed {
+                        return;
+                    }
+                } else {
+                    let _ = pinned_tx.send(Ok(()));
+                }
                 dpfl_ml::model::set_threads(threads);
                 let mut st = State {
                     device,
@@ -172,6 +189,9 @@ impl Worker {
                     }
                 }
             })?;
+        pinned_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the trainer thread did not start"))??;
         Ok(Self { tx })
     }
 
@@ -200,5 +220,81 @@ impl Worker {
     /// Evaluates `params` on the validation split.
     pub async fn evaluate(&self, params: Vec<f32>) -> Result<EvalOutcome, String> {
         self.call(|tx| Job::Evaluate(params, tx)).await
+    }
+}
+
+/// Restricts the calling thread to `cpus` (Linux `sched_setaffinity`).
+pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "CPU {c} cannot be pinned to (at most {}): {e}",
+                    CpuSet::count()
+                ),
+            )
+        })?;
+    }
+    sched_setaffinity(Pid::from_raw(0), &set)
+        .map_err(|e| std::io::Error::other(format!("pinning to CPUs {cpus:?}: {e}")))
+}
+
+/// The CPUs the calling thread may run on.
+pub fn current_thread_cpus() -> std::io::Result<Vec<usize>> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let set = sched_getaffinity(Pid::from_raw(0)).map_err(std::io::Error::other)?;
+    Ok((0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinning_restricts_the_thread_to_the_given_cpus_and_bad_cpus_are_refused() {
+        let allowed = current_thread_cpus().unwrap();
+        assert!(!allowed.is_empty());
+        let one = *allowed.last().unwrap();
+        let seen = std::thread::spawn(move || {
+            pin_current_thread(&[one]).unwrap();
+            current_thread_cpus().unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, vec![one]);
+        // The caller's own mask is untouched.
+        assert_eq!(current_thread_cpus().unwrap(), allowed);
+        // Past the kernel's set size: a typed error, not a panic.
+        let e = pin_current_thread(&[1 << 20]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+        // A CPU the machine does not have: the kernel refuses, the worker does not start.
+        let absent = (0..1024).find(|c| !allowed.contains(c)).unwrap();
+        let data = || Dataset::new(vec![0.0; 4], vec![0, 1], 2).unwrap();
+        let w = Worker::start(
+            tch::Device::Cpu,
+            1,
+            &[absent],
+            data(),
+            data(),
+            Box::new(dpfl_common::dp::SimulationGaussian::seeded(1)),
+        );
+        assert!(w.is_err());
+        // A CPU it has: the worker starts.
+        let w = Worker::start(
+            tch::Device::Cpu,
+            1,
+            &[one],
+            data(),
+            data(),
+            Box::new(dpfl_common::dp::SimulationGaussian::seeded(1)),
+        );
+        assert!(w.is_ok());
     }
 }
