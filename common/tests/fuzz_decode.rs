@@ -31,6 +31,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         num_classes: 2,
         num_examples: 1000,
         num_eval_examples: 0,
+        class_names: Vec::new(),
     };
     let welcome = Welcome {
         node: "node-1".into(),
