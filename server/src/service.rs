@@ -2607,16 +2607,7 @@ async fn serve_connection(
             ))
         }
     };
-    let checked = check_hello(
-        &hello_bytes,
-        cfg,
-        spec,
-        &node,
-        &fingerprint,
-        &key,
-        &shared.pins,
-        &shared.classes,
-    );
+    let checked = check_hello(&hello_bytes, cfg, spec, &node, &fingerprint, &key, shared);
     // One live connection per identity (see `Seats`).
     let checked = match checked {
         Ok(w) => match claim_seat(&conn, &node, remote, cfg, &shared.seats).await {
@@ -2759,9 +2750,9 @@ fn check_hello(
     node: &str,
     fingerprint: &str,
     key: &str,
-    pins: &Mutex<Pins>,
-    classes: &Mutex<Vec<String>>,
+    shared: &Shared,
 ) -> Result<(Welcome, NodeInfo, String), Refusal> {
+    let (pins, classes) = (&shared.pins, &shared.classes);
     let refuse = |kind, detail: String| Err(Refusal { kind, detail });
     let hello = match wire::decode(bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
         Ok(Message {
