@@ -227,9 +227,12 @@ async fn dp_statistics_release_is_a_ledger_row_composed_with_training() {
         })
         .collect();
     let summary = within(s.done).await.unwrap().unwrap();
+    // Client-level noise on the statistics of three nodes is large (sigma = 2 sqrt(13)
+    // against counts near 3): the transform, and so training, may be poor; this test is
+    // about the accounting. Nodes train every round (retries included).
     for c in clients {
         let n = within(c).await.unwrap().unwrap();
-        assert_eq!(n.rounds_trained, 2);
+        assert!(n.rounds_trained >= 2);
         // The node's own books hold the statistics release too (z 2, then two rounds at 1).
         assert!(n.epsilon.unwrap() > 6.0, "{:?}", n.epsilon);
     }
@@ -305,4 +308,155 @@ async fn a_node_with_another_class_list_is_refused_at_join() {
     assert_eq!(ok.rounds_trained, 1);
     within(s.done).await.unwrap().unwrap();
     drop(s.shutdown.take());
+}
+
+/// The agreed transform survives a server restart: the resumed server sends the same one
+/// (from `standardize.json`) and asks nobody for statistics again, even when the node
+/// that joins alone would give other statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_server_sends_the_transform_agreed_before_the_restart() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = |rounds: &str, min: &str| {
+        fed.server_config(
+            "resume",
+            &[
+                ("rounds", rounds),
+                ("min_clients", min),
+                // Part of the resume fingerprint: the same in both runs.
+                ("strategy.min_fit_clients", "1"),
+                ("model.layers", "[4, 16, 2]"),
+                ("test_data", &format!("{test_src:?}")),
+                ("train.lr", "0.1"),
+                ("standardize.enabled", "true"),
+            ],
+        )
+    };
+    let s = start(Server::bind(cfg("2", "3")).unwrap());
+    let clients: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(dpfl_client::run(node(&fed, s.addr, i, &srcs[i]))))
+        .collect();
+    within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        within(c).await.unwrap().unwrap();
+    }
+    let out = fed.out("resume");
+    let agreed = std::fs::read(out.join("standardize.json")).unwrap();
+    let first = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    // Two more rounds with one node: a fresh exchange would agree on its statistics alone.
+    let s = start(Server::bind(cfg("4", "1")).unwrap());
+    let n = within(dpfl_client::run(node(&fed, s.addr, 2, &srcs[2])))
+        .await
+        .unwrap();
+    assert_eq!(n.rounds_trained, 2);
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 4);
+    assert_eq!(std::fs::read(out.join("standardize.json")).unwrap(), agreed);
+    let second = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    assert_eq!(second, first);
+    let alone = pooled(&srcs[2..]);
+    assert!(
+        (first.mean[0] - alone.0[0]).abs() > 1.0,
+        "the check can tell them apart"
+    );
+}
+
+/// Local DP: every node noises its own (bounded, normalised) statistics after checking the
+/// multiplier against its own floor; the ledger row is against the server (z/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_dp_nodes_noise_their_own_statistics_and_refuse_too_little_noise() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let bounds = "-1000:12000|-0.01:0.01|-300:300|-10:15";
+    let cfg = fed.server_config(
+        "local",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("dp.mode", "\"local\""),
+            ("dp.noise_multiplier", "4.0"),
+            ("dp.sampling_rate", "1.0"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{bounds:?}")),
+            ("standardize.noise_multiplier", "4.0"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = node(&fed, s.addr, i, &srcs[i + 1]);
+            c.dp_mode = DpMode::Local;
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    // Statistics and one update at z = 4 against the server (mu = sqrt(0.5), analytic
+    // Gaussian at delta 1e-5: 2.94323 by scipy 1.17); statistics alone (mu = 0.5): 1.99309.
+    // A retried attempt is a release of its own (more rows, more spend), so the first
+    // training row is the one with a fixed reference.
+    for c in clients {
+        let n = within(c).await.unwrap().unwrap();
+        assert!(n.rounds_trained >= 1);
+        let e = n.epsilon.unwrap();
+        assert!(e >= 2.942, "{e}");
+    }
+    let rows = &summary.ledger.rounds;
+    assert_eq!((rows[0].round, rows[0].noise_multiplier), (0, 4.0));
+    assert!(
+        (1.992..=1.9931 * 1.01).contains(&rows[0].epsilon),
+        "{rows:?}"
+    );
+    assert!(
+        (2.942..=2.9433 * 1.01).contains(&rows[1].epsilon),
+        "{rows:?}"
+    );
+    // The exact-statistics node count is operator-only; both nodes contributed.
+    assert!(summary.ledger.clients.values().all(|c| c.statistics));
+    // A node whose floor is above the statistics' multiplier refuses to send them.
+    let cfg = fed.server_config(
+        "local-floor",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "1"),
+            ("model.layers", "[4, 16, 2]"),
+            ("dp.mode", "\"local\""),
+            ("dp.noise_multiplier", "4.0"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{bounds:?}")),
+            ("standardize.noise_multiplier", "1.5"),
+            ("test_data", &format!("{test_src:?}")),
+        ],
+    );
+    let server = Server::bind(cfg).unwrap();
+    let obs = server.observatory();
+    let mut s = start(server);
+    let mut c = node(&fed, s.addr, 2, &srcs[0]);
+    c.dp_mode = DpMode::Local;
+    c.policy.min_noise_multiplier = 2.0;
+    c.give_up_after = Duration::from_secs(3);
+    let n = tokio::spawn(dpfl_client::run(c));
+    // The node answers the request for statistics with a refusal (its one answer); the
+    // server then has nothing to agree and starts no round, until shut down.
+    within(async {
+        while obs.status().nodes.get("node-3").map_or(0, |n| n.answers) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = s.shutdown.take().unwrap().send(());
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_run, 0);
+    assert!(summary.ledger.rounds.is_empty(), "nothing was released");
+    let _ = within(n).await.unwrap();
 }
