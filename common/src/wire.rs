@@ -31,9 +31,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// the node's example counts (the server bounds the weight a node may claim by them).
 /// Version 3: secure aggregation (the train request says whether the round is securely
 /// aggregated; [`Header::Held`], [`Header::SecAggRequest`] and [`Header::SecAggAnswer`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: the hello declares the node's class names; the statistics exchange before
+/// round 1 ([`Header::StatsRequest`], [`Header::Stats`], [`Header::Standardize`],
+/// [`Header::Standardized`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/3";
+pub const ALPN: &[u8] = b"dpfl/4";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.
@@ -1043,6 +1046,41 @@ mod tests {
                 Header::SecAggAnswer(SecAggFrame { round: 4, len: 4 }),
                 vec![2.0],
             ),
+            (
+                Header::StatsRequest(StatsRequest {
+                    spec_hash: [3; 32],
+                    lo: vec![0.0, -1.0],
+                    hi: vec![1.0, 1e9],
+                    local_noise_multiplier: Some(2.5),
+                    central_noise_multiplier: None,
+                    normalized: true,
+                }),
+                vec![],
+            ),
+            (
+                Header::Stats(StatsReport {
+                    spec_hash: [3; 32],
+                    count: vec![10.0, 9.0],
+                    sum: vec![1e-300, 12_345.678_901_234_5],
+                    sum_sq: vec![0.1, 1.5e17],
+                    label_counts: vec![4.0, 6.0],
+                    bounded: false,
+                    normalized: false,
+                    noised: false,
+                }),
+                vec![],
+            ),
+            (
+                Header::Standardize(StandardizeSpec {
+                    spec_hash: [3; 32],
+                    mean: vec![0.5],
+                    std: vec![2.0],
+                    lo: vec![],
+                    hi: vec![],
+                }),
+                vec![],
+            ),
+            (Header::Standardized { features: 2 }, vec![]),
         ];
         for (h, p) in kinds {
             let m = decode(&encode(&h, &p), 1 << 20).unwrap();

@@ -799,6 +799,35 @@ mod tests {
     }
 
     #[test]
+    fn standardize_is_refused_where_its_release_would_not_hold() {
+        let load = |o: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = vec![
+                ("standardize.enabled".into(), "true".into()),
+                ("model.layers".into(), "[2, 4, 2]".into()),
+            ];
+            v.extend(o.iter().map(|(k, x)| (k.to_string(), x.to_string())));
+            ServerConfig::load(None, &v)
+        };
+        let central = [("dp.mode", "\"central\"")];
+        let bounded = [("standardize.bounds", "\"0:1|-5:5\"")];
+        let z = [("standardize.noise_multiplier", "2.0")];
+        assert!(load(&[]).is_ok());
+        assert!(load(&bounded).is_ok());
+        assert!(load(&[central[0], bounded[0], z[0]]).is_ok());
+        let err = |o: &[(&str, &str)]| load(o).unwrap_err().to_string();
+        // DP on: bounds and a positive multiplier, both.
+        assert!(err(&[central[0], bounded[0]]).contains("noise_multiplier"));
+        assert!(err(&[central[0], z[0]]).contains("bounds"));
+        // DP off: exact statistics, no noise.
+        assert!(err(&z).contains("dp.mode none"));
+        // Bounds for another number of features, or not ranges.
+        assert!(err(&[("standardize.bounds", "\"0:1|0:1|0:1\"")]).contains("standardize.bounds"));
+        assert!(err(&[("standardize.bounds", "\"1:0\"")]).contains("standardize.bounds"));
+        // Secure aggregation: the statistics would bypass the secure sum.
+        assert!(err(&[("secure_aggregation", "true")]).contains("secure_aggregation"));
+    }
+
+    #[test]
     fn defaults_validate_and_overrides_apply() {
         let c = ServerConfig::load(
             None,

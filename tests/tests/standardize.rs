@@ -460,3 +460,94 @@ async fn local_dp_nodes_noise_their_own_statistics_and_refuse_too_little_noise()
     assert!(summary.ledger.rounds.is_empty(), "nothing was released");
     let _ = within(n).await.unwrap();
 }
+
+/// A node whose statistics cannot be those of the examples it declared at join (here: 1000
+/// rows counted, 10 declared) is refused and not counted: the transform is that of the
+/// honest nodes alone, and they train.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn implausible_statistics_are_refused_and_not_counted() {
+    use dpfl_common::wire::{self, Header, Hello, StatsReport};
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "hostile-stats",
+        &[
+            ("rounds", "2"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("standardize.enabled", "true"),
+        ],
+    );
+    let server = Server::bind(cfg).unwrap();
+    let obs = server.observatory();
+    let s = start(server);
+    // The hostile node: a hand-made QUIC peer with node-1's certificate.
+    let ep = dpfl_certs::quic::client_endpoint(
+        &dpfl_certs::Credentials::node(&fed.layout, "node-1"),
+        wire::ALPN,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let hello = Header::Hello(Hello {
+        software: "hostile-test".into(),
+        dp_mode: DpMode::None,
+        input_dim: 4,
+        num_classes: 2,
+        num_examples: 10,
+        num_eval_examples: 0,
+        class_names: Vec::new(),
+    });
+    tx.write_all(&wire::encode(&hello, &[])).await.unwrap();
+    tx.finish().unwrap();
+    let welcome = wire::decode(&rx.read_to_end(1 << 20).await.unwrap(), 1 << 20).unwrap();
+    let Header::Welcome(w) = welcome.header else {
+        panic!("not welcomed: {welcome:?}")
+    };
+    let (mut tx, mut rx) = within(conn.accept_bi()).await.unwrap();
+    let req = wire::read_message(&mut rx, 1 << 20).await.unwrap();
+    assert!(matches!(req.header, Header::StatsRequest(_)), "{req:?}");
+    let forged = StatsReport {
+        spec_hash: w.spec_hash,
+        count: vec![1000.0; 4],
+        sum: vec![1e9; 4],
+        sum_sq: vec![1e18; 4],
+        label_counts: vec![500.0, 500.0],
+        bounded: false,
+        normalized: false,
+        noised: false,
+    };
+    tx.write_all(&wire::encode(&Header::Stats(forged), &[]))
+        .await
+        .unwrap();
+    tx.finish().unwrap();
+    within(async {
+        while obs.status().nodes.get("node-1").map_or(0, |n| n.answers) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Two honest nodes: their statistics alone make the transform.
+    let clients: Vec<_> = (1..3)
+        .map(|i| tokio::spawn(dpfl_client::run(node(&fed, s.addr, i, &srcs[i]))))
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 2);
+    }
+    assert_eq!(summary.rounds_completed, 2);
+    let t = dpfl_ml::predict::ModelFile::load(&fed.out("hostile-stats").join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    let (mean, std) = pooled(&srcs[1..]);
+    for j in 0..4 {
+        assert!((t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]));
+        assert!((t.std[j] - std[j]).abs() <= 1e-7 * std[j]);
+    }
+    drop(conn);
+}
