@@ -2,7 +2,8 @@
 //!
 //! A row is one **release**: a round (or, in `local` mode, an attempt of a round) whose
 //! output left the mechanism: a noised model in `central` mode, noised updates received by
-//! the server in `local` mode. A round re-run after a crash is a second release and gets a
+//! the server in `local` mode; round 0 ([`STATISTICS_ROUND`]) is the release of the
+//! federated feature statistics (`crate::prep`). A round re-run after a crash is a second release and gets a
 //! second row. Epsilons are recomputed from the rows (never accumulated by hand), so a
 //! ledger restored from disk reports exactly what an uninterrupted run would.
 //!
