@@ -166,6 +166,11 @@ pub struct ServerConfig {
     pub standardize: StandardizeSettings,
 }
 
+/// Most features federated standardisation handles: the statistics (3 values per feature
+/// and one per class, at most `4 x` this many) and the transform (4 per feature) travel as
+/// f64 in a message header of at most `wire::MAX_HEADER_BYTES` (`prep` tests the largest).
+pub const MAX_STANDARDIZE_FEATURES: usize = 2000;
+
 /// Federated standardisation over QUIC (`crate::prep`): before round 1 the server asks the
 /// first `min_clients` nodes for their per-feature count, sum and sum of squares (and label
 /// counts), combines them into a mean and standard deviation, and sends that transform to
@@ -696,6 +701,17 @@ impl ServerConfig {
         if !st.enabled {
             return Ok(());
         }
+        // The statistics and the transform travel as f64 in a message header (at most
+        // 64 KiB): the transform with bounds is 32 bytes per feature.
+        let (d, k) = (self.spec().inputs(), self.spec().outputs());
+        if d > MAX_STANDARDIZE_FEATURES || 3 * d + k > 4 * MAX_STANDARDIZE_FEATURES {
+            return bad(format!(
+                "standardize supports at most {MAX_STANDARDIZE_FEATURES} features and 3 x \
+                 features + classes <= {} (the statistics travel in a message header); the \
+                 model has {d} features and {k} classes",
+                4 * MAX_STANDARDIZE_FEATURES
+            ));
+        }
         if let Some(b) = &st.bounds {
             dpfl_ml::standardize::Bounds::parse(b, self.spec().inputs())
                 .map_err(|e| ConfigError::Invalid(format!("standardize.bounds: {e}")))?;
@@ -825,6 +841,8 @@ mod tests {
         assert!(err(&[("standardize.bounds", "\"1:0\"")]).contains("standardize.bounds"));
         // Secure aggregation: the statistics would bypass the secure sum.
         assert!(err(&[("secure_aggregation", "true")]).contains("secure_aggregation"));
+        // Too many features for the header the statistics travel in.
+        assert!(err(&[("model.layers", "[2001, 2]")]).contains("at most 2000 features"));
     }
 
     #[test]

@@ -554,6 +554,48 @@ mod tests {
         assert!(validate_report(&r, &sl, 2).is_ok());
     }
 
+    /// The largest statistics and transform the configuration allows fit a header.
+    #[test]
+    fn the_largest_allowed_messages_fit_a_header() {
+        use crate::config::MAX_STANDARDIZE_FEATURES as D;
+        use dpfl_common::wire::{decode, encode, StandardizeSpec, MAX_HEADER_BYTES, PREFIX_BYTES};
+        let v = |n: usize| vec![-1.234_567_890_123e300; n];
+        let stats = Header::Stats(StatsReport {
+            spec_hash: [1; 32],
+            count: v(D),
+            sum: v(D),
+            sum_sq: v(D),
+            label_counts: v(D),
+            bounded: true,
+            normalized: true,
+            noised: true,
+        });
+        let spec = Header::Standardize(StandardizeSpec {
+            spec_hash: [1; 32],
+            mean: v(D),
+            std: v(D),
+            lo: v(D),
+            hi: v(D),
+        });
+        let req = Header::StatsRequest(StatsRequest {
+            spec_hash: [1; 32],
+            lo: v(D),
+            hi: v(D),
+            local_noise_multiplier: Some(1.0),
+            central_noise_multiplier: None,
+            normalized: true,
+        });
+        for h in [stats, spec, req] {
+            let bytes = encode(&h, &[]);
+            assert!(
+                bytes.len() <= PREFIX_BYTES + MAX_HEADER_BYTES,
+                "{}",
+                bytes.len()
+            );
+            assert_eq!(decode(&bytes, 1 << 20).unwrap().header, h);
+        }
+    }
+
     #[test]
     fn nodes_that_leave_or_fail_are_not_waited_for_and_counted_once() {
         let mut x = StatsExchange::new(settings(1, 2, 2));
