@@ -114,13 +114,8 @@ pub fn prepare_data(cfg: &ClientConfig) -> Result<(dpfl_ml::Dataset, dpfl_ml::Da
         .data
         .load()
         .map_err(|e| NodeError::Setup(e.to_string()))?;
-    if data.features.iter().any(|v| v.is_nan()) {
-        return Err(NodeError::Setup(format!(
-            "{} has missing values (missing=mean): they are imputed by federated \
-             standardisation, which nodes do not run yet; fill or drop them first",
-            cfg.data
-        )));
-    }
+    // Missing values (missing=mean) stay NaN until the federation's transform imputes
+    // them; a node asked to train without one refuses (`worker`).
     let mut data = match cfg.shard {
         Some(s) => data.subset(&s.indices(data.len(), cfg.shard_seed)),
         None => data,
@@ -264,6 +259,10 @@ pub async fn run_with_noise(
         num_classes,
         num_examples,
         num_eval_examples,
+        class_names: match &cfg.data {
+            DataSource::Csv { options, .. } => options.classes.clone().unwrap_or_default(),
+            _ => Vec::new(),
+        },
         log_file: cfg.log_file,
     };
     node::run(ncfg, worker).await
@@ -274,7 +273,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn missing_values_are_refused_until_nodes_standardise() {
+    fn missing_values_wait_for_the_federated_transform() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.csv");
         std::fs::write(&p, "a,b,y\n1,2,0\n3,NA,1\n").unwrap();
@@ -285,8 +284,10 @@ mod tests {
         };
         let src = |o: &str| format!("csv:{},{o}", p.display()).parse().unwrap();
         let mut cfg = ClientConfig::new("127.0.0.1:1".parse().unwrap(), creds, src("missing=mean"));
-        let e = prepare_data(&cfg).unwrap_err().to_string();
-        assert!(e.contains("missing values"), "{e}");
+        // Loaded with the gap kept (NaN): the federation's transform imputes it; training
+        // without one is refused by the worker.
+        let (train, _) = prepare_data(&cfg).unwrap();
+        assert_eq!(train.features.iter().filter(|v| v.is_nan()).count(), 1);
         // Refused by the parser already, naming line and column, without missing=mean.
         cfg.data = src("label=y");
         let e = prepare_data(&cfg).unwrap_err().to_string();

@@ -58,6 +58,9 @@ pub struct NodeConfig {
     pub num_examples: usize,
     /// Held-out examples (declared in the hello).
     pub num_eval_examples: usize,
+    /// Class names of the node's data (CSV `classes=`), declared at join; empty for
+    /// integer labels.
+    pub class_names: Vec<String>,
     /// Where to append a JSON line per round (the node's own privacy record).
     pub log_file: Option<PathBuf>,
 }
@@ -525,6 +528,54 @@ async fn session(
                 }
                 continue;
             }
+            Header::StatsRequest(req) => {
+                let reply =
+                    match stats_answer(cfg, &welcome, &federation, worker, budget, &req).await {
+                        Ok(r) => Header::Stats(r),
+                        Err(reason) => {
+                            let reason = format!(
+                                "node {} refused to send its feature statistics: {reason}",
+                                welcome.node
+                            );
+                            tracing::warn!("{reason}");
+                            Header::Failed {
+                                round: wire::STATS_ROUND,
+                                reason,
+                            }
+                        }
+                    };
+                if let Some(e) = budget_epsilon(budget, &welcome) {
+                    summary.epsilon = Some(e);
+                }
+                reply
+            }
+            Header::Standardize(spec) => {
+                let applied = if spec.spec_hash != welcome.spec_hash {
+                    Err("the transform names another model".to_string())
+                } else {
+                    match dpfl_ml::standardize::Standardizer::from_spec(&spec, cfg.input_dim) {
+                        Err(e) => Err(e.to_string()),
+                        Ok(s) => worker.standardize(s).await,
+                    }
+                };
+                match applied {
+                    Ok(features) => {
+                        tracing::info!(
+                            features,
+                            "standardised the data with the federation's mean and standard                              deviation"
+                        );
+                        Header::Standardized { features }
+                    }
+                    Err(reason) => {
+                        let reason = format!("node {} cannot standardise: {reason}", welcome.node);
+                        tracing::warn!("{reason}");
+                        Header::Failed {
+                            round: wire::STATS_ROUND,
+                            reason,
+                        }
+                    }
+                }
+            }
             other => {
                 tracing::warn!("ignoring unexpected `{}` message", other.name());
                 continue;
@@ -534,6 +585,100 @@ async fn session(
             return Ok(Outcome::Lost(e));
         }
     }
+}
+
+/// The node's epsilon from its own books, with DP on (for the summary).
+fn budget_epsilon(budget: &Budget, welcome: &Welcome) -> Option<f64> {
+    welcome
+        .dp
+        .mode
+        .is_private()
+        .then(|| budget.epsilon().ok())
+        .flatten()
+}
+
+/// Answers a request for feature statistics: checks it against the model and, with DP
+/// on, against the node's own policy (bounds, per-row normalisation, a noise multiplier at
+/// or above its floor, its budget), records the release in its books before anything
+/// leaves, and computes the statistics (noised by the node itself in `local` mode).
+async fn stats_answer(
+    cfg: &NodeConfig,
+    welcome: &Welcome,
+    federation: &str,
+    worker: &Worker,
+    budget: &mut Budget,
+    req: &wire::StatsRequest,
+) -> Result<wire::StatsReport, String> {
+    if req.spec_hash != welcome.spec_hash {
+        return Err("the request names another model".into());
+    }
+    let bounds = match (req.lo.is_empty(), req.hi.is_empty()) {
+        (true, true) => None,
+        _ => {
+            let b = dpfl_ml::standardize::Bounds::new(req.lo.clone(), req.hi.clone())
+                .map_err(|e| e.to_string())?;
+            if b.lo.len() != cfg.input_dim {
+                return Err(format!(
+                    "{} ranges for {} features",
+                    b.lo.len(),
+                    cfg.input_dim
+                ));
+            }
+            Some(b)
+        }
+    };
+    let mode = welcome.dp.mode;
+    let release = match (
+        mode,
+        req.local_noise_multiplier,
+        req.central_noise_multiplier,
+    ) {
+        (DpMode::None, None, None) => None,
+        (DpMode::Local, Some(z), None) => Some(Release::Local {
+            noise_multiplier: z,
+        }),
+        (DpMode::Central, None, Some(z)) => Some(Release::Central {
+            federation: format!("{federation}|statistics"),
+            sampling_rate: 1.0,
+            noise_multiplier: z,
+            round: 1,
+        }),
+        _ => {
+            return Err(format!(
+                "the request's noise (node-side {:?}, server-side {:?}) does not fit dp mode \
+                 `{mode}`",
+                req.local_noise_multiplier, req.central_noise_multiplier
+            ))
+        }
+    };
+    if release.is_some() && (bounds.is_none() || !req.normalized) {
+        return Err(
+            "with DP on, statistics leave only clipped to public bounds and divided \
+                    by the row count (their sensitivity is otherwise unbounded)"
+                .into(),
+        );
+    }
+    if let Some(r) = &release {
+        budget.check(r).map_err(|e| e.to_string())?;
+    }
+    let job = crate::worker::StatsJob {
+        bounds,
+        classes: welcome.spec.outputs(),
+        normalized: req.normalized,
+        noise_multiplier: req.local_noise_multiplier,
+    };
+    let st = worker.stats(job).await?;
+    // The spend is on disk before the statistics leave.
+    if let Some(r) = &release {
+        budget
+            .record(r)
+            .map_err(|e| format!("cannot record the privacy spend: {e}"))?;
+    }
+    Ok(st.to_report(
+        welcome.spec_hash,
+        req.normalized,
+        req.local_noise_multiplier.is_some(),
+    ))
 }
 
 /// Decodes one secure-aggregation stage (bounded), answers it, and frames the answer.
@@ -667,6 +812,7 @@ async fn hello(cfg: &NodeConfig, conn: &quinn::Connection) -> Result<Welcome, He
         num_classes: cfg.num_classes as u32,
         num_examples: cfg.num_examples as u64,
         num_eval_examples: cfg.num_eval_examples as u64,
+        class_names: cfg.class_names.clone(),
     };
     send.write_all(&wire::encode(&Header::Hello(hello), &[]))
         .await

@@ -6,6 +6,7 @@ use dpfl_common::config::DpMode;
 use dpfl_common::dp::{privatize, GaussianNoise, RawDelta, WireDelta};
 use dpfl_common::model::ModelSpec;
 use dpfl_common::wire::{TrainMetrics, TrainRequest, UpdateMeta};
+use dpfl_ml::standardize::{Bounds, FeatureStats, Standardizer};
 use dpfl_ml::{Dataset, DeviceData, EvalOutcome, Mlp, TrainOutcome};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -99,6 +100,22 @@ enum Job {
         oneshot::Sender<Result<TrainDone, String>>,
     ),
     Evaluate(Vec<f32>, oneshot::Sender<Result<EvalOutcome, String>>),
+    Stats(StatsJob, oneshot::Sender<Result<FeatureStats, String>>),
+    Standardize(Standardizer, oneshot::Sender<Result<u32, String>>),
+}
+
+/// What statistics the server asked for (already checked by the node).
+#[derive(Debug, Clone)]
+pub struct StatsJob {
+    /// Public ranges to clip to and map to `[0, 1]` (`None`: raw values).
+    pub bounds: Option<Bounds>,
+    /// Label counts to keep (the model's classes).
+    pub classes: usize,
+    /// Divide by the row count (DP on: client-level sensitivity).
+    pub normalized: bool,
+    /// `local` mode: add Gaussian noise with this multiplier (at the statistics'
+    /// sensitivity) before they leave the worker.
+    pub noise_multiplier: Option<f64>,
 }
 
 /// Handle to the worker thread.
@@ -112,6 +129,13 @@ struct State {
     val: Dataset,
     noise: Box<dyn GaussianNoise>,
     model: Option<(ModelSpec, Mlp, DeviceData, DeviceData)>,
+    /// The data as loaded, kept once a transform is applied (statistics are always of the
+    /// raw data; a different transform starts again from it).
+    raw: Option<(Dataset, Dataset)>,
+    /// The federation's transform, once applied.
+    standardized: Option<Standardizer>,
+    /// Whether the data has missing values (they need the federated transform).
+    missing: bool,
 }
 
 impl State {
@@ -126,7 +150,52 @@ impl State {
         Ok(())
     }
 
+    fn stats(&mut self, job: &StatsJob) -> Result<FeatureStats, String> {
+        let data = self.raw.as_ref().map_or(&self.train, |r| &r.0);
+        let mut st = match &job.bounds {
+            Some(b) => FeatureStats::of_bounded(data, job.classes, b).map_err(|e| e.to_string())?,
+            None => FeatureStats::of(data, job.classes),
+        };
+        if job.normalized {
+            st.normalize(data.len());
+        }
+        if let Some(z) = job.noise_multiplier {
+            st.release(z, self.noise.as_mut())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(st)
+    }
+
+    fn standardize(&mut self, s: Standardizer) -> Result<u32, String> {
+        let dim = self.train.dim as u32;
+        if self.standardized.as_ref() == Some(&s) {
+            return Ok(dim);
+        }
+        let (train, val) = self
+            .raw
+            .get_or_insert_with(|| (self.train.clone(), self.val.clone()))
+            .clone();
+        let (mut train, mut val) = (train, val);
+        s.apply(&mut train).map_err(|e| e.to_string())?;
+        s.apply(&mut val).map_err(|e| e.to_string())?;
+        self.train = train;
+        self.val = val;
+        self.standardized = Some(s);
+        if let Some((spec, ..)) = self.model.take() {
+            self.setup(spec)?;
+        }
+        Ok(dim)
+    }
+
     fn train(&mut self, req: &TrainRequest, global: &[f32]) -> Result<TrainDone, String> {
+        if self.missing && self.standardized.is_none() {
+            return Err(
+                "the data has missing values (missing=mean), which only federated \
+                        standardisation imputes, and the server did not standardise \
+                        ([standardize] enabled = true on the server)"
+                    .into(),
+            );
+        }
         let (_, mlp, train, _) = self.model.as_mut().ok_or("model not set up")?;
         train_and_privatize(mlp, train, req, global, self.noise.as_mut())
     }
@@ -168,12 +237,20 @@ impl Worker {
                     let _ = pinned_tx.send(Ok(()));
                 }
                 dpfl_ml::model::set_threads(threads);
+                let missing = train
+                    .features
+                    .iter()
+                    .chain(&val.features)
+                    .any(|v| v.is_nan());
                 let mut st = State {
                     device,
                     train,
                     val,
                     noise,
                     model: None,
+                    raw: None,
+                    standardized: None,
+                    missing,
                 };
                 while let Ok(job) = rx.recv() {
                     match job {
@@ -185,6 +262,12 @@ impl Worker {
                         }
                         Job::Evaluate(params, reply) => {
                             let _ = reply.send(st.evaluate(&params));
+                        }
+                        Job::Stats(job, reply) => {
+                            let _ = reply.send(st.stats(&job));
+                        }
+                        Job::Standardize(s, reply) => {
+                            let _ = reply.send(st.standardize(s));
                         }
                     }
                 }
@@ -220,6 +303,17 @@ impl Worker {
     /// Evaluates `params` on the validation split.
     pub async fn evaluate(&self, params: Vec<f32>) -> Result<EvalOutcome, String> {
         self.call(|tx| Job::Evaluate(params, tx)).await
+    }
+
+    /// The feature statistics of the (raw) training data, as `job` asks.
+    pub async fn stats(&self, job: StatsJob) -> Result<FeatureStats, String> {
+        self.call(|tx| Job::Stats(job, tx)).await
+    }
+
+    /// Applies the federation's transform to the training and validation data (from the
+    /// data as loaded; the same transform twice is a no-op). Returns the feature count.
+    pub async fn standardize(&self, s: Standardizer) -> Result<u32, String> {
+        self.call(|tx| Job::Standardize(s, tx)).await
     }
 }
 

@@ -31,9 +31,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// the node's example counts (the server bounds the weight a node may claim by them).
 /// Version 3: secure aggregation (the train request says whether the round is securely
 /// aggregated; [`Header::Held`], [`Header::SecAggRequest`] and [`Header::SecAggAnswer`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: the hello declares the node's class names; the statistics exchange before
+/// round 1 ([`Header::StatsRequest`], [`Header::Stats`], [`Header::Standardize`],
+/// [`Header::Standardized`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/3";
+pub const ALPN: &[u8] = b"dpfl/4";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.
@@ -75,6 +78,9 @@ pub struct Hello {
     pub num_examples: u64,
     /// Held-out examples the node evaluates on (bounds the count of an evaluation answer).
     pub num_eval_examples: u64,
+    /// Class names in class-index order (CSV `classes=`); empty for integer labels. The
+    /// server refuses a list that differs from the federation's (naming both).
+    pub class_names: Vec<String>,
 }
 
 /// Federation-wide privacy settings announced to a client.
@@ -309,6 +315,82 @@ pub enum Header {
     SecAggRequest(SecAggFrame),
     /// Client -> server: the answer to a stage (payload: the node's stage message).
     SecAggAnswer(SecAggFrame),
+    /// Server -> client, before round 1: send your feature statistics (federated
+    /// standardisation). No payload.
+    StatsRequest(StatsRequest),
+    /// Client -> server: the node's feature statistics. No payload: the values travel in
+    /// the header (bounded by [`MAX_HEADER_BYTES`]), in f64 so that sums of squares keep
+    /// their precision.
+    Stats(StatsReport),
+    /// Server -> client: the agreed transform; the node applies it to its training and
+    /// validation data and answers [`Header::Standardized`]. No payload.
+    Standardize(StandardizeSpec),
+    /// Client -> server: the transform is applied (the node may now be asked to train).
+    Standardized {
+        /// Features the node standardised (must equal the agreed transform's).
+        features: u32,
+    },
+}
+
+/// Round number of the statistics exchange's requests and answers (before round 1).
+pub const STATS_ROUND: u64 = 0;
+
+/// The server's request for a node's feature statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsRequest {
+    /// Model spec hash (the node checks it is the federation's).
+    pub spec_hash: SpecHash,
+    /// Public ranges per feature (`lo`, `hi`): the node clips its features to them and maps
+    /// them to `[0, 1]` before it counts. Empty: raw values (DP off only).
+    pub lo: Vec<f64>,
+    /// Upper ends, one per feature (empty with `lo`).
+    pub hi: Vec<f64>,
+    /// Local DP mode: the noise multiplier the node adds itself to its (per-row normalised)
+    /// statistics before they leave it; it checks it against its own floor and budget.
+    /// `None`: the node sends exact statistics.
+    pub local_noise_multiplier: Option<f64>,
+    /// `central` mode: the noise multiplier the server adds to the sum of the statistics
+    /// (the node checks it against its own floor and budget and records the release).
+    pub central_noise_multiplier: Option<f64>,
+    /// With DP on, the node sends its statistics divided by its row count (one node's
+    /// contribution then has bounded L2 norm whatever its size: client-level sensitivity).
+    pub normalized: bool,
+}
+
+/// A node's feature statistics (see `dpfl_ml::standardize::FeatureStats`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// Model spec hash.
+    pub spec_hash: SpecHash,
+    /// Present (non-missing) values per feature.
+    pub count: Vec<f64>,
+    /// Sum per feature.
+    pub sum: Vec<f64>,
+    /// Sum of squares per feature.
+    pub sum_sq: Vec<f64>,
+    /// Rows per class.
+    pub label_counts: Vec<f64>,
+    /// Whether the values were clipped to the request's ranges and mapped to `[0, 1]`.
+    pub bounded: bool,
+    /// Whether the statistics are divided by the node's row count (the request said so).
+    pub normalized: bool,
+    /// Whether the node added local DP noise (the request said so).
+    pub noised: bool,
+}
+
+/// The federation's agreed standardisation: `x -> (clip(x, lo, hi) - mean) / std`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StandardizeSpec {
+    /// Model spec hash.
+    pub spec_hash: SpecHash,
+    /// Mean per feature.
+    pub mean: Vec<f64>,
+    /// Standard deviation per feature (positive).
+    pub std: Vec<f64>,
+    /// Ranges features are clipped to first (empty: none).
+    pub lo: Vec<f64>,
+    /// Upper ends (empty with `lo`).
+    pub hi: Vec<f64>,
 }
 
 /// Whether a header kind carries a parameter payload.
@@ -347,6 +429,10 @@ impl Header {
             Header::Held(_) => "held",
             Header::SecAggRequest(_) => "secagg_request",
             Header::SecAggAnswer(_) => "secagg_answer",
+            Header::StatsRequest(_) => "stats_request",
+            Header::Stats(_) => "stats",
+            Header::Standardize(_) => "standardize",
+            Header::Standardized { .. } => "standardized",
         }
     }
 }
@@ -876,6 +962,7 @@ mod tests {
                     num_classes: 10,
                     num_examples: 1000,
                     num_eval_examples: 0,
+                    class_names: Vec::new(),
                 }),
                 vec![],
             ),
@@ -959,6 +1046,41 @@ mod tests {
                 Header::SecAggAnswer(SecAggFrame { round: 4, len: 4 }),
                 vec![2.0],
             ),
+            (
+                Header::StatsRequest(StatsRequest {
+                    spec_hash: [3; 32],
+                    lo: vec![0.0, -1.0],
+                    hi: vec![1.0, 1e9],
+                    local_noise_multiplier: Some(2.5),
+                    central_noise_multiplier: None,
+                    normalized: true,
+                }),
+                vec![],
+            ),
+            (
+                Header::Stats(StatsReport {
+                    spec_hash: [3; 32],
+                    count: vec![10.0, 9.0],
+                    sum: vec![1e-300, 12_345.678_901_234_5],
+                    sum_sq: vec![0.1, 1.5e17],
+                    label_counts: vec![4.0, 6.0],
+                    bounded: false,
+                    normalized: false,
+                    noised: false,
+                }),
+                vec![],
+            ),
+            (
+                Header::Standardize(StandardizeSpec {
+                    spec_hash: [3; 32],
+                    mean: vec![0.5],
+                    std: vec![2.0],
+                    lo: vec![],
+                    hi: vec![],
+                }),
+                vec![],
+            ),
+            (Header::Standardized { features: 2 }, vec![]),
         ];
         for (h, p) in kinds {
             let m = decode(&encode(&h, &p), 1 << 20).unwrap();

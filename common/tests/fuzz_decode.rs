@@ -31,6 +31,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         num_classes: 2,
         num_examples: 1000,
         num_eval_examples: 0,
+        class_names: vec!["benign".into(), "malignant".into()],
     };
     let welcome = Welcome {
         node: "node-1".into(),
@@ -129,6 +130,53 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             let (frame, payload) = bytes_payload(4, &[0xff; 8]).unwrap();
             encode(&Header::SecAggAnswer(frame), &payload)
         }),
+        (
+            "stats_request",
+            encode(
+                &Header::StatsRequest(StatsRequest {
+                    spec_hash: spec.hash(),
+                    lo: vec![0.0; 4],
+                    hi: vec![1.0; 4],
+                    local_noise_multiplier: Some(2.0),
+                    central_noise_multiplier: None,
+                    normalized: true,
+                }),
+                &[],
+            ),
+        ),
+        (
+            "stats",
+            encode(
+                &Header::Stats(StatsReport {
+                    spec_hash: spec.hash(),
+                    count: vec![10.0; 4],
+                    sum: vec![5.0, 1e6, -3.0, 0.0],
+                    sum_sq: vec![3.0, 1e12, 9.0, 0.0],
+                    label_counts: vec![4.0, 6.0],
+                    bounded: false,
+                    normalized: false,
+                    noised: false,
+                }),
+                &[],
+            ),
+        ),
+        (
+            "standardize",
+            encode(
+                &Header::Standardize(StandardizeSpec {
+                    spec_hash: spec.hash(),
+                    mean: vec![0.5; 4],
+                    std: vec![2.0; 4],
+                    lo: vec![],
+                    hi: vec![],
+                }),
+                &[],
+            ),
+        ),
+        (
+            "standardized",
+            encode(&Header::Standardized { features: 4 }, &[]),
+        ),
     ]
 }
 

@@ -279,6 +279,57 @@ impl FeatureStats {
     }
 }
 
+impl FeatureStats {
+    /// Divides every statistic by `rows` (the holder's row count, at least 1): per-feature
+    /// fractions of present values, means of unit values and of their squares, and class
+    /// fractions. One holder's normalised bounded statistics have L2 norm at most
+    /// `sqrt(3d + 1)` whatever its size, the client-level sensitivity
+    /// ([`FeatureStats::sensitivity`] under add/remove of a whole holder).
+    pub fn normalize(&mut self, rows: usize) {
+        let n = rows.max(1) as f64;
+        for v in [
+            &mut self.count,
+            &mut self.sum,
+            &mut self.sum_sq,
+            &mut self.label_counts,
+        ] {
+            v.iter_mut().for_each(|x| *x /= n);
+        }
+    }
+
+    /// The statistics as a wire report.
+    pub fn to_report(
+        &self,
+        spec_hash: dpfl_common::model::SpecHash,
+        normalized: bool,
+        noised: bool,
+    ) -> dpfl_common::wire::StatsReport {
+        dpfl_common::wire::StatsReport {
+            spec_hash,
+            count: self.count.clone(),
+            sum: self.sum.clone(),
+            sum_sq: self.sum_sq.clone(),
+            label_counts: self.label_counts.clone(),
+            bounded: self.bounded,
+            normalized,
+            noised,
+        }
+    }
+
+    /// The statistics of a wire report (shape and finiteness checked).
+    pub fn from_report(r: &dpfl_common::wire::StatsReport) -> Result<Self, StandardizeError> {
+        let s = Self {
+            count: r.count.clone(),
+            sum: r.sum.clone(),
+            sum_sq: r.sum_sq.clone(),
+            label_counts: r.label_counts.clone(),
+            bounded: r.bounded,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
 /// The transform every holder applies: `(clip(x) - mean) / std`, missing values to 0.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Standardizer {
@@ -423,6 +474,67 @@ impl Standardizer {
             ));
         }
         Ok(Some(Self { mean, std, bounds }))
+    }
+}
+
+impl Standardizer {
+    /// The transform as the wire message that tells nodes to apply it.
+    pub fn to_spec(
+        &self,
+        spec_hash: dpfl_common::model::SpecHash,
+    ) -> dpfl_common::wire::StandardizeSpec {
+        let (lo, hi) = self
+            .bounds
+            .as_ref()
+            .map_or((Vec::new(), Vec::new()), |b| (b.lo.clone(), b.hi.clone()));
+        dpfl_common::wire::StandardizeSpec {
+            spec_hash,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            lo,
+            hi,
+        }
+    }
+
+    /// The transform of a wire message, checked: `dim` features, finite means, positive
+    /// finite standard deviations, and ranges `lo < hi` (or none).
+    pub fn from_spec(
+        s: &dpfl_common::wire::StandardizeSpec,
+        dim: usize,
+    ) -> Result<Self, StandardizeError> {
+        if s.mean.len() != dim || s.std.len() != dim {
+            return Err(StandardizeError::Shape {
+                expected: dim,
+                expected_classes: 0,
+                got: s.mean.len().max(s.std.len()),
+                got_classes: 0,
+            });
+        }
+        if s.mean.iter().any(|m| !m.is_finite())
+            || s.std.iter().any(|v| !(v.is_finite() && *v > 0.0))
+        {
+            return Err(StandardizeError::Invalid(
+                "a mean is not finite or a standard deviation not positive and finite".into(),
+            ));
+        }
+        let bounds = match (s.lo.is_empty(), s.hi.is_empty()) {
+            (true, true) => None,
+            _ => {
+                let b = Bounds::new(s.lo.clone(), s.hi.clone())?;
+                if b.lo.len() != dim {
+                    return Err(StandardizeError::Bounds(format!(
+                        "{} ranges for {dim} features",
+                        b.lo.len()
+                    )));
+                }
+                Some(b)
+            }
+        };
+        Ok(Self {
+            mean: s.mean.clone(),
+            std: s.std.clone(),
+            bounds,
+        })
     }
 }
 

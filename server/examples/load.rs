@@ -43,6 +43,7 @@ async fn node(
         num_classes: 2,
         num_examples: 1000,
         num_eval_examples: 0,
+        class_names: Vec::new(),
     };
     s.write_all(&wire::encode(&Header::Hello(hello), &[]))
         .await?;

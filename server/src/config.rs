@@ -162,6 +162,29 @@ pub struct ServerConfig {
     pub secure_aggregation: bool,
     /// Secure aggregation settings.
     pub secagg: crate::secure::SecAggConfig,
+    /// Federated standardisation of the features before round 1.
+    pub standardize: StandardizeSettings,
+}
+
+/// Most features federated standardisation handles: the statistics (3 values per feature
+/// and one per class, at most `4 x` this many) and the transform (4 per feature) travel as
+/// f64 in a message header of at most `wire::MAX_HEADER_BYTES` (`prep` tests the largest).
+pub const MAX_STANDARDIZE_FEATURES: usize = 2000;
+
+/// Federated standardisation over QUIC (`crate::prep`): before round 1 the server asks the
+/// first `min_clients` nodes for their per-feature count, sum and sum of squares (and label
+/// counts), combines them into a mean and standard deviation, and sends that transform to
+/// every node (late joiners get the agreed one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StandardizeSettings {
+    /// Standardise (off by default).
+    pub enabled: bool,
+    /// Public ranges the features are clipped to, `lo:hi|lo:hi|...` (or one `lo:hi` for
+    /// all); required with DP on. Never derive them from the private data.
+    pub bounds: Option<String>,
+    /// Noise multiplier of the statistics' Gaussian release; required (> 0) with DP on.
+    pub noise_multiplier: f64,
 }
 
 impl Default for ServerConfig {
@@ -195,6 +218,7 @@ impl Default for ServerConfig {
             finished_linger_secs: 10.0,
             secure_aggregation: false,
             secagg: crate::secure::SecAggConfig::default(),
+            standardize: StandardizeSettings::default(),
         }
     }
 }
@@ -330,6 +354,9 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
     ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\", \"central\" and \"distributed\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
+    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict."),
+    ("standardize.bounds", Some("\"0:1\""), "Public ranges `lo:hi|lo:hi|...` (or one `lo:hi` for all features) the features are clipped to before they are counted and transformed; required with DP on (they bound the sensitivity). Never derive them from the private data."),
+    ("standardize.noise_multiplier", None, "With DP on: noise multiplier z of the statistics' Gaussian release (a ledger row of its own, client-level like the training rounds); 0 with DP off."),
     ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
     ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62; 2-40 with dp.mode \"distributed\", whose encoding sizes its own headroom), with log2(n) bits of headroom so the sum of n cannot wrap."),
     ("secagg.clip_norm", None, "dp.mode \"none\": the L2 norm nodes clip their update to before encoding (the fixed-point range). With central DP, dp.clip_norm is used."),
@@ -638,6 +665,7 @@ impl ServerConfig {
                 }
             }
         }
+        self.validate_standardize()?;
         if self.secure_aggregation {
             use dpfl_common::config::DpMode;
             if self.dp.mode == DpMode::Local {
@@ -661,6 +689,54 @@ impl ServerConfig {
                         .into(),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The `[standardize]` section: bounds that parse for the model's inputs; with DP on,
+    /// bounds and a positive noise multiplier; no secure aggregation (see `crate::prep`).
+    fn validate_standardize(&self) -> Result<(), ConfigError> {
+        let st = &self.standardize;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !st.enabled {
+            return Ok(());
+        }
+        // The statistics and the transform travel as f64 in a message header (at most
+        // 64 KiB): the transform with bounds is 32 bytes per feature.
+        let (d, k) = (self.spec().inputs(), self.spec().outputs());
+        if d > MAX_STANDARDIZE_FEATURES || 3 * d + k > 4 * MAX_STANDARDIZE_FEATURES {
+            return bad(format!(
+                "standardize supports at most {MAX_STANDARDIZE_FEATURES} features and 3 x \
+                 features + classes <= {} (the statistics travel in a message header); the \
+                 model has {d} features and {k} classes",
+                4 * MAX_STANDARDIZE_FEATURES
+            ));
+        }
+        if let Some(b) = &st.bounds {
+            dpfl_ml::standardize::Bounds::parse(b, self.spec().inputs())
+                .map_err(|e| ConfigError::Invalid(format!("standardize.bounds: {e}")))?;
+        }
+        if !(st.noise_multiplier.is_finite() && st.noise_multiplier >= 0.0) {
+            return bad("standardize.noise_multiplier must be finite and >= 0".into());
+        }
+        if self.secure_aggregation {
+            return bad(
+                "standardize with secure_aggregation is not supported: the statistics would                  travel in the clear, outside the secure sum (no SecAgg+ round for them yet)"
+                    .into(),
+            );
+        }
+        if self.dp.mode.is_private() {
+            if st.bounds.is_none() || st.noise_multiplier <= 0.0 {
+                return bad(
+                    "standardize with DP on needs standardize.bounds and a positive                      standardize.noise_multiplier: the statistics are a release too"
+                        .into(),
+                );
+            }
+        } else if st.noise_multiplier > 0.0 {
+            return bad(
+                "standardize.noise_multiplier is for DP on (dp.mode central or local); with                  dp.mode none the statistics are exact"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -698,7 +774,11 @@ impl ServerConfig {
             } else {
                 ""
             }
-        )
+        ) + &if self.standardize.enabled {
+            format!("|{:?}", self.standardize)
+        } else {
+            String::new()
+        }
     }
 }
 
@@ -732,6 +812,37 @@ mod tests {
             o.extend(bad.iter().copied());
             assert!(load(&o).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn standardize_is_refused_where_its_release_would_not_hold() {
+        let load = |o: &[(&str, &str)]| {
+            let mut v: Vec<(String, String)> = vec![
+                ("standardize.enabled".into(), "true".into()),
+                ("model.layers".into(), "[2, 4, 2]".into()),
+            ];
+            v.extend(o.iter().map(|(k, x)| (k.to_string(), x.to_string())));
+            ServerConfig::load(None, &v)
+        };
+        let central = [("dp.mode", "\"central\"")];
+        let bounded = [("standardize.bounds", "\"0:1|-5:5\"")];
+        let z = [("standardize.noise_multiplier", "2.0")];
+        assert!(load(&[]).is_ok());
+        assert!(load(&bounded).is_ok());
+        assert!(load(&[central[0], bounded[0], z[0]]).is_ok());
+        let err = |o: &[(&str, &str)]| load(o).unwrap_err().to_string();
+        // DP on: bounds and a positive multiplier, both.
+        assert!(err(&[central[0], bounded[0]]).contains("noise_multiplier"));
+        assert!(err(&[central[0], z[0]]).contains("bounds"));
+        // DP off: exact statistics, no noise.
+        assert!(err(&z).contains("dp.mode none"));
+        // Bounds for another number of features, or not ranges.
+        assert!(err(&[("standardize.bounds", "\"0:1|0:1|0:1\"")]).contains("standardize.bounds"));
+        assert!(err(&[("standardize.bounds", "\"1:0\"")]).contains("standardize.bounds"));
+        // Secure aggregation: the statistics would bypass the secure sum.
+        assert!(err(&[("secure_aggregation", "true")]).contains("secure_aggregation"));
+        // Too many features for the header the statistics travel in.
+        assert!(err(&[("model.layers", "[2001, 2]")]).contains("at most 2000 features"));
     }
 
     #[test]

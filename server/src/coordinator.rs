@@ -741,6 +741,17 @@ impl Coordinator {
         &self.ledger
     }
 
+    /// Records the release of the federated feature statistics before round 1 (see
+    /// [`Ledger::record_statistics`]); returns the epsilon so far.
+    pub fn record_statistics_release(
+        &mut self,
+        z: f64,
+        sensitivity: f64,
+        contributors: &[NodeId],
+    ) -> Result<f64, dpfl_common::dp::accountant::AccountError> {
+        self.ledger.record_statistics(z, sensitivity, contributors)
+    }
+
     /// The strategy's empirical privacy audit (canaries), against the model `initial`.
     pub fn audit(&self, initial: &[f32]) -> Option<dpfl_common::dp::audit::AuditReport> {
         let theoretical = self.cfg.dp.mode.is_private().then(|| self.ledger.epsilon());

@@ -2,7 +2,8 @@
 //!
 //! A row is one **release**: a round (or, in `local` mode, an attempt of a round) whose
 //! output left the mechanism: a noised model in `central` mode, noised updates received by
-//! the server in `local` mode. A round re-run after a crash is a second release and gets a
+//! the server in `local` mode; round 0 ([`STATISTICS_ROUND`]) is the release of the
+//! federated feature statistics (`crate::prep`). A round re-run after a crash is a second release and gets a
 //! second row. Epsilons are recomputed from the rows (never accumulated by hand), so a
 //! ledger restored from disk reports exactly what an uninterrupted run would.
 //!
@@ -71,6 +72,9 @@ pub struct ClientSpend {
     /// Epsilon spent: local mode, against the server over its own releases; central mode,
     /// the federation level (the same for everyone).
     pub epsilon: f64,
+    /// Whether its feature statistics are in the statistics release (round 0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub statistics: bool,
 }
 
 /// The ledger.
@@ -95,6 +99,31 @@ pub fn local_client_epsilon(z: f64, rounds: u64, delta: f64) -> Result<f64, Acco
     let (q, z) = accountant::release_step(DpMode::Local, 1.0, z);
     Ok(accountant::epsilon(q, z, rounds, delta)?.0)
 }
+
+/// As [`local_client_epsilon`], composed with the statistics release (multiplier
+/// `statistics`, also against the server: z/2) when the client's statistics are in it.
+pub fn local_client_epsilon_with(
+    z: Option<f64>,
+    rounds: u64,
+    statistics: Option<f64>,
+    delta: f64,
+) -> Result<f64, AccountError> {
+    let mut groups = Vec::new();
+    if let (Some(z), true) = (z, rounds > 0) {
+        groups.push((1.0, z / 2.0, rounds));
+    }
+    if let Some(zs) = statistics {
+        groups.push((1.0, zs / 2.0, 1));
+    }
+    if groups.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(accountant::epsilon_of_rounds(&groups, delta)?.0)
+}
+
+/// Round number of the statistics release's row (federated standardisation, before
+/// round 1).
+pub const STATISTICS_ROUND: u64 = 0;
 
 /// The publishable part of the ledger: per release, the mechanism's parameters and the
 /// epsilon so far; nothing that depends on who took part.
@@ -364,20 +393,36 @@ impl Ledger {
     }
 
     fn refresh_clients(&mut self) -> Result<(), AccountError> {
-        let z = self.rounds.last().map(|r| r.noise_multiplier);
+        // The training rounds' multiplier, and the statistics release's apart.
+        let z = self
+            .rounds
+            .iter()
+            .rev()
+            .find(|r| r.round != STATISTICS_ROUND)
+            .map(|r| r.noise_multiplier);
+        let zs = self
+            .rounds
+            .iter()
+            .find(|r| r.round == STATISTICS_ROUND)
+            .map(|r| r.noise_multiplier);
         let central = self.epsilon();
         let delta = self.delta;
         let mode = self.mode;
         // One accountant call per distinct participation count, not per client: a
         // population of thousands shares a few dozen counts.
-        let mut by_count: BTreeMap<u64, f64> = BTreeMap::new();
+        let mut by_count: BTreeMap<(u64, bool), f64> = BTreeMap::new();
         for c in self.clients.values_mut() {
-            c.epsilon = match (mode, z) {
-                (DpMode::Local, Some(z)) => match by_count.get(&c.rounds_joined) {
+            c.epsilon = match mode {
+                DpMode::Local => match by_count.get(&(c.rounds_joined, c.statistics)) {
                     Some(e) => *e,
                     None => {
-                        let e = local_client_epsilon(z, c.rounds_joined, delta)?;
-                        by_count.insert(c.rounds_joined, e);
+                        let e = local_client_epsilon_with(
+                            z,
+                            c.rounds_joined,
+                            zs.filter(|_| c.statistics),
+                            delta,
+                        )?;
+                        by_count.insert((c.rounds_joined, c.statistics), e);
                         e
                     }
                 },
@@ -385,6 +430,41 @@ impl Ledger {
             };
         }
         Ok(())
+    }
+
+    /// Records the release of the federated feature statistics (round
+    /// [`STATISTICS_ROUND`]): one Gaussian mechanism with multiplier `z` at sensitivity
+    /// `sensitivity` (kept in the row's `clip_norm`), every contributor included (q = 1),
+    /// under the ledger's relation (add/remove one client; in `local` mode against the
+    /// server, z/2 like the updates). Composed with the training rounds like any row.
+    pub fn record_statistics(
+        &mut self,
+        z: f64,
+        sensitivity: f64,
+        contributors: &[NodeId],
+    ) -> Result<f64, AccountError> {
+        let p = RoundPrivacy {
+            mode: self.mode,
+            sampling_rate: 1.0,
+            noise_multiplier: z,
+            clip_norm: sensitivity,
+            clipped_fraction: None,
+            clipped_fraction_noised: None,
+            population: contributors.len(),
+            released: true,
+        };
+        let mut row = Self::row(STATISTICS_ROUND, &p, contributors.len());
+        let mut steps = self.steps();
+        steps.push(Self::step(&row));
+        let (eps, method) = Self::epsilon_of(&steps, self.delta)?;
+        row.epsilon = eps;
+        row.method = method;
+        self.rounds.push(row);
+        for n in contributors {
+            self.clients.entry(n.clone()).or_default().statistics = true;
+        }
+        self.refresh_clients()?;
+        Ok(eps)
     }
 
     /// Records a release and the clients whose updates it used.
@@ -741,6 +821,50 @@ mod tests {
         // The next release's worst case is a client joining for the third time.
         let next = l.epsilon_if(&p).unwrap();
         assert!((next - local_client_epsilon(2.0, 3, 1e-5).unwrap()).abs() < 1e-12);
+    }
+
+    /// The statistics release (round 0) composes with the training rounds. References:
+    /// scipy 1.17, the analytic Gaussian mechanism (Balle and Wang 2018) at delta 1e-5;
+    /// q = 1 Gaussians compose into one with mu = sqrt(sum (s / z)^2), s = 2 against the
+    /// server in local mode (a client's contribution anywhere in the ball).
+    #[test]
+    fn statistics_release_is_a_row_composed_with_training() {
+        // Local: statistics at z = 4 (mu 0.5: eps 1.99309), then one round at z = 4
+        // (mu = sqrt(0.5): eps 2.94323) for a client that took part in both.
+        let mut l = Ledger::new(DpMode::Local, 1e-5);
+        let e = l
+            .record_statistics(4.0, 3.0, &["a".to_string(), "b".to_string()])
+            .unwrap();
+        assert!((1.993_091 - 1e-3..=1.993_091 * 1.01).contains(&e), "{e}");
+        assert_eq!(l.rounds[0].round, STATISTICS_ROUND);
+        assert_eq!(l.rounds[0].clip_norm, 3.0);
+        assert!(l.clients["a"].statistics && l.clients["a"].rounds_joined == 0);
+        assert!((l.clients["a"].epsilon - e).abs() < 1e-9);
+        l.record(
+            1,
+            &privacy(DpMode::Local, 1.0, 4.0),
+            &["a".to_string(), "c".to_string()],
+        )
+        .unwrap();
+        let both = l.clients["a"].epsilon;
+        assert!(
+            (2.943_225 - 1e-3..=2.943_225 * 1.01).contains(&both),
+            "{both}"
+        );
+        // A client only in the training round spent one round at z = 4 (mu 0.5) only.
+        let c = l.clients["c"].epsilon;
+        assert!((1.993_091 - 1e-3..=1.993_091 * 1.01).contains(&c), "{c}");
+        // "b" gave statistics only.
+        assert!((l.clients["b"].epsilon - e).abs() < 1e-9);
+        assert!((l.epsilon() - both).abs() < 1e-9);
+        // Central: z = 2 statistics, then z = 1 (mu = sqrt(1.25): eps 4.98331).
+        let mut l = Ledger::new(DpMode::Central, 1e-5);
+        l.record_statistics(2.0, 3.0, &["a".to_string()]).unwrap();
+        l.record(1, &privacy(DpMode::Central, 1.0, 1.0), &["a".to_string()])
+            .unwrap();
+        let e = l.epsilon();
+        assert!((4.983_306 - 1e-3..=4.983_306 * 1.01).contains(&e), "{e}");
+        assert_eq!(l.public().releases[0].round, 0);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`aggregate`], [`optimizer`]: aggregation rules (streaming mean, robust rules) and
 //!   server optimizers.
 //! - [`ledger`]: the privacy ledger.
+//! - [`prep`]: the statistics exchange before round 1 (federated standardisation).
 //! - [`secure`]: secure aggregation settings and stage messages (the stages run in the
 //!   coordinator on `dpfl-secagg`).
 //! - [`service`]: the QUIC/mTLS endpoint and the async driver around the coordinator.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod coordinator;
 pub mod ledger;
 pub mod optimizer;
+pub mod prep;
 pub mod secure;
 pub mod service;
 pub mod status;

@@ -402,6 +402,25 @@ pub struct Server {
     seats: Arc<Seats>,
     /// Bytes of stage message the open secure-aggregation stage allows in an answer.
     secagg_answer_limit: usize,
+    /// The statistics exchange before round 1 (`[standardize]`): joining nodes wait here
+    /// until they applied the agreed transform, then join the coordinator.
+    prep: Option<crate::prep::StatsExchange>,
+    /// Raw test data kept until the transform is agreed (the evaluator starts then).
+    test_raw: Option<dpfl_ml::Dataset>,
+    /// Noise of the statistics' release in `central` mode (the OS CSPRNG).
+    stats_noise: Box<dyn GaussianNoise>,
+}
+
+/// The agreed standardisation as saved in `standardize.json` (before it leaves the server;
+/// a resumed run sends the same one).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AgreedFile {
+    /// The transform.
+    standardizer: dpfl_ml::standardize::Standardizer,
+    /// How many nodes' statistics it combines.
+    contributors: usize,
+    /// Noise multiplier of its release (DP on), else `None`.
+    noise_multiplier: Option<f64>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> ServerError {
@@ -552,7 +571,7 @@ impl Server {
                     .map_err(|e| ServerError::Data(e.to_string()))?;
                 names = (table.class_names, table.feature_names);
                 let mut data = table.data;
-                if data.features.iter().any(|v| v.is_nan()) {
+                if !cfg.standardize.enabled && data.features.iter().any(|v| v.is_nan()) {
                     return Err(ServerError::Data(format!(
                         "test data {src} has missing values (missing=mean), which only \
                          federated standardisation imputes; fill or drop them first"
@@ -562,9 +581,47 @@ impl Server {
                     data = data.take(n);
                 }
                 progress = ChanceWatch::new(spec.outputs(), Some(&data.labels));
-                Some(Evaluator::start(&spec, data, cfg.eval_threads)?)
+                Some(data)
             }
             None => None,
+        };
+        let (prep, test_raw, evaluator) = match (cfg.standardize.enabled, evaluator) {
+            (false, data) => (
+                None,
+                None,
+                data.map(|d| Evaluator::start(&spec, d, cfg.eval_threads))
+                    .transpose()?,
+            ),
+            (true, data) => {
+                let settings = exchange_settings(&cfg)?;
+                let path = cfg.out_dir.join(STANDARDIZE_FILE);
+                match read_agreed(&path, cfg.resume, &settings)? {
+                    Some(s) => {
+                        tracing::info!(
+                            "resuming with the agreed standardisation of {}",
+                            path.display()
+                        );
+                        let ev = match data {
+                            Some(mut d) => {
+                                s.apply(&mut d)
+                                    .map_err(|e| ServerError::Data(e.to_string()))?;
+                                Some(Evaluator::start(&spec, d, cfg.eval_threads)?)
+                            }
+                            None => None,
+                        };
+                        (
+                            Some(crate::prep::StatsExchange::resumed(settings, s)),
+                            None,
+                            ev,
+                        )
+                    }
+                    None => (Some(crate::prep::StatsExchange::new(settings)), data, None),
+                }
+            }
+        };
+        let stats_noise: Box<dyn GaussianNoise> = match cfg.noise_sampler.as_str() {
+            "grid" => Box::new(dpfl_common::dp::GridGaussian::default()),
+            _ => Box::new(OpenDpGaussian::default()),
         };
         let creds = Credentials::server(&Layout::new(&cfg.certs_dir));
         // Before admission a peer may send only what a hello needs (see `serve_connection`).
@@ -630,6 +687,9 @@ impl Server {
             http,
             seats: Arc::new(Seats::default()),
             secagg_answer_limit: 0,
+            prep,
+            test_raw,
+            stats_noise,
         })
     }
 
@@ -676,6 +736,7 @@ impl Server {
                 pins: self.pins.clone(),
                 obs: self.obs.clone(),
                 seats: self.seats.clone(),
+                classes: Arc::new(Mutex::new(self.names.0.clone())),
             },
         ));
         let (http_stop, http_task) = self.serve_http();
@@ -944,6 +1005,7 @@ impl Server {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { break };
                     self.handle_event(ev, &mut registry, &mut certs);
+                    self.pump_prep(&registry, &ev_tx)?;
                     status_dirty = true;
                 }
                 _ = admission_tick.tick() => {
@@ -1012,7 +1074,7 @@ impl Server {
         dpfl_ml::predict::ModelFile {
             spec: self.cfg.spec(),
             params: params.to_vec(),
-            standardizer: None,
+            standardizer: self.prep.as_ref().and_then(|x| x.agreed().cloned()),
             class_names: self.names.0.clone(),
             feature_names: self.names.1.clone(),
         }
@@ -1329,6 +1391,9 @@ impl Server {
                     // The connection task decided (the old one was silent); see `Seats`.
                     old.close(2u32.into(), b"replaced by a newer connection");
                     self.coordinator.handle_disconnect(&node, now);
+                    if let Some(x) = &mut self.prep {
+                        x.handle_disconnect(&node);
+                    }
                 }
                 certs.insert(node.clone(), cert);
                 tracing::info!(
@@ -1351,7 +1416,12 @@ impl Server {
                         cert_expires: seen.cert_expires,
                     },
                 );
-                self.coordinator.handle_connect(node, info, now);
+                match &mut self.prep {
+                    // Standardisation first: the node joins the coordinator once it has
+                    // applied the agreed transform (`handle_prep_response`).
+                    Some(x) => x.handle_join(node, info),
+                    None => self.coordinator.handle_connect(node, info, now),
+                }
             }
             Event::Disconnected { node, id, reason } => {
                 if registry.get(&node).map(|c| c.stable_id()) == Some(id) {
@@ -1365,6 +1435,9 @@ impl Server {
                         if waited { "; it fails the open round" } else { "" }
                     );
                     self.obs.status().nodes.remove(&node);
+                    if let Some(x) = &mut self.prep {
+                        x.handle_disconnect(&node);
+                    }
                     self.coordinator.handle_disconnect(&node, now);
                 }
             }
@@ -1392,6 +1465,10 @@ impl Server {
         result: Result<Message, (&'static str, String)>,
         now: Instant,
     ) {
+        if round == wire::STATS_ROUND && self.prep.is_some() {
+            self.handle_prep_response(node, result, now);
+            return;
+        }
         {
             match result {
                 Ok(Message {
@@ -1505,6 +1582,144 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// An answer to a statistics exchange request (round [`wire::STATS_ROUND`]).
+    fn handle_prep_response(
+        &mut self,
+        node: NodeId,
+        result: Result<Message, (&'static str, String)>,
+        now: Instant,
+    ) {
+        let Some(x) = &mut self.prep else { return };
+        match result {
+            Ok(Message {
+                header: Header::Stats(r),
+                ..
+            }) => match x.handle_stats(&node, &r) {
+                Ok(()) => tracing::info!(
+                    %node,
+                    counted = x.contributors().len(),
+                    needed = x.settings().min_contributors,
+                    "feature statistics received"
+                ),
+                Err(e) => {
+                    self.obs.metrics.reject("statistics");
+                    tracing::warn!(%node, "feature statistics refused: {e}");
+                    x.handle_failed(&node);
+                }
+            },
+            Ok(Message {
+                header: Header::Standardized { features },
+                ..
+            }) => match x.handle_standardized(&node, features) {
+                Ok((n, info)) => {
+                    tracing::info!(node = %n, "standardised its data; joins the rounds");
+                    self.coordinator.handle_connect(n, info, now);
+                }
+                Err(e) => tracing::warn!(%node, "standardisation acknowledgement refused: {e}"),
+            },
+            Ok(Message {
+                header: Header::Failed { reason, .. },
+                ..
+            }) => {
+                tracing::warn!(
+                    %node,
+                    "node could not serve the statistics exchange: {}",
+                    printable(&reason, 300)
+                );
+                x.handle_failed(&node);
+            }
+            Ok(other) => {
+                self.obs.metrics.reject("unexpected_message");
+                tracing::warn!(
+                    %node,
+                    "unexpected `{}` message in the statistics exchange",
+                    other.header.name()
+                );
+                x.handle_failed(&node);
+            }
+            Err((kind, detail)) => {
+                self.obs.metrics.reject(kind);
+                tracing::warn!(%node, kind, "statistics exchange: {detail}");
+                x.handle_failed(&node);
+            }
+        }
+    }
+
+    /// Drives the statistics exchange: agrees the transform once enough statistics are
+    /// in (durable, and with DP on charged to the ledger, before it leaves), then sends
+    /// what the exchange wants sent.
+    fn pump_prep(
+        &mut self,
+        registry: &HashMap<NodeId, quinn::Connection>,
+        ev_tx: &mpsc::Sender<Event>,
+    ) -> Result<(), ServerError> {
+        let Some(x) = &mut self.prep else {
+            return Ok(());
+        };
+        if x.ready() {
+            let s = x
+                .agree(self.stats_noise.as_mut())
+                .map_err(|e| ServerError::Data(format!("standardisation: {e}")))?
+                .clone();
+            let contributors: Vec<NodeId> = x.contributors().iter().cloned().collect();
+            let z = x.settings().noise_multiplier;
+            let sensitivity = dpfl_ml::standardize::FeatureStats::zeros(
+                x.settings().dim,
+                x.settings().classes,
+                true,
+            )
+            .sensitivity();
+            if let Some(z) = z {
+                let eps = self
+                    .coordinator
+                    .record_statistics_release(z, sensitivity, &contributors)
+                    .map_err(|e| ServerError::Data(format!("statistics release: {e}")))?;
+                tracing::info!(
+                    noise_multiplier = z,
+                    epsilon = eps,
+                    "feature statistics released with the Gaussian mechanism (ledger round 0)"
+                );
+            }
+            self.persist_ledger()?;
+            let file = AgreedFile {
+                standardizer: s.clone(),
+                contributors: contributors.len(),
+                noise_multiplier: z,
+            };
+            let bytes = serde_json::to_vec_pretty(&file).map_err(io_err)?;
+            checkpoint::write_atomic(&self.out.join(STANDARDIZE_FILE), &bytes).map_err(io_err)?;
+            tracing::info!(
+                contributors = contributors.len(),
+                "standardisation agreed: mean {:?}, std {:?}",
+                s.mean,
+                s.std
+            );
+            if let Some(mut d) = self.test_raw.take() {
+                s.apply(&mut d)
+                    .map_err(|e| ServerError::Data(e.to_string()))?;
+                self.evaluator = Some(Evaluator::start(
+                    &self.cfg.spec(),
+                    d,
+                    self.cfg.eval_threads,
+                )?);
+            }
+            if let Some(x) = &mut self.prep {
+                x.publish();
+            }
+        }
+        let Some(x) = &mut self.prep else {
+            return Ok(());
+        };
+        let out: Vec<(NodeId, Header)> = std::iter::from_fn(|| x.poll_message()).collect();
+        let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
+        for (node, h) in out {
+            let bytes = Arc::new(wire::encode(&h, &[]));
+            self.obs.metrics.bytes_out.inc_by(bytes.len() as u64);
+            self.send_request(registry, &node, wire::STATS_ROUND, bytes, deadline, ev_tx);
+        }
+        Ok(())
     }
 
     fn send_request(
@@ -1765,6 +1980,7 @@ fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
     for path in [
         out.join("checkpoint.bin"),
         out.join("operator").join("ledger.json"),
+        out.join(STANDARDIZE_FILE),
     ] {
         if path.exists() {
             let mut aside = path.clone().into_os_string();
@@ -1780,6 +1996,58 @@ fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
         }
     }
     Ok(())
+}
+
+/// Where the agreed standardisation is kept (public: exact statistics with DP off, a DP
+/// release with DP on, the same transform the model file carries).
+const STANDARDIZE_FILE: &str = "standardize.json";
+
+/// The statistics exchange's settings from the configuration.
+fn exchange_settings(cfg: &ServerConfig) -> Result<crate::prep::ExchangeSettings, ServerError> {
+    let spec = cfg.spec();
+    let st = &cfg.standardize;
+    let bounds = st
+        .bounds
+        .as_deref()
+        .map(|b| dpfl_ml::standardize::Bounds::parse(b, spec.inputs()))
+        .transpose()
+        .map_err(|e| ServerError::Data(format!("standardize.bounds: {e}")))?;
+    Ok(crate::prep::ExchangeSettings {
+        spec_hash: spec.hash(),
+        dim: spec.inputs(),
+        classes: spec.outputs(),
+        bounds,
+        noise_multiplier: cfg.dp.mode.is_private().then_some(st.noise_multiplier),
+        local: cfg.dp.mode == DpMode::Local,
+        min_contributors: cfg.min_clients,
+    })
+}
+
+/// The transform agreed by an earlier process with this output folder (only when
+/// resuming); it must fit the model and the configured bounds.
+fn read_agreed(
+    path: &std::path::Path,
+    resume: bool,
+    s: &crate::prep::ExchangeSettings,
+) -> Result<Option<dpfl_ml::standardize::Standardizer>, ServerError> {
+    if !resume {
+        return Ok(None);
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ServerError::Io(format!("{}: {e}", path.display()))),
+    };
+    let f: AgreedFile = serde_json::from_slice(&bytes)
+        .map_err(|e| ServerError::Io(format!("{}: {e}", path.display())))?;
+    let t = f.standardizer;
+    if t.mean.len() != s.dim || t.bounds != s.bounds {
+        return Err(ServerError::Io(format!(
+            "{}: the agreed standardisation does not fit this configuration (features or              bounds differ); move it aside or use --fresh",
+            path.display()
+        )));
+    }
+    Ok(Some(t))
 }
 
 /// The full ledger journaled in `operator/ledger.json`, if present.
@@ -2113,6 +2381,9 @@ struct Shared {
     pins: Arc<Mutex<Pins>>,
     obs: Arc<Observatory>,
     seats: Arc<Seats>,
+    /// The federation's class names: the CSV test table's, else the first admitted node's
+    /// list (empty: none declared yet).
+    classes: Arc<Mutex<Vec<String>>>,
 }
 
 /// The refusal log, with every count also in the metrics.
@@ -2336,15 +2607,7 @@ async fn serve_connection(
             ))
         }
     };
-    let checked = check_hello(
-        &hello_bytes,
-        cfg,
-        spec,
-        &node,
-        &fingerprint,
-        &key,
-        &shared.pins,
-    );
+    let checked = check_hello(&hello_bytes, cfg, spec, &node, &fingerprint, &key, shared);
     // One live connection per identity (see `Seats`).
     let checked = match checked {
         Ok(w) => match claim_seat(&conn, &node, remote, cfg, &shared.seats).await {
@@ -2487,8 +2750,9 @@ fn check_hello(
     node: &str,
     fingerprint: &str,
     key: &str,
-    pins: &Mutex<Pins>,
+    shared: &Shared,
 ) -> Result<(Welcome, NodeInfo, String), Refusal> {
+    let (pins, classes) = (&shared.pins, &shared.classes);
     let refuse = |kind, detail: String| Err(Refusal { kind, detail });
     let hello = match wire::decode(bytes, wire::MAX_HEADER_BYTES + wire::PREFIX_BYTES) {
         Ok(Message {
@@ -2541,6 +2805,15 @@ fn check_hello(
             ),
         );
     }
+    // Class names (string labels, `classes=`): the same list in the same order as the
+    // federation's, or a label index would mean another class on this node.
+    let federation_classes = match classes.lock() {
+        Ok(c) => c.clone(),
+        Err(_) => return refuse(RefusalKind::Unavailable, "class list lock poisoned".into()),
+    };
+    if let Some(detail) = class_mismatch(&hello.class_names, &federation_classes) {
+        return refuse(RefusalKind::Model, detail);
+    }
     // The key binding is made last, so a hello refused for another reason binds nothing.
     let pinned = match pins.lock() {
         Ok(mut p) => p.check(node, key, &lists),
@@ -2551,6 +2824,12 @@ fn check_hello(
             tracing::error!(%node, "IMPERSONATION ATTEMPT? {e}");
         }
         return refuse(RefusalKind::NotAdmitted, e.to_string());
+    }
+    // The first admitted node with names fixes them when the test table named none.
+    if let Ok(mut c) = classes.lock() {
+        if c.is_empty() && !hello.class_names.is_empty() {
+            *c = hello.class_names.clone();
+        }
     }
     let welcome = Welcome {
         node: node.to_string(),
@@ -2568,6 +2847,22 @@ fn check_hello(
         num_eval_examples: hello.num_eval_examples,
     };
     Ok((welcome, info, hello.software))
+}
+
+/// Why a node's class names do not fit the federation's, naming both lists (`None`: they
+/// fit, or one side names none: integer labels are indices, nothing to compare).
+pub fn class_mismatch(node: &[String], federation: &[String]) -> Option<String> {
+    if node.is_empty() || federation.is_empty() || node == federation {
+        return None;
+    }
+    let show = |v: &[String]| printable(&v.join("|"), 400);
+    Some(format!(
+        "this node's classes are {} but the federation's are {}: every node must list the \
+         same class names in the same order (csv option classes=...), or a label index would \
+         mean another class here",
+        show(node),
+        show(federation)
+    ))
 }
 
 /// Installs a tracing subscriber that logs to stderr (`RUST_LOG` overrides `default`).
@@ -2632,5 +2927,22 @@ mod chance_tests {
         assert!(w.observe(Some(ln10), None).is_none());
         assert!(w.observe(Some(ln10), None).is_none());
         assert!(w.observe(Some(ln10 * 1.01), None).is_some());
+    }
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::class_mismatch;
+
+    #[test]
+    fn class_lists_must_match_in_order_and_the_refusal_names_both() {
+        let v = |s: &str| s.split('|').map(String::from).collect::<Vec<_>>();
+        assert_eq!(class_mismatch(&v("a|b"), &v("a|b")), None);
+        // Integer labels (no names) on either side: nothing to compare.
+        assert_eq!(class_mismatch(&[], &v("a|b")), None);
+        assert_eq!(class_mismatch(&v("a|b"), &[]), None);
+        let e = class_mismatch(&v("b|a"), &v("a|b")).unwrap();
+        assert!(e.contains("are b|a but the federation's are a|b"), "{e}");
+        assert!(class_mismatch(&v("a|b|c"), &v("a|b")).is_some());
     }
 }

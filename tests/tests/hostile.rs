@@ -44,6 +44,7 @@ fn hello() -> Vec<u8> {
             num_classes: 10,
             num_examples: 1000,
             num_eval_examples: 0,
+            class_names: Vec::new(),
         }),
         &[],
     )

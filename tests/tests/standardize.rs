@@ -1,0 +1,553 @@
+//! Issue 15, federated standardisation over QUIC: three nodes with differently scaled,
+//! label-skewed tables agree a mean and standard deviation before round 1, train on the
+//! standardised data, and the saved model applies the same transform at inference. With
+//! DP on, the statistics' release is a ledger row of its own.
+
+use dpfl_client::ClientConfig;
+use dpfl_common::config::DpMode;
+use dpfl_server::Server;
+use dpfl_tests::{init_logs, start, Federation};
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(TIMEOUT, f)
+        .await
+        .expect("test timed out")
+}
+
+/// Column scales far apart (as in the motivating table: an unscaled MLP stays at chance).
+const SCALE: [f64; 4] = [1000.0, 0.001, 50.0, 1.0];
+const OFFSET: [f64; 4] = [5000.0, 0.0, -20.0, 3.0];
+
+/// `rows` rows, a fraction `pos` of them positive; every feature is the class direction
+/// plus unit Gaussian noise, then scaled; `shift` moves this table's features (nodes differ);
+/// every `missing_every`-th row has its second feature missing (`NA`).
+fn table(rows: usize, pos: f64, shift: f64, missing_every: usize, seed: u64) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut normal = move || {
+        // Box-Muller.
+        let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen_range(0.0..1.0));
+        (
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos(),
+            v < pos,
+        )
+    };
+    let mut s = String::from("f0,f1,f2,f3,outcome\n");
+    for i in 0..rows {
+        let (_, positive) = normal();
+        let sign = if positive { 1.2 } else { -1.2 };
+        let cells: Vec<String> = (0..4)
+            .map(|j| {
+                let x = OFFSET[j] + SCALE[j] * (sign + shift + normal().0);
+                if j == 1 && missing_every > 0 && i % missing_every == 0 {
+                    "NA".to_string()
+                } else {
+                    format!("{x:.6e}")
+                }
+            })
+            .collect();
+        s += &format!(
+            "{},{}\n",
+            cells.join(","),
+            if positive { "pos" } else { "neg" }
+        );
+    }
+    s
+}
+
+const OPTS: &str = "label=outcome,classes=neg|pos,missing=mean";
+
+/// Writes the three nodes' tables and a test table; returns their data sources.
+fn write_tables(dir: &Path) -> (Vec<String>, String) {
+    // Sizes 150/300/450; 80 %, 25 % and 50 % positive; each shifted differently; node 2
+    // has missing values.
+    let nodes = [(150, 0.8, 0.3, 0), (300, 0.25, -0.2, 7), (450, 0.5, 0.0, 0)];
+    let srcs = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (n, p, shift, miss))| {
+            let path = dir.join(format!("node{i}.csv"));
+            std::fs::write(&path, table(*n, *p, *shift, *miss, 10 + i as u64)).unwrap();
+            format!("csv:{},{OPTS}", path.display())
+        })
+        .collect();
+    let test = dir.join("test.csv");
+    std::fs::write(&test, table(400, 0.5, 0.0, 0, 99)).unwrap();
+    (srcs, format!("csv:{},{OPTS}", test.display()))
+}
+
+fn node(fed: &Federation, addr: std::net::SocketAddr, i: usize, src: &str) -> ClientConfig {
+    let mut c = fed.client(addr, i + 1, 3, 10_000);
+    c.data = src.parse().unwrap();
+    c.shard = None;
+    c.limit = None;
+    c
+}
+
+/// Pooled mean and population standard deviation, two passes in f64 over every present
+/// value of every node's table (the reference the federated statistics must equal).
+fn pooled(srcs: &[String]) -> (Vec<f64>, Vec<f64>) {
+    let data: Vec<dpfl_ml::Dataset> = srcs
+        .iter()
+        .map(|s| s.parse::<dpfl_ml::DataSource>().unwrap().load().unwrap())
+        .collect();
+    let d = data[0].dim;
+    let column = |j: usize| -> Vec<f64> {
+        data.iter()
+            .flat_map(|t| t.features.chunks(d).map(move |r| r[j] as f64))
+            .filter(|x| !x.is_nan())
+            .collect()
+    };
+    let mut mean = Vec::new();
+    let mut std = Vec::new();
+    for j in 0..d {
+        let c = column(j);
+        let m = c.iter().sum::<f64>() / c.len() as f64;
+        let v = c.iter().map(|x| (x - m).powi(2)).sum::<f64>() / c.len() as f64;
+        mean.push(m);
+        std.push(v.sqrt());
+    }
+    (mean, std)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn federated_standardisation_over_quic_equals_pooled_statistics_and_travels_with_the_model() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "std",
+        &[
+            ("rounds", "8"),
+            ("min_clients", "3"),
+            ("strategy.min_fit_clients", "3"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("train.lr", "0.1"),
+            ("standardize.enabled", "true"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let clients: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(dpfl_client::run(node(&fed, s.addr, i, &srcs[i]))))
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 8);
+    }
+    // The agreed transform is in the model file, and equals the pooled statistics.
+    let out = fed.out("std");
+    let model = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors")).unwrap();
+    let t = model
+        .standardizer
+        .clone()
+        .expect("the model carries its transform");
+    let (mean, std) = pooled(&srcs);
+    for j in 0..4 {
+        assert!(
+            (t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]),
+            "feature {j}: mean {} vs pooled {}",
+            t.mean[j],
+            mean[j]
+        );
+        assert!(
+            (t.std[j] - std[j]).abs() <= 1e-7 * std[j],
+            "feature {j}: std {} vs pooled {}",
+            t.std[j],
+            std[j]
+        );
+    }
+    assert!(t.bounds.is_none());
+    // The same transform is kept for a restart.
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("standardize.json")).unwrap()).unwrap();
+    assert_eq!(kept["contributors"], 3);
+    assert_eq!(kept["standardizer"]["mean"][0].as_f64().unwrap(), t.mean[0]);
+    // Training on standardised features is clearly better than chance (50 %).
+    let acc = summary.test_accuracy.unwrap();
+    assert!(acc > 0.85, "accuracy {acc}");
+    // dpfl-predict's library on the raw test table applies the file's transform and
+    // reproduces the server's accuracy on its (standardised) copy.
+    let test = test_src
+        .parse::<dpfl_ml::DataSource>()
+        .unwrap()
+        .load()
+        .unwrap();
+    let p = dpfl_ml::predict::predict(&model, &test, tch::Device::Cpu).unwrap();
+    let scores = dpfl_ml::predict::score(&p, &test.labels);
+    assert!(
+        (scores.accuracy - acc).abs() < 1e-9,
+        "prediction {} vs server {acc}",
+        scores.accuracy
+    );
+    // Without the transform the same weights are useless on raw features.
+    let mut raw = model.clone();
+    raw.standardizer = None;
+    let p = dpfl_ml::predict::predict(&raw, &test, tch::Device::Cpu).unwrap();
+    assert!(dpfl_ml::predict::score(&p, &test.labels).accuracy < acc - 0.2);
+    // No ledger row with DP off.
+    assert!(summary.ledger.rounds.is_empty());
+}
+
+/// With central DP the statistics are released with the server's Gaussian noise; the
+/// release is round 0 of the ledger (public and operator), with q = 1, multiplier 2 and
+/// sensitivity sqrt(3d + 1), composed with the training rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dp_statistics_release_is_a_ledger_row_composed_with_training() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let bounds = "-1000:12000|-0.01:0.01|-300:300|-10:15";
+    let cfg = fed.server_config(
+        "std-dp",
+        &[
+            ("rounds", "2"),
+            ("min_clients", "3"),
+            ("strategy.min_fit_clients", "3"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("dp.mode", "\"central\""),
+            ("dp.noise_multiplier", "1.0"),
+            ("dp.sampling_rate", "1.0"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{bounds:?}")),
+            ("standardize.noise_multiplier", "2.0"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = node(&fed, s.addr, i, &srcs[i]);
+            c.dp_mode = DpMode::Central;
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    // Client-level noise on the statistics of three nodes is large (sigma = 2 sqrt(13)
+    // against counts near 3): the transform, and so training, may be poor; this test is
+    // about the accounting. Nodes train every round (retries included).
+    for c in clients {
+        let n = within(c).await.unwrap().unwrap();
+        assert!(n.rounds_trained >= 2);
+        // The node's own books hold the statistics release too (z 2, then two rounds at 1).
+        assert!(n.epsilon.unwrap() > 6.0, "{:?}", n.epsilon);
+    }
+    let rows = &summary.ledger.rounds;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let st = &rows[0];
+    assert_eq!(st.round, 0);
+    assert_eq!(st.noise_multiplier, 2.0);
+    assert_eq!(st.sampling_rate, 1.0);
+    assert_eq!(st.clip_norm, 13f64.sqrt(), "sensitivity sqrt(3 * 4 + 1)");
+    assert_eq!(st.participants, 3);
+    // Independent references (scipy 1.17, the analytic Gaussian mechanism of Balle and
+    // Wang 2018 at delta 1e-5: q = 1 Gaussians compose into one with
+    // mu = sqrt(sum 1/z^2)):
+    //   z = 2 alone, mu = 0.5:             eps = 1.99309
+    //   z = 2 then two rounds at z = 1, mu = 1.5: eps = 7.05141
+    // Any valid accountant is at least these; the ledger's tightest bound (PLD) is within
+    // 1 % of them.
+    for (row, exact) in [(&rows[0], 1.993_091), (&rows[2], 7.051_413)] {
+        assert!(
+            row.epsilon >= exact - 1e-3 && row.epsilon <= exact * 1.01,
+            "{} vs {exact}",
+            row.epsilon
+        );
+    }
+    // The public ledger lists the release as round 0.
+    let public: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fed.out("std-dp").join("ledger.json")).unwrap())
+            .unwrap();
+    assert_eq!(public["releases"][0]["round"], 0);
+    assert_eq!(public["releases"][0]["noise_multiplier"], 2.0);
+    assert_eq!(public["releases"].as_array().unwrap().len(), 3);
+    // The noised transform is still a usable one inside the bounds.
+    let model =
+        dpfl_ml::predict::ModelFile::load(&fed.out("std-dp").join("model.safetensors")).unwrap();
+    let t = model.standardizer.unwrap();
+    assert!(t.bounds.is_some() && t.std.iter().all(|s| *s > 0.0));
+}
+
+/// Issue 15: class names are agreed at join. A node whose `classes=` list differs from the
+/// federation's (here: the server's test table's) is refused, and the message names both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_another_class_list_is_refused_at_join() {
+    init_logs();
+    let fed = Federation::new(2);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "classes",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "1"),
+            ("strategy.min_fit_clients", "1"),
+            ("model.layers", "[4, 8, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+        ],
+    );
+    let mut s = start(Server::bind(cfg).unwrap());
+    // The same table read with the classes swapped: label 0 would mean `pos` here.
+    let swapped = srcs[0].replace("classes=neg|pos", "classes=pos|neg");
+    let e = within(dpfl_client::run(node(&fed, s.addr, 0, &swapped)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pos|neg") && e.contains("neg|pos") && e.contains("same order"),
+        "{e}"
+    );
+    // A node with the federation's list joins and trains (the table without missing
+    // values: this server does not standardise).
+    let ok = within(dpfl_client::run(node(&fed, s.addr, 1, &srcs[2])))
+        .await
+        .unwrap();
+    assert_eq!(ok.rounds_trained, 1);
+    within(s.done).await.unwrap().unwrap();
+    drop(s.shutdown.take());
+}
+
+/// The agreed transform survives a server restart: the resumed server sends the same one
+/// (from `standardize.json`) and asks nobody for statistics again, even when the node
+/// that joins alone would give other statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resumed_server_sends_the_transform_agreed_before_the_restart() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = |rounds: &str, min: &str| {
+        fed.server_config(
+            "resume",
+            &[
+                ("rounds", rounds),
+                ("min_clients", min),
+                // Part of the resume fingerprint: the same in both runs.
+                ("strategy.min_fit_clients", "1"),
+                ("model.layers", "[4, 16, 2]"),
+                ("test_data", &format!("{test_src:?}")),
+                ("train.lr", "0.1"),
+                ("standardize.enabled", "true"),
+            ],
+        )
+    };
+    let s = start(Server::bind(cfg("2", "3")).unwrap());
+    let clients: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(dpfl_client::run(node(&fed, s.addr, i, &srcs[i]))))
+        .collect();
+    within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        within(c).await.unwrap().unwrap();
+    }
+    let out = fed.out("resume");
+    let agreed = std::fs::read(out.join("standardize.json")).unwrap();
+    let first = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    // Two more rounds with one node: a fresh exchange would agree on its statistics alone.
+    let s = start(Server::bind(cfg("4", "1")).unwrap());
+    let n = within(dpfl_client::run(node(&fed, s.addr, 2, &srcs[2])))
+        .await
+        .unwrap();
+    assert_eq!(n.rounds_trained, 2);
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 4);
+    assert_eq!(std::fs::read(out.join("standardize.json")).unwrap(), agreed);
+    let second = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    assert_eq!(second, first);
+    let alone = pooled(&srcs[2..]);
+    assert!(
+        (first.mean[0] - alone.0[0]).abs() > 1.0,
+        "the check can tell them apart"
+    );
+}
+
+/// Local DP: every node noises its own (bounded, normalised) statistics after checking the
+/// multiplier against its own floor; the ledger row is against the server (z/2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_dp_nodes_noise_their_own_statistics_and_refuse_too_little_noise() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let bounds = "-1000:12000|-0.01:0.01|-300:300|-10:15";
+    let cfg = fed.server_config(
+        "local",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("dp.mode", "\"local\""),
+            ("dp.noise_multiplier", "4.0"),
+            ("dp.sampling_rate", "1.0"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{bounds:?}")),
+            ("standardize.noise_multiplier", "4.0"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let mut c = node(&fed, s.addr, i, &srcs[i + 1]);
+            c.dp_mode = DpMode::Local;
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    // Statistics and one update at z = 4 against the server (mu = sqrt(0.5), analytic
+    // Gaussian at delta 1e-5: 2.94323 by scipy 1.17); statistics alone (mu = 0.5): 1.99309.
+    // A retried attempt is a release of its own (more rows, more spend), so the first
+    // training row is the one with a fixed reference.
+    for c in clients {
+        let n = within(c).await.unwrap().unwrap();
+        assert!(n.rounds_trained >= 1);
+        let e = n.epsilon.unwrap();
+        assert!(e >= 2.942, "{e}");
+    }
+    let rows = &summary.ledger.rounds;
+    assert_eq!((rows[0].round, rows[0].noise_multiplier), (0, 4.0));
+    assert!(
+        (1.992..=1.9931 * 1.01).contains(&rows[0].epsilon),
+        "{rows:?}"
+    );
+    assert!(
+        (2.942..=2.9433 * 1.01).contains(&rows[1].epsilon),
+        "{rows:?}"
+    );
+    // The exact-statistics node count is operator-only; both nodes contributed.
+    assert!(summary.ledger.clients.values().all(|c| c.statistics));
+    // A node whose floor is above the statistics' multiplier refuses to send them.
+    let cfg = fed.server_config(
+        "local-floor",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "1"),
+            ("model.layers", "[4, 16, 2]"),
+            ("dp.mode", "\"local\""),
+            ("dp.noise_multiplier", "4.0"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{bounds:?}")),
+            ("standardize.noise_multiplier", "1.5"),
+            ("test_data", &format!("{test_src:?}")),
+        ],
+    );
+    let server = Server::bind(cfg).unwrap();
+    let obs = server.observatory();
+    let mut s = start(server);
+    let mut c = node(&fed, s.addr, 2, &srcs[0]);
+    c.dp_mode = DpMode::Local;
+    c.policy.min_noise_multiplier = 2.0;
+    c.give_up_after = Duration::from_secs(3);
+    let n = tokio::spawn(dpfl_client::run(c));
+    // The node answers the request for statistics with a refusal (its one answer); the
+    // server then has nothing to agree and starts no round, until shut down.
+    within(async {
+        while obs.status().nodes.get("node-3").map_or(0, |n| n.answers) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = s.shutdown.take().unwrap().send(());
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_run, 0);
+    assert!(summary.ledger.rounds.is_empty(), "nothing was released");
+    let _ = within(n).await.unwrap();
+}
+
+/// A node whose statistics cannot be those of the examples it declared at join (here: 1000
+/// rows counted, 10 declared) is refused and not counted: the transform is that of the
+/// honest nodes alone, and they train.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn implausible_statistics_are_refused_and_not_counted() {
+    use dpfl_common::wire::{self, Header, Hello, StatsReport};
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "hostile-stats",
+        &[
+            ("rounds", "2"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("standardize.enabled", "true"),
+        ],
+    );
+    let server = Server::bind(cfg).unwrap();
+    let obs = server.observatory();
+    let s = start(server);
+    // The hostile node: a hand-made QUIC peer with node-1's certificate.
+    let ep = dpfl_certs::quic::client_endpoint(
+        &dpfl_certs::Credentials::node(&fed.layout, "node-1"),
+        wire::ALPN,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let hello = Header::Hello(Hello {
+        software: "hostile-test".into(),
+        dp_mode: DpMode::None,
+        input_dim: 4,
+        num_classes: 2,
+        num_examples: 10,
+        num_eval_examples: 0,
+        class_names: Vec::new(),
+    });
+    tx.write_all(&wire::encode(&hello, &[])).await.unwrap();
+    tx.finish().unwrap();
+    let welcome = wire::decode(&rx.read_to_end(1 << 20).await.unwrap(), 1 << 20).unwrap();
+    let Header::Welcome(w) = welcome.header else {
+        panic!("not welcomed: {welcome:?}")
+    };
+    let (mut tx, mut rx) = within(conn.accept_bi()).await.unwrap();
+    let req = wire::read_message(&mut rx, 1 << 20).await.unwrap();
+    assert!(matches!(req.header, Header::StatsRequest(_)), "{req:?}");
+    let forged = StatsReport {
+        spec_hash: w.spec_hash,
+        count: vec![1000.0; 4],
+        sum: vec![1e9; 4],
+        sum_sq: vec![1e18; 4],
+        label_counts: vec![500.0, 500.0],
+        bounded: false,
+        normalized: false,
+        noised: false,
+    };
+    tx.write_all(&wire::encode(&Header::Stats(forged), &[]))
+        .await
+        .unwrap();
+    tx.finish().unwrap();
+    within(async {
+        while obs.status().nodes.get("node-1").map_or(0, |n| n.answers) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Two honest nodes: their statistics alone make the transform.
+    let clients: Vec<_> = (1..3)
+        .map(|i| tokio::spawn(dpfl_client::run(node(&fed, s.addr, i, &srcs[i]))))
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 2);
+    }
+    assert_eq!(summary.rounds_completed, 2);
+    let t = dpfl_ml::predict::ModelFile::load(&fed.out("hostile-stats").join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    let (mean, std) = pooled(&srcs[1..]);
+    for j in 0..4 {
+        assert!((t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]));
+        assert!((t.std[j] - std[j]).abs() <= 1e-7 * std[j]);
+    }
+    drop(conn);
+}
