@@ -31,9 +31,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// the node's example counts (the server bounds the weight a node may claim by them).
 /// Version 3: secure aggregation (the train request says whether the round is securely
 /// aggregated; [`Header::Held`], [`Header::SecAggRequest`] and [`Header::SecAggAnswer`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: the welcome's model spec carries its architecture ([`crate::model::Arch`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/3";
+pub const ALPN: &[u8] = b"dpfl/4";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.

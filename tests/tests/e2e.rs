@@ -1269,3 +1269,80 @@ async fn inference_on_the_saved_model_reproduces_the_servers_final_test_accuracy
     let again = dpfl_ml::predict::score(&p, &test.labels).accuracy;
     assert!((again - best).abs() < 1e-9, "{again} vs {best}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_start_is_the_first_global_model_and_a_node_of_another_model_is_refused() {
+    init_logs();
+    let fed = Federation::new(2);
+    let spec = dpfl_common::ModelSpec::new(dpfl_tests::SMALL_MODEL.to_vec()).unwrap();
+
+    // A node configured for another model is refused at join and told which model the
+    // federation trains (min_clients = 2: no round starts on this server).
+    let cfg = fed.server_config("refuse", &[("min_clients", "2")]);
+    let s = start(Server::bind(cfg).unwrap());
+    let mut wrong = fed.client(s.addr, 2, 2, 100);
+    wrong.model = Some(dpfl_common::ModelSpec::new(vec![784, 64, 10]).unwrap());
+    match within(dpfl_client::run(wrong)).await {
+        Err(NodeError::Refused(m)) => {
+            for part in ["mlp 784-32-10", "mlp 784-64-10", "--model mlp:784,32,10"] {
+                assert!(m.contains(part), "{part:?} missing from: {m}");
+            }
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    s.done.abort();
+
+    // A model trained centrally on 2000 training images: far above chance.
+    let cpu = tch::Device::Cpu;
+    let train = dpfl_ml::DataSource::FashionMnistTrain
+        .load()
+        .unwrap()
+        .take(2000);
+    let test = dpfl_ml::DataSource::FashionMnistTest
+        .load()
+        .unwrap()
+        .take(2000);
+    let mut mlp = dpfl_ml::Mlp::new(&spec, cpu).unwrap();
+    let init = init_params(&spec, 5);
+    let tc = dpfl_common::TrainConfig {
+        epochs: 3,
+        batch_size: 32,
+        lr: 0.1,
+        ..Default::default()
+    };
+    let dd = dpfl_ml::DeviceData::new(&train, &spec, cpu).unwrap();
+    let delta = mlp.train(&dd, &tc, &init).unwrap().delta;
+    let pre: Vec<f32> = init.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    let file = fed.dir.path().join("pretrained.safetensors");
+    dpfl_ml::export::save_safetensors(&spec, &pre, &file).unwrap();
+    let tdd = dpfl_ml::DeviceData::new(&test, &spec, cpu).unwrap();
+    let pre_acc = mlp.evaluate(&tdd, &pre).unwrap().accuracy;
+    let seeded_acc = mlp.evaluate(&tdd, &init_params(&spec, 0)).unwrap().accuracy;
+    assert!(pre_acc > seeded_acc + 0.3, "{seeded_acc} -> {pre_acc}");
+
+    // One round of one step at lr 1e-4 barely moves the first global model: the server's
+    // test accuracy after it is the file's, far from the seeded start's.
+    let path = format!("{:?}", file.display().to_string());
+    let cfg = fed.server_config(
+        "warm",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "1"),
+            ("strategy.min_fit_clients", "1"),
+            ("model.init_model", &path),
+            ("train.lr", "0.0001"),
+            ("train.max_steps", "1"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let mut right = fed.client(s.addr, 1, 2, 100);
+    right.model = Some(spec.clone());
+    let node = tokio::spawn(dpfl_client::run(right));
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(within(node).await.unwrap().unwrap().rounds_trained, 1);
+    let acc = summary.test_accuracy.unwrap();
+    assert!(
+        (acc - pre_acc).abs() < 0.02,
+        "after one tiny step from the warm start: {acc}, the file: {pre_acc}, seeded: {seeded_acc}"
+    );
+}
