@@ -331,8 +331,9 @@ async fn session(
         )));
     }
     dpfl_certs::quic::open_windows(&conn, dpfl_certs::quic::Windows::for_messages(limit as u64));
+    // The node's own spec when it has one (same hash; it knows where its module file is).
     worker
-        .setup(welcome.spec.clone())
+        .setup(cfg.model.clone().unwrap_or_else(|| welcome.spec.clone()))
         .await
         .map_err(Fatal::Setup)?;
     summary.node = welcome.node.clone();

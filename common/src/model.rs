@@ -53,7 +53,22 @@ pub enum Arch {
         /// Odd kernel size, e.g. 5.
         kernel: usize,
     },
+    /// A TorchScript module (`torch.jit.script(m).save(path)`): `layers` is
+    /// `[inputs, classes]` and the parameters are the module's, by their PyTorch names.
+    TorchScript {
+        /// SHA-256 of the module file: peers with another file have another spec hash.
+        sha256: [u8; 32],
+        /// The module's parameters (`fc1.weight`, ...) and shapes, sorted by name.
+        params: Vec<(String, Vec<usize>)>,
+        /// Where this process reads the module from; local, never sent nor hashed (a
+        /// spec from a peer has none).
+        #[serde(skip)]
+        path: Option<std::path::PathBuf>,
+    },
 }
+
+/// Most tensors a TorchScript spec may name.
+pub const MAX_SCRIPT_TENSORS: usize = 256;
 
 /// Why a model spec is unusable.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,6 +82,9 @@ pub enum SpecError {
     /// A convolution stack that cannot be built or does not meet the dense layers.
     #[error("convolutional model: {0}")]
     Cnn(String),
+    /// A TorchScript parameter list that cannot be laid out.
+    #[error("TorchScript model: {0}")]
+    Script(String),
 }
 
 /// One named tensor inside the flat vector.
@@ -115,6 +133,14 @@ impl std::fmt::Display for ModelSpec {
                 input[2],
                 dash(channels),
                 dash(&self.layers)
+            ),
+            Arch::TorchScript { sha256, params, .. } => write!(
+                f,
+                "torchscript sha256:{} ({} tensors, {} inputs, {} classes)",
+                short_hex(sha256),
+                params.len(),
+                self.layers[0],
+                self.outputs()
             ),
         }
     }
@@ -186,6 +212,13 @@ impl ModelSpec {
                 join(channels, ","),
                 join(&self.layers[1..], ",")
             ),
+            Arch::TorchScript { path, .. } => format!(
+                "torchscript:{}:{}:{}",
+                path.as_ref()
+                    .map_or("MODULE.pt".into(), |p| p.display().to_string()),
+                self.layers[0],
+                self.outputs()
+            ),
         }
     }
 
@@ -231,6 +264,40 @@ impl ModelSpec {
             return Err(SpecError::Shape(self.layers.clone()));
         }
         let mut total: usize = 0;
+        if let Arch::TorchScript { params, .. } = &self.arch {
+            if self.layers.len() != 2 {
+                return Err(SpecError::Shape(self.layers.clone()));
+            }
+            if params.is_empty() || params.len() > MAX_SCRIPT_TENSORS {
+                return Err(SpecError::Script(format!(
+                    "{} tensors, expected 1 to {MAX_SCRIPT_TENSORS}",
+                    params.len()
+                )));
+            }
+            for (i, (name, shape)) in params.iter().enumerate() {
+                if name.is_empty() || name.len() > 128 || shape.len() > 8 {
+                    return Err(SpecError::Script(format!(
+                        "tensor {i}: a name of 1 to 128 bytes and at most 8 dimensions"
+                    )));
+                }
+                if i > 0 && params[i - 1].0 >= *name {
+                    return Err(SpecError::Script(
+                        "tensor names must be sorted and distinct".into(),
+                    ));
+                }
+                let n = shape
+                    .iter()
+                    .try_fold(1usize, |a, d| a.checked_mul(*d))
+                    .ok_or(SpecError::TooLarge(usize::MAX))?;
+                total = total
+                    .checked_add(n)
+                    .ok_or(SpecError::TooLarge(usize::MAX))?;
+                if total > MAX_PARAMS {
+                    return Err(SpecError::TooLarge(total));
+                }
+            }
+            return Ok(());
+        }
         if let Arch::Cnn {
             input,
             channels,
@@ -278,9 +345,14 @@ impl ModelSpec {
     /// Number of input features (`channels * height * width` for a CNN).
     pub fn inputs(&self) -> usize {
         match &self.arch {
-            Arch::Mlp => self.layers[0],
+            Arch::Mlp | Arch::TorchScript { .. } => self.layers[0],
             Arch::Cnn { input, .. } => input.iter().product(),
         }
+    }
+
+    /// Whether this is a TorchScript module.
+    pub fn is_script(&self) -> bool {
+        matches!(self.arch, Arch::TorchScript { .. })
     }
 
     /// Whether this is a plain MLP.
@@ -295,6 +367,12 @@ impl ModelSpec {
 
     /// Total parameter count (199,210 for the default).
     pub fn num_params(&self) -> usize {
+        if let Arch::TorchScript { params, .. } = &self.arch {
+            return params
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+        }
         let conv: usize = self
             .conv_shapes()
             .iter()
@@ -320,7 +398,7 @@ impl ModelSpec {
     /// Weight shape `[out, in, k, k]` and bias length of each convolution (none for an MLP).
     pub fn conv_shapes(&self) -> Vec<(Vec<usize>, usize)> {
         match &self.arch {
-            Arch::Mlp => Vec::new(),
+            Arch::Mlp | Arch::TorchScript { .. } => Vec::new(),
             Arch::Cnn {
                 input,
                 channels,
@@ -342,12 +420,20 @@ impl ModelSpec {
     /// The tensors in wire order: sorted by name, each row-major.
     pub fn layout(&self) -> Vec<TensorSlot> {
         let mut named: Vec<(String, Vec<usize>)> = Vec::new();
+        if let Arch::TorchScript { params, .. } = &self.arch {
+            named.extend(params.iter().cloned());
+        }
         for (i, (w, b)) in self.conv_shapes().into_iter().enumerate() {
             let base = Self::conv_name(i);
             named.push((format!("{base}.weight"), w));
             named.push((format!("{base}.bias"), vec![b]));
         }
-        for (i, w) in self.layers.windows(2).enumerate() {
+        let dense = if self.is_script() {
+            0
+        } else {
+            self.layers.len() - 1
+        };
+        for (i, w) in self.layers.windows(2).take(dense).enumerate() {
             let base = Self::layer_name(i);
             named.push((format!("{base}.weight"), vec![w[1], w[0]]));
             named.push((format!("{base}.bias"), vec![w[1]]));
@@ -379,6 +465,14 @@ impl ModelSpec {
             Arch::Cnn { input, kernel, .. } => {
                 h.update(b"dpfl-cnn-relu-maxpool2-v1");
                 for d in input.iter().chain([kernel]) {
+                    h.update((*d as u64).to_le_bytes());
+                }
+            }
+            // The file and the interface; the layout below adds names and shapes.
+            Arch::TorchScript { sha256, .. } => {
+                h.update(b"dpfl-torchscript-v1");
+                h.update(sha256);
+                for d in &self.layers {
                     h.update((*d as u64).to_le_bytes());
                 }
             }
@@ -649,6 +743,59 @@ mod tests {
         }
         // 29x29 pools to 7x7 like 28x28: same parameters, different input, different hash.
         assert_eq!(a.num_params(), c.num_params());
+    }
+
+    #[test]
+    fn a_torchscript_spec_is_its_file_and_its_sorted_parameters() {
+        let spec = |sha: u8, params: Vec<(&str, Vec<usize>)>| ModelSpec {
+            layers: vec![4, 2],
+            arch: Arch::TorchScript {
+                sha256: [sha; 32],
+                params: params
+                    .into_iter()
+                    .map(|(n, s)| (n.to_string(), s))
+                    .collect(),
+                path: None,
+            },
+        };
+        let a = spec(1, vec![("fc.bias", vec![2]), ("fc.weight", vec![2, 4])]);
+        a.validate().unwrap();
+        assert_eq!(a.num_params(), 10);
+        assert_eq!(a.inputs(), 4);
+        assert_eq!(a.outputs(), 2);
+        let names: Vec<_> = a.layout().iter().map(|s| s.name.clone()).collect();
+        assert_eq!(names, ["fc.bias", "fc.weight"]);
+        assert_eq!(a.layout()[1].offset, 2);
+        // The file, the names, the shapes and the interface are all in the hash; where this
+        // process keeps the file is not.
+        let mut here = a.clone();
+        if let Arch::TorchScript { path, .. } = &mut here.arch {
+            *path = Some("/tmp/m.pt".into());
+        }
+        assert_eq!(here.hash(), a.hash());
+        assert_eq!(here.to_arg(), "torchscript:/tmp/m.pt:4:2");
+        let b = spec(2, vec![("fc.bias", vec![2]), ("fc.weight", vec![2, 4])]);
+        let c = spec(1, vec![("fc.bias", vec![2]), ("fc.weights", vec![2, 4])]);
+        let d = spec(1, vec![("fc.bias", vec![2]), ("fc.weight", vec![4, 2])]);
+        let mut e = a.clone();
+        e.layers = vec![4, 3];
+        for other in [&b, &c, &d, &e] {
+            assert_ne!(other.hash(), a.hash(), "{other:?}");
+        }
+        assert!(a.to_string().starts_with("torchscript sha256:010101010101"));
+        // Peers cannot announce unsorted, duplicate, empty or huge parameter lists.
+        for bad in [
+            spec(1, vec![("fc.weight", vec![2, 4]), ("fc.bias", vec![2])]),
+            spec(1, vec![("w", vec![2]), ("w", vec![2])]),
+            spec(1, vec![]),
+            spec(1, vec![("", vec![2])]),
+            spec(1, vec![("w", vec![1 << 20, 1 << 20])]),
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let mut three = a.clone();
+        three.layers = vec![4, 3, 2];
+        assert!(three.validate().is_err());
     }
 
     #[test]

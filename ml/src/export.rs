@@ -180,6 +180,13 @@ fn arch_to_meta(arch: &Arch) -> String {
             channels,
             kernel,
         } => format!("cnn:{}:{}:{kernel}", join(input), join(channels)),
+        Arch::TorchScript { sha256, .. } => format!(
+            "torchscript:{}",
+            sha256
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
     }
 }
 
@@ -195,6 +202,12 @@ fn arch_from_meta(s: &str) -> Result<Arch, ExportError> {
     }
     let parts: Vec<&str> = s.split(':').collect();
     match parts.as_slice() {
+        ["torchscript", _] => Err(ExportError::Format(
+            "a TorchScript model's file: load its tensors into the module in PyTorch \
+             (safetensors.torch.load_file, then load_state_dict), or with \
+             export::load_params_for and the module's spec"
+                .into(),
+        )),
         ["cnn", input, channels, kernel] => {
             let input: [usize; 3] = list(input)?.try_into().map_err(|_| bad())?;
             Ok(Arch::Cnn {
@@ -247,6 +260,7 @@ pub fn save_safetensors_with_metadata(
     let format = match spec.arch {
         Arch::Mlp => "dpfl-mlp-relu-v1",
         Arch::Cnn { .. } => "dpfl-cnn-relu-maxpool2-v1",
+        Arch::TorchScript { .. } => "dpfl-torchscript-v1",
     };
     meta.insert("format".to_string(), format.to_string());
     if !spec.is_mlp() {

@@ -162,8 +162,10 @@ pub struct Mlp {
     image: Option<[i64; 3]>,
     /// Zero padding of every convolution (`kernel / 2`).
     padding: i64,
-    /// (weight, bias) per dense layer, for the forward pass.
+    /// (weight, bias) per dense layer, for the forward pass (empty for TorchScript).
     layers: Vec<(Tensor, Tensor)>,
+    /// The TorchScript module whose parameters the var store holds.
+    script: Option<tch::TrainableCModule>,
     /// All variables in wire order, with their slots.
     wire: Vec<(TensorSlot, Tensor)>,
 }
@@ -181,15 +183,42 @@ impl Mlp {
             let bias = p.var("bias", &[b as i64], nn::Init::Const(0.0));
             convs.push((weight, bias));
         }
+        let script = match &spec.arch {
+            Arch::TorchScript { sha256, path, .. } => {
+                let path = path.as_ref().ok_or_else(|| {
+                    ModelError::Unsupported(format!(
+                        "the model is {spec}: this process needs the module file (--model \
+                         torchscript:PATH:INPUTS:CLASSES, or model.kind = \"torchscript\")"
+                    ))
+                })?;
+                let bytes = std::fs::read(path)
+                    .map_err(|e| ModelError::Unsupported(format!("{}: {e}", path.display())))?;
+                if crate::torchscript::sha256(&bytes) != *sha256 {
+                    return Err(ModelError::Unsupported(format!(
+                        "{} is not the module of {spec} (its SHA-256 differs)",
+                        path.display()
+                    )));
+                }
+                let mut m = tch::TrainableCModule::load_data(&mut bytes.as_slice(), vs.root())?;
+                m.f_set_train()?;
+                Some(m)
+            }
+            _ => None,
+        };
         let (image, padding) = match &spec.arch {
-            Arch::Mlp => (None, 0),
+            Arch::Mlp | Arch::TorchScript { .. } => (None, 0),
             Arch::Cnn { input, kernel, .. } => (
                 Some([input[0] as i64, input[1] as i64, input[2] as i64]),
                 (*kernel / 2) as i64,
             ),
         };
         let mut layers = Vec::new();
-        for (i, w) in spec.layers.windows(2).enumerate() {
+        let dense = if spec.is_script() {
+            0
+        } else {
+            spec.layers.len() - 1
+        };
+        for (i, w) in spec.layers.windows(2).take(dense).enumerate() {
             let p = &root / ModelSpec::layer_name(i);
             let weight = p.var("weight", &[w[1] as i64, w[0] as i64], nn::Init::Const(0.0));
             let bias = p.var("bias", &[w[1] as i64], nn::Init::Const(0.0));
@@ -198,7 +227,12 @@ impl Mlp {
         let vars = vs.variables();
         let mut wire = Vec::new();
         for slot in spec.layout() {
-            let t = vars.get(&slot.name).ok_or_else(|| {
+            // tch names a module's parameters with `_` for PyTorch's `.`.
+            let key = match script {
+                Some(_) => slot.name.replace('.', "_"),
+                None => slot.name.clone(),
+            };
+            let t = vars.get(&key).ok_or_else(|| {
                 ModelError::Diverged(format!("variable {} missing from the var store", slot.name))
             })?;
             wire.push((slot, t.shallow_clone()));
@@ -210,6 +244,7 @@ impl Mlp {
             image,
             padding,
             layers,
+            script,
             wire,
         })
     }
@@ -224,8 +259,20 @@ impl Mlp {
         self.vs.device()
     }
 
-    /// Logits for a batch.
-    pub fn forward(&self, xs: &Tensor) -> Tensor {
+    /// Logits for a batch (a TorchScript module's output must be `[batch, classes]`).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
+        if let Some(m) = &self.script {
+            let out = m.forward_ts(&[xs])?;
+            let n = xs.size().first().copied().unwrap_or(0);
+            if out.size() != [n, self.spec.outputs() as i64] {
+                return Err(ModelError::Unsupported(format!(
+                    "the module's output has shape {:?}, expected [{n}, {}]",
+                    out.size(),
+                    self.spec.outputs()
+                )));
+            }
+            return Ok(out);
+        }
         let last = self.layers.len() - 1;
         let mut h = xs.shallow_clone();
         if let Some([c, hh, ww]) = self.image {
@@ -244,7 +291,7 @@ impl Mlp {
                 h = h.relu();
             }
         }
-        h
+        Ok(h)
     }
 
     /// Loads a flat parameter vector (wire order).
@@ -335,7 +382,7 @@ impl Mlp {
                 let idx = Tensor::from_slice(chunk).to_device(device);
                 let xb = data.xs.index_select(0, &idx);
                 let yb = data.ys.index_select(0, &idx);
-                let logits = self.forward(&xb);
+                let logits = self.forward(&xb)?;
                 let mut loss = logits.cross_entropy_for_logits(&yb);
                 if cfg.prox_mu > 0.0 {
                     let mut prox = Tensor::zeros([], (Kind::Float, device));
@@ -396,7 +443,10 @@ impl Mlp {
                 num_examples: 0,
             });
         }
-        let (loss, correct) = tch::no_grad(|| {
+        if let Some(m) = &mut self.script {
+            m.f_set_eval()?;
+        }
+        let result = tch::no_grad(|| -> Result<(f64, i64), ModelError> {
             let mut loss = 0f64;
             let mut correct = 0i64;
             let n = data.len as i64;
@@ -406,7 +456,7 @@ impl Mlp {
                 let len = (n - start).min(if self.image.is_some() { 512 } else { 4096 });
                 let xb = data.xs.narrow(0, start, len);
                 let yb = data.ys.narrow(0, start, len);
-                let logits = self.forward(&xb);
+                let logits = self.forward(&xb)?;
                 loss += logits.cross_entropy_for_logits(&yb).double_value(&[]) * len as f64;
                 correct += logits
                     .argmax(-1, false)
@@ -415,8 +465,12 @@ impl Mlp {
                     .int64_value(&[]);
                 start += len;
             }
-            (loss, correct)
+            Ok((loss, correct))
         });
+        if let Some(m) = &mut self.script {
+            m.f_set_train()?;
+        }
+        let (loss, correct) = result?;
         Ok(EvalOutcome {
             loss: loss / data.len as f64,
             accuracy: correct as f64 / data.len as f64,
@@ -466,7 +520,7 @@ mod tests {
         let w1 = &spec.layout()[3]; // fc1.weight [2, 4]
         p[w1.offset] = 2.0; // fc1.weight[0][0]
         m.load(&p).unwrap();
-        let out = Vec::<f32>::try_from(m.forward(&zeros).view(-1)).unwrap();
+        let out = Vec::<f32>::try_from(m.forward(&zeros).unwrap().view(-1)).unwrap();
         assert_eq!(out, vec![2.0, 0.0]);
         assert!(matches!(m.load(&[1.0]), Err(ModelError::Length { .. })));
     }
@@ -571,7 +625,7 @@ mod tests {
         p[last_bias + 1] = -1.0;
         m.load(&p).unwrap();
         let xs = Tensor::ones([2, 64], (Kind::Float, Device::Cpu));
-        let out = Vec::<f32>::try_from(m.forward(&xs).view(-1)).unwrap();
+        let out = Vec::<f32>::try_from(m.forward(&xs).unwrap().view(-1)).unwrap();
         assert_eq!(out, vec![3.0, -1.0, 3.0, -1.0]);
 
         let data = toy_images();

@@ -82,6 +82,20 @@ pub enum ModelKind {
     Mlp,
     /// Convolutions then dense layers, `[model.cnn]`.
     Cnn,
+    /// A TorchScript module, `[model.torchscript]`.
+    TorchScript,
+}
+
+/// The TorchScript module of `model.kind = "torchscript"`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScriptConfig {
+    /// The module file (`torch.jit.script(m).save(path)`).
+    pub path: Option<PathBuf>,
+    /// Features per row the module takes (`[batch, inputs]`).
+    pub inputs: usize,
+    /// Classes (the module returns `[batch, classes]` logits).
+    pub classes: usize,
 }
 
 /// The CNN of `model.kind = "cnn"`: `kernel x kernel` convolutions (same padding, ReLU,
@@ -124,6 +138,8 @@ pub struct ModelConfig {
     pub layers: Vec<usize>,
     /// The CNN (used when `kind = "cnn"`).
     pub cnn: CnnConfig,
+    /// The TorchScript module (used when `kind = "torchscript"`).
+    pub torchscript: ScriptConfig,
     /// Seed of the initial parameters.
     pub init_seed: u64,
     /// Warm start: the first global model is this safetensors file's weights (names and
@@ -137,6 +153,7 @@ impl Default for ModelConfig {
             kind: ModelKind::Mlp,
             layers: ModelSpec::default().layers,
             cnn: CnnConfig::default(),
+            torchscript: ScriptConfig::default(),
             init_seed: 0,
             init_model: None,
         }
@@ -152,6 +169,21 @@ impl ModelConfig {
                 let c = &self.cnn;
                 ModelSpec::cnn(c.input, c.channels.clone(), c.kernel, &c.hidden, c.classes)
             }
+            ModelKind::TorchScript => {
+                let t = &self.torchscript;
+                let path = t.path.as_ref().ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "model.kind = \"torchscript\" needs model.torchscript.path".into(),
+                    )
+                })?;
+                if t.inputs == 0 || t.classes == 0 {
+                    return Err(ConfigError::Invalid(
+                        "model.torchscript.inputs and .classes must be >= 1".into(),
+                    ));
+                }
+                return dpfl_ml::torchscript::script_spec(path, t.inputs, t.classes)
+                    .map_err(|e| ConfigError::Invalid(format!("model.torchscript: {e}")));
+            }
         };
         spec.map_err(|e| ConfigError::Invalid(format!("model: {e}")))
     }
@@ -162,6 +194,9 @@ impl ModelConfig {
         match &self.init_model {
             Some(path) => dpfl_ml::export::load_params_for(spec, path)
                 .map_err(|e| ConfigError::Invalid(format!("model.init_model: {e}"))),
+            // A module starts from the weights saved in its file.
+            None if spec.is_script() => dpfl_ml::torchscript::module_params(spec)
+                .map_err(|e| ConfigError::Invalid(format!("model.torchscript: {e}"))),
             None => Ok(dpfl_common::model::init_params(spec, self.init_seed)),
         }
     }
@@ -367,7 +402,7 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("duplicate_probe_secs", None, "When a second connection presents an identity that is already connected, seconds to wait for the connected one to acknowledge a probe: a silent one is replaced (a restarted node), a live one keeps its seat and the newcomer is refused."),
     ("finished_linger_secs", None, "When the run in out_dir is already complete, seconds the server stays up to tell connecting nodes that training is over before it exits with an error."),
     ("model.layers", None, "Layer widths of the MLP, input to output."),
-    ("model.kind", None, "Network: \"mlp\" (dense layers `model.layers`) or \"cnn\" (convolutions `model.cnn`, then dense layers)."),
+    ("model.kind", None, "Network: \"mlp\" (dense layers `model.layers`), \"cnn\" (convolutions `model.cnn`, then dense layers) or \"torchscript\" (a module file, `model.torchscript`)."),
     ("model.init_seed", None, "Seed of the initial parameters."),
     ("model.init_model", Some("\"runs/pretrained/model.safetensors\""), "Warm start: the first global model is this safetensors file's weights (every tensor of the model under its name, `fc0.weight`, ..., F32, the model's shape; nothing else). Unset: a seeded initialisation (`model.init_seed`)."),
     ("model.cnn.input", None, "CNN: [channels, height, width] of one example; a row of the data is read in this order."),
@@ -375,6 +410,9 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("model.cnn.kernel", None, "CNN: kernel size of the convolutions (odd)."),
     ("model.cnn.hidden", None, "CNN: widths of the hidden dense layers after the convolutions."),
     ("model.cnn.classes", None, "CNN: number of classes."),
+    ("model.torchscript.path", Some("\"model.pt\""), "TorchScript: the module file (`torch.jit.script(m).save(path)`); its SHA-256 and parameter names and shapes are part of the spec hash, so every node must hold the same file. The first global model is its saved weights unless `model.init_model` is set."),
+    ("model.torchscript.inputs", None, "TorchScript: features per row (the module maps [batch, inputs] to [batch, classes] logits)."),
+    ("model.torchscript.classes", None, "TorchScript: number of classes."),
     ("train.epochs", None, "Local epochs per round."),
     ("train.max_steps", Some("100"), "At most this many local steps per round (overrides epochs). Unset: epochs decide."),
     ("train.batch_size", None, "Local batch size."),

@@ -1346,3 +1346,101 @@ async fn a_warm_start_is_the_first_global_model_and_a_node_of_another_model_is_r
         "after one tiny step from the warm start: {acc}, the file: {pre_acc}, seeded: {seeded_acc}"
     );
 }
+
+/// Runs the project's venv Python (made by `scripts/setup.sh`) and returns its stdout.
+fn venv_python(args: &[&std::path::Path]) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .args(args)
+        .current_dir(&root)
+        .output()
+        .expect(".venv/bin/python (scripts/setup.sh makes it)");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accuracy() {
+    init_logs();
+    let fed = Federation::new(3);
+    let dir = fed.dir.path();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let make = root.join("examples/torchscript/make_model.py");
+    let check = root.join("examples/torchscript/check.py");
+    let module = dir.join("model.pt");
+    let other = dir.join("other.pt");
+    venv_python(&[&make, &module]);
+    venv_python(&[&make, &other, std::path::Path::new("1")]);
+    let spec = dpfl_ml::torchscript::script_spec(&module, 784, 10).unwrap();
+    let other_spec = dpfl_ml::torchscript::script_spec(&other, 784, 10).unwrap();
+    // Same names and shapes, other file: another spec.
+    assert_eq!(spec.layout(), other_spec.layout());
+    assert_ne!(spec.hash(), other_spec.hash());
+    let path = format!("{:?}", module.display().to_string());
+    let script = |name: &str, extra: &[(&'static str, &'static str)]| {
+        let mut o: Vec<(&str, &str)> = vec![
+            ("model.kind", "\"torchscript\""),
+            ("model.torchscript.path", &path),
+            ("model.torchscript.inputs", "784"),
+            ("model.torchscript.classes", "10"),
+        ];
+        o.extend_from_slice(extra);
+        fed.server_config(name, &o)
+    };
+
+    // A node holding another module file is refused at join (no round starts here).
+    let s = start(Server::bind(script("refuse", &[("min_clients", "3")])).unwrap());
+    let mut wrong = fed.client(s.addr, 3, 3, 100);
+    wrong.model = Some(other_spec);
+    match within(dpfl_client::run(wrong)).await {
+        Err(NodeError::Refused(m)) => assert!(m.contains("torchscript sha256:"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    s.done.abort();
+
+    let cfg = script(
+        "script",
+        &[
+            ("rounds", "3"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("train.lr", "0.05"),
+            ("train.momentum", "0.9"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let nodes: Vec<_> = (1..=2)
+        .map(|i| {
+            let mut c = fed.client(s.addr, i, 3, 600);
+            c.model = Some(spec.clone());
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for n in nodes {
+        assert_eq!(within(n).await.unwrap().unwrap().rounds_trained, 3);
+    }
+    let acc = summary.test_accuracy.unwrap();
+    assert!(acc > 0.5, "test accuracy {acc} (chance: 0.1)");
+    // PyTorch reads the exported weights into the same module and scores the same 2000
+    // test images: the same accuracy.
+    let weights = fed.out("script").join("model.safetensors");
+    let line = venv_python(&[&check, &module, &weights]);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["examples"], 2000);
+    let correct = v["correct"].as_u64().unwrap();
+    eprintln!("torchscript: dpfl {acc}, PyTorch {correct}/2000");
+    assert!(
+        (correct as f64 - acc * 2000.0).abs() <= 1.0,
+        "PyTorch {correct}/2000 vs the server's {acc}"
+    );
+}
