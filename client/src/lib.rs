@@ -75,6 +75,10 @@ pub struct ClientConfig {
     pub log_file: Option<PathBuf>,
     /// Noise sampler for local mode.
     pub sampler: NoiseSampler,
+    /// The model this node agrees to train (`--model`, `--layers`): checked against its
+    /// data before it connects, and against the server's spec hash at join. `None`:
+    /// whatever the server announces.
+    pub model: Option<dpfl_common::ModelSpec>,
 }
 
 impl ClientConfig {
@@ -103,6 +107,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(10),
             log_file: None,
             sampler: NoiseSampler::Opendp,
+            model: None,
         }
     }
 }
@@ -227,6 +232,17 @@ pub async fn run_with_noise(
     };
     let data_dim = train.dim;
     let num_classes = train.num_classes().max(val.num_classes());
+    if let Some(spec) = &cfg.model {
+        if data_dim != spec.inputs() || num_classes > spec.outputs() {
+            return Err(NodeError::Setup(format!(
+                "{} has {data_dim} features and {num_classes} classes; the model {spec} \
+                 (--model) takes {} features and {} classes",
+                cfg.data,
+                spec.inputs(),
+                spec.outputs()
+            )));
+        }
+    }
     let device = dpfl_ml::model::parse_device(&cfg.device).map_err(|e| setup(&e))?;
     tracing::info!(
         examples = train.len(),
@@ -264,6 +280,7 @@ pub async fn run_with_noise(
             _ => Vec::new(),
         },
         log_file: cfg.log_file,
+        model: cfg.model,
     };
     node::run(ncfg, worker).await
 }

@@ -103,6 +103,16 @@ struct Args {
     /// discrete Gaussian on a power-of-two grid, ~1000x faster).
     #[arg(long, default_value = "opendp")]
     sampler: String,
+    /// The model this node agrees to train, e.g. mlp:784,200,200,10,
+    /// cnn:1x28x28:32,64:5:512,10 (input CxHxW, conv channels, kernel, dense widths to the
+    /// classes) or torchscript:model.pt:784:10 (a module file, features, classes; required
+    /// for a TorchScript federation). A server that trains another model is refused.
+    /// Default: the server's.
+    #[arg(long, conflicts_with = "layers")]
+    model: Option<String>,
+    /// Shorthand for --model mlp:W0,W1,...: MLP layer widths, inputs to classes.
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
     /// Append a JSON line per round (own epsilon, loss, timings) to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
@@ -168,6 +178,14 @@ async fn main() -> Result<()> {
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout_secs.max(3));
     cfg.log_file = a.log_file;
     cfg.sampler = a.sampler.parse()?;
+    cfg.model = match (&a.model, &a.layers) {
+        (Some(m), _) => Some(match dpfl_ml::torchscript::parse_arg(m) {
+            Some(script) => script.context("--model")?,
+            None => m.parse().context("--model")?,
+        }),
+        (None, Some(l)) => Some(dpfl_common::ModelSpec::new(l.clone()).context("--layers")?),
+        (None, None) => None,
+    };
     let s = dpfl_client::run(cfg).await?;
     println!(
         "{}: trained in {} rounds; server: {}{}",

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub class_names: Vec<String>,
     /// Where to append a JSON line per round (the node's own privacy record).
     pub log_file: Option<PathBuf>,
+    /// The model this node agrees to train (`--model`, `--layers`); `None`: whatever the
+    /// server announces. A server announcing another spec hash is refused.
+    pub model: Option<dpfl_common::ModelSpec>,
 }
 
 /// Errors that end a node.
@@ -288,6 +291,20 @@ async fn session(
             "server announced an invalid model spec".into(),
         ));
     }
+    if let Some(mine) = &cfg.model {
+        if mine.hash() != welcome.spec_hash {
+            return Err(Fatal::Refused(format!(
+                "the server trains the model {} (spec {}), this node is configured for {} \
+                 (spec {}); start the node with --model {} or ask the operator which model \
+                 the federation trains",
+                welcome.spec,
+                short_hex(&welcome.spec_hash),
+                mine,
+                short_hex(&mine.hash()),
+                welcome.spec.to_arg()
+            )));
+        }
+    }
     if welcome.dp.mode != cfg.dp_mode {
         return Err(Fatal::Refused(format!(
             "server runs dp mode `{}`, this node is configured for `{}`",
@@ -317,15 +334,16 @@ async fn session(
         )));
     }
     dpfl_certs::quic::open_windows(&conn, dpfl_certs::quic::Windows::for_messages(limit as u64));
+    // The node's own spec when it has one (same hash; it knows where its module file is).
     worker
-        .setup(welcome.spec.clone())
+        .setup(cfg.model.clone().unwrap_or_else(|| welcome.spec.clone()))
         .await
         .map_err(Fatal::Setup)?;
     summary.node = welcome.node.clone();
     *last_ok = Instant::now();
     tracing::info!(
         node = %welcome.node,
-        model = ?welcome.spec.layers,
+        model = %welcome.spec,
         spec = %short_hex(&welcome.spec_hash),
         dp = %welcome.dp.mode,
         "joined the federation"

@@ -11,4 +11,4 @@ pub mod model;
 pub mod wire;
 
 pub use config::{ClientPrivacy, ConfigError, DpMode, OptimizerKind, TrainConfig};
-pub use model::{ModelSpec, SpecHash};
+pub use model::{Arch, ModelSpec, SpecHash};

@@ -33,7 +33,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// aggregated; [`Header::Held`], [`Header::SecAggRequest`] and [`Header::SecAggAnswer`]).
 /// Version 4: the hello declares the node's class names; the statistics exchange before
 /// round 1 ([`Header::StatsRequest`], [`Header::Stats`], [`Header::Standardize`],
-/// [`Header::Standardized`]).
+/// [`Header::Standardized`]); the welcome's model spec carries its architecture
+/// ([`crate::model::Arch`]).
 pub const PROTOCOL_VERSION: u16 = 4;
 /// ALPN protocol id negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"dpfl/4";

@@ -150,6 +150,11 @@ pub fn train_batched(
     global: &[f32],
     device: Device,
 ) -> Result<Vec<Result<TrainOutcome, ModelError>>, ModelError> {
+    if !spec.is_mlp() {
+        return Err(ModelError::Unsupported(format!(
+            "batched training handles MLPs only, not {spec}"
+        )));
+    }
     if global.len() != spec.num_params() {
         return Err(ModelError::Length {
             expected: spec.num_params(),

@@ -1,8 +1,9 @@
 //! Saving and loading a global model as safetensors (readable by PyTorch, JAX, Hugging Face
-//! tools): one tensor per variable under its libtorch name, plus the layer sizes in the
-//! metadata.
+//! tools): one tensor per variable under its libtorch name, plus the layer sizes (and, for
+//! a CNN, the convolutions) in the metadata. [`load_params_for`] reads the parameters of
+//! a given spec from any safetensors file (a warm start), checking names and shapes.
 
-use dpfl_common::model::ModelSpec;
+use dpfl_common::model::{Arch, ModelSpec};
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,13 +27,207 @@ pub enum ExportError {
     },
 }
 
+/// Why a safetensors file cannot start a model (every variant names the file).
+#[derive(Debug, thiserror::Error)]
+pub enum WarmStartError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not a safetensors file.
+    #[error("{path}: not a safetensors file: {reason}")]
+    Format {
+        /// File.
+        path: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error(
+        "{path}: has no tensor `{name}`, which the model {spec} needs (the file has: {found})"
+    )]
+    Missing {
+        /// File.
+        path: String,
+        /// Missing tensor.
+        name: String,
+        /// The model.
+        spec: String,
+        /// Tensor names in the file.
+        found: String,
+    },
+    /// A tensor has another shape than the model's.
+    #[error("{path}: tensor `{name}` has shape {got:?}, the model {spec} needs {expected:?}")]
+    Shape {
+        /// File.
+        path: String,
+        /// Tensor.
+        name: String,
+        /// The model's shape.
+        expected: Vec<usize>,
+        /// The file's shape.
+        got: Vec<usize>,
+        /// The model.
+        spec: String,
+    },
+    /// A tensor is not 32-bit float.
+    #[error("{path}: tensor `{name}` is {dtype}, expected F32")]
+    Dtype {
+        /// File.
+        path: String,
+        /// Tensor.
+        name: String,
+        /// Its type.
+        dtype: String,
+    },
+    /// A tensor the model does not have (a file for another model).
+    #[error("{path}: tensor `{name}` is not part of the model {spec}")]
+    Unexpected {
+        /// File.
+        path: String,
+        /// Tensor.
+        name: String,
+        /// The model.
+        spec: String,
+    },
+    /// NaN or infinity in a tensor.
+    #[error("{path}: tensor `{name}` holds a NaN or an infinity")]
+    NonFinite {
+        /// File.
+        path: String,
+        /// Tensor.
+        name: String,
+    },
+}
+
+/// The parameters of `spec` (wire order) from a safetensors file: every tensor of the
+/// spec's layout must be present under its name (`fc0.weight`, ...) as F32 with the
+/// layout's shape, finite, and the file may hold nothing else. Metadata is ignored, so a
+/// file PyTorch wrote (`safetensors.torch.save_file(model.state_dict(), ...)` with the
+/// same names) works as well as one of ours.
+pub fn load_params_for(spec: &ModelSpec, path: &Path) -> Result<Vec<f32>, WarmStartError> {
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| WarmStartError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| WarmStartError::Format {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    let layout = spec.layout();
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    if let Some(extra) = names.iter().find(|n| !layout.iter().any(|s| &s.name == *n)) {
+        return Err(WarmStartError::Unexpected {
+            path: p,
+            name: extra.clone(),
+            spec: spec.to_string(),
+        });
+    }
+    let mut params = vec![0f32; spec.num_params()];
+    for slot in &layout {
+        let t = st.tensor(&slot.name).map_err(|_| WarmStartError::Missing {
+            path: p.clone(),
+            name: slot.name.clone(),
+            spec: spec.to_string(),
+            found: names.join(", "),
+        })?;
+        if t.dtype() != Dtype::F32 {
+            return Err(WarmStartError::Dtype {
+                path: p,
+                name: slot.name.clone(),
+                dtype: format!("{:?}", t.dtype()),
+            });
+        }
+        if t.shape() != slot.shape.as_slice() {
+            return Err(WarmStartError::Shape {
+                path: p,
+                name: slot.name.clone(),
+                expected: slot.shape.clone(),
+                got: t.shape().to_vec(),
+                spec: spec.to_string(),
+            });
+        }
+        let vals = dpfl_common::wire::f32_from_le_bytes(t.data());
+        if vals.iter().any(|v| !v.is_finite()) {
+            return Err(WarmStartError::NonFinite {
+                path: p,
+                name: slot.name.clone(),
+            });
+        }
+        params[slot.offset..slot.offset + slot.len].copy_from_slice(&vals);
+    }
+    Ok(params)
+}
+
+/// The `arch` metadata entry: `mlp`, or `cnn:C,H,W:CH1,CH2,...:KERNEL`.
+fn arch_to_meta(arch: &Arch) -> String {
+    let join = |v: &[usize]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match arch {
+        Arch::Mlp => "mlp".into(),
+        Arch::Cnn {
+            input,
+            channels,
+            kernel,
+        } => format!("cnn:{}:{}:{kernel}", join(input), join(channels)),
+        Arch::TorchScript { sha256, .. } => format!(
+            "torchscript:{}",
+            sha256
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+    }
+}
+
+fn arch_from_meta(s: &str) -> Result<Arch, ExportError> {
+    let bad = || ExportError::Format(format!("`arch` metadata {s:?} not understood"));
+    let list = |v: &str| {
+        v.split(',')
+            .map(|x| x.parse::<usize>().map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    if s == "mlp" {
+        return Ok(Arch::Mlp);
+    }
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        ["torchscript", _] => Err(ExportError::Format(
+            "a TorchScript model's file: load its tensors into the module in PyTorch \
+             (safetensors.torch.load_file, then load_state_dict), or with \
+             export::load_params_for and the module's spec"
+                .into(),
+        )),
+        ["cnn", input, channels, kernel] => {
+            let input: [usize; 3] = list(input)?.try_into().map_err(|_| bad())?;
+            Ok(Arch::Cnn {
+                input,
+                channels: list(channels)?,
+                kernel: kernel.parse().map_err(|_| bad())?,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
 /// Writes `params` (wire order) as a safetensors file, atomically (temp file + rename).
 pub fn save_safetensors(spec: &ModelSpec, params: &[f32], path: &Path) -> Result<(), ExportError> {
     save_safetensors_with_metadata(spec, params, path, &HashMap::new())
 }
 
 /// As [`save_safetensors`], with more metadata entries (the standardisation, class and
-/// feature names: `crate::predict::ModelFile`). `layers` and `format` cannot be overridden.
+/// feature names: `crate::predict::ModelFile`). `layers`, `format` and `arch` cannot be
+/// overridden.
 pub fn save_safetensors_with_metadata(
     spec: &ModelSpec,
     params: &[f32],
@@ -62,7 +257,15 @@ pub fn save_safetensors_with_metadata(
             .collect::<Vec<_>>()
             .join(","),
     );
-    meta.insert("format".to_string(), "dpfl-mlp-relu-v1".to_string());
+    let format = match spec.arch {
+        Arch::Mlp => "dpfl-mlp-relu-v1",
+        Arch::Cnn { .. } => "dpfl-cnn-relu-maxpool2-v1",
+        Arch::TorchScript { .. } => "dpfl-torchscript-v1",
+    };
+    meta.insert("format".to_string(), format.to_string());
+    if !spec.is_mlp() {
+        meta.insert("arch".to_string(), arch_to_meta(&spec.arch));
+    }
     let out = safetensors::serialize(views, &Some(meta))
         .map_err(|e| ExportError::Format(e.to_string()))?;
     let tmp = path.with_extension("safetensors.tmp");
@@ -97,7 +300,14 @@ pub fn load_safetensors_with_metadata(path: &Path) -> Result<Loaded, ExportError
         .map(|s| s.parse::<usize>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ExportError::Format(e.to_string()))?;
-    let spec = ModelSpec::new(layers).map_err(|e| ExportError::Format(e.to_string()))?;
+    // Files written before architectures existed have no `arch`: an MLP.
+    let arch = match meta.get("arch") {
+        Some(a) => arch_from_meta(a)?,
+        None => Arch::Mlp,
+    };
+    let spec = ModelSpec { layers, arch };
+    spec.validate()
+        .map_err(|e| ExportError::Format(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| ExportError::Format(e.to_string()))?;
     let mut params = vec![0f32; spec.num_params()];
@@ -136,5 +346,115 @@ mod tests {
         assert_eq!(s2, spec);
         assert_eq!(p2, params);
         assert!(save_safetensors(&spec, &params[1..], &p).is_err());
+    }
+
+    #[test]
+    fn a_cnn_round_trips_with_its_architecture() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.safetensors");
+        let spec = ModelSpec::cnn([1, 8, 8], vec![2, 3], 3, &[4], 5).unwrap();
+        let params = dpfl_common::model::init_params(&spec, 2);
+        save_safetensors(&spec, &params, &p).unwrap();
+        let (s2, p2) = load_safetensors(&p).unwrap();
+        assert_eq!(s2, spec);
+        assert_eq!(p2, params);
+        assert_eq!(load_params_for(&spec, &p).unwrap(), params);
+        for bad in ["cnn:1,8:2:3", "cnn:1,8,8:2,x:3", "rnn", "cnn:1,8,8:2:3:4"] {
+            assert!(arch_from_meta(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Writes named F32 (or F64) tensors with no metadata, as PyTorch's `save_file` would.
+    fn write_raw(path: &Path, tensors: &[(&str, Vec<usize>, bool)]) {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, shape, f64)| {
+                let n: usize = shape.iter().product();
+                vec![0u8; n * if *f64 { 8 } else { 4 }]
+            })
+            .collect();
+        let views: Vec<(String, TensorView)> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((name, shape, f64), d)| {
+                let dt = if *f64 { Dtype::F64 } else { Dtype::F32 };
+                (
+                    name.to_string(),
+                    TensorView::new(dt, shape.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_warm_start_checks_every_name_shape_and_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.safetensors");
+        let spec = ModelSpec::new(vec![3, 4, 2]).unwrap();
+        let ok = [
+            ("fc0.weight", vec![4, 3], false),
+            ("fc0.bias", vec![4], false),
+            ("fc1.weight", vec![2, 4], false),
+            ("fc1.bias", vec![2], false),
+        ];
+        write_raw(&p, &ok);
+        assert_eq!(load_params_for(&spec, &p).unwrap(), vec![0.0; 26]);
+        // Our own files load too, whatever their metadata.
+        let params: Vec<f32> = (0..26).map(|i| i as f32).collect();
+        save_safetensors(&spec, &params, &p).unwrap();
+        assert_eq!(load_params_for(&spec, &p).unwrap(), params);
+
+        write_raw(&p, &ok[..3]);
+        let e = load_params_for(&spec, &p).unwrap_err();
+        assert!(
+            matches!(&e, WarmStartError::Missing { name, .. } if name == "fc1.bias"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("w.safetensors"), "{e}");
+
+        let mut shape = ok.to_vec();
+        shape[1].1 = vec![5];
+        write_raw(&p, &shape);
+        let e = load_params_for(&spec, &p).unwrap_err();
+        assert!(
+            matches!(&e, WarmStartError::Shape { name, got, .. } if name == "fc0.bias" && got == &[5]),
+            "{e}"
+        );
+        assert!(e.to_string().contains("mlp 3-4-2"), "{e}");
+
+        let mut dtype = ok.to_vec();
+        dtype[0].2 = true;
+        write_raw(&p, &dtype);
+        assert!(matches!(
+            load_params_for(&spec, &p),
+            Err(WarmStartError::Dtype { .. })
+        ));
+
+        let mut extra = ok.to_vec();
+        extra.push(("fc2.weight", vec![1, 2], false));
+        write_raw(&p, &extra);
+        assert!(matches!(
+            load_params_for(&spec, &p),
+            Err(WarmStartError::Unexpected { name, .. }) if name == "fc2.weight"
+        ));
+
+        let mut nan = params.clone();
+        nan[7] = f32::NAN;
+        save_safetensors(&spec, &nan, &p).unwrap();
+        assert!(matches!(
+            load_params_for(&spec, &p),
+            Err(WarmStartError::NonFinite { .. })
+        ));
+
+        std::fs::write(&p, b"not a model").unwrap();
+        assert!(matches!(
+            load_params_for(&spec, &p),
+            Err(WarmStartError::Format { .. })
+        ));
+        assert!(matches!(
+            load_params_for(&spec, &dir.path().join("absent")),
+            Err(WarmStartError::Io { .. })
+        ));
     }
 }

@@ -14,6 +14,7 @@ pub mod model;
 pub mod partition;
 pub mod predict;
 pub mod standardize;
+pub mod torchscript;
 
 pub use batched::{train_batched, BatchedData};
 pub use data::{DataSource, Dataset, Shard};

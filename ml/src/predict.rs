@@ -186,7 +186,7 @@ pub fn predict(
         let xs = Tensor::from_slice(&x.features[start * x.dim..(start + len) * x.dim])
             .view([len as i64, x.dim as i64])
             .to_device(device);
-        let p = tch::no_grad(|| mlp.forward(&xs).softmax(-1, Kind::Float))
+        let p = tch::no_grad(|| mlp.forward(&xs).map(|l| l.softmax(-1, Kind::Float)))?
             .to_device(Device::Cpu)
             .contiguous();
         let flat = Vec::<f32>::try_from(p.view([-1]))

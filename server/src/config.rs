@@ -73,21 +73,144 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// Which network `[model]` describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Dense layers `model.layers`.
+    #[default]
+    Mlp,
+    /// Convolutions then dense layers, `[model.cnn]`.
+    Cnn,
+    /// A TorchScript module, `[model.torchscript]`.
+    TorchScript,
+}
+
+/// The TorchScript module of `model.kind = "torchscript"`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScriptConfig {
+    /// The module file (`torch.jit.script(m).save(path)`).
+    pub path: Option<PathBuf>,
+    /// Features per row the module takes (`[batch, inputs]`).
+    pub inputs: usize,
+    /// Classes (the module returns `[batch, classes]` logits).
+    pub classes: usize,
+}
+
+/// The CNN of `model.kind = "cnn"`: `kernel x kernel` convolutions (same padding, ReLU,
+/// 2x2 max pooling) with `channels` outputs each, then dense layers `hidden` (ReLU) and
+/// `classes` logits. The default is the CNN of the FedAvg paper for 28x28 grey images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CnnConfig {
+    /// `[channels, height, width]` of one example (rows are read in this order).
+    pub input: [usize; 3],
+    /// Output channels of each convolution.
+    pub channels: Vec<usize>,
+    /// Kernel size (odd).
+    pub kernel: usize,
+    /// Hidden dense widths after the convolutions.
+    pub hidden: Vec<usize>,
+    /// Number of classes.
+    pub classes: usize,
+}
+
+impl Default for CnnConfig {
+    fn default() -> Self {
+        Self {
+            input: [1, 28, 28],
+            channels: vec![32, 64],
+            kernel: 5,
+            hidden: vec![512],
+            classes: 10,
+        }
+    }
+}
+
 /// Model section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Layer widths, input to output.
+    /// `mlp` (the default) or `cnn`.
+    pub kind: ModelKind,
+    /// Layer widths of the MLP, input to output.
     pub layers: Vec<usize>,
+    /// The CNN (used when `kind = "cnn"`).
+    pub cnn: CnnConfig,
+    /// The TorchScript module (used when `kind = "torchscript"`).
+    pub torchscript: ScriptConfig,
     /// Seed of the initial parameters.
     pub init_seed: u64,
+    /// Warm start: the first global model is this safetensors file's weights (names and
+    /// shapes must be the model's) instead of a seeded initialisation.
+    pub init_model: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            kind: ModelKind::Mlp,
             layers: ModelSpec::default().layers,
+            cnn: CnnConfig::default(),
+            torchscript: ScriptConfig::default(),
             init_seed: 0,
+            init_model: None,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The model spec this section describes.
+    pub fn spec(&self) -> Result<ModelSpec, ConfigError> {
+        let spec = match self.kind {
+            ModelKind::Mlp => ModelSpec::new(self.layers.clone()),
+            ModelKind::Cnn => {
+                let c = &self.cnn;
+                ModelSpec::cnn(c.input, c.channels.clone(), c.kernel, &c.hidden, c.classes)
+            }
+            ModelKind::TorchScript => {
+                let t = &self.torchscript;
+                let path = t.path.as_ref().ok_or_else(|| {
+                    ConfigError::Invalid(
+                        "model.kind = \"torchscript\" needs model.torchscript.path".into(),
+                    )
+                })?;
+                if t.inputs == 0 || t.classes == 0 {
+                    return Err(ConfigError::Invalid(
+                        "model.torchscript.inputs and .classes must be >= 1".into(),
+                    ));
+                }
+                return dpfl_ml::torchscript::script_spec(path, t.inputs, t.classes)
+                    .map_err(|e| ConfigError::Invalid(format!("model.torchscript: {e}")));
+            }
+        };
+        spec.map_err(|e| ConfigError::Invalid(format!("model: {e}")))
+    }
+
+    /// The first global model: `init_model`'s weights when set (checked against the
+    /// spec), else the seeded initialisation of `init_seed`.
+    pub fn initial_params(&self, spec: &ModelSpec) -> Result<Vec<f32>, ConfigError> {
+        match &self.init_model {
+            Some(path) => dpfl_ml::export::load_params_for(spec, path)
+                .map_err(|e| ConfigError::Invalid(format!("model.init_model: {e}"))),
+            // A module starts from the weights saved in its file.
+            None if spec.is_script() => dpfl_ml::torchscript::module_params(spec)
+                .map_err(|e| ConfigError::Invalid(format!("model.torchscript: {e}"))),
+            None => Ok(dpfl_common::model::init_params(spec, self.init_seed)),
+        }
+    }
+
+    /// What a checkpoint must agree on. An MLP without a warm start reads as it did before
+    /// `kind`, `cnn` and `init_model` existed, so older checkpoints still resume.
+    pub fn fingerprint(&self) -> String {
+        if self.kind == ModelKind::Mlp && self.init_model.is_none() {
+            format!(
+                "ModelConfig {{ layers: {:?}, init_seed: {:?} }}",
+                self.layers, self.init_seed
+            )
+        } else {
+            format!("{self:?}")
         }
     }
 }
@@ -303,7 +426,17 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("duplicate_probe_secs", None, "When a second connection presents an identity that is already connected, seconds to wait for the connected one to acknowledge a probe: a silent one is replaced (a restarted node), a live one keeps its seat and the newcomer is refused."),
     ("finished_linger_secs", None, "When the run in out_dir is already complete, seconds the server stays up to tell connecting nodes that training is over before it exits with an error."),
     ("model.layers", None, "Layer widths of the MLP, input to output."),
+    ("model.kind", None, "Network: \"mlp\" (dense layers `model.layers`), \"cnn\" (convolutions `model.cnn`, then dense layers) or \"torchscript\" (a module file, `model.torchscript`)."),
     ("model.init_seed", None, "Seed of the initial parameters."),
+    ("model.init_model", Some("\"runs/pretrained/model.safetensors\""), "Warm start: the first global model is this safetensors file's weights (every tensor of the model under its name, `fc0.weight`, ..., F32, the model's shape; nothing else). Unset: a seeded initialisation (`model.init_seed`)."),
+    ("model.cnn.input", None, "CNN: [channels, height, width] of one example; a row of the data is read in this order."),
+    ("model.cnn.channels", None, "CNN: output channels of each convolution (same padding, ReLU, 2x2 max pooling)."),
+    ("model.cnn.kernel", None, "CNN: kernel size of the convolutions (odd)."),
+    ("model.cnn.hidden", None, "CNN: widths of the hidden dense layers after the convolutions."),
+    ("model.cnn.classes", None, "CNN: number of classes."),
+    ("model.torchscript.path", Some("\"model.pt\""), "TorchScript: the module file (`torch.jit.script(m).save(path)`); its SHA-256 and parameter names and shapes are part of the spec hash, so every node must hold the same file. The first global model is its saved weights unless `model.init_model` is set."),
+    ("model.torchscript.inputs", None, "TorchScript: features per row (the module maps [batch, inputs] to [batch, classes] logits)."),
+    ("model.torchscript.classes", None, "TorchScript: number of classes."),
     ("train.epochs", None, "Local epochs per round."),
     ("train.max_steps", Some("100"), "At most this many local steps per round (overrides epochs). Unset: epochs decide."),
     ("train.batch_size", None, "Local batch size."),
@@ -542,8 +675,7 @@ impl ServerConfig {
     /// Range and consistency checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        ModelSpec::new(self.model.layers.clone())
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.model.spec()?;
         if self.rounds == 0 {
             return bad("rounds must be >= 1".into());
         }
@@ -743,9 +875,8 @@ impl ServerConfig {
 
     /// The model spec.
     pub fn spec(&self) -> ModelSpec {
-        ModelSpec {
-            layers: self.model.layers.clone(),
-        }
+        // `validate` (run by `load` and by the server before anything else) checked it.
+        self.model.spec().unwrap_or_default()
     }
 
     /// The largest message read from a client: `max_message_bytes` when set, else the
@@ -764,8 +895,8 @@ impl ServerConfig {
     /// The parts of the configuration that must not change across a resume.
     pub fn fingerprint(&self) -> String {
         format!(
-            "{:?}|{:?}|{:?}|{:?}{}",
-            self.model,
+            "{}|{:?}|{:?}|{:?}{}",
+            self.model.fingerprint(),
             self.dp,
             self.strategy,
             self.train,
@@ -785,6 +916,67 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_model_section_selects_a_cnn_and_a_warm_start() {
+        let o = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = ServerConfig::load(None, &o(&[("model.kind", "\"cnn\"")])).unwrap();
+        assert_eq!(c.spec().to_arg(), "cnn:1x28x28:32,64:5:512,10");
+        assert_eq!(c.spec().num_params(), 1_663_370);
+        let small = ServerConfig::load(
+            None,
+            &o(&[
+                ("model.kind", "\"cnn\""),
+                ("model.cnn.channels", "[8, 16]"),
+                ("model.cnn.hidden", "[]"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(small.spec().to_arg(), "cnn:1x28x28:8,16:5:10");
+        assert_ne!(small.fingerprint(), c.fingerprint());
+        let bad = ServerConfig::load(
+            None,
+            &o(&[("model.kind", "\"cnn\""), ("model.cnn.kernel", "4")]),
+        );
+        assert!(matches!(bad, Err(ConfigError::Invalid(m)) if m.contains("kernel")));
+        assert!(ServerConfig::load(None, &o(&[("model.kind", "\"rnn\"")])).is_err());
+
+        // An MLP without a warm start fingerprints as before `kind` existed (old
+        // checkpoints resume).
+        let d = ServerConfig::default();
+        assert!(d
+            .fingerprint()
+            .starts_with("ModelConfig { layers: [784, 200, 200, 10], init_seed: 0 }|"));
+
+        // The warm start is read against the spec, with the file named in the error.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.safetensors");
+        let spec = ModelSpec::new(vec![4, 3]).unwrap();
+        let params: Vec<f32> = (0..15).map(|i| i as f32).collect();
+        dpfl_ml::export::save_safetensors(&spec, &params, &file).unwrap();
+        let path = format!("{:?}", file.display().to_string());
+        let warm = ServerConfig::load(
+            None,
+            &o(&[("model.layers", "[4, 3]"), ("model.init_model", &path)]),
+        )
+        .unwrap();
+        assert_eq!(warm.model.initial_params(&warm.spec()).unwrap(), params);
+        assert_ne!(warm.fingerprint(), d.fingerprint());
+        let other = ServerConfig::load(
+            None,
+            &o(&[("model.layers", "[4, 2]"), ("model.init_model", &path)]),
+        )
+        .unwrap();
+        let e = other.model.initial_params(&other.spec()).unwrap_err();
+        assert!(
+            e.to_string().contains("model.init_model") && e.to_string().contains("w.safetensors"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn secure_aggregation_is_refused_where_it_cannot_hold() {

@@ -64,6 +64,13 @@ struct Args {
     /// MLP layer widths, inputs to classes, e.g. 30,16,16,2 (key `model.layers`).
     #[arg(long, value_delimiter = ',')]
     layers: Option<Vec<usize>>,
+    /// Network: mlp or cnn (key `model.kind`; the CNN is `[model.cnn]`).
+    #[arg(long)]
+    model: Option<String>,
+    /// Warm start: the first global model is this safetensors file's weights (key
+    /// `model.init_model`).
+    #[arg(long)]
+    init_model: Option<PathBuf>,
     /// Differential privacy mode: none, local or central (key `dp.mode`).
     #[arg(long)]
     dp_mode: Option<String>,
@@ -127,6 +134,12 @@ fn overrides(a: &Args) -> Result<Vec<(String, String)>> {
     }
     if let Some(v) = &a.layers {
         o.push(("model.layers".into(), format!("{v:?}")));
+    }
+    if let Some(v) = &a.model {
+        o.push(("model.kind".into(), q(v)));
+    }
+    if let Some(v) = &a.init_model {
+        o.push(("model.init_model".into(), q(&v.display().to_string())));
     }
     if let Some(v) = &a.dp_mode {
         o.push(("dp.mode".into(), q(v)));

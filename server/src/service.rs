@@ -38,7 +38,7 @@ use crate::strategy::{self, NodeId, Strategy};
 use dpfl_certs::{Credentials, Layout};
 use dpfl_common::config::DpMode;
 use dpfl_common::dp::{GaussianNoise, OpenDpGaussian};
-use dpfl_common::model::{init_params, short_hex, ModelSpec};
+use dpfl_common::model::{short_hex, ModelSpec};
 use dpfl_common::wire::{
     self, printable, DpAgreement, Finish, Header, Message, Refusal, RefusalKind, UpdateMeta,
     Welcome,
@@ -481,8 +481,16 @@ impl Server {
             true => read_ledger_journal(&cfg.out_dir)?,
             false => None,
         };
-        let initial =
-            || Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp);
+        // Read only when no checkpoint takes its place (a resumed run needs no init file).
+        let initial = || -> Result<_, ServerError> {
+            if let Some(p) = &cfg.model.init_model {
+                tracing::info!("warm start from {}", p.display());
+            }
+            Ok(Coordinator::initial_snapshot(
+                cfg.model.initial_params(&spec)?,
+                &cfg.dp,
+            ))
+        };
         let snapshot = match (snapshot, journal) {
             (Some(mut s), Some(journal)) => {
                 if journal.extends(&s.ledger) {
@@ -518,12 +526,12 @@ impl Server {
                     "no checkpoint, but the ledger journal records releases: they stay charged \
                      and training starts again from the initial model"
                 );
-                let mut s = initial();
+                let mut s = initial()?;
                 s.ledger = journal;
                 s
             }
             (Some(s), _) => s,
-            (None, _) => initial(),
+            (None, _) => initial()?,
         };
         if snapshot.completed_rounds > 0 {
             tracing::info!(
@@ -796,7 +804,7 @@ impl Server {
         };
         tracing::info!(
             addr = %self.local_addr()?,
-            model = ?spec.layers,
+            model = %spec,
             spec = %short_hex(&spec.hash()),
             dp = %self.cfg.dp.mode,
             rounds = self.cfg.rounds,
@@ -1091,9 +1099,8 @@ impl Server {
         let global = self.coordinator.global().clone();
         self.save_model(&global, "model.safetensors")?;
         if self.cfg.dp.audit_canaries > 0 {
-            summary.audit = self
-                .coordinator
-                .audit(&init_params(spec, self.cfg.model.init_seed));
+            let init = self.cfg.model.initial_params(spec)?;
+            summary.audit = self.coordinator.audit(&init);
             if let Some(a) = &summary.audit {
                 let fmt = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.3}"));
                 let line = format!(

@@ -307,8 +307,15 @@ impl SimConfig {
                 self.batch_clients
             ));
         }
-        dpfl_common::ModelSpec::new(self.model.layers.clone())
+        let spec = self
+            .model
+            .spec()
             .map_err(|e| ExperimentError::Invalid(e.to_string()))?;
+        if self.batched && !spec.is_mlp() {
+            return bad(format!(
+                "batched = true trains MLPs only; the model is {spec} (set batched = false)"
+            ));
+        }
         self.train
             .base
             .validate()

@@ -40,7 +40,7 @@ pub fn run_experiment(
         // The final model with what inference needs (`dpfl-predict`): the transform and
         // the names of the table.
         let model = dpfl_ml::predict::ModelFile {
-            spec: dpfl_common::model::ModelSpec::new(c.config.model.layers.clone())?,
+            spec: c.config.model.spec()?,
             params: result.final_params.clone(),
             standardizer: prep.standardizer.clone(),
             class_names: prep.class_names.clone(),

@@ -65,7 +65,11 @@ pub fn standardize(
         .map(|b| Bounds::parse(b, data.dim))
         .transpose()
         .map_err(|e| SimError::Setup(e.to_string()))?;
-    let classes = cfg.model.layers.last().copied().unwrap_or(0);
+    let classes = cfg
+        .model
+        .spec()
+        .map_err(|e| SimError::Setup(e.to_string()))?
+        .outputs();
     let stats_of = |d: &Dataset| -> Result<FeatureStats, SimError> {
         match &bounds {
             Some(b) => FeatureStats::of_bounded(d, classes, b),

@@ -113,6 +113,12 @@ pub(crate) fn run_quic(
             );
             c.device = "cpu".into();
             c.dp_mode = cfg.dp.mode;
+            // Every node states the experiment's model (a TorchScript node needs the file).
+            c.model = Some(
+                cfg.model
+                    .spec()
+                    .map_err(|e| SimError::Transport(e.to_string()))?,
+            );
             // Simulated nodes take the experiment's noise as given (a real node's floor is
             // its operator's choice; see dpfl-client --min-noise-multiplier).
             c.policy.min_noise_multiplier = 0.0;
@@ -131,7 +137,12 @@ pub(crate) fn run_quic(
         }
         Ok::<_, SimError>(summary)
     })?;
-    let (_, params) = dpfl_ml::export::load_safetensors(&out.join("model.safetensors"))
+    // Read against the experiment's spec (a TorchScript file cannot describe its module).
+    let spec = cfg
+        .model
+        .spec()
+        .map_err(|e| SimError::Transport(e.to_string()))?;
+    let params = dpfl_ml::export::load_params_for(&spec, &out.join("model.safetensors"))
         .map_err(|e| SimError::Transport(e.to_string()))?;
     // The operator stream has every field (the public one, with DP on, only covered ones).
     let metrics = std::fs::read_to_string(out.join("operator").join("metrics.jsonl"))

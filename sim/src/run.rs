@@ -10,7 +10,7 @@
 use crate::experiment::{Sampler, SecureSum, SimConfig, Transport};
 use dpfl_client::worker::{privatize_outcome, train_and_privatize};
 use dpfl_common::dp::{GaussianNoise, GridGaussian, OpenDpGaussian, SimulationGaussian};
-use dpfl_common::model::{init_params, ModelSpec};
+use dpfl_common::model::ModelSpec;
 use dpfl_ml::partition::{self, derive_seed, PartitionKind};
 use dpfl_ml::{train_batched, BatchedData, DataSource, Dataset, DeviceData, Mlp};
 use dpfl_server::coordinator::{
@@ -490,8 +490,10 @@ fn run_memory(
     progress: &mut dyn FnMut(u64),
 ) -> Result<RunResult, SimError> {
     let started = Instant::now();
-    let spec =
-        ModelSpec::new(cfg.model.layers.clone()).map_err(|e| SimError::Setup(e.to_string()))?;
+    let spec = cfg
+        .model
+        .spec()
+        .map_err(|e| SimError::Setup(e.to_string()))?;
     let strategy = strategy::build(
         cfg.strategy.clone(),
         cfg.train.clone(),
@@ -527,7 +529,11 @@ fn run_memory(
             cfg.secagg.settings(1, distributed)
         }),
     };
-    let snapshot = Coordinator::initial_snapshot(init_params(&spec, cfg.model.init_seed), &cfg.dp);
+    let initial = cfg
+        .model
+        .initial_params(&spec)
+        .map_err(|e| SimError::Setup(e.to_string()))?;
+    let snapshot = Coordinator::initial_snapshot(initial, &cfg.dp);
     let mut coord = Coordinator::new(ccfg, strategy, snapshot).map_err(SimError::Setup)?;
     let index: std::collections::HashMap<&str, usize> = pop
         .names

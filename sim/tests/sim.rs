@@ -791,3 +791,98 @@ delta = 1e-5
         );
     }
 }
+
+/// A small CNN (two 5x5 convolutions of 8 and 16 channels, a 64-wide dense layer) on
+/// Fashion-MNIST: 4 clients of 500 images, 4 rounds of 2 local epochs. Seen on a loaded
+/// 2-core machine: test accuracy 0.78 in 6 s.
+const CNN: &str = r#"
+name = "cnn"
+rounds = 4
+seed = 1
+test_limit = 1000
+threads = 2
+[model]
+kind = "cnn"
+[model.cnn]
+channels = [8, 16]
+hidden = [64]
+[population]
+clients = 4
+examples_per_client = 500
+[train]
+epochs = 2
+batch_size = 20
+lr = 0.05
+momentum = 0.9
+[strategy]
+min_fit_clients = 4
+"#;
+
+#[test]
+fn a_cnn_learns_fashion_mnist_in_the_simulator() {
+    let cs = expand(CNN, &[]).unwrap();
+    let cfg = &cs[0].config;
+    let spec = cfg.model.spec().unwrap();
+    assert_eq!(spec.to_arg(), "cnn:1x28x28:8,16:5:64,10");
+    let t0 = std::time::Instant::now();
+    let r = dpfl_sim::run::run(cfg, &mut |_| {}).unwrap();
+    let acc = r.final_accuracy().unwrap();
+    eprintln!(
+        "cnn {spec}: test accuracy {acc:.4} after {} rounds in {:.1}s",
+        r.rounds,
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.rounds, 4);
+    assert_eq!(r.final_params.len(), spec.num_params());
+    // Chance is 0.1.
+    assert!(acc >= 0.6, "accuracy {acc}");
+    // A batched simulation cannot run it: refused before anything runs.
+    let batched = expand(CNN, &[("batched".into(), "true".into())]);
+    assert!(
+        matches!(&batched, Err(e) if e.to_string().contains("batched")),
+        "{:?}",
+        batched.err()
+    );
+}
+
+#[test]
+fn the_simulator_starts_from_a_warm_start_file() {
+    let text = r#"
+name = "warm"
+rounds = 1
+seed = 2
+test_limit = 200
+[model]
+layers = [784, 16, 10]
+[population]
+clients = 2
+examples_per_client = 40
+[train]
+batch_size = 10
+lr = 0.0001
+max_steps = 1
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("start.safetensors");
+    let spec = dpfl_common::ModelSpec::new(vec![784, 16, 10]).unwrap();
+    let start = dpfl_common::model::init_params(&spec, 99);
+    dpfl_ml::export::save_safetensors(&spec, &start, &file).unwrap();
+    let path = format!("{:?}", file.display().to_string());
+    let cs = expand(text, &[("model.init_model".into(), path)]).unwrap();
+    let r = dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap();
+    let dist = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let seeded = dpfl_common::model::init_params(&spec, 0);
+    assert!(dist(&r.final_params, &start) < 1e-3);
+    assert!(dist(&seeded, &start) > 0.01);
+    // A file of another model is refused with its name and the mismatch.
+    let other = dpfl_common::ModelSpec::new(vec![784, 8, 10]).unwrap();
+    dpfl_ml::export::save_safetensors(&other, &dpfl_common::model::init_params(&other, 1), &file)
+        .unwrap();
+    let e = dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("start.safetensors"), "{e}");
+}

@@ -1270,3 +1270,178 @@ async fn inference_on_the_saved_model_reproduces_the_servers_final_test_accuracy
     let again = dpfl_ml::predict::score(&p, &test.labels).accuracy;
     assert!((again - best).abs() < 1e-9, "{again} vs {best}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warm_start_is_the_first_global_model_and_a_node_of_another_model_is_refused() {
+    init_logs();
+    let fed = Federation::new(2);
+    let spec = dpfl_common::ModelSpec::new(dpfl_tests::SMALL_MODEL.to_vec()).unwrap();
+
+    // A node configured for another model is refused at join and told which model the
+    // federation trains (min_clients = 2: no round starts on this server).
+    let cfg = fed.server_config("refuse", &[("min_clients", "2")]);
+    let s = start(Server::bind(cfg).unwrap());
+    let mut wrong = fed.client(s.addr, 2, 2, 100);
+    wrong.model = Some(dpfl_common::ModelSpec::new(vec![784, 64, 10]).unwrap());
+    match within(dpfl_client::run(wrong)).await {
+        Err(NodeError::Refused(m)) => {
+            for part in ["mlp 784-32-10", "mlp 784-64-10", "--model mlp:784,32,10"] {
+                assert!(m.contains(part), "{part:?} missing from: {m}");
+            }
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    s.done.abort();
+
+    // A model trained centrally on 2000 training images: far above chance.
+    let cpu = tch::Device::Cpu;
+    let train = dpfl_ml::DataSource::FashionMnistTrain
+        .load()
+        .unwrap()
+        .take(2000);
+    let test = dpfl_ml::DataSource::FashionMnistTest
+        .load()
+        .unwrap()
+        .take(2000);
+    let mut mlp = dpfl_ml::Mlp::new(&spec, cpu).unwrap();
+    let init = init_params(&spec, 5);
+    let tc = dpfl_common::TrainConfig {
+        epochs: 3,
+        batch_size: 32,
+        lr: 0.1,
+        ..Default::default()
+    };
+    let dd = dpfl_ml::DeviceData::new(&train, &spec, cpu).unwrap();
+    let delta = mlp.train(&dd, &tc, &init).unwrap().delta;
+    let pre: Vec<f32> = init.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    let file = fed.dir.path().join("pretrained.safetensors");
+    dpfl_ml::export::save_safetensors(&spec, &pre, &file).unwrap();
+    let tdd = dpfl_ml::DeviceData::new(&test, &spec, cpu).unwrap();
+    let pre_acc = mlp.evaluate(&tdd, &pre).unwrap().accuracy;
+    let seeded_acc = mlp.evaluate(&tdd, &init_params(&spec, 0)).unwrap().accuracy;
+    assert!(pre_acc > seeded_acc + 0.3, "{seeded_acc} -> {pre_acc}");
+
+    // One round of one step at lr 1e-4 barely moves the first global model: the server's
+    // test accuracy after it is the file's, far from the seeded start's.
+    let path = format!("{:?}", file.display().to_string());
+    let cfg = fed.server_config(
+        "warm",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "1"),
+            ("strategy.min_fit_clients", "1"),
+            ("model.init_model", &path),
+            ("train.lr", "0.0001"),
+            ("train.max_steps", "1"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let mut right = fed.client(s.addr, 1, 2, 100);
+    right.model = Some(spec.clone());
+    let node = tokio::spawn(dpfl_client::run(right));
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(within(node).await.unwrap().unwrap().rounds_trained, 1);
+    let acc = summary.test_accuracy.unwrap();
+    assert!(
+        (acc - pre_acc).abs() < 0.02,
+        "after one tiny step from the warm start: {acc}, the file: {pre_acc}, seeded: {seeded_acc}"
+    );
+}
+
+/// Runs the project's venv Python (made by `scripts/setup.sh`) and returns its stdout.
+fn venv_python(args: &[&std::path::Path]) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .args(args)
+        .current_dir(&root)
+        .output()
+        .expect(".venv/bin/python (scripts/setup.sh makes it)");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accuracy() {
+    init_logs();
+    let fed = Federation::new(3);
+    let dir = fed.dir.path();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let make = root.join("examples/torchscript/make_model.py");
+    let check = root.join("examples/torchscript/check.py");
+    let module = dir.join("model.pt");
+    let other = dir.join("other.pt");
+    venv_python(&[&make, &module]);
+    venv_python(&[&make, &other, std::path::Path::new("1")]);
+    let spec = dpfl_ml::torchscript::script_spec(&module, 784, 10).unwrap();
+    let other_spec = dpfl_ml::torchscript::script_spec(&other, 784, 10).unwrap();
+    // Same names and shapes, other file: another spec.
+    assert_eq!(spec.layout(), other_spec.layout());
+    assert_ne!(spec.hash(), other_spec.hash());
+    let path = format!("{:?}", module.display().to_string());
+    let script = |name: &str, extra: &[(&'static str, &'static str)]| {
+        let mut o: Vec<(&str, &str)> = vec![
+            ("model.kind", "\"torchscript\""),
+            ("model.torchscript.path", &path),
+            ("model.torchscript.inputs", "784"),
+            ("model.torchscript.classes", "10"),
+        ];
+        o.extend_from_slice(extra);
+        fed.server_config(name, &o)
+    };
+
+    // A node holding another module file is refused at join (no round starts here).
+    let s = start(Server::bind(script("refuse", &[("min_clients", "3")])).unwrap());
+    let mut wrong = fed.client(s.addr, 3, 3, 100);
+    wrong.model = Some(other_spec);
+    match within(dpfl_client::run(wrong)).await {
+        Err(NodeError::Refused(m)) => assert!(m.contains("torchscript sha256:"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    s.done.abort();
+
+    let cfg = script(
+        "script",
+        &[
+            ("rounds", "3"),
+            ("min_clients", "2"),
+            ("strategy.min_fit_clients", "2"),
+            ("train.lr", "0.05"),
+            ("train.momentum", "0.9"),
+        ],
+    );
+    let s = start(Server::bind(cfg).unwrap());
+    let nodes: Vec<_> = (1..=2)
+        .map(|i| {
+            let mut c = fed.client(s.addr, i, 3, 600);
+            c.model = Some(spec.clone());
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for n in nodes {
+        assert_eq!(within(n).await.unwrap().unwrap().rounds_trained, 3);
+    }
+    let acc = summary.test_accuracy.unwrap();
+    assert!(acc > 0.5, "test accuracy {acc} (chance: 0.1)");
+    // PyTorch reads the exported weights into the same module and scores the same 2000
+    // test images: the same accuracy.
+    let weights = fed.out("script").join("model.safetensors");
+    let line = venv_python(&[&check, &module, &weights]);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["examples"], 2000);
+    let correct = v["correct"].as_u64().unwrap();
+    eprintln!("torchscript: dpfl {acc}, PyTorch {correct}/2000");
+    assert!(
+        (correct as f64 - acc * 2000.0).abs() <= 1.0,
+        "PyTorch {correct}/2000 vs the server's {acc}"
+    );
+}
