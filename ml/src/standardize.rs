@@ -25,6 +25,8 @@ use std::collections::HashMap;
 
 /// Smallest standard deviation used; constant features are divided by 1 instead.
 pub const MIN_STD: f64 = 1e-8;
+/// Smallest unit variance (on the public range) of a bounded feature: (1 % of the range)^2.
+const MIN_UNIT_VAR: f64 = 1e-4;
 
 /// Errors of federated standardisation.
 #[derive(Debug, thiserror::Error)]
@@ -344,7 +346,8 @@ pub struct Standardizer {
 impl Standardizer {
     /// Mean and standard deviation from combined (possibly noisy) statistics. Noisy
     /// values are projected back onto what is possible: a count of at least 1, a unit
-    /// mean in `[0, 1]`, a unit variance in `[0, 1/4]`.
+    /// mean in `[0, 1]`, a unit variance in `[1e-4, 1/4]` (1/12, the uniform's, when the
+    /// noise drove it to 0 or below). Post-processing: no privacy cost.
     pub fn from_stats(
         stats: &FeatureStats,
         bounds: Option<&Bounds>,
@@ -372,7 +375,15 @@ impl Standardizer {
             let mut var = stats.sum_sq[j] / n - m * m;
             if let Some(b) = bounds {
                 m = m.clamp(0.0, 1.0);
-                var = var.clamp(0.0, 0.25);
+                // A noisy variance at or below 0 carries no information: fall back to the
+                // uniform distribution's 1/12 on the public range, not to a raw 1.0 (which,
+                // for a range of hundreds, multiplied the feature by hundreds and made
+                // training diverge); a positive one is floored at (1 % of the range)^2.
+                var = if var <= 0.0 {
+                    1.0 / 12.0
+                } else {
+                    var.clamp(MIN_UNIT_VAR, 0.25)
+                };
                 let w = b.hi[j] - b.lo[j];
                 mean.push(b.lo[j] + m * w);
                 std.push(var.sqrt() * w);
@@ -594,6 +605,38 @@ pub fn chance_level_warning(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn noisy_bounded_variances_never_blow_features_up() {
+        // Three features on [-300, 300] (width 600): a noisy unit variance below 0 (no
+        // information: the uniform's 1/12), a tiny positive one (floored at 1 % of the
+        // range) and a sound one (kept).
+        let b = Bounds::new(vec![-300.0; 3], vec![300.0; 3]).unwrap();
+        let stats = FeatureStats {
+            count: vec![3.0; 3],
+            sum: vec![1.5; 3],
+            // unit mean 0.5: variances -0.1, 1e-9, 0.04
+            sum_sq: vec![3.0 * (0.25 - 0.1), 3.0 * (0.25 + 1e-9), 3.0 * (0.25 + 0.04)],
+            label_counts: vec![],
+            bounded: true,
+        };
+        let s = Standardizer::from_stats(&stats, Some(&b)).unwrap();
+        assert!(
+            (s.std[0] - 600.0 / 12f64.sqrt()).abs() < 1e-9,
+            "{:?}",
+            s.std
+        );
+        assert!((s.std[1] - 6.0).abs() < 1e-9, "{:?}", s.std);
+        assert!((s.std[2] - 120.0).abs() < 1e-9, "{:?}", s.std);
+        // Any value in the range maps to at most range / std: 100 at the floor.
+        let mut d = Dataset::new(vec![300.0, 300.0, 300.0], vec![0], 3).unwrap();
+        s.apply(&mut d).unwrap();
+        assert!(
+            d.features.iter().all(|v| v.abs() <= 100.0 + 1e-3),
+            "{:?}",
+            d.features
+        );
+    }
 
     fn table(n: usize, seed: u64) -> Dataset {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
