@@ -216,6 +216,23 @@ impl Ledger {
         }
     }
 
+    /// `distributed` mode: the [`DistributedLedger`], created at the first round; the
+    /// parameters must stay those it was created with.
+    fn distributed_ledger(
+        &mut self,
+        params: &DistributedParams,
+    ) -> Result<&mut DistributedLedger, DistributedLedgerError> {
+        let d = match self.distributed.take() {
+            Some(d) => d,
+            None => DistributedLedger::new(*params, self.delta)?,
+        };
+        let d = self.distributed.insert(d);
+        if d.params != *params {
+            return Err(DistributedLedgerError::ParamsChanged);
+        }
+        Ok(d)
+    }
+
     /// `distributed` mode: records a released sum of `contributors` at the round's public
     /// parameters in the [`DistributedLedger`] (both labelled epsilons), and a row whose
     /// epsilon is the one against observers of the models. The parameters must stay those
@@ -228,15 +245,7 @@ impl Ledger {
         contributors: &[NodeId],
         flip: f64,
     ) -> Result<DistributedEpsilons, DistributedLedgerError> {
-        let d = match &mut self.distributed {
-            Some(d) => d,
-            None => self
-                .distributed
-                .insert(DistributedLedger::new(*params, self.delta)?),
-        };
-        if d.params != *params {
-            return Err(DistributedLedgerError::ParamsChanged);
-        }
+        let d = self.distributed_ledger(params)?;
         let eps = d.record(round, p.sampling_rate, flip, contributors)?;
         let mut row = Self::row(round, p, contributors.len());
         row.epsilon = eps.model_observers;
@@ -272,15 +281,7 @@ impl Ledger {
         params: &DistributedParams,
         flip: f64,
     ) -> Result<DistributedEpsilons, DistributedLedgerError> {
-        let d = match &mut self.distributed {
-            Some(d) => d,
-            None => self
-                .distributed
-                .insert(DistributedLedger::new(*params, self.delta)?),
-        };
-        if d.params != *params {
-            return Err(DistributedLedgerError::ParamsChanged);
-        }
+        let d = self.distributed_ledger(params)?;
         d.record_unreleased(round, flip)
     }
 

@@ -167,11 +167,7 @@ impl SimSecAgg {
         bits: u8,
         threads: usize,
     ) -> Result<Vec<u64>, String> {
-        let mask = if bits >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
+        let mask = ring_mask(bits);
         let participants = u32::try_from(nodes.len()).map_err(|e| e.to_string())?;
         let fold = |chunk: &[String]| -> Result<Vec<u64>, String> {
             let mut sum: Vec<u64> = Vec::new();
@@ -183,9 +179,7 @@ impl SimSecAgg {
                 if x.len() != sum.len() {
                     return Err(format!("{n} encoded {} values, not {}", x.len(), sum.len()));
                 }
-                for (a, b) in sum.iter_mut().zip(&x) {
-                    *a = a.wrapping_add(*b) & mask;
-                }
+                add_mod(&mut sum, &x, mask);
             }
             Ok(sum)
         };
@@ -212,9 +206,7 @@ impl SimSecAgg {
             if p.len() != sum.len() {
                 return Err("encoded inputs of different lengths".into());
             }
-            for (a, b) in sum.iter_mut().zip(&p) {
-                *a = a.wrapping_add(*b) & mask;
-            }
+            add_mod(&mut sum, &p, mask);
         }
         Ok(sum)
     }
@@ -222,21 +214,31 @@ impl SimSecAgg {
     /// SHA-256 (as the coordinator's report) of the plaintext sum mod 2^`bits` of the
     /// inputs `survivors` encoded; `None` if one of them encoded nothing.
     pub(crate) fn plaintext_digest(&self, survivors: &[String], bits: u8) -> Option<[u8; 32]> {
-        let mask = if bits == 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        };
+        let mask = ring_mask(bits);
         let mut sum: Vec<u64> = Vec::new();
         for s in survivors {
             let x = self.encoded.get(s)?;
             if sum.is_empty() {
                 sum = vec![0; x.len()];
             }
-            for (a, b) in sum.iter_mut().zip(x) {
-                *a = a.wrapping_add(*b) & mask;
-            }
+            add_mod(&mut sum, x, mask);
         }
         Some(dpfl_server::coordinator::sum_digest(&sum))
+    }
+}
+
+/// `sum += x` coordinate-wise, mod 2^b (`mask` = 2^b - 1).
+fn add_mod(sum: &mut [u64], x: &[u64], mask: u64) {
+    for (a, b) in sum.iter_mut().zip(x) {
+        *a = a.wrapping_add(*b) & mask;
+    }
+}
+
+/// 2^b - 1: the ring Z/2^b's values as a bit mask.
+fn ring_mask(bits: u8) -> u64 {
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
     }
 }
