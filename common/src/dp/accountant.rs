@@ -270,6 +270,10 @@ pub fn zcdp_epsilon(multipliers: &[f64], delta: f64) -> Result<f64, AccountError
 /// As [`zcdp_epsilon`] for `(z, n)` groups: `n` rounds at multiplier `z` each. Memory and
 /// time do not depend on `n` (a billion rounds cost what one does).
 pub fn zcdp_epsilon_grouped(groups: &[(f64, u64)], delta: f64) -> Result<f64, AccountError> {
+    super::hook::with_opendp(|| zcdp_epsilon_unguarded(groups, delta))
+}
+
+fn zcdp_epsilon_unguarded(groups: &[(f64, u64)], delta: f64) -> Result<f64, AccountError> {
     check_delta(delta)?;
     let od = |e: opendp::error::Error| AccountError::OpenDp(e.to_string());
     // n identical Gaussian rounds have rho = n / (2 z^2), the rho of one round with

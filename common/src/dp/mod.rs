@@ -12,6 +12,7 @@ mod dd;
 pub mod distributed;
 pub mod encoding;
 pub mod grid;
+pub mod hook;
 pub mod noise;
 pub mod pld;
 pub mod skellam;

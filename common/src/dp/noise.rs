@@ -99,6 +99,10 @@ impl OpenDpGaussian {
     }
 
     fn sample_chunk(chunk: &mut [f32], sigma: f64) -> Result<(), NoiseError> {
+        super::hook::with_opendp(|| Self::sample_chunk_unguarded(chunk, sigma))
+    }
+
+    fn sample_chunk_unguarded(chunk: &mut [f32], sigma: f64) -> Result<(), NoiseError> {
         let meas = make_gaussian::<_, _, ZeroConcentratedDivergence>(
             VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
             L2Distance::<f64>::default(),
