@@ -760,10 +760,94 @@ fn bench_sim(
         b_bat,
         "s",
         Some((b_seq, "one by one, this run")),
-        "<= 1/3 of one by one",
-        Some(b_bat <= b_seq / 3.0),
+        "",
+        None,
+    );
+    // The issue's target for this shape is 3x faster than 12 s per configuration (100
+    // rounds) when it was filed: quoted, not measured here. What this CPU allows is
+    // measured: the same 600 steps of B = 10 a round holds, trained with no framework.
+    let floor = b_shape_training_floor()?;
+    t.push(
+        "b shape: training floor a round (600 steps B=10)",
+        floor,
+        "s",
+        Some((b_seq, "one by one, this run")),
+        "",
+        None,
+    );
+    let best = b_seq.min(b_bat) * 100.0;
+    t.push(
+        "b shape: a configuration (100 rounds), best",
+        best,
+        "s",
+        Some((12.0, "quoted (issue 17)")),
+        "<= 4 s (1/3 of quoted)",
+        Some(best <= 4.0),
+    );
+    t.push(
+        "b shape: training floor x 100 rounds",
+        floor * 100.0,
+        "s",
+        Some((4.0, "the 3x target")),
+        "",
+        None,
     );
     Ok(flower)
+}
+
+/// Seconds of training one round of experiment (b)'s shape holds, with nothing around it:
+/// 100 clients x 60 examples at B = 10 are 600 steps of 10 examples; two threads (one per
+/// core, one torch thread each) each train 300 of them on one model. Median of 3 after a
+/// warm-up. No simulator can train that round faster on this machine with this model and
+/// batch size unless it changes the arithmetic.
+fn b_shape_training_floor() -> anyhow::Result<f64> {
+    const REPS: usize = 4; // the first is a warm-up
+    let spec = dpfl_common::ModelSpec::default();
+    let data = dpfl_ml::DataSource::FashionMnistTrain.load()?.take(3000);
+    let cfg = dpfl_common::TrainConfig {
+        batch_size: 10,
+        ..dpfl_common::TrainConfig::default()
+    };
+    let init = dpfl_common::model::init_params(&spec, 0);
+    dpfl_ml::model::set_threads(1);
+    // Each thread owns its model and tensors (tch's are not Sync); a barrier starts every
+    // repetition on both threads at once, and a repetition lasts until both are done.
+    let barrier = std::sync::Barrier::new(2);
+    let train = || -> anyhow::Result<Vec<f64>> {
+        let mut setup = dpfl_ml::DeviceData::new(&data, &spec, tch::Device::Cpu)
+            .and_then(|dd| Ok((dd, dpfl_ml::Mlp::new(&spec, tch::Device::Cpu)?)));
+        let mut ends = Vec::with_capacity(REPS);
+        let mut failed = None;
+        for _ in 0..REPS {
+            // Every repetition's barrier is met even after a failure, so the other
+            // thread never waits forever.
+            barrier.wait();
+            if let (Ok((dd, mlp)), None) = (&mut setup, &failed) {
+                let t0 = Instant::now();
+                match mlp.train(dd, &cfg, &init) {
+                    Ok(_) => ends.push(t0.elapsed().as_secs_f64()),
+                    Err(e) => failed = Some(e),
+                }
+            }
+        }
+        setup?;
+        failed.map_or(Ok(ends), |e| Err(e.into()))
+    };
+    let per_thread: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let handles = [s.spawn(train), s.spawn(train)];
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("b-shape floor: a training thread panicked"))?
+            })
+            .collect::<anyhow::Result<_>>()
+    })?;
+    let mut reps: Vec<f64> = (1..REPS)
+        .map(|r| per_thread.iter().map(|t| t[r]).fold(0.0, f64::max))
+        .collect();
+    reps.sort_by(f64::total_cmp);
+    Ok(reps[reps.len() / 2])
 }
 
 /// What one run of the main job measured.
@@ -912,6 +996,12 @@ fn main() -> anyhow::Result<()> {
             None,
         );
         bench_main_job_secure(&mut t, &root, plain.round, plain.accuracy)?;
+        return Ok(());
+    }
+    if std::env::args().any(|a| a == "--sim-only") {
+        // The simulator's rows alone (and Flower's with --with-flower).
+        let with_flower = std::env::args().any(|a| a == "--with-flower");
+        bench_sim(&mut t, &root, with_flower)?;
         return Ok(());
     }
     bench_codec(&mut t);
