@@ -860,13 +860,15 @@ impl ServerConfig {
         if self.dp.mode.is_private() {
             if st.bounds.is_none() || st.noise_multiplier <= 0.0 {
                 return bad(
-                    "standardize with DP on needs standardize.bounds and a positive                      standardize.noise_multiplier: the statistics are a release too"
+                    "standardize with DP on needs standardize.bounds and a positive \
+                     standardize.noise_multiplier: the statistics are a release too"
                         .into(),
                 );
             }
         } else if st.noise_multiplier > 0.0 {
             return bad(
-                "standardize.noise_multiplier is for DP on (dp.mode central or local); with                  dp.mode none the statistics are exact"
+                "standardize.noise_multiplier is for DP on (dp.mode central or local); with \
+                 dp.mode none the statistics are exact"
                     .into(),
             );
         }
@@ -1028,6 +1030,11 @@ mod tests {
         assert!(err(&[central[0], z[0]]).contains("bounds"));
         // DP off: exact statistics, no noise.
         assert!(err(&z).contains("dp.mode none"));
+        // Each message reads as one sentence (a literal broken without `\` kept the
+        // next line's indentation as a run of spaces).
+        assert!(err(&[central[0], bounded[0]])
+            .contains("needs standardize.bounds and a positive standardize.noise_multiplier:"));
+        assert!(err(&z).contains("(dp.mode central or local); with dp.mode none the"));
         // Bounds for another number of features, or not ranges.
         assert!(err(&[("standardize.bounds", "\"0:1|0:1|0:1\"")]).contains("standardize.bounds"));
         assert!(err(&[("standardize.bounds", "\"1:0\"")]).contains("standardize.bounds"));
