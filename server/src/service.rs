@@ -394,6 +394,8 @@ pub struct Server {
     progress: ChanceWatch,
     /// Class and feature names of a CSV test table, saved with the model for inference.
     names: (Vec<String>, Vec<String>),
+    /// The federation's class names (the test table's, else the first node's), durable.
+    classes: Arc<crate::classes::FederationClasses>,
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
     out: PathBuf,
     pins: Arc<Mutex<Pins>>,
@@ -607,6 +609,14 @@ impl Server {
             }
             None => None,
         };
+        let classes = crate::classes::FederationClasses::open(
+            cfg.out_dir
+                .join("operator")
+                .join(crate::classes::CLASSES_FILE),
+            names.0.clone(),
+            cfg.resume,
+        )
+        .map_err(|e| ServerError::Io(e.to_string()))?;
         let (prep, test_raw, evaluator) = match (cfg.standardize.enabled, evaluator) {
             (false, data) => (
                 None,
@@ -705,6 +715,7 @@ impl Server {
             evaluator,
             progress,
             names,
+            classes: Arc::new(classes),
             observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
@@ -766,7 +777,7 @@ impl Server {
                 pins: self.pins.clone(),
                 obs: self.obs.clone(),
                 seats: self.seats.clone(),
-                classes: Arc::new(Mutex::new(self.names.0.clone())),
+                classes: self.classes.clone(),
             },
         ));
         let (http_stop, http_task) = self.serve_http();
@@ -2006,6 +2017,7 @@ fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
         out.join("checkpoint.bin"),
         out.join("operator").join("ledger.json"),
         out.join(STANDARDIZE_FILE),
+        out.join("operator").join(crate::classes::CLASSES_FILE),
     ] {
         if path.exists() {
             let mut aside = path.clone().into_os_string();
@@ -2410,8 +2422,8 @@ struct Shared {
     obs: Arc<Observatory>,
     seats: Arc<Seats>,
     /// The federation's class names: the CSV test table's, else the first admitted node's
-    /// list (empty: none declared yet).
-    classes: Arc<Mutex<Vec<String>>>,
+    /// list (empty: none declared yet), kept in `operator/classes.json`.
+    classes: Arc<crate::classes::FederationClasses>,
 }
 
 /// The refusal log, with every count also in the metrics.
@@ -2834,12 +2846,13 @@ fn check_hello(
         );
     }
     // Class names (string labels, `classes=`): the same list in the same order as the
-    // federation's, or a label index would mean another class on this node.
-    let federation_classes = match classes.lock() {
-        Ok(c) => c.clone(),
-        Err(_) => return refuse(RefusalKind::Unavailable, "class list lock poisoned".into()),
+    // federation's, or a label index would mean another class on this node. Held locked
+    // until this hello is decided, so two nodes joining at once cannot both set the list.
+    let mut federation_classes = match classes.lock() {
+        Ok(c) => c,
+        Err(e) => return refuse(RefusalKind::Unavailable, e.to_string()),
     };
-    if let Some(detail) = class_mismatch(&hello.class_names, &federation_classes) {
+    if let Some(detail) = class_mismatch(&hello.class_names, federation_classes.names()) {
         return refuse(RefusalKind::Model, detail);
     }
     // The key binding is made last, so a hello refused for another reason binds nothing.
@@ -2853,12 +2866,16 @@ fn check_hello(
         }
         return refuse(RefusalKind::NotAdmitted, e.to_string());
     }
-    // The first admitted node with names fixes them when the test table named none.
-    if let Ok(mut c) = classes.lock() {
-        if c.is_empty() && !hello.class_names.is_empty() {
-            *c = hello.class_names.clone();
-        }
+    // The first admitted node with names fixes them when the test table named none: on
+    // disk before its welcome leaves, so a restarted server holds later nodes to them.
+    if let Err(e) = federation_classes.adopt(&hello.class_names) {
+        tracing::error!(%node, "{e}");
+        return refuse(
+            RefusalKind::Unavailable,
+            format!("the server cannot record the federation's classes: {e}"),
+        );
     }
+    drop(federation_classes);
     let welcome = Welcome {
         node: node.to_string(),
         spec: spec.clone(),
