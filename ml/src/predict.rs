@@ -346,6 +346,54 @@ mod tests {
     use crate::standardize::FeatureStats;
 
     #[test]
+    fn a_module_file_goes_with_torchscript_models_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = dir.path().join("m.pt");
+        let mlp = ModelFile {
+            spec: ModelSpec::new(vec![1, 2]).unwrap(),
+            params: vec![0.0; 4],
+            standardizer: None,
+            class_names: Vec::new(),
+            feature_names: Vec::new(),
+        };
+        match mlp.with_module(&module) {
+            Err(PredictError::NotScript { module: m, spec }) => {
+                assert_eq!(m, module);
+                assert_eq!(spec, "mlp 1-2");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A TorchScript model as loaded from its file (no module path) does not run
+        // without its module, and says so before touching libtorch.
+        let script = ModelFile {
+            spec: ModelSpec {
+                layers: vec![1, 2],
+                arch: dpfl_common::model::Arch::TorchScript {
+                    sha256: [1; 32],
+                    params: vec![
+                        ("fc.bias".into(), vec![2]),
+                        ("fc.weight".into(), vec![2, 1]),
+                    ],
+                    path: None,
+                },
+            },
+            params: vec![0.0; 4],
+            standardizer: None,
+            class_names: Vec::new(),
+            feature_names: Vec::new(),
+        };
+        let data = Dataset::new(vec![1.0], vec![0], 1).unwrap();
+        let e = predict(&script, &data, Device::Cpu).unwrap_err();
+        assert!(matches!(e, PredictError::NeedsModule { .. }), "{e}");
+        assert!(e.to_string().contains("--module"), "{e}");
+        // A module file that cannot be read is an error, not a mismatch.
+        assert!(matches!(
+            script.with_module(&module),
+            Err(PredictError::Model(_))
+        ));
+    }
+
+    #[test]
     fn names_round_trip_with_separators() {
         let v = vec!["a|b".to_string(), "c\\d".into(), "".into(), "e".into()];
         assert_eq!(split_names(&join_names(&v)), v);
