@@ -5,11 +5,13 @@
 //! - [`worker`]: the training thread (model, data, privatization).
 //! - [`node`]: connection, handshake, request loop, reconnection with backoff.
 //! - [`secure`]: the node's side of secure aggregation (held update, the five stages).
+//! - [`predict`]: what `dpfl-predict` does (a saved model applied to a data set).
 //!
 //! It knows nothing about aggregation.
 
 pub mod budget;
 pub mod node;
+pub mod predict;
 pub mod secure;
 pub mod worker;
 

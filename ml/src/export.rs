@@ -1,7 +1,13 @@
 //! Saving and loading a global model as safetensors (readable by PyTorch, JAX, Hugging Face
 //! tools): one tensor per variable under its libtorch name, plus the layer sizes (and, for
-//! a CNN, the convolutions) in the metadata. [`load_params_for`] reads the parameters of
-//! a given spec from any safetensors file (a warm start), checking names and shapes.
+//! a CNN, the convolutions; for a TorchScript module, its file's SHA-256) and the spec hash
+//! in the metadata. [`load_params_for`] reads the parameters of a given spec from any
+//! safetensors file (a warm start), checking names and shapes.
+//!
+//! A TorchScript model's file does not hold the module: it loads as a spec without a
+//! module path (the tensors' names and shapes give its layout, the metadata its file's
+//! SHA-256), and the spec hash is recomputed from those and checked against the recorded
+//! one; inference pairs it with the module file (`crate::predict::ModelFile::with_module`).
 
 use dpfl_common::model::{Arch, ModelSpec};
 use safetensors::tensor::{Dtype, TensorView};
@@ -165,7 +171,25 @@ pub fn load_params_for(spec: &ModelSpec, path: &Path) -> Result<Vec<f32>, WarmSt
     Ok(params)
 }
 
-/// The `arch` metadata entry: `mlp`, or `cnn:C,H,W:CH1,CH2,...:KERNEL`.
+/// Lower-case hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The 32 bytes of a 64-digit hex string.
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The `arch` metadata entry: `mlp`, `cnn:C,H,W:CH1,CH2,...:KERNEL` or
+/// `torchscript:SHA256`.
 fn arch_to_meta(arch: &Arch) -> String {
     let join = |v: &[usize]| {
         v.iter()
@@ -180,17 +204,16 @@ fn arch_to_meta(arch: &Arch) -> String {
             channels,
             kernel,
         } => format!("cnn:{}:{}:{kernel}", join(input), join(channels)),
-        Arch::TorchScript { sha256, .. } => format!(
-            "torchscript:{}",
-            sha256
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        ),
+        Arch::TorchScript { sha256, .. } => format!("torchscript:{}", hex(sha256)),
     }
 }
 
-fn arch_from_meta(s: &str) -> Result<Arch, ExportError> {
+/// The architecture of an `arch` entry. A TorchScript module's parameter list comes from
+/// the file's tensors (`tensors`: names and shapes), not from the metadata.
+fn arch_from_meta(
+    s: &str,
+    tensors: impl FnOnce() -> Vec<(String, Vec<usize>)>,
+) -> Result<Arch, ExportError> {
     let bad = || ExportError::Format(format!("`arch` metadata {s:?} not understood"));
     let list = |v: &str| {
         v.split(',')
@@ -202,12 +225,16 @@ fn arch_from_meta(s: &str) -> Result<Arch, ExportError> {
     }
     let parts: Vec<&str> = s.split(':').collect();
     match parts.as_slice() {
-        ["torchscript", _] => Err(ExportError::Format(
-            "a TorchScript model's file: load its tensors into the module in PyTorch \
-             (safetensors.torch.load_file, then load_state_dict), or with \
-             export::load_params_for and the module's spec"
-                .into(),
-        )),
+        ["torchscript", sha] => {
+            let sha256 = unhex32(sha).ok_or_else(bad)?;
+            let mut params = tensors();
+            params.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(Arch::TorchScript {
+                sha256,
+                params,
+                path: None,
+            })
+        }
         ["cnn", input, channels, kernel] => {
             let input: [usize; 3] = list(input)?.try_into().map_err(|_| bad())?;
             Ok(Arch::Cnn {
@@ -266,6 +293,7 @@ pub fn save_safetensors_with_metadata(
     if !spec.is_mlp() {
         meta.insert("arch".to_string(), arch_to_meta(&spec.arch));
     }
+    meta.insert(SPEC_HASH_KEY.to_string(), hex(&spec.hash()));
     let out = safetensors::serialize(views, &Some(meta))
         .map_err(|e| ExportError::Format(e.to_string()))?;
     let tmp = path.with_extension("safetensors.tmp");
@@ -279,6 +307,9 @@ pub fn save_safetensors_with_metadata(
     Ok(())
 }
 
+/// Metadata entry of the spec hash (64 hex digits) the model was trained with.
+pub const SPEC_HASH_KEY: &str = "spec_hash";
+
 /// Reads a safetensors file written by [`save_safetensors`] back into (spec, params).
 pub fn load_safetensors(path: &Path) -> Result<(ModelSpec, Vec<f32>), ExportError> {
     load_safetensors_with_metadata(path).map(|(s, p, _)| (s, p))
@@ -287,9 +318,12 @@ pub fn load_safetensors(path: &Path) -> Result<(ModelSpec, Vec<f32>), ExportErro
 /// A model file's spec, parameters (wire order) and metadata entries.
 pub type Loaded = (ModelSpec, Vec<f32>, HashMap<String, String>);
 
-/// As [`load_safetensors`], with every metadata entry of the file.
+/// As [`load_safetensors`], with every metadata entry of the file. When the file records
+/// a spec hash (files written since it is), the spec read back must have it.
 pub fn load_safetensors_with_metadata(path: &Path) -> Result<Loaded, ExportError> {
     let bytes = std::fs::read(path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| ExportError::Format(e.to_string()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| ExportError::Format(e.to_string()))?;
     let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
@@ -302,14 +336,26 @@ pub fn load_safetensors_with_metadata(path: &Path) -> Result<Loaded, ExportError
         .map_err(|e| ExportError::Format(e.to_string()))?;
     // Files written before architectures existed have no `arch`: an MLP.
     let arch = match meta.get("arch") {
-        Some(a) => arch_from_meta(a)?,
+        Some(a) => arch_from_meta(a, || {
+            st.tensors()
+                .into_iter()
+                .map(|(name, t)| (name, t.shape().to_vec()))
+                .collect()
+        })?,
         None => Arch::Mlp,
     };
     let spec = ModelSpec { layers, arch };
     spec.validate()
         .map_err(|e| ExportError::Format(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| ExportError::Format(e.to_string()))?;
+    if let Some(recorded) = meta.get(SPEC_HASH_KEY) {
+        let actual = hex(&spec.hash());
+        if *recorded != actual {
+            return Err(ExportError::Format(format!(
+                "the file records spec hash {recorded}, its tensors and metadata give \
+                 {actual} ({spec}): the file was altered"
+            )));
+        }
+    }
     let mut params = vec![0f32; spec.num_params()];
     for slot in spec.layout() {
         let t = st
@@ -360,7 +406,68 @@ mod tests {
         assert_eq!(p2, params);
         assert_eq!(load_params_for(&spec, &p).unwrap(), params);
         for bad in ["cnn:1,8:2:3", "cnn:1,8,8:2,x:3", "rnn", "cnn:1,8,8:2:3:4"] {
-            assert!(arch_from_meta(bad).is_err(), "{bad}");
+            assert!(arch_from_meta(bad, Vec::new).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_torchscript_models_file_gives_back_its_spec_and_checks_the_recorded_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.safetensors");
+        let script = |sha: u8| ModelSpec {
+            layers: vec![3, 2],
+            arch: Arch::TorchScript {
+                sha256: [sha; 32],
+                params: vec![
+                    ("fc.bias".into(), vec![2]),
+                    ("fc.weight".into(), vec![2, 3]),
+                ],
+                path: Some("m.pt".into()),
+            },
+        };
+        let spec = script(7);
+        spec.validate().unwrap();
+        let params: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        save_safetensors(&spec, &params, &p).unwrap();
+        let (back, got, meta) = load_safetensors_with_metadata(&p).unwrap();
+        // The same spec (hash over the file's SHA-256, names and shapes), without a module.
+        assert_eq!(back.hash(), spec.hash());
+        assert!(matches!(&back.arch, Arch::TorchScript { path: None, .. }));
+        assert_eq!(got, params);
+        assert_eq!(meta[SPEC_HASH_KEY], hex(&spec.hash()));
+        assert_eq!(meta["arch"], format!("torchscript:{}", "07".repeat(32)));
+
+        // A file whose recorded hash its tensors and metadata do not give: another
+        // module's SHA-256 written over the `arch` entry.
+        let bytes: &[u8] = bytemuck_cast(&params);
+        let views: Vec<(String, TensorView)> = spec
+            .layout()
+            .iter()
+            .map(|s| {
+                let d = &bytes[s.offset * 4..(s.offset + s.len) * 4];
+                (
+                    s.name.clone(),
+                    TensorView::new(Dtype::F32, s.shape.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        let meta: HashMap<String, String> = [
+            ("layers", "3,2".to_string()),
+            ("arch", arch_to_meta(&script(8).arch)),
+            (SPEC_HASH_KEY, hex(&spec.hash())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        std::fs::write(&p, safetensors::serialize(views, &Some(meta)).unwrap()).unwrap();
+        let e = load_safetensors(&p).unwrap_err().to_string();
+        assert!(
+            e.contains(&hex(&spec.hash())) && e.contains(&hex(&script(8).hash())),
+            "{e}"
+        );
+        let not_hex = format!("torchscript:{}", "g".repeat(64));
+        for bad in ["torchscript:07", "torchscript:zz", not_hex.as_str()] {
+            assert!(arch_from_meta(bad, Vec::new).is_err(), "{bad}");
         }
     }
 

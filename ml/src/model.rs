@@ -259,6 +259,30 @@ impl Mlp {
         self.vs.device()
     }
 
+    /// Rows per forward pass when evaluating or predicting (the same in both, so both
+    /// see the same logits).
+    pub fn eval_batch_rows(&self) -> usize {
+        // Convolutions hold far more activations per example than dense layers.
+        if self.image.is_some() {
+            512
+        } else {
+            4096
+        }
+    }
+
+    /// Puts a TorchScript module in inference (`true`) or training mode (dropout, batch
+    /// norm); the built-in networks behave the same in both.
+    pub fn set_eval(&mut self, eval: bool) -> Result<(), ModelError> {
+        if let Some(m) = &mut self.script {
+            if eval {
+                m.f_set_eval()?;
+            } else {
+                m.f_set_train()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Logits for a batch (a TorchScript module's output must be `[batch, classes]`).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
         if let Some(m) = &self.script {
@@ -453,7 +477,7 @@ impl Mlp {
             let mut start = 0i64;
             while start < n {
                 // Convolutions hold far more activations per example than dense layers.
-                let len = (n - start).min(if self.image.is_some() { 512 } else { 4096 });
+                let len = (n - start).min(self.eval_batch_rows() as i64);
                 let xb = data.xs.narrow(0, start, len);
                 let yb = data.ys.narrow(0, start, len);
                 let logits = self.forward(&xb)?;

@@ -3,7 +3,10 @@
 //! data set, and accuracy, AUC and F1 when labels are known.
 //!
 //! The same transform the federation trained with is applied before the forward pass, so a
-//! model file is all inference needs. It does no training and opens no socket.
+//! model file is all inference needs for the built-in networks. A TorchScript model's file
+//! holds its parameters and its spec hash, not the module: [`ModelFile::with_module`]
+//! pairs it with the module file, which must give the same spec hash. It does no training
+//! and opens no socket.
 
 use crate::data::Dataset;
 use crate::metrics;
@@ -11,7 +14,7 @@ use crate::model::{Mlp, ModelError};
 use crate::standardize::{StandardizeError, Standardizer};
 use dpfl_common::model::ModelSpec;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// Errors of inference.
@@ -29,6 +32,46 @@ pub enum PredictError {
     /// Data and model disagree.
     #[error("{0}")]
     Mismatch(String),
+    /// A TorchScript model without its module file.
+    #[error(
+        "the model is a {spec}: its file holds the parameters, not the module; give the \
+         module file it was trained with (dpfl-predict --module model.pt)"
+    )]
+    NeedsModule {
+        /// The model.
+        spec: String,
+    },
+    /// A module file for a model that is not a TorchScript module.
+    #[error("{}: a module file was given, but the model is a built-in {spec}", module.display())]
+    NotScript {
+        /// The module file given.
+        module: PathBuf,
+        /// The model.
+        spec: String,
+    },
+    /// The module file is not the one the model was trained with.
+    #[error("{0}")]
+    ModuleMismatch(Box<ModuleMismatch>),
+}
+
+/// A module file whose spec hash is not the one recorded with the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{} is not the module this model was trained with: the module gives spec hash \
+     {module_hash} ({module_spec}), the model file records {model_hash} ({model_spec})",
+    module.display()
+)]
+pub struct ModuleMismatch {
+    /// The module file given.
+    pub module: PathBuf,
+    /// Spec hash of the module file (hex).
+    pub module_hash: String,
+    /// The module file's spec.
+    pub module_spec: String,
+    /// Spec hash recorded with the model (hex).
+    pub model_hash: String,
+    /// The model file's spec.
+    pub model_spec: String,
 }
 
 /// A global model as saved: parameters and what inference needs to use them.
@@ -101,7 +144,46 @@ impl ModelFile {
         Ok(())
     }
 
-    /// Reads a file written by [`ModelFile::save`] or by the server.
+    /// Pairs a TorchScript model with its module file: the module's spec (the file's
+    /// SHA-256 and its parameters' names and shapes, for the model's inputs and classes)
+    /// must have the spec hash recorded with the model.
+    pub fn with_module(mut self, module: &Path) -> Result<Self, PredictError> {
+        if !self.spec.is_script() {
+            return Err(PredictError::NotScript {
+                module: module.to_path_buf(),
+                spec: self.spec.to_string(),
+            });
+        }
+        let given =
+            crate::torchscript::script_spec(module, self.spec.inputs(), self.spec.outputs())?;
+        if given.hash() != self.spec.hash() {
+            return Err(PredictError::ModuleMismatch(Box::new(ModuleMismatch {
+                module: module.to_path_buf(),
+                module_hash: crate::export::hex(&given.hash()),
+                module_spec: given.to_string(),
+                model_hash: crate::export::hex(&self.spec.hash()),
+                model_spec: self.spec.to_string(),
+            })));
+        }
+        self.spec = given;
+        Ok(self)
+    }
+
+    /// Whether inference can build the network: a built-in one, or a TorchScript module
+    /// paired with its file ([`ModelFile::with_module`]).
+    fn check_runnable(&self) -> Result<(), PredictError> {
+        match &self.spec.arch {
+            dpfl_common::model::Arch::TorchScript { path: None, .. } => {
+                Err(PredictError::NeedsModule {
+                    spec: self.spec.to_string(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads a file written by [`ModelFile::save`] or by the server (a TorchScript
+    /// model's then needs [`ModelFile::with_module`]).
     pub fn load(path: &Path) -> Result<Self, PredictError> {
         let (spec, params, meta) = crate::export::load_safetensors_with_metadata(path)?;
         let standardizer = Standardizer::from_metadata(&meta)?;
@@ -142,6 +224,8 @@ pub struct Predictions {
 pub struct Scores {
     /// Rows scored.
     pub n: usize,
+    /// Rows whose predicted class is the label.
+    pub correct: usize,
     /// Accuracy.
     pub accuracy: f64,
     /// ROC AUC of class 1 (two classes, both present).
@@ -156,6 +240,25 @@ pub fn predict(
     data: &Dataset,
     device: Device,
 ) -> Result<Predictions, PredictError> {
+    model.check_runnable()?;
+    let mut mlp = Mlp::new(&model.spec, device)?;
+    predict_with(&mut mlp, model, data)
+}
+
+/// As [`predict`] on a network already built for the model's spec (the server's
+/// evaluator keeps one). The network is left in training mode.
+pub fn predict_with(
+    mlp: &mut Mlp,
+    model: &ModelFile,
+    data: &Dataset,
+) -> Result<Predictions, PredictError> {
+    if mlp.spec().hash() != model.spec.hash() {
+        return Err(PredictError::Mismatch(format!(
+            "the network is {}, the model {}",
+            mlp.spec(),
+            model.spec
+        )));
+    }
     if data.dim != model.spec.inputs() {
         return Err(PredictError::Mismatch(format!(
             "the data has {} features, the model takes {}",
@@ -174,36 +277,38 @@ pub fn predict(
         }
         None => {}
     }
-    let mut mlp = Mlp::new(&model.spec, device)?;
     mlp.load(&model.params)?;
-    let k = model.spec.outputs();
+    mlp.set_eval(true)?;
+    let out = forward_rows(mlp, &x, model.spec.outputs());
+    mlp.set_eval(false)?;
+    out
+}
+
+/// Class probabilities and the most probable class of every row, in the batches
+/// [`Mlp::evaluate`] uses, the class being the logits' argmax as there: predictions count
+/// exactly the correct answers the server's evaluation counts.
+fn forward_rows(mlp: &Mlp, x: &Dataset, k: usize) -> Result<Predictions, PredictError> {
+    let device = mlp.device();
     let mut class = Vec::with_capacity(x.len());
     let mut prob = Vec::with_capacity(x.len() * k);
     let n = x.len();
+    let batch = mlp.eval_batch_rows();
     let mut start = 0;
     while start < n {
-        let len = (n - start).min(4096);
+        let len = (n - start).min(batch);
         let xs = Tensor::from_slice(&x.features[start * x.dim..(start + len) * x.dim])
             .view([len as i64, x.dim as i64])
             .to_device(device);
-        let p = tch::no_grad(|| mlp.forward(&xs).map(|l| l.softmax(-1, Kind::Float)))?
-            .to_device(Device::Cpu)
-            .contiguous();
-        let flat = Vec::<f32>::try_from(p.view([-1]))
+        let (p, c) = tch::no_grad(|| {
+            mlp.forward(&xs)
+                .map(|l| (l.softmax(-1, Kind::Float), l.argmax(-1, false)))
+        })?;
+        let read = |t: Tensor| t.to_device(Device::Cpu).contiguous().view([-1]);
+        let flat = Vec::<f32>::try_from(read(p))
             .map_err(|e| PredictError::Mismatch(format!("reading probabilities: {e}")))?;
-        for row in flat.chunks(k) {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |b, (i, v)| {
-                    if *v > b.1 {
-                        (i, *v)
-                    } else {
-                        b
-                    }
-                });
-            class.push(best.0 as i64);
-        }
+        let best = Vec::<i64>::try_from(read(c))
+            .map_err(|e| PredictError::Mismatch(format!("reading classes: {e}")))?;
+        class.extend_from_slice(&best);
         prob.extend_from_slice(&flat);
         start += len;
     }
@@ -224,6 +329,7 @@ pub fn score(p: &Predictions, labels: &[i64]) -> Scores {
     };
     Scores {
         n: labels.len(),
+        correct: p.class.iter().zip(labels).filter(|(c, l)| c == l).count(),
         accuracy: metrics::accuracy(&p.class, labels),
         auc: if binary {
             metrics::binary_auc(&pos, labels)
@@ -238,6 +344,54 @@ pub fn score(p: &Predictions, labels: &[i64]) -> Scores {
 mod tests {
     use super::*;
     use crate::standardize::FeatureStats;
+
+    #[test]
+    fn a_module_file_goes_with_torchscript_models_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = dir.path().join("m.pt");
+        let mlp = ModelFile {
+            spec: ModelSpec::new(vec![1, 2]).unwrap(),
+            params: vec![0.0; 4],
+            standardizer: None,
+            class_names: Vec::new(),
+            feature_names: Vec::new(),
+        };
+        match mlp.with_module(&module) {
+            Err(PredictError::NotScript { module: m, spec }) => {
+                assert_eq!(m, module);
+                assert_eq!(spec, "mlp 1-2");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A TorchScript model as loaded from its file (no module path) does not run
+        // without its module, and says so before touching libtorch.
+        let script = ModelFile {
+            spec: ModelSpec {
+                layers: vec![1, 2],
+                arch: dpfl_common::model::Arch::TorchScript {
+                    sha256: [1; 32],
+                    params: vec![
+                        ("fc.bias".into(), vec![2]),
+                        ("fc.weight".into(), vec![2, 1]),
+                    ],
+                    path: None,
+                },
+            },
+            params: vec![0.0; 4],
+            standardizer: None,
+            class_names: Vec::new(),
+            feature_names: Vec::new(),
+        };
+        let data = Dataset::new(vec![1.0], vec![0], 1).unwrap();
+        let e = predict(&script, &data, Device::Cpu).unwrap_err();
+        assert!(matches!(e, PredictError::NeedsModule { .. }), "{e}");
+        assert!(e.to_string().contains("--module"), "{e}");
+        // A module file that cannot be read is an error, not a mismatch.
+        assert!(matches!(
+            script.with_module(&module),
+            Err(PredictError::Model(_))
+        ));
+    }
 
     #[test]
     fn names_round_trip_with_separators() {

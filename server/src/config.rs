@@ -674,8 +674,15 @@ impl ServerConfig {
 
     /// Range and consistency checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validated_spec().map(|_| ())
+    }
+
+    /// [`ServerConfig::validate`], returning the model spec every check was made against.
+    /// A TorchScript module file is read once here; a server keeps this spec for its whole
+    /// run (`Server::spec`), whatever later happens to the file.
+    pub fn validated_spec(&self) -> Result<ModelSpec, ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        self.model.spec()?;
+        let spec = self.model.spec()?;
         if self.rounds == 0 {
             return bad("rounds must be >= 1".into());
         }
@@ -698,7 +705,7 @@ impl ServerConfig {
             if max < 1024 {
                 return bad("max_message_bytes must be >= 1024".into());
             }
-            let needed = dpfl_common::wire::max_message_bytes(self.spec().num_params());
+            let needed = dpfl_common::wire::max_message_bytes(spec.num_params());
             if max < needed {
                 return bad(format!(
                     "max_message_bytes {max} cannot carry this model ({needed} bytes needed)"
@@ -783,7 +790,7 @@ impl ServerConfig {
                 self.secagg.bits,
                 self.dp.clip_norm,
                 self.dp.noise_multiplier,
-                self.spec().num_params(),
+                spec.num_params(),
             );
             p.validate()
                 .map_err(|e| ConfigError::Invalid(format!("distributed DP: {e}")))?;
@@ -797,7 +804,7 @@ impl ServerConfig {
                 }
             }
         }
-        self.validate_standardize()?;
+        self.validate_standardize(&spec)?;
         if self.secure_aggregation {
             use dpfl_common::config::DpMode;
             if self.dp.mode == DpMode::Local {
@@ -822,12 +829,12 @@ impl ServerConfig {
                 );
             }
         }
-        Ok(())
+        Ok(spec)
     }
 
     /// The `[standardize]` section: bounds that parse for the model's inputs; with DP on,
     /// bounds and a positive noise multiplier; no secure aggregation (see `crate::prep`).
-    fn validate_standardize(&self) -> Result<(), ConfigError> {
+    fn validate_standardize(&self, spec: &ModelSpec) -> Result<(), ConfigError> {
         let st = &self.standardize;
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !st.enabled {
@@ -835,7 +842,7 @@ impl ServerConfig {
         }
         // The statistics and the transform travel as f64 in a message header (at most
         // 64 KiB): the transform with bounds is 32 bytes per feature.
-        let (d, k) = (self.spec().inputs(), self.spec().outputs());
+        let (d, k) = (spec.inputs(), spec.outputs());
         if d > MAX_STANDARDIZE_FEATURES || 3 * d + k > 4 * MAX_STANDARDIZE_FEATURES {
             return bad(format!(
                 "standardize supports at most {MAX_STANDARDIZE_FEATURES} features and 3 x \
@@ -845,7 +852,7 @@ impl ServerConfig {
             ));
         }
         if let Some(b) = &st.bounds {
-            dpfl_ml::standardize::Bounds::parse(b, self.spec().inputs())
+            dpfl_ml::standardize::Bounds::parse(b, spec.inputs())
                 .map_err(|e| ConfigError::Invalid(format!("standardize.bounds: {e}")))?;
         }
         if !(st.noise_multiplier.is_finite() && st.noise_multiplier >= 0.0) {
@@ -860,31 +867,41 @@ impl ServerConfig {
         if self.dp.mode.is_private() {
             if st.bounds.is_none() || st.noise_multiplier <= 0.0 {
                 return bad(
-                    "standardize with DP on needs standardize.bounds and a positive                      standardize.noise_multiplier: the statistics are a release too"
+                    "standardize with DP on needs standardize.bounds and a positive \
+                     standardize.noise_multiplier: the statistics are a release too"
                         .into(),
                 );
             }
         } else if st.noise_multiplier > 0.0 {
             return bad(
-                "standardize.noise_multiplier is for DP on (dp.mode central or local); with                  dp.mode none the statistics are exact"
+                "standardize.noise_multiplier is for DP on (dp.mode central or local); with \
+                 dp.mode none the statistics are exact"
                     .into(),
             );
         }
         Ok(())
     }
 
-    /// The model spec.
+    /// The model spec, made again on every call: a TorchScript module file is read
+    /// again, and a file that cannot be read gives the default MLP. For tools and tests;
+    /// a server uses the spec it resolved once ([`ServerConfig::validated_spec`]).
     pub fn spec(&self) -> ModelSpec {
         // `validate` (run by `load` and by the server before anything else) checked it.
         self.model.spec().unwrap_or_default()
     }
 
-    /// The largest message read from a client: `max_message_bytes` when set, else the
-    /// largest legitimate message for the model (prefix + largest header + a full
-    /// parameter vector), e.g. 0.9 MB for a 200k-parameter model instead of a fixed 64 MiB.
+    /// The largest message read from a client for the model of [`ServerConfig::spec`]
+    /// (see [`ServerConfig::message_limit_for`]).
     pub fn message_limit(&self) -> usize {
+        self.message_limit_for(&self.spec())
+    }
+
+    /// The largest message read from a client: `max_message_bytes` when set, else the
+    /// largest legitimate message for `spec` (prefix + largest header + a full parameter
+    /// vector), e.g. 0.9 MB for a 200k-parameter model instead of a fixed 64 MiB.
+    pub fn message_limit_for(&self, spec: &ModelSpec) -> usize {
         self.max_message_bytes
-            .unwrap_or_else(|| dpfl_common::wire::max_message_bytes(self.spec().num_params()))
+            .unwrap_or_else(|| dpfl_common::wire::max_message_bytes(spec.num_params()))
     }
 
     /// Round deadline.
@@ -1028,6 +1045,11 @@ mod tests {
         assert!(err(&[central[0], z[0]]).contains("bounds"));
         // DP off: exact statistics, no noise.
         assert!(err(&z).contains("dp.mode none"));
+        // Each message reads as one sentence (a literal broken without `\` kept the
+        // next line's indentation as a run of spaces).
+        assert!(err(&[central[0], bounded[0]])
+            .contains("needs standardize.bounds and a positive standardize.noise_multiplier:"));
+        assert!(err(&z).contains("(dp.mode central or local); with dp.mode none the"));
         // Bounds for another number of features, or not ranges.
         assert!(err(&[("standardize.bounds", "\"0:1|0:1|0:1\"")]).contains("standardize.bounds"));
         assert!(err(&[("standardize.bounds", "\"1:0\"")]).contains("standardize.bounds"));

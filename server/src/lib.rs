@@ -11,6 +11,7 @@
 //! - [`service`]: the QUIC/mTLS endpoint and the async driver around the coordinator.
 //! - [`config`], [`checkpoint`], [`admission`]: configuration, crash-safe checkpoints,
 //!   allow/deny lists and rate limits.
+//! - [`classes`]: the federation's class names, agreed at join and kept across restarts.
 //!
 //! It knows nothing of libtorch training internals: centralised evaluation goes through
 //! `dpfl-ml`.
@@ -18,6 +19,7 @@
 pub mod admission;
 pub mod aggregate;
 pub mod checkpoint;
+pub mod classes;
 pub mod config;
 pub mod coordinator;
 pub mod ledger;

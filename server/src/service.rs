@@ -287,7 +287,8 @@ impl Evaluator {
                                 class_names: Vec::new(),
                                 feature_names: Vec::new(),
                             };
-                            if let Ok(p) = dpfl_ml::predict::predict(&model, &data, device) {
+                            // The evaluator's own network: a module file is not read again.
+                            if let Ok(p) = dpfl_ml::predict::predict_with(&mut mlp, &model, &data) {
                                 let s = dpfl_ml::predict::score(&p, &data.labels);
                                 (c.auc, c.f1) = (s.auc, s.f1);
                             }
@@ -381,6 +382,11 @@ impl ChanceWatch {
 /// A bound server, ready to run.
 pub struct Server {
     cfg: ServerConfig,
+    /// The model, resolved once at bind (a TorchScript module file is not read again for
+    /// it, so a file changed mid-run changes nothing the run agreed).
+    spec: ModelSpec,
+    /// The largest message read from a node, for `spec`.
+    message_limit: usize,
     endpoint: quinn::Endpoint,
     coordinator: Coordinator,
     evaluator: Option<Evaluator>,
@@ -388,6 +394,8 @@ pub struct Server {
     progress: ChanceWatch,
     /// Class and feature names of a CSV test table, saved with the model for inference.
     names: (Vec<String>, Vec<String>),
+    /// The federation's class names (the test table's, else the first node's), durable.
+    classes: Arc<crate::classes::FederationClasses>,
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
     out: PathBuf,
     pins: Arc<Mutex<Pins>>,
@@ -442,16 +450,16 @@ impl Server {
         cfg: ServerConfig,
         noise: Box<dyn GaussianNoise>,
     ) -> Result<Self, ServerError> {
-        cfg.validate()?;
+        let spec = cfg.validated_spec()?;
         let strategy = strategy::build(
             cfg.strategy.clone(),
             cfg.train.clone(),
             cfg.dp,
-            cfg.spec().num_params(),
+            spec.num_params(),
             noise,
         )
         .map_err(ServerError::Strategy)?;
-        Self::bind_with_strategy(cfg, strategy)
+        Self::bind_resolved(cfg, spec, strategy)
     }
 
     /// As [`Server::bind`] with a user-defined [`Strategy`] (see `examples/`). The
@@ -462,8 +470,16 @@ impl Server {
         cfg: ServerConfig,
         strategy: Box<dyn Strategy>,
     ) -> Result<Self, ServerError> {
-        cfg.validate()?;
-        let spec = cfg.spec();
+        let spec = cfg.validated_spec()?;
+        Self::bind_resolved(cfg, spec, strategy)
+    }
+
+    /// Binds with the spec `cfg` was validated against (the only one this server uses).
+    fn bind_resolved(
+        cfg: ServerConfig,
+        spec: ModelSpec,
+        strategy: Box<dyn Strategy>,
+    ) -> Result<Self, ServerError> {
         std::fs::create_dir_all(&cfg.out_dir).map_err(io_err)?;
         let ckpt = cfg.out_dir.join("checkpoint.bin");
         if !cfg.resume {
@@ -564,7 +580,7 @@ impl Server {
                 cfg.secagg.settings(micros, distributed)
             }),
         };
-        log_privacy_plan(&cfg);
+        log_privacy_plan(&cfg, &spec);
         let coordinator =
             Coordinator::new(ccfg, strategy, snapshot).map_err(ServerError::Strategy)?;
         let mut progress = ChanceWatch::new(spec.outputs(), None);
@@ -593,6 +609,14 @@ impl Server {
             }
             None => None,
         };
+        let classes = crate::classes::FederationClasses::open(
+            cfg.out_dir
+                .join("operator")
+                .join(crate::classes::CLASSES_FILE),
+            names.0.clone(),
+            cfg.resume,
+        )
+        .map_err(|e| ServerError::Io(e.to_string()))?;
         let (prep, test_raw, evaluator) = match (cfg.standardize.enabled, evaluator) {
             (false, data) => (
                 None,
@@ -601,7 +625,7 @@ impl Server {
                     .transpose()?,
             ),
             (true, data) => {
-                let settings = exchange_settings(&cfg)?;
+                let settings = exchange_settings(&cfg, &spec)?;
                 let path = cfg.out_dir.join(STANDARDIZE_FILE);
                 match read_agreed(&path, cfg.resume, &settings)? {
                     Some(s) => {
@@ -633,7 +657,8 @@ impl Server {
         };
         let creds = Credentials::server(&Layout::new(&cfg.certs_dir));
         // Before admission a peer may send only what a hello needs (see `serve_connection`).
-        let windows = dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64)
+        let message_limit = cfg.message_limit_for(&spec);
+        let windows = dpfl_certs::quic::Windows::for_messages(message_limit as u64)
             .with_connection(wire::HELLO_WINDOW_BYTES as u64);
         let endpoint = dpfl_certs::quic::server_endpoint(
             &creds,
@@ -683,11 +708,14 @@ impl Server {
             out: cfg.out_dir.clone(),
             ledger_persisted: None,
             cfg,
+            spec,
+            message_limit,
             endpoint,
             coordinator,
             evaluator,
             progress,
             names,
+            classes: Arc::new(classes),
             observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
@@ -711,6 +739,11 @@ impl Server {
         self.obs.clone()
     }
 
+    /// The model this server trains, resolved once at bind.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
         self.endpoint.local_addr().map_err(io_err)
@@ -731,7 +764,7 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<RunSummary, ServerError> {
         let started = Instant::now();
-        let spec = self.cfg.spec();
+        let spec = self.spec.clone();
         let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
         let conns = Arc::new(Semaphore::new(self.cfg.admission.max_connections));
         let accept = tokio::spawn(accept_loop(
@@ -744,7 +777,7 @@ impl Server {
                 pins: self.pins.clone(),
                 obs: self.obs.clone(),
                 seats: self.seats.clone(),
-                classes: Arc::new(Mutex::new(self.names.0.clone())),
+                classes: self.classes.clone(),
             },
         ));
         let (http_stop, http_task) = self.serve_http();
@@ -1080,7 +1113,7 @@ impl Server {
     /// CSV test table (so `dpfl-predict` names its classes).
     fn save_model(&self, params: &[f32], file: &str) -> Result<(), ServerError> {
         dpfl_ml::predict::ModelFile {
-            spec: self.cfg.spec(),
+            spec: self.spec.clone(),
             params: params.to_vec(),
             standardizer: self.prep.as_ref().and_then(|x| x.agreed().cloned()),
             class_names: self.names.0.clone(),
@@ -1706,11 +1739,7 @@ impl Server {
             if let Some(mut d) = self.test_raw.take() {
                 s.apply(&mut d)
                     .map_err(|e| ServerError::Data(e.to_string()))?;
-                self.evaluator = Some(Evaluator::start(
-                    &self.cfg.spec(),
-                    d,
-                    self.cfg.eval_threads,
-                )?);
+                self.evaluator = Some(Evaluator::start(&self.spec, d, self.cfg.eval_threads)?);
             }
             if let Some(x) = &mut self.prep {
                 x.publish();
@@ -1738,7 +1767,7 @@ impl Server {
         deadline: Duration,
         ev_tx: &mpsc::Sender<Event>,
     ) {
-        let max = self.cfg.message_limit();
+        let max = self.message_limit;
         self.send_request_with_limit(registry, node, round, bytes, deadline, max, ev_tx);
     }
 
@@ -1988,6 +2017,7 @@ fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
         out.join("checkpoint.bin"),
         out.join("operator").join("ledger.json"),
         out.join(STANDARDIZE_FILE),
+        out.join("operator").join(crate::classes::CLASSES_FILE),
     ] {
         if path.exists() {
             let mut aside = path.clone().into_os_string();
@@ -2010,8 +2040,10 @@ fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
 const STANDARDIZE_FILE: &str = "standardize.json";
 
 /// The statistics exchange's settings from the configuration.
-fn exchange_settings(cfg: &ServerConfig) -> Result<crate::prep::ExchangeSettings, ServerError> {
-    let spec = cfg.spec();
+fn exchange_settings(
+    cfg: &ServerConfig,
+    spec: &ModelSpec,
+) -> Result<crate::prep::ExchangeSettings, ServerError> {
     let st = &cfg.standardize;
     let bounds = st
         .bounds
@@ -2050,7 +2082,8 @@ fn read_agreed(
     let t = f.standardizer;
     if t.mean.len() != s.dim || t.bounds != s.bounds {
         return Err(ServerError::Io(format!(
-            "{}: the agreed standardisation does not fit this configuration (features or              bounds differ); move it aside or use --fresh",
+            "{}: the agreed standardisation does not fit this configuration (features or \
+             bounds differ); move it aside or use --fresh",
             path.display()
         )));
     }
@@ -2107,7 +2140,7 @@ fn credential_warnings(cfg: &ServerConfig) -> Vec<String> {
 
 /// Logs the privacy plan at start-up: the mechanism, the epsilon the configured rounds
 /// would reach, and how many rounds the target allows.
-fn log_privacy_plan(cfg: &ServerConfig) {
+fn log_privacy_plan(cfg: &ServerConfig, spec: &ModelSpec) {
     let dp = &cfg.dp;
     if !dp.mode.is_private() {
         tracing::warn!("differential privacy is off (dp.mode = none): no privacy guarantee");
@@ -2119,7 +2152,7 @@ fn log_privacy_plan(cfg: &ServerConfig) {
             cfg.secagg.bits,
             dp.clip_norm,
             dp.noise_multiplier,
-            cfg.spec().num_params(),
+            spec.num_params(),
         );
         match dpfl_common::dp::distributed::epsilons(
             &params,
@@ -2389,8 +2422,8 @@ struct Shared {
     obs: Arc<Observatory>,
     seats: Arc<Seats>,
     /// The federation's class names: the CSV test table's, else the first admitted node's
-    /// list (empty: none declared yet).
-    classes: Arc<Mutex<Vec<String>>>,
+    /// list (empty: none declared yet), kept in `operator/classes.json`.
+    classes: Arc<crate::classes::FederationClasses>,
 }
 
 /// The refusal log, with every count also in the metrics.
@@ -2520,7 +2553,7 @@ fn refused(reason: &'static str, detail: impl Into<String>) -> Refused {
 /// `admission.hello_timeout_secs` for the hello, and its handshake slot (`slot`) is held
 /// only for that long. Once the hello stream is accepted the peer may open no further
 /// streams, ever (the server opens one per request). After admission the windows open to
-/// what answers need (two messages of `message_limit()` bytes), no more.
+/// what answers need (two messages of `message_limit_for(spec)` bytes), no more.
 async fn serve_connection(
     incoming: quinn::Incoming,
     slot: SourceSlot,
@@ -2643,7 +2676,7 @@ async fn serve_connection(
     // Admitted: open the windows to what answers need before the node can get requests.
     dpfl_certs::quic::open_windows(
         &conn,
-        dpfl_certs::quic::Windows::for_messages(cfg.message_limit() as u64),
+        dpfl_certs::quic::Windows::for_messages(cfg.message_limit_for(spec) as u64),
     );
     drop(slot);
     let welcomed = async {
@@ -2813,12 +2846,13 @@ fn check_hello(
         );
     }
     // Class names (string labels, `classes=`): the same list in the same order as the
-    // federation's, or a label index would mean another class on this node.
-    let federation_classes = match classes.lock() {
-        Ok(c) => c.clone(),
-        Err(_) => return refuse(RefusalKind::Unavailable, "class list lock poisoned".into()),
+    // federation's, or a label index would mean another class on this node. Held locked
+    // until this hello is decided, so two nodes joining at once cannot both set the list.
+    let mut federation_classes = match classes.lock() {
+        Ok(c) => c,
+        Err(e) => return refuse(RefusalKind::Unavailable, e.to_string()),
     };
-    if let Some(detail) = class_mismatch(&hello.class_names, &federation_classes) {
+    if let Some(detail) = class_mismatch(&hello.class_names, federation_classes.names()) {
         return refuse(RefusalKind::Model, detail);
     }
     // The key binding is made last, so a hello refused for another reason binds nothing.
@@ -2832,12 +2866,16 @@ fn check_hello(
         }
         return refuse(RefusalKind::NotAdmitted, e.to_string());
     }
-    // The first admitted node with names fixes them when the test table named none.
-    if let Ok(mut c) = classes.lock() {
-        if c.is_empty() && !hello.class_names.is_empty() {
-            *c = hello.class_names.clone();
-        }
+    // The first admitted node with names fixes them when the test table named none: on
+    // disk before its welcome leaves, so a restarted server holds later nodes to them.
+    if let Err(e) = federation_classes.adopt(&hello.class_names) {
+        tracing::error!(%node, "{e}");
+        return refuse(
+            RefusalKind::Unavailable,
+            format!("the server cannot record the federation's classes: {e}"),
+        );
     }
+    drop(federation_classes);
     let welcome = Welcome {
         node: node.to_string(),
         spec: spec.clone(),

@@ -1367,8 +1367,14 @@ fn venv_python(args: &[&std::path::Path]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Issue 15: a TorchScript module trains over QUIC; the server resolves its spec once (the
+/// module file it was configured with vanishes after bind and the run still finishes and
+/// saves the module's model); PyTorch and `dpfl-predict` (its library: the binary only
+/// prints) read the saved model back with the module file and count the server's correct
+/// answers; another module file is refused, naming both spec hashes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accuracy() {
+async fn a_torchscript_module_trains_over_quic_and_pytorch_and_dpfl_predict_read_back_its_accuracy()
+{
     init_logs();
     let fed = Federation::new(3);
     let dir = fed.dir.path();
@@ -1386,7 +1392,10 @@ async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accura
     // Same names and shapes, other file: another spec.
     assert_eq!(spec.layout(), other_spec.layout());
     assert_ne!(spec.hash(), other_spec.hash());
-    let path = format!("{:?}", module.display().to_string());
+    // The server's own copy of the module, removed once the server is bound.
+    let server_module = dir.join("server.pt");
+    std::fs::copy(&module, &server_module).unwrap();
+    let path = format!("{:?}", server_module.display().to_string());
     let script = |name: &str, extra: &[(&'static str, &'static str)]| {
         let mut o: Vec<(&str, &str)> = vec![
             ("model.kind", "\"torchscript\""),
@@ -1401,7 +1410,7 @@ async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accura
     // A node holding another module file is refused at join (no round starts here).
     let s = start(Server::bind(script("refuse", &[("min_clients", "3")])).unwrap());
     let mut wrong = fed.client(s.addr, 3, 3, 100);
-    wrong.model = Some(other_spec);
+    wrong.model = Some(other_spec.clone());
     match within(dpfl_client::run(wrong)).await {
         Err(NodeError::Refused(m)) => assert!(m.contains("torchscript sha256:"), "{m}"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -1418,7 +1427,12 @@ async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accura
             ("train.momentum", "0.9"),
         ],
     );
-    let s = start(Server::bind(cfg).unwrap());
+    let server = Server::bind(cfg).unwrap();
+    assert_eq!(server.spec().hash(), spec.hash());
+    // Nothing the run agreed depends on the file any more (message limits, the welcome's
+    // spec, evaluation, the saved model's spec).
+    std::fs::remove_file(&server_module).unwrap();
+    let s = start(server);
     let nodes: Vec<_> = (1..=2)
         .map(|i| {
             let mut c = fed.client(s.addr, i, 3, 600);
@@ -1444,4 +1458,59 @@ async fn a_torchscript_module_trains_over_quic_and_pytorch_reads_back_its_accura
         (correct as f64 - acc * 2000.0).abs() <= 1.0,
         "PyTorch {correct}/2000 vs the server's {acc}"
     );
+
+    // dpfl-predict with the module file: exactly the server's count of correct answers.
+    let predict = |module: Option<&std::path::Path>| {
+        dpfl_client::predict::run(&dpfl_client::predict::PredictOptions {
+            model: weights.clone(),
+            module: module.map(|m| m.to_path_buf()),
+            data: dpfl_ml::DataSource::FashionMnistTest,
+            out: dir.join("predictions.csv"),
+            metrics_json: None,
+            limit: Some(2000),
+            device: "cpu".into(),
+        })
+    };
+    let report = predict(Some(&module)).unwrap();
+    let scores = report.scores.unwrap();
+    assert_eq!((report.rows, scores.n), (2000, 2000));
+    assert_eq!(
+        scores.correct,
+        (acc * 2000.0).round() as usize,
+        "dpfl-predict {}/2000 vs the server's {acc}",
+        scores.correct
+    );
+    eprintln!("torchscript: dpfl-predict {}/2000", scores.correct);
+    let csv = std::fs::read_to_string(dir.join("predictions.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 2001);
+    // Another module file (same names and shapes) is refused, naming both spec hashes.
+    let hex = |h: dpfl_common::model::SpecHash| -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    use dpfl_client::predict::PredictRunError;
+    use dpfl_ml::predict::PredictError;
+    match predict(Some(&other)) {
+        Err(PredictRunError::Model {
+            source: PredictError::ModuleMismatch(m),
+            ..
+        }) => {
+            assert_eq!(m.module_hash, hex(other_spec.hash()));
+            assert_eq!(m.model_hash, hex(spec.hash()));
+            assert_eq!(m.module, other);
+            let text = m.to_string();
+            assert!(
+                text.contains(&m.module_hash) && text.contains(&m.model_hash),
+                "{text}"
+            );
+        }
+        got => panic!("expected a module mismatch, got {got:?}"),
+    }
+    // Without the module file: told to give it.
+    assert!(matches!(
+        predict(None),
+        Err(PredictRunError::Model {
+            source: PredictError::NeedsModule { .. },
+            ..
+        })
+    ));
 }

@@ -310,6 +310,65 @@ async fn a_node_with_another_class_list_is_refused_at_join() {
     drop(s.shutdown.take());
 }
 
+/// Issue 15: with no test table naming classes, the first node to join sets the
+/// federation's list, and it survives a server restart (`operator/classes.json`): the
+/// resumed server refuses a node with another list, naming both, and accepts the list it
+/// recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_class_list_agreed_at_join_survives_a_server_restart() {
+    init_logs();
+    let fed = Federation::new(2);
+    let (srcs, _) = write_tables(fed.dir.path());
+    let cfg = |rounds: &str| {
+        let mut c = fed.server_config(
+            "classes-resume",
+            &[
+                ("rounds", rounds),
+                ("min_clients", "1"),
+                ("strategy.min_fit_clients", "1"),
+                ("model.layers", "[4, 8, 2]"),
+            ],
+        );
+        // No test table: nothing but the nodes names the classes.
+        c.test_data = None;
+        c
+    };
+    let recorded = fed
+        .out("classes-resume")
+        .join("operator")
+        .join("classes.json");
+    // The table without missing values (this server does not standardise).
+    let s = start(Server::bind(cfg("1")).unwrap());
+    assert!(!recorded.exists());
+    let first = within(dpfl_client::run(node(&fed, s.addr, 1, &srcs[2])))
+        .await
+        .unwrap();
+    assert_eq!(first.rounds_trained, 1);
+    within(s.done).await.unwrap().unwrap();
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&recorded).unwrap()).unwrap();
+    assert_eq!(file["classes"], serde_json::json!(["neg", "pos"]));
+
+    // Resumed for a second round: the first node to join now has the classes swapped.
+    let mut s = start(Server::bind(cfg("2")).unwrap());
+    let swapped = srcs[2].replace("classes=neg|pos", "classes=pos|neg");
+    let e = within(dpfl_client::run(node(&fed, s.addr, 0, &swapped)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("classes are pos|neg") && e.contains("federation's are neg|pos"),
+        "{e}"
+    );
+    let ok = within(dpfl_client::run(node(&fed, s.addr, 1, &srcs[2])))
+        .await
+        .unwrap();
+    assert_eq!(ok.rounds_trained, 1);
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 2);
+    drop(s.shutdown.take());
+}
+
 /// The agreed transform survives a server restart: the resumed server sends the same one
 /// (from `standardize.json`) and asks nobody for statistics again, even when the node
 /// that joins alone would give other statistics.

@@ -1,18 +1,18 @@
 //! `dpfl-predict`: applies a saved global model (with the standardisation and class names
-//! stored in its file) to a data set; writes one prediction per row and, when the data
-//! has labels, prints accuracy and, for two classes, AUC and F1.
+//! stored in its file; a TorchScript model with its module file) to a data set; writes one
+//! prediction per row and, when the data has labels, prints accuracy and, for two classes,
+//! AUC and F1. The work is `dpfl_client::predict::run`, which the tests call too.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Parser;
-use dpfl_ml::predict::{predict, score, ModelFile};
-use dpfl_ml::DataSource;
-use std::io::Write;
+use dpfl_client::predict::{run, PredictOptions};
 use std::path::PathBuf;
 
 const EXAMPLES: &str = "\
 Examples:
   dpfl-predict --model runs/x/model.safetensors --data csv:new.csv,label=diagnosis
-  dpfl-predict --model runs/x/model.safetensors --data 'csv:new.csv,label=none' --out pred.csv";
+  dpfl-predict --model runs/x/model.safetensors --data 'csv:new.csv,label=none' --out pred.csv
+  dpfl-predict --model runs/x/model.safetensors --module model.pt --data fashion-mnist-test";
 
 /// Predicts with a federated model: the same feature transform as in training (saved in
 /// the model file), one row of class probabilities per example.
@@ -22,6 +22,10 @@ struct Args {
     /// Model file written by the server (`model.safetensors`, or `model-best.safetensors`).
     #[arg(long)]
     model: PathBuf,
+    /// The TorchScript module file the model was trained with (a TorchScript model only;
+    /// its spec hash must be the one recorded in the model file).
+    #[arg(long)]
+    module: Option<PathBuf>,
     /// Data: csv:PATH[,OPTIONS] (label=none for data without labels), idx:..., fashion-mnist-test.
     #[arg(long)]
     data: String,
@@ -41,60 +45,29 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let model =
-        ModelFile::load(&a.model).with_context(|| format!("reading {}", a.model.display()))?;
-    let source: DataSource = a.data.parse()?;
-    let mut table = source.load_table()?;
-    if let Some(n) = a.limit {
-        table.data = table.data.take(n);
-    }
-    if !model.feature_names.is_empty()
-        && !table.feature_names.is_empty()
-        && model.feature_names != table.feature_names
-    {
-        eprintln!(
-            "warning: the data's feature columns ({}) are not the model's ({}); check features= and drop=",
-            table.feature_names.join(", "),
-            model.feature_names.join(", ")
-        );
-    }
-    if table.labelled
-        && !model.class_names.is_empty()
-        && !table.class_names.is_empty()
-        && model.class_names != table.class_names
-    {
-        bail!(
-            "the data's classes ({}) are not the model's ({}): give the same classes= list",
-            table.class_names.join("|"),
-            model.class_names.join("|")
-        );
-    }
-    let device = dpfl_ml::model::parse_device(&a.device)?;
-    let p = predict(&model, &table.data, device)?;
-    let name = |c: i64| {
-        model
-            .class_names
-            .get(c as usize)
-            .cloned()
-            .unwrap_or_else(|| c.to_string())
+    let options = PredictOptions {
+        model: a.model,
+        module: a.module,
+        data: a.data.parse()?,
+        out: a.out,
+        metrics_json: a.metrics_json,
+        limit: a.limit,
+        device: a.device,
     };
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?,
-    );
-    let probs: Vec<String> = (0..p.num_classes as i64)
-        .map(|c| format!("p_{}", name(c)))
-        .collect();
-    writeln!(out, "row,predicted,{}", probs.join(","))?;
-    for (i, c) in p.class.iter().enumerate() {
-        let row = &p.prob[i * p.num_classes..(i + 1) * p.num_classes];
-        let row: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
-        writeln!(out, "{i},{},{}", name(*c), row.join(","))?;
+    let report = run(&options)?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
     }
-    out.flush()?;
-    println!("wrote {} predictions to {}", p.class.len(), a.out.display());
-    if table.labelled {
-        let s = score(&p, &table.data.labels);
-        let mut line = format!("examples={} accuracy={:.4}", s.n, s.accuracy);
+    println!(
+        "wrote {} predictions to {}",
+        report.rows,
+        options.out.display()
+    );
+    if let Some(s) = report.scores {
+        let mut line = format!(
+            "examples={} correct={} accuracy={:.4}",
+            s.n, s.correct, s.accuracy
+        );
         if let Some(auc) = s.auc {
             line += &format!(" auc={auc:.4}");
         }
@@ -102,12 +75,6 @@ fn main() -> Result<()> {
             line += &format!(" f1={f1:.4}");
         }
         println!("{line}");
-        if let Some(path) = &a.metrics_json {
-            let v = serde_json::json!({
-                "examples": s.n, "accuracy": s.accuracy, "auc": s.auc, "f1": s.f1,
-            });
-            std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n")?;
-        }
     }
     Ok(())
 }
