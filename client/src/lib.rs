@@ -79,6 +79,11 @@ pub struct ClientConfig {
     /// data before it connects, and against the server's spec hash at join. `None`:
     /// whatever the server announces.
     pub model: Option<dpfl_common::ModelSpec>,
+    /// The node takes part only in securely aggregated exchanges (`--secure-aggregation`):
+    /// it refuses a train request without secure aggregation and a request for its feature
+    /// statistics in the clear, whatever the server says. Always so in DP mode
+    /// `distributed`.
+    pub secure_aggregation: bool,
 }
 
 impl ClientConfig {
@@ -108,6 +113,7 @@ impl ClientConfig {
             log_file: None,
             sampler: NoiseSampler::Opendp,
             model: None,
+            secure_aggregation: false,
         }
     }
 }
@@ -281,6 +287,7 @@ pub async fn run_with_noise(
         },
         log_file: cfg.log_file,
         model: cfg.model,
+        secure_aggregation: cfg.secure_aggregation,
     };
     node::run(ncfg, worker).await
 }
