@@ -45,8 +45,13 @@ impl Verifier for SharedVerifier {
 enum Input {
     /// A training round's clipped update.
     Update { spec: SecAggSpec, update: Vec<f32> },
-    /// The feature statistics, `count | sum | sum_sq | label_counts`.
-    Stats { spec: StatsSecAgg, values: Vec<f64> },
+    /// The feature statistics, `count | sum | sum_sq | label_counts` (`len` values; the
+    /// values are wiped once they left, masked).
+    Stats {
+        spec: StatsSecAgg,
+        values: Vec<f64>,
+        len: u32,
+    },
 }
 
 /// An input kept for the secure-aggregation stages of one round (training round, or
@@ -130,9 +135,10 @@ impl SecureNode {
                 spec.clip_norm
             ));
         }
+        let len = u32::try_from(values.len()).map_err(|_| "too many statistics".to_string())?;
         self.held = Some(Held {
             round: dpfl_common::wire::STATS_ROUND,
-            input: Input::Stats { spec, values },
+            input: Input::Stats { spec, values, len },
         });
         Ok(())
     }
@@ -162,11 +168,7 @@ impl SecureNode {
                 spec.bits,
                 spec.distributed,
             ),
-            Input::Stats { spec, values } => (
-                u32::try_from(values.len()).map_err(|_| "too many statistics".to_string())?,
-                spec.bits,
-                None,
-            ),
+            Input::Stats { spec, len, .. } => (*len, spec.bits, None),
         };
         let config = ClientConfig {
             vector_len,
@@ -284,7 +286,7 @@ impl SecureNode {
                         *update = Vec::new();
                         x
                     }
-                    Input::Stats { spec, values } => {
+                    Input::Stats { spec, values, .. } => {
                         let x = dpfl_secagg::FixedPoint::new(
                             spec.clip_norm,
                             spec.bits,
