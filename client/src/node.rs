@@ -594,7 +594,7 @@ async fn session(
                     Ok(features) => {
                         tracing::info!(
                             features,
-                            "standardised the data with the federation's mean and standard                              deviation"
+                            "standardised the data with the federation's mean and standard deviation"
                         );
                         Header::Standardized { features }
                     }

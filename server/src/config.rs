@@ -487,8 +487,8 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
     ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\", \"central\" and \"distributed\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
-    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict."),
-    ("standardize.bounds", Some("\"0:1\""), "Public ranges `lo:hi|lo:hi|...` (or one `lo:hi` for all features) the features are clipped to before they are counted and transformed; required with DP on (they bound the sensitivity). Never derive them from the private data."),
+    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict. With secure_aggregation the statistics are secure-summed (one SecAgg+ instance; at least 3 nodes); not with dp.mode distributed."),
+    ("standardize.bounds", Some("\"0:1\""), "Public ranges `lo:hi|lo:hi|...` (or one `lo:hi` for all features) the features are clipped to before they are counted and transformed; required with DP on (they bound the sensitivity) and with secure_aggregation (they give the secure sum's fixed-point range). Never derive them from the private data."),
     ("standardize.noise_multiplier", None, "With DP on: noise multiplier z of the statistics' Gaussian release (a ledger row of its own, client-level like the training rounds); 0 with DP off."),
     ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
     ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62; 2-40 with dp.mode \"distributed\", whose encoding sizes its own headroom), with log2(n) bits of headroom so the sum of n cannot wrap."),
@@ -885,13 +885,13 @@ impl ServerConfig {
         if self.dp.mode.is_private() {
             if st.bounds.is_none() || st.noise_multiplier <= 0.0 {
                 return bad(
-                    "standardize with DP on needs standardize.bounds and a positive                      standardize.noise_multiplier: the statistics are a release too"
+                    "standardize with DP on needs standardize.bounds and a positive standardize.noise_multiplier: the statistics are a release too"
                         .into(),
                 );
             }
         } else if st.noise_multiplier > 0.0 {
             return bad(
-                "standardize.noise_multiplier is for DP on (dp.mode central or local); with                  dp.mode none the statistics are exact"
+                "standardize.noise_multiplier is for DP on (dp.mode central or local); with dp.mode none the statistics are exact"
                     .into(),
             );
         }

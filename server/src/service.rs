@@ -2174,7 +2174,7 @@ fn read_agreed(
     let t = f.standardizer;
     if t.mean.len() != s.dim || t.bounds != s.bounds {
         return Err(ServerError::Io(format!(
-            "{}: the agreed standardisation does not fit this configuration (features or              bounds differ); move it aside or use --fresh",
+            "{}: the agreed standardisation does not fit this configuration (features or bounds differ); move it aside or use --fresh",
             path.display()
         )));
     }
