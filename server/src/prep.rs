@@ -1288,7 +1288,24 @@ mod tests {
             // The range: 256 rows (the power of two at or above the 130 declared) x sqrt(3d + 1).
             assert_eq!(nodes.spec.unwrap().clip_norm, 256.0 * 7f64.sqrt());
             assert_eq!(nodes.spec.unwrap().bits, STATS_BITS);
+            // Not asked (a late joiner), or asked twice: not counted.
+            x.handle_join("late".into(), info(10));
+            assert!(x
+                .handle_stats_held("late", &StatsHeld { spec_hash: [7; 32] })
+                .is_err());
+            assert!(x
+                .handle_stats_held("n0", &StatsHeld { spec_hash: [7; 32] })
+                .is_err());
             x.advance(t0, &mut rng);
+            // An answer of another protocol round is refused and drops nobody (n0 survives).
+            let stale = FromNode::MaskedInput(dpfl_secagg::MaskedInput {
+                round: 499,
+                data: vec![1; 8],
+            });
+            assert!(matches!(
+                x.handle_secagg_answer("n0", stale),
+                Err(StatsRejection::Unexpected(_))
+            ));
             let dropped = "n2";
             nodes.run_stages(&mut x, t0, &|stage, n| {
                 n == dropped && stage != Stage::AdvertiseKeys && stage != Stage::ShareKeys
@@ -1335,9 +1352,9 @@ mod tests {
                     "{got:?} vs {want:?}"
                 );
             }
-            // Everyone waiting (the dropout too) gets the transform.
+            // Everyone waiting (the dropout and the late joiner too) gets the transform.
             x.publish();
-            assert_eq!(drain(&mut x).len(), 4);
+            assert_eq!(drain(&mut x).len(), 5);
         }
 
         /// Too few holders, then too few survivors: each instance aborts within its

@@ -1620,10 +1620,11 @@ impl Server {
                 ..
             }) => match x.handle_stats_held(&node, &h) {
                 Ok(()) => tracing::info!(%node, "holds its feature statistics for the secure sum"),
+                // Not counted, and nothing else: a late answer to an earlier attempt's
+                // request must not drop the node from the current one.
                 Err(e) => {
                     self.obs.metrics.reject("statistics");
                     tracing::warn!(%node, "held-statistics answer refused: {e}");
-                    x.handle_failed(&node);
                 }
             },
             Ok(Message {
@@ -1643,14 +1644,20 @@ impl Server {
                                 .map_err(|e| e.to_string())
                         })
                 };
-                let r = decoded.and_then(|msg| {
-                    x.handle_secagg_answer(&node, msg)
-                        .map_err(|e| e.to_string())
-                });
-                if let Err(e) = r {
-                    self.obs.metrics.reject("secagg");
-                    tracing::warn!(%node, "statistics stage answer refused: {e}");
-                    x.handle_failed(&node);
+                match decoded {
+                    // A refused message already dropped its sender from the instance; a
+                    // stale one (an earlier instance's) drops nobody.
+                    Ok(msg) => {
+                        if let Err(e) = x.handle_secagg_answer(&node, msg) {
+                            self.obs.metrics.reject("secagg");
+                            tracing::warn!(%node, "statistics stage answer refused: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        self.obs.metrics.reject("malformed");
+                        tracing::warn!(%node, "malformed statistics stage answer: {e}");
+                        x.handle_failed(&node);
+                    }
                 }
             }
             Ok(Message {
