@@ -35,9 +35,10 @@
 //! ([`StatsExchange::poll_stage`], answers to [`StatsExchange::handle_secagg_answer`]).
 //! The server decodes only the survivors' sum; it becomes the total (with DP on,
 //! `central` noise is then added by [`StatsExchange::agree`] exactly as in the clear
-//! path). Too few holders or survivors abort the instance; the exchange asks again, up
-//! to `max_attempts` instances, then fails ([`StatsExchange::failure`]). A `Stats` report
-//! is refused in this mode.
+//! path). Too few holders start nothing: the exchange asks again when a node joins or
+//! rejoins, or one answer timeout later. Too few survivors (or any protocol abort) end the
+//! instance; the exchange asks again at once, up to `max_attempts` instances, then fails
+//! ([`StatsExchange::failure`]). A `Stats` report is refused in this mode.
 
 use crate::coordinator::NodeInfo;
 use crate::secure::{SecAggSend, SecAggSettings};
@@ -311,6 +312,12 @@ struct SecureState {
     next_id: u64,
     stages: VecDeque<StageBatch>,
     failure: Option<String>,
+    /// A node joined (or rejoined) since the last request, or an instance aborted: worth
+    /// asking again. Too few holders leave it unset, so a node that keeps refusing is not
+    /// asked in a loop; the exchange then asks again when another node joins or at
+    /// `retry_at` (one answer timeout later), whichever comes first.
+    ask_again: bool,
+    retry_at: Option<Instant>,
 }
 
 impl StatsExchange {
@@ -324,6 +331,8 @@ impl StatsExchange {
             attempts: 0,
             stages: VecDeque::new(),
             failure: None,
+            ask_again: true,
+            retry_at: None,
         });
         Self {
             settings,
@@ -390,6 +399,9 @@ impl StatsExchange {
         }
         // With secure aggregation nodes are asked together, when an instance starts
         // ([`StatsExchange::advance`]).
+        if let Some(sec) = &mut self.secure {
+            sec.ask_again = true;
+        }
         if !self.contributors.contains(&node) && self.secure.is_none() {
             self.asked.insert(node.clone());
             self.outbox
@@ -526,13 +538,16 @@ impl StatsExchange {
         self.secure.as_mut()?.stages.pop_front()
     }
 
-    /// When [`StatsExchange::advance`] must run next (a deadline of the secure sum).
+    /// When [`StatsExchange::advance`] must run next (a deadline of the secure sum, or
+    /// when to ask again after too few nodes held their statistics).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.secure.as_ref().map(|s| &s.phase) {
-            Some(SecurePhase::Asking { deadline, .. } | SecurePhase::Running { deadline, .. }) => {
+        let sec = self.secure.as_ref().filter(|_| self.agreed.is_none())?;
+        match &sec.phase {
+            SecurePhase::Asking { deadline, .. } | SecurePhase::Running { deadline, .. } => {
                 Some(*deadline)
             }
-            _ => None,
+            SecurePhase::Idle => sec.retry_at.filter(|_| sec.failure.is_none()),
+            SecurePhase::Over => None,
         }
     }
 
@@ -574,9 +589,11 @@ impl StatsExchange {
         match &mut sec.phase {
             SecurePhase::Over => false,
             SecurePhase::Idle => {
-                if self.waiting.len() < min {
+                let due = sec.ask_again || sec.retry_at.is_some_and(|t| now >= t);
+                if self.waiting.len() < min || !due {
                     return false;
                 }
+                (sec.ask_again, sec.retry_at) = (false, None);
                 let asked: BTreeSet<NodeId> = self.waiting.keys().cloned().collect();
                 let max_rows = self
                     .waiting
@@ -611,6 +628,19 @@ impl StatsExchange {
                 if held.len() < asked.len() && now < *deadline {
                     return false;
                 }
+                if held.len() < min {
+                    // Not an attempt: no instance started. Ask again once another node
+                    // joins (or one rejoins).
+                    tracing::warn!(
+                        held = held.len(),
+                        needed = min,
+                        "too few nodes hold their feature statistics for the secure sum; \
+                         asking again when another node joins or after the answer timeout"
+                    );
+                    sec.retry_at = Some(now + sec.cfg.answer_timeout);
+                    sec.phase = SecurePhase::Idle;
+                    return true;
+                }
                 let (held, clip) = (std::mem::take(held), *clip);
                 self.start_instance(held, clip, now, rng);
                 true
@@ -637,6 +667,7 @@ impl StatsExchange {
             "secure sum of the feature statistics aborted: {why}"
         );
         sec.phase = SecurePhase::Idle;
+        sec.ask_again = true;
         sec.stages.clear();
         if sec.attempts >= sec.cfg.max_attempts {
             sec.failure = Some(format!(
@@ -1357,11 +1388,14 @@ mod tests {
             assert_eq!(drain(&mut x).len(), 5);
         }
 
-        /// Too few holders, then too few survivors: each instance aborts within its
-        /// deadlines, the exchange asks again with a fresh protocol round id, and after
-        /// its last attempt it fails with a reason instead of waiting for ever.
+        /// Too few holders: no instance and no attempt used; the exchange asks again when
+        /// another (or a returning) node joins or one answer timeout later, never in a
+        /// loop. Too few survivors: the instance
+        /// aborts within its deadlines, the exchange asks again at once with a fresh
+        /// protocol round id, and after its last attempt it fails with a reason instead of
+        /// waiting for ever.
         #[test]
-        fn too_few_holders_or_survivors_abort_and_the_exchange_gives_up() {
+        fn too_few_holders_wait_and_too_few_survivors_abort_until_the_exchange_gives_up() {
             let tables: Vec<Dataset> = (0..3).map(|i| table(i, 20)).collect();
             let mut nodes = Nodes::new(&tables);
             let mut x = StatsExchange::new(settings(3, 2));
@@ -1371,32 +1405,43 @@ mod tests {
                 x.handle_join(format!("n{i}"), info(t.len() as u64));
             }
             x.advance(t0, &mut rng);
-            // Attempt 1: n1 never answers; at the answer deadline two hold, too few.
+            // n1 never answers; at the answer deadline two hold, too few: nothing starts.
             nodes.hold(&mut x, &|n| n != "n1");
             let deadline = x.poll_timeout().unwrap();
             assert_eq!(deadline, t0 + ASK);
             x.advance(deadline - Duration::from_millis(1), &mut rng);
             assert!(drain(&mut x).is_empty() && x.poll_stage().is_none());
             x.advance(deadline, &mut rng);
-            assert_eq!(x.attempts(), 1);
-            assert!(x.failure().is_none());
-            // Attempt 2 (asked again at once): all hold, n1 drops before its masked
-            // input; the two survivors are fewer than the three required.
-            nodes.hold(&mut x, &|_| true);
-            x.advance(deadline, &mut rng);
-            nodes.run_stages(&mut x, deadline, &|stage, n| {
-                n == "n1" && stage != Stage::AdvertiseKeys && stage != Stage::ShareKeys
-            });
-            assert!(!x.ready());
-            assert_eq!(
-                nodes.ids,
-                vec![501; 3],
-                "a fresh id (500 went to attempt 1)"
-            );
+            let retry = x.poll_timeout().expect("asks again later");
+            assert_eq!(retry, deadline + ASK);
+            x.advance(retry - Duration::from_millis(1), &mut rng);
+            assert!(drain(&mut x).is_empty(), "not asked again before then");
+            assert_eq!((x.attempts(), x.failure()), (0, None));
+            // After the answer timeout everyone is asked again; n1 still does not answer.
+            x.advance(retry, &mut rng);
+            nodes.hold(&mut x, &|n| n != "n1");
+            x.advance(retry + ASK, &mut rng);
+            assert_eq!(x.attempts(), 0, "no instance started");
+            // n1 comes back (rejoins): asked at once; everyone holds; n1 drops before its
+            // masked input twice, and the two survivors are fewer than the three required.
+            x.handle_join("n1".into(), info(20));
+            let mut t = retry + ASK;
+            for attempt in 1..=2 {
+                x.advance(t, &mut rng);
+                nodes.hold(&mut x, &|_| true);
+                x.advance(t, &mut rng);
+                t = nodes.run_stages(&mut x, t, &|stage, n| {
+                    n == "n1" && stage != Stage::AdvertiseKeys && stage != Stage::ShareKeys
+                });
+                assert_eq!(x.attempts(), attempt);
+                assert!(!x.ready());
+            }
+            let ids: BTreeSet<u64> = nodes.ids.iter().copied().collect();
+            assert_eq!(ids, BTreeSet::from([500, 501]), "a fresh id per instance");
             let why = x.failure().expect("gave up").to_string();
             assert!(why.contains("failed 2 times"), "{why}");
             assert!(x.poll_timeout().is_none() && x.agreed().is_none());
-            x.advance(deadline + STAGE * 10, &mut rng);
+            x.advance(t + STAGE * 10, &mut rng);
             assert!(drain(&mut x).is_empty(), "nothing more is asked");
         }
 

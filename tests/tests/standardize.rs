@@ -788,3 +788,122 @@ async fn a_node_configured_for_secure_aggregation_refuses_clear_statistics() {
     assert!(!fed.out("std-clear-ask").join("standardize.json").exists());
     let _ = within(n).await.unwrap();
 }
+
+/// A node that holds its statistics and then drops out of their secure sum (it closes its
+/// connection at the first stage): the instance aborts (too few survivors), the server asks
+/// again with a fresh protocol round id, and the honest nodes' secure sum gives their
+/// pooled statistics; nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropout_in_the_statistics_secure_sum_is_retried_without_it() {
+    use dpfl_common::wire::{self, Header, Hello, StatsHeld};
+    init_logs();
+    let fed = Federation::new(4);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "std-secure-dropout",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "3"),
+            ("strategy.min_fit_clients", "3"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("secure_aggregation", "true"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{BOUNDS:?}")),
+        ],
+    );
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let obs = server.observatory();
+    let s = start(server);
+    // The dropout: a hand-made QUIC peer with node-4's certificate, joined first so that
+    // it is one of the first instance's three participants.
+    let ep = dpfl_certs::quic::client_endpoint(
+        &dpfl_certs::Credentials::node(&fed.layout, "node-4"),
+        wire::ALPN,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let hello = Header::Hello(Hello {
+        software: "dropout-test".into(),
+        dp_mode: DpMode::None,
+        input_dim: 4,
+        num_classes: 2,
+        num_examples: 100,
+        num_eval_examples: 0,
+        class_names: Vec::new(),
+    });
+    tx.write_all(&wire::encode(&hello, &[])).await.unwrap();
+    tx.finish().unwrap();
+    let welcome = wire::decode(&rx.read_to_end(1 << 20).await.unwrap(), 1 << 20).unwrap();
+    let Header::Welcome(w) = welcome.header else {
+        panic!("not welcomed: {welcome:?}")
+    };
+    within(async {
+        while !obs.status().nodes.contains_key("node-4") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let dropout = tokio::spawn(async move {
+        let mut stages = 0;
+        loop {
+            let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+                break;
+            };
+            let Ok(req) = wire::read_message(&mut rx, 1 << 20).await else {
+                continue;
+            };
+            match req.header {
+                Header::StatsRequest(r) => {
+                    assert!(r.secure_aggregation.is_some(), "a secure request");
+                    let held = Header::StatsHeld(StatsHeld {
+                        spec_hash: w.spec_hash,
+                    });
+                    tx.write_all(&wire::encode(&held, &[])).await.unwrap();
+                    tx.finish().unwrap();
+                }
+                Header::SecAggRequest(_) => {
+                    // Gone before answering the first stage.
+                    stages += 1;
+                    conn.close(0u32.into(), b"dropping out");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        stages
+    });
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(dpfl_client::run(secure_node(
+                &fed,
+                s.addr,
+                i,
+                &srcs[i],
+                DpMode::None,
+            )))
+        })
+        .collect();
+    assert_eq!(within(dropout).await.unwrap(), 1, "it was a participant");
+    within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 1);
+    }
+    assert!(seen.try_recv().is_err(), "no statistics in the clear");
+    let out = fed.out("std-secure-dropout");
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("standardize.json")).unwrap()).unwrap();
+    assert_eq!(kept["contributors"], 3);
+    let t = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    let (mean, std) = pooled_clipped(&srcs);
+    for j in 0..4 {
+        assert!((t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]));
+        assert!((t.std[j] - std[j]).abs() <= 1e-7 * std[j]);
+    }
+}
