@@ -310,3 +310,78 @@ impl SecureNode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpfl_certs::Layout;
+    use dpfl_common::wire::STATS_ROUND;
+    use dpfl_secagg::messages::RoundSetup;
+    use dpfl_secagg::{GraphParams, RoundContext};
+
+    fn node() -> (tempfile::TempDir, SecureNode) {
+        let dir = tempfile::tempdir().unwrap();
+        dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 3, false)
+            .unwrap();
+        let layout = Layout::new(dir.path().to_path_buf());
+        let s = SecureNode::new("node-1", &Credentials::node(&layout, "node-1")).unwrap();
+        (dir, s)
+    }
+
+    fn setup(round: u64, bits: u8, vector_len: u32) -> StageRequest {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
+        let names = ["node-1", "node-2", "node-3"].map(String::from).to_vec();
+        let params = GraphParams {
+            degree: 2,
+            threshold: 2,
+        };
+        let context = RoundContext::new(round, names, params, bits, vector_len, &mut rng).unwrap();
+        StageRequest {
+            message: ToNode::Setup(RoundSetup { context }),
+            certificates: Vec::new(),
+        }
+    }
+
+    /// Statistics that do not fit the request's range are refused before anything is
+    /// kept; held statistics take part with their own vector length; protocol round ids
+    /// only increase, also when a training round's update replaces the statistics (and
+    /// with them the protocol client).
+    #[test]
+    fn held_statistics_fit_their_range_and_ids_only_increase_across_instances() {
+        let (_dir, mut s) = node();
+        let spec = StatsSecAgg {
+            clip_norm: 2.0,
+            bits: 62,
+        };
+        let e = s.hold_stats(spec, vec![1.5, 1.5, 0.0]).unwrap_err();
+        assert!(e.contains("do not fit"), "{e}");
+        let narrow = StatsSecAgg { bits: 8, ..spec };
+        assert!(s.hold_stats(narrow, vec![1.0, 0.0, 0.0]).is_err());
+        assert!(
+            s.handle(STATS_ROUND, 100, setup(10, 62, 3)).is_err(),
+            "nothing held"
+        );
+        s.hold_stats(spec, vec![1.0, 1.0, 0.5]).unwrap();
+        // The model has 100 parameters; the statistics' instance has 3 values.
+        assert!(matches!(
+            s.handle(STATS_ROUND, 100, setup(11, 62, 3)),
+            Ok(FromNode::Keys(_))
+        ));
+        let e = s.handle(STATS_ROUND, 100, setup(11, 62, 3)).unwrap_err();
+        assert!(e.contains("not after 11"), "{e}");
+        // A training round's update: another vector length and ring, a new protocol
+        // client, the same id rule.
+        let train = SecAggSpec {
+            clip_norm: 1.0,
+            bits: 32,
+            distributed: None,
+        };
+        s.hold(1, train, vec![0.1; 4]);
+        let e = s.handle(1, 4, setup(9, 32, 4)).unwrap_err();
+        assert!(e.contains("not after 11"), "{e}");
+        assert!(matches!(
+            s.handle(1, 4, setup(12, 32, 4)),
+            Ok(FromNode::Keys(_))
+        ));
+    }
+}
