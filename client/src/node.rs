@@ -721,29 +721,29 @@ async fn stats_answer(
         normalized: req.normalized,
         noise_multiplier: req.local_noise_multiplier,
     };
-    let bounded = job.bounds.is_some();
+    if req.secure_aggregation.is_some() && job.bounds.is_none() {
+        return Err("a secure sum of the statistics needs public bounds (its range)".into());
+    }
     let st = worker.stats(job).await?;
     if let Some(spec) = req.secure_aggregation {
-        if !bounded {
-            return Err("a secure sum of the statistics needs public bounds (its range)".into());
-        }
+        crate::secure::SecureNode::check_stats(spec, &st.to_vector())?;
         if secure.is_none() {
             *secure = Some(crate::secure::SecureNode::new(
                 &welcome.node,
                 &cfg.credentials,
             )?);
         }
-        if let Some(s) = secure.as_mut() {
-            s.hold_stats(spec, st.to_vector())?;
-        }
     }
-    // The spend is on disk before the statistics leave (masked or not).
+    // The spend is on disk before the statistics leave (masked or not) and, with secure
+    // aggregation, before they are held (a setup could otherwise take them).
     if let Some(r) = &release {
         budget
             .record(r)
             .map_err(|e| format!("cannot record the privacy spend: {e}"))?;
     }
-    if req.secure_aggregation.is_some() {
+    if let Some(spec) = req.secure_aggregation {
+        let s = secure.as_mut().ok_or("secure aggregation state missing")?;
+        s.hold_stats(spec, st.to_vector())?;
         return Ok(Header::StatsHeld(wire::StatsHeld {
             spec_hash: welcome.spec_hash,
         }));

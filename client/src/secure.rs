@@ -123,10 +123,9 @@ impl SecureNode {
         });
     }
 
-    /// Keeps the feature statistics `values` for their secure sum (round
-    /// [`dpfl_common::wire::STATS_ROUND`]), replacing anything held. `Err` when they do
-    /// not fit the request's range (L2 norm above its bound).
-    pub fn hold_stats(&mut self, spec: StatsSecAgg, values: Vec<f64>) -> Result<(), String> {
+    /// Whether statistics fit a request's range (the check [`SecureNode::hold_stats`]
+    /// makes; callers run it before recording a release for them).
+    pub fn check_stats(spec: StatsSecAgg, values: &[f64]) -> Result<(), String> {
         spec.validate()?;
         let norm = values.iter().map(|v| v * v).sum::<f64>().sqrt();
         if !norm.is_finite() || norm > spec.clip_norm {
@@ -135,6 +134,14 @@ impl SecureNode {
                 spec.clip_norm
             ));
         }
+        Ok(())
+    }
+
+    /// Keeps the feature statistics `values` for their secure sum (round
+    /// [`dpfl_common::wire::STATS_ROUND`]), replacing anything held. `Err` when they do
+    /// not fit the request's range (L2 norm above its bound).
+    pub fn hold_stats(&mut self, spec: StatsSecAgg, values: Vec<f64>) -> Result<(), String> {
+        Self::check_stats(spec, &values)?;
         let len = u32::try_from(values.len()).map_err(|_| "too many statistics".to_string())?;
         self.held = Some(Held {
             round: dpfl_common::wire::STATS_ROUND,
