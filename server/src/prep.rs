@@ -607,6 +607,11 @@ impl StatsExchange {
                     clip_norm: clip,
                     bits: STATS_BITS,
                 });
+                tracing::info!(
+                    nodes = asked.len(),
+                    range = clip,
+                    "asking for feature statistics to sum securely"
+                );
                 for n in &asked {
                     self.outbox
                         .push_back((n.clone(), Header::StatsRequest(req.clone())));
@@ -630,7 +635,7 @@ impl StatsExchange {
                 }
                 if held.len() < min {
                     // Not an attempt: no instance started. Ask again once another node
-                    // joins (or one rejoins).
+                    // joins (or one rejoins), or at `retry_at`.
                     tracing::warn!(
                         held = held.len(),
                         needed = min,
