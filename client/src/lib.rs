@@ -81,6 +81,11 @@ pub struct ClientConfig {
     /// data before it connects, and against the server's spec hash at join. `None`:
     /// whatever the server announces.
     pub model: Option<dpfl_common::ModelSpec>,
+    /// The node takes part only in securely aggregated exchanges (`--secure-aggregation`):
+    /// it refuses a train request without secure aggregation and a request for its feature
+    /// statistics in the clear, whatever the server says. Always so in DP mode
+    /// `distributed`.
+    pub secure_aggregation: bool,
 }
 
 impl ClientConfig {
@@ -110,6 +115,7 @@ impl ClientConfig {
             log_file: None,
             sampler: NoiseSampler::Opendp,
             model: None,
+            secure_aggregation: false,
         }
     }
 }
@@ -283,6 +289,7 @@ pub async fn run_with_noise(
         },
         log_file: cfg.log_file,
         model: cfg.model,
+        secure_aggregation: cfg.secure_aggregation,
     };
     node::run(ncfg, worker).await
 }

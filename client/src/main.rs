@@ -116,6 +116,10 @@ struct Args {
     /// Append a JSON line per round (own epsilon, loss, timings) to this file.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Take part only in securely aggregated exchanges: refuse train requests without
+    /// secure aggregation and requests for the feature statistics in the clear.
+    #[arg(long)]
+    secure_aggregation: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -178,6 +182,7 @@ async fn main() -> Result<()> {
     cfg.idle_timeout = std::time::Duration::from_secs(a.idle_timeout_secs.max(3));
     cfg.log_file = a.log_file;
     cfg.sampler = a.sampler.parse()?;
+    cfg.secure_aggregation = a.secure_aggregation;
     cfg.model = match (&a.model, &a.layers) {
         (Some(m), _) => Some(match dpfl_ml::torchscript::parse_arg(m) {
             Some(script) => script.context("--model")?,

@@ -66,6 +66,9 @@ pub struct NodeConfig {
     /// The model this node agrees to train (`--model`, `--layers`); `None`: whatever the
     /// server announces. A server announcing another spec hash is refused.
     pub model: Option<dpfl_common::ModelSpec>,
+    /// Take part only in securely aggregated exchanges (see
+    /// [`crate::ClientConfig::secure_aggregation`]).
+    pub secure_aggregation: bool,
 }
 
 /// Errors that end a node.
@@ -399,8 +402,17 @@ async fn session(
                         round,
                     ),
                 };
-                let refusal =
-                    check_train(&welcome, &req, msg.payload.len()).and_then(|()| match &release {
+                let refusal = check_train(&welcome, &req, msg.payload.len())
+                    .and_then(|()| {
+                        if cfg.secure_aggregation && req.secure_aggregation.is_none() {
+                            Err("this node takes part only in securely aggregated rounds \
+                                 (--secure-aggregation); the request is not"
+                                .to_string())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .and_then(|()| match &release {
                         Some(r) => budget.check(r).map(|_| ()).map_err(|e| e.to_string()),
                         None => Ok(()),
                     });
@@ -548,8 +560,10 @@ async fn session(
             }
             Header::StatsRequest(req) => {
                 let reply =
-                    match stats_answer(cfg, &welcome, &federation, worker, budget, &req).await {
-                        Ok(r) => Header::Stats(r),
+                    match stats_answer(cfg, &welcome, &federation, worker, budget, secure, &req)
+                        .await
+                    {
+                        Ok(r) => r,
                         Err(reason) => {
                             let reason = format!(
                                 "node {} refused to send its feature statistics: {reason}",
@@ -618,17 +632,39 @@ fn budget_epsilon(budget: &Budget, welcome: &Welcome) -> Option<f64> {
 /// Answers a request for feature statistics: checks it against the model and, with DP
 /// on, against the node's own policy (bounds, per-row normalisation, a noise multiplier at
 /// or above its floor, its budget), records the release in its books before anything
-/// leaves, and computes the statistics (noised by the node itself in `local` mode).
+/// leaves, and computes the statistics (noised by the node itself in `local` mode). With
+/// secure aggregation the statistics stay here for their secure sum and the answer is
+/// [`Header::StatsHeld`]; a node configured for secure aggregation refuses a request for
+/// them in the clear.
 async fn stats_answer(
     cfg: &NodeConfig,
     welcome: &Welcome,
     federation: &str,
     worker: &Worker,
     budget: &mut Budget,
+    secure: &mut Option<crate::secure::SecureNode>,
     req: &wire::StatsRequest,
-) -> Result<wire::StatsReport, String> {
+) -> Result<Header, String> {
     if req.spec_hash != welcome.spec_hash {
         return Err("the request names another model".into());
+    }
+    let needs_secure = cfg.secure_aggregation || welcome.dp.mode == DpMode::Distributed;
+    match &req.secure_aggregation {
+        None if needs_secure => {
+            return Err(
+                "this node is configured for secure aggregation (--secure-aggregation): its \
+                 statistics leave it only masked, inside a secure sum, and the request asks \
+                 for them in the clear"
+                    .into(),
+            )
+        }
+        Some(s) => {
+            s.validate()?;
+            if req.local_noise_multiplier.is_some() {
+                return Err("local noise and a secure sum of the statistics do not combine".into());
+            }
+        }
+        None => {}
     }
     let bounds = match (req.lo.is_empty(), req.hi.is_empty()) {
         (true, true) => None,
@@ -685,18 +721,38 @@ async fn stats_answer(
         normalized: req.normalized,
         noise_multiplier: req.local_noise_multiplier,
     };
+    if req.secure_aggregation.is_some() && job.bounds.is_none() {
+        return Err("a secure sum of the statistics needs public bounds (its range)".into());
+    }
     let st = worker.stats(job).await?;
-    // The spend is on disk before the statistics leave.
+    if let Some(spec) = req.secure_aggregation {
+        crate::secure::SecureNode::check_stats(spec, &st.to_vector())?;
+        if secure.is_none() {
+            *secure = Some(crate::secure::SecureNode::new(
+                &welcome.node,
+                &cfg.credentials,
+            )?);
+        }
+    }
+    // The spend is on disk before the statistics leave (masked or not) and, with secure
+    // aggregation, before they are held (a setup could otherwise take them).
     if let Some(r) = &release {
         budget
             .record(r)
             .map_err(|e| format!("cannot record the privacy spend: {e}"))?;
     }
-    Ok(st.to_report(
+    if let Some(spec) = req.secure_aggregation {
+        let s = secure.as_mut().ok_or("secure aggregation state missing")?;
+        s.hold_stats(spec, st.to_vector())?;
+        return Ok(Header::StatsHeld(wire::StatsHeld {
+            spec_hash: welcome.spec_hash,
+        }));
+    }
+    Ok(Header::Stats(st.to_report(
         welcome.spec_hash,
         req.normalized,
         req.local_noise_multiplier.is_some(),
-    ))
+    )))
 }
 
 /// Decodes one secure-aggregation stage (bounded), answers it, and frames the answer.

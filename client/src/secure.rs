@@ -8,10 +8,16 @@
 //! [`DistributedEncoder`] (public rotation seed, conditional rounding, this node's
 //! integer noise share from the OS CSPRNG), after the node checked the protocol's
 //! threshold and size against the contributor bounds the noise is accounted with.
+//!
+//! Before round 1 (`[standardize]` with secure aggregation) the node holds its feature
+//! statistics instead (f64, round [`dpfl_common::wire::STATS_ROUND`]) and puts them into
+//! their own SecAgg+ instance, fixed point over the request's range. Protocol round ids
+//! must increase across every instance this node takes part in, statistics and training
+//! alike (checked here, whatever client state a change of vector length replaces).
 
 use dpfl_certs::{Credentials, PeerCertificates};
 use dpfl_common::dp::encoding::DistributedEncoder;
-use dpfl_common::wire::SecAggSpec;
+use dpfl_common::wire::{SecAggSpec, StatsSecAgg};
 use dpfl_secagg::messages::{FromNode, ToNode};
 use dpfl_secagg::sign::SignatureError;
 use dpfl_secagg::{
@@ -35,11 +41,24 @@ impl Verifier for SharedVerifier {
     }
 }
 
-/// An update kept for the secure-aggregation stages of one training round.
+/// What a node keeps for the stages of one instance.
+enum Input {
+    /// A training round's clipped update.
+    Update { spec: SecAggSpec, update: Vec<f32> },
+    /// The feature statistics, `count | sum | sum_sq | label_counts` (`len` values; the
+    /// values are wiped once they left, masked).
+    Stats {
+        spec: StatsSecAgg,
+        values: Vec<f64>,
+        len: u32,
+    },
+}
+
+/// An input kept for the secure-aggregation stages of one round (training round, or
+/// [`dpfl_common::wire::STATS_ROUND`] for the statistics).
 struct Held {
     round: u64,
-    spec: SecAggSpec,
-    update: Vec<f32>,
+    input: Input,
 }
 
 /// A node's secure-aggregation state (kept across reconnections: protocol round ids it
@@ -53,6 +72,8 @@ pub struct SecureNode {
     held: Option<Held>,
     /// Participants of the protocol round in progress (the encoder's headroom).
     participants: u32,
+    /// The last protocol round id this node set up (ids only increase).
+    last_round: Option<u64>,
 }
 
 impl std::fmt::Debug for SecureNode {
@@ -87,6 +108,7 @@ impl SecureNode {
             client: None,
             held: None,
             participants: 0,
+            last_round: None,
         })
     }
 
@@ -97,9 +119,35 @@ impl SecureNode {
         dpfl_common::dp::clip_in_place(&mut update, spec.clip_norm * (1.0 - 1e-5));
         self.held = Some(Held {
             round,
-            spec,
-            update,
+            input: Input::Update { spec, update },
         });
+    }
+
+    /// Whether statistics fit a request's range (the check [`SecureNode::hold_stats`]
+    /// makes; callers run it before recording a release for them).
+    pub fn check_stats(spec: StatsSecAgg, values: &[f64]) -> Result<(), String> {
+        spec.validate()?;
+        let norm = values.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if !norm.is_finite() || norm > spec.clip_norm {
+            return Err(format!(
+                "statistics of L2 norm {norm} do not fit the secure sum's range {}",
+                spec.clip_norm
+            ));
+        }
+        Ok(())
+    }
+
+    /// Keeps the feature statistics `values` for their secure sum (round
+    /// [`dpfl_common::wire::STATS_ROUND`]), replacing anything held. `Err` when they do
+    /// not fit the request's range (L2 norm above its bound).
+    pub fn hold_stats(&mut self, spec: StatsSecAgg, values: Vec<f64>) -> Result<(), String> {
+        Self::check_stats(spec, &values)?;
+        let len = u32::try_from(values.len()).map_err(|_| "too many statistics".to_string())?;
+        self.held = Some(Held {
+            round: dpfl_common::wire::STATS_ROUND,
+            input: Input::Stats { spec, values, len },
+        });
+        Ok(())
     }
 
     /// Answers one stage of training round `round`.
@@ -113,18 +161,25 @@ impl SecureNode {
             .held
             .as_ref()
             .filter(|h| h.round == round)
-            .ok_or_else(|| format!("no update held for round {round}"))?;
-        let spec = held.spec;
-        // Distributed DP encodes the rotated update, padded to a power of two.
+            .ok_or_else(|| format!("nothing held for round {round}"))?;
+        // Distributed DP encodes the rotated update, padded to a power of two; statistics
+        // are their own vector.
         let model_len = vector_len;
-        let vector_len = match &spec.distributed {
-            Some(d) => u32::try_from(d.params.padded_dim())
-                .map_err(|_| "distributed DP dimension too large".to_string())?,
-            None => vector_len,
+        let (vector_len, bits, distributed) = match &held.input {
+            Input::Update { spec, .. } => (
+                match &spec.distributed {
+                    Some(d) => u32::try_from(d.params.padded_dim())
+                        .map_err(|_| "distributed DP dimension too large".to_string())?,
+                    None => vector_len,
+                },
+                spec.bits,
+                spec.distributed,
+            ),
+            Input::Stats { spec, len, .. } => (*len, spec.bits, None),
         };
         let config = ClientConfig {
             vector_len,
-            bits: spec.bits,
+            bits,
             threat_model: None,
         };
         if self.client.as_ref().map(|(c, _)| *c) != Some(config) {
@@ -139,6 +194,16 @@ impl SecureNode {
         let e = |e: dpfl_secagg::ClientError| e.to_string();
         match request.message {
             ToNode::Setup(setup) => {
+                // One id sequence across every instance (a new vector length replaces the
+                // protocol client, and with it the client's own record of ids).
+                let id = setup.context.round;
+                if let Some(last) = self.last_round.filter(|last| id <= *last) {
+                    return Err(format!(
+                        "protocol round {id} is not after {last}, the last this node took \
+                         part in"
+                    ));
+                }
+                self.last_round = Some(id);
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -166,7 +231,7 @@ impl SecureNode {
                     .lock()
                     .map_err(|_| "verifier lock poisoned".to_string())? = table;
                 self.participants = setup.context.len();
-                if let Some(d) = &spec.distributed {
+                if let Some(d) = &distributed {
                     // The noise is accounted over `min_contributors` shares: the protocol
                     // must not unmask a sum of fewer, nor sum more than the headroom holds.
                     let ctx = &setup.context;
@@ -195,36 +260,53 @@ impl SecureNode {
                 .map(FromNode::Shares)
                 .map_err(e),
             ToNode::Shares(m) => {
-                let held = self.held.as_mut().ok_or("no update held")?;
-                if held.update.len() != model_len as usize {
-                    return Err(format!(
-                        "held update has {} values, the model {model_len}",
-                        held.update.len()
-                    ));
-                }
+                let held = self.held.as_mut().ok_or("nothing held")?;
                 // Stochastic rounding (and, in distributed mode, the integer noise share)
                 // needs draws per coordinate: a ChaCha20 stream keyed from the OS CSPRNG
-                // once per update (a getrandom call per coordinate cost ~0.1 s per update).
+                // once per input (a getrandom call per coordinate cost ~0.1 s per update).
                 let mut rng =
                     rand_chacha::ChaCha20Rng::from_rng(OsRng).map_err(|e| e.to_string())?;
-                let x = match &spec.distributed {
-                    // Rotation from the round's public seed, conditional rounding and this
-                    // node's integer noise share.
-                    Some(d) => DistributedEncoder::new(d.params, d.rotation_seed)
-                        .and_then(|enc| enc.encode(&held.update, &mut rng))
-                        .map_err(|e| e.to_string())?,
-                    None => Encoding::FixedPoint {
-                        clip: spec.clip_norm,
-                        bits: spec.bits,
+                let x = match &mut held.input {
+                    Input::Update { spec, update } => {
+                        if update.len() != model_len as usize {
+                            return Err(format!(
+                                "held update has {} values, the model {model_len}",
+                                update.len()
+                            ));
+                        }
+                        let x = match &spec.distributed {
+                            // Rotation from the round's public seed, conditional rounding
+                            // and this node's integer noise share.
+                            Some(d) => DistributedEncoder::new(d.params, d.rotation_seed)
+                                .and_then(|enc| enc.encode(update, &mut rng))
+                                .map_err(|e| e.to_string())?,
+                            None => Encoding::FixedPoint {
+                                clip: spec.clip_norm,
+                                bits: spec.bits,
+                            }
+                            .encoder(self.participants)
+                            .and_then(|enc| enc.encode(update, &mut rng))
+                            .map_err(|e| e.to_string())?,
+                        };
+                        // The update leaves, masked: nothing of it is kept.
+                        update.iter_mut().for_each(|v| *v = 0.0);
+                        *update = Vec::new();
+                        x
                     }
-                    .encoder(self.participants)
-                    .and_then(|enc| enc.encode(&held.update, &mut rng))
-                    .map_err(|e| e.to_string())?,
+                    Input::Stats { spec, values, .. } => {
+                        let x = dpfl_secagg::FixedPoint::new(
+                            spec.clip_norm,
+                            spec.bits,
+                            self.participants.max(1),
+                        )
+                        .and_then(|fp| fp.encode_f64(values, &mut rng))
+                        .map_err(|e| e.to_string())?;
+                        values.iter_mut().for_each(|v| *v = 0.0);
+                        *values = Vec::new();
+                        x
+                    }
                 };
                 let out = client.handle_shares(&m, &x).map_err(e)?;
-                // The update has left, masked: nothing of it is kept.
-                held.update.iter_mut().for_each(|v| *v = 0.0);
-                held.update = Vec::new();
                 Ok(FromNode::MaskedInput(out))
             }
             ToNode::Survivors(m) => client
@@ -233,5 +315,80 @@ impl SecureNode {
                 .map_err(e),
             ToNode::Unmask(m) => client.handle_unmask(&m).map(FromNode::Unmask).map_err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dpfl_certs::Layout;
+    use dpfl_common::wire::STATS_ROUND;
+    use dpfl_secagg::messages::RoundSetup;
+    use dpfl_secagg::{GraphParams, RoundContext};
+
+    fn node() -> (tempfile::TempDir, SecureNode) {
+        let dir = tempfile::tempdir().unwrap();
+        dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 3, false)
+            .unwrap();
+        let layout = Layout::new(dir.path().to_path_buf());
+        let s = SecureNode::new("node-1", &Credentials::node(&layout, "node-1")).unwrap();
+        (dir, s)
+    }
+
+    fn setup(round: u64, bits: u8, vector_len: u32) -> StageRequest {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
+        let names = ["node-1", "node-2", "node-3"].map(String::from).to_vec();
+        let params = GraphParams {
+            degree: 2,
+            threshold: 2,
+        };
+        let context = RoundContext::new(round, names, params, bits, vector_len, &mut rng).unwrap();
+        StageRequest {
+            message: ToNode::Setup(RoundSetup { context }),
+            certificates: Vec::new(),
+        }
+    }
+
+    /// Statistics that do not fit the request's range are refused before anything is
+    /// kept; held statistics take part with their own vector length; protocol round ids
+    /// only increase, also when a training round's update replaces the statistics (and
+    /// with them the protocol client).
+    #[test]
+    fn held_statistics_fit_their_range_and_ids_only_increase_across_instances() {
+        let (_dir, mut s) = node();
+        let spec = StatsSecAgg {
+            clip_norm: 2.0,
+            bits: 62,
+        };
+        let e = s.hold_stats(spec, vec![1.5, 1.5, 0.0]).unwrap_err();
+        assert!(e.contains("do not fit"), "{e}");
+        let narrow = StatsSecAgg { bits: 8, ..spec };
+        assert!(s.hold_stats(narrow, vec![1.0, 0.0, 0.0]).is_err());
+        assert!(
+            s.handle(STATS_ROUND, 100, setup(10, 62, 3)).is_err(),
+            "nothing held"
+        );
+        s.hold_stats(spec, vec![1.0, 1.0, 0.5]).unwrap();
+        // The model has 100 parameters; the statistics' instance has 3 values.
+        assert!(matches!(
+            s.handle(STATS_ROUND, 100, setup(11, 62, 3)),
+            Ok(FromNode::Keys(_))
+        ));
+        let e = s.handle(STATS_ROUND, 100, setup(11, 62, 3)).unwrap_err();
+        assert!(e.contains("not after 11"), "{e}");
+        // A training round's update: another vector length and ring, a new protocol
+        // client, the same id rule.
+        let train = SecAggSpec {
+            clip_norm: 1.0,
+            bits: 32,
+            distributed: None,
+        };
+        s.hold(1, train, vec![0.1; 4]);
+        let e = s.handle(1, 4, setup(9, 32, 4)).unwrap_err();
+        assert!(e.contains("not after 11"), "{e}");
+        assert!(matches!(
+            s.handle(1, 4, setup(12, 32, 4)),
+            Ok(FromNode::Keys(_))
+        ));
     }
 }

@@ -34,10 +34,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Version 4: the hello declares the node's class names; the statistics exchange before
 /// round 1 ([`Header::StatsRequest`], [`Header::Stats`], [`Header::Standardize`],
 /// [`Header::Standardized`]); the welcome's model spec carries its architecture
-/// ([`crate::model::Arch`]).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// ([`crate::model::Arch`]). Version 5: securely summed statistics (the request's
+/// [`StatsRequest::secure_aggregation`], [`Header::StatsHeld`]).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/4";
+pub const ALPN: &[u8] = b"dpfl/5";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.
@@ -331,6 +332,10 @@ pub enum Header {
         /// Features the node standardised (must equal the agreed transform's).
         features: u32,
     },
+    /// Client -> server: the answer to a [`StatsRequest`] with secure aggregation; the node
+    /// computed its statistics and keeps them for the secure-aggregation stages that follow
+    /// (round [`STATS_ROUND`]). No payload, no values.
+    StatsHeld(StatsHeld),
 }
 
 /// Round number of the statistics exchange's requests and answers (before round 1).
@@ -356,6 +361,41 @@ pub struct StatsRequest {
     /// With DP on, the node sends its statistics divided by its row count (one node's
     /// contribution then has bounded L2 norm whatever its size: client-level sensitivity).
     pub normalized: bool,
+    /// When set, the statistics are securely summed: the node keeps them, answers
+    /// [`Header::StatsHeld`], and sends them only masked, in one SecAgg+ instance of round
+    /// [`STATS_ROUND`]. A node configured for secure aggregation refuses a request without.
+    pub secure_aggregation: Option<StatsSecAgg>,
+}
+
+/// How a node encodes its statistics for their secure sum: the vector `count | sum |
+/// sum_sq | label_counts` (f64), fixed point in `Z/2^bits`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StatsSecAgg {
+    /// L2 bound of one node's statistics vector (the fixed-point range): `sqrt(3d + 1)`
+    /// for normalised statistics, `R sqrt(3d + 1)` for counts of at most `R` rows. A node
+    /// whose statistics exceed it refuses.
+    pub clip_norm: f64,
+    /// Ring width b.
+    pub bits: u8,
+}
+
+impl StatsSecAgg {
+    /// Range checks (what a node checks before it computes anything).
+    pub fn validate(&self) -> Result<(), String> {
+        SecAggSpec {
+            clip_norm: self.clip_norm,
+            bits: self.bits,
+            distributed: None,
+        }
+        .validate()
+    }
+}
+
+/// A node's answer to a securely summed statistics request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsHeld {
+    /// Model spec hash.
+    pub spec_hash: SpecHash,
 }
 
 /// A node's feature statistics (see `dpfl_ml::standardize::FeatureStats`).
@@ -434,6 +474,7 @@ impl Header {
             Header::Stats(_) => "stats",
             Header::Standardize(_) => "standardize",
             Header::Standardized { .. } => "standardized",
+            Header::StatsHeld(_) => "stats_held",
         }
     }
 }
@@ -1055,9 +1096,26 @@ mod tests {
                     local_noise_multiplier: Some(2.5),
                     central_noise_multiplier: None,
                     normalized: true,
+                    secure_aggregation: None,
                 }),
                 vec![],
             ),
+            (
+                Header::StatsRequest(StatsRequest {
+                    spec_hash: [3; 32],
+                    lo: vec![0.0],
+                    hi: vec![1.0],
+                    local_noise_multiplier: None,
+                    central_noise_multiplier: Some(2.0),
+                    normalized: true,
+                    secure_aggregation: Some(StatsSecAgg {
+                        clip_norm: 2.0,
+                        bits: 62,
+                    }),
+                }),
+                vec![],
+            ),
+            (Header::StatsHeld(StatsHeld { spec_hash: [3; 32] }), vec![]),
             (
                 Header::Stats(StatsReport {
                     spec_hash: [3; 32],

@@ -137,9 +137,22 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     spec_hash: spec.hash(),
                     lo: vec![0.0; 4],
                     hi: vec![1.0; 4],
-                    local_noise_multiplier: Some(2.0),
-                    central_noise_multiplier: None,
+                    local_noise_multiplier: None,
+                    central_noise_multiplier: Some(2.0),
                     normalized: true,
+                    secure_aggregation: Some(StatsSecAgg {
+                        clip_norm: 13f64.sqrt(),
+                        bits: 62,
+                    }),
+                }),
+                &[],
+            ),
+        ),
+        (
+            "stats_held",
+            encode(
+                &Header::StatsHeld(StatsHeld {
+                    spec_hash: spec.hash(),
                 }),
                 &[],
             ),

@@ -318,6 +318,42 @@ impl FeatureStats {
         }
     }
 
+    /// The statistics as one vector, `count | sum | sum_sq | label_counts` (3d + classes
+    /// values): what a node puts into the secure sum of the statistics.
+    pub fn to_vector(&self) -> Vec<f64> {
+        let mut v = Vec::with_capacity(3 * self.dim() + self.label_counts.len());
+        for part in [&self.count, &self.sum, &self.sum_sq, &self.label_counts] {
+            v.extend_from_slice(part);
+        }
+        v
+    }
+
+    /// The inverse of [`FeatureStats::to_vector`] for `dim` features and `num_classes`
+    /// classes (length and finiteness checked).
+    pub fn from_vector(
+        v: &[f64],
+        dim: usize,
+        num_classes: usize,
+        bounded: bool,
+    ) -> Result<Self, StandardizeError> {
+        if v.len() != 3 * dim + num_classes {
+            return Err(StandardizeError::Invalid(format!(
+                "{} values for {dim} features and {num_classes} classes (expected {})",
+                v.len(),
+                3 * dim + num_classes
+            )));
+        }
+        let s = Self {
+            count: v[..dim].to_vec(),
+            sum: v[dim..2 * dim].to_vec(),
+            sum_sq: v[2 * dim..3 * dim].to_vec(),
+            label_counts: v[3 * dim..].to_vec(),
+            bounded,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+
     /// The statistics of a wire report (shape and finiteness checked).
     pub fn from_report(r: &dpfl_common::wire::StatsReport) -> Result<Self, StandardizeError> {
         let s = Self {
@@ -636,6 +672,24 @@ mod tests {
             "{:?}",
             d.features
         );
+    }
+
+    #[test]
+    fn statistics_round_trip_through_one_vector() {
+        let st = FeatureStats {
+            count: vec![1.0, 2.0],
+            sum: vec![3.0, 4.0],
+            sum_sq: vec![5.0, 6.0],
+            label_counts: vec![7.0, 8.0, 9.0],
+            bounded: true,
+        };
+        let v = st.to_vector();
+        assert_eq!(v, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+        assert_eq!(FeatureStats::from_vector(&v, 2, 3, true).unwrap(), st);
+        assert!(FeatureStats::from_vector(&v, 2, 2, true).is_err());
+        let mut bad = v.clone();
+        bad[4] = f64::NAN;
+        assert!(FeatureStats::from_vector(&bad, 2, 3, true).is_err());
     }
 
     fn table(n: usize, seed: u64) -> Dataset {

@@ -130,12 +130,30 @@ impl FixedPoint {
         x: &[f32],
         rng: &mut R,
     ) -> Result<Vec<u64>, FixedPointError> {
+        self.encode_values(x.iter().map(|&v| f64::from(v)), rng)
+    }
+
+    /// [`FixedPoint::encode`] for f64 values (statistics whose precision f32 would lose:
+    /// sums of many rows); the same checks and the same rounding.
+    pub fn encode_f64<R: RngCore + ?Sized>(
+        &self,
+        x: &[f64],
+        rng: &mut R,
+    ) -> Result<Vec<u64>, FixedPointError> {
+        self.encode_values(x.iter().copied(), rng)
+    }
+
+    fn encode_values<I, R>(&self, x: I, rng: &mut R) -> Result<Vec<u64>, FixedPointError>
+    where
+        I: Iterator<Item = f64> + Clone,
+        R: RngCore + ?Sized,
+    {
         let mut sq = 0.0f64;
-        for (index, &v) in x.iter().enumerate() {
+        for (index, v) in x.clone().enumerate() {
             if !v.is_finite() {
                 return Err(FixedPointError::NotFinite { index });
             }
-            sq += f64::from(v) * f64::from(v);
+            sq += v * v;
         }
         let norm = sq.sqrt();
         if norm > self.clip * (1.0 + 1e-6) {
@@ -146,17 +164,15 @@ impl FixedPoint {
         }
         let mask = self.mask();
         let bound = self.bound as f64;
-        Ok(x.iter()
-            .map(|&v| {
-                let z =
-                    (f64::from(v).clamp(-self.clip, self.clip) * self.scale).clamp(-bound, bound);
-                let floor = z.floor();
-                // 53 random bits: uniform in [0, 1).
-                let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                let rounded = if u < z - floor { floor + 1.0 } else { floor };
-                (rounded as i64 as u64) & mask
-            })
-            .collect())
+        Ok(x.map(|v| {
+            let z = (v.clamp(-self.clip, self.clip) * self.scale).clamp(-bound, bound);
+            let floor = z.floor();
+            // 53 random bits: uniform in [0, 1).
+            let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+            let rounded = if u < z - floor { floor + 1.0 } else { floor };
+            (rounded as i64 as u64) & mask
+        })
+        .collect())
     }
 
     /// Decodes a sum (mod 2^b) of encoded vectors.
@@ -281,6 +297,41 @@ mod tests {
             fp.decode_sum(&[1 << 16]),
             Err(FixedPointError::OutOfRing { .. })
         ));
+    }
+
+    /// f64 values keep their precision: sums of large counts decode to within the
+    /// rounding bound, far below f32's resolution at that magnitude.
+    #[test]
+    fn f64_values_keep_their_precision() {
+        let fp = FixedPoint::new(4.0e6, 62, 3).unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let xs = [
+            [1_000_000.123_456_789f64, 0.5],
+            [2_000_000.000_000_1, -0.25],
+            [999_999.987_654_321, 0.125],
+        ];
+        let mut sum = vec![0u64; 2];
+        for x in &xs {
+            add_mod(&mut sum, &fp.encode_f64(x, &mut rng).unwrap(), 62);
+        }
+        let dec = fp.decode_sum(&sum).unwrap();
+        let truth = [
+            1_000_000.123_456_789f64 + 2_000_000.000_000_1 + 999_999.987_654_321,
+            0.375,
+        ];
+        for (a, b) in dec.iter().zip(truth) {
+            assert!((a - b).abs() <= fp.error_bound(3), "{a} vs {b}");
+        }
+        // f32 could not hold the first sum to better than 0.25.
+        assert!(fp.error_bound(3) < 1e-8);
+        assert!(matches!(
+            fp.encode_f64(&[4.1e6, 0.0], &mut rng),
+            Err(FixedPointError::NotClipped { .. })
+        ));
+        assert_eq!(
+            fp.encode_f64(&[f64::INFINITY], &mut rng),
+            Err(FixedPointError::NotFinite { index: 0 })
+        );
     }
 
     proptest! {

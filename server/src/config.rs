@@ -487,8 +487,8 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
     ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\", \"central\" and \"distributed\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
-    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict."),
-    ("standardize.bounds", Some("\"0:1\""), "Public ranges `lo:hi|lo:hi|...` (or one `lo:hi` for all features) the features are clipped to before they are counted and transformed; required with DP on (they bound the sensitivity). Never derive them from the private data."),
+    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict. With secure_aggregation the statistics are secure-summed (one SecAgg+ instance; at least 3 nodes); not with dp.mode distributed."),
+    ("standardize.bounds", Some("\"0:1\""), "Public ranges `lo:hi|lo:hi|...` (or one `lo:hi` for all features) the features are clipped to before they are counted and transformed; required with DP on (they bound the sensitivity) and with secure_aggregation (they give the secure sum's fixed-point range). Never derive them from the private data."),
     ("standardize.noise_multiplier", None, "With DP on: noise multiplier z of the statistics' Gaussian release (a ledger row of its own, client-level like the training rounds); 0 with DP off."),
     ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
     ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62; 2-40 with dp.mode \"distributed\", whose encoding sizes its own headroom), with log2(n) bits of headroom so the sum of n cannot wrap."),
@@ -833,7 +833,8 @@ impl ServerConfig {
     }
 
     /// The `[standardize]` section: bounds that parse for the model's inputs; with DP on,
-    /// bounds and a positive noise multiplier; no secure aggregation (see `crate::prep`).
+    /// bounds and a positive noise multiplier; not with `distributed`; with secure
+    /// aggregation, bounds and at least 3 clients (see `crate::prep`).
     fn validate_standardize(&self, spec: &ModelSpec) -> Result<(), ConfigError> {
         let st = &self.standardize;
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -858,11 +859,35 @@ impl ServerConfig {
         if !(st.noise_multiplier.is_finite() && st.noise_multiplier >= 0.0) {
             return bad("standardize.noise_multiplier must be finite and >= 0".into());
         }
-        if self.secure_aggregation {
+        if self.dp.mode == dpfl_common::config::DpMode::Distributed {
             return bad(
-                "standardize with secure_aggregation is not supported: the statistics would                  travel in the clear, outside the secure sum (no SecAgg+ round for them yet)"
+                "standardize with dp.mode distributed is refused: the statistics would need \
+                 their own integer noise shares and distributed accounting (a release of \
+                 3 x features + classes values with its own contributor bounds), which is not \
+                 implemented; use dp.mode central with secure_aggregation (the server noises \
+                 the secure sum of the statistics) or standardise without DP"
                     .into(),
             );
+        }
+        if self.secure_aggregation {
+            // The statistics are securely summed (`crate::prep`): one SecAgg+ instance of
+            // at least 3 participants over fixed-point values whose range comes from the
+            // public bounds.
+            if st.bounds.is_none() {
+                return bad(
+                    "standardize with secure_aggregation needs standardize.bounds: the \
+                     fixed-point range of the statistics' secure sum comes from the public \
+                     ranges"
+                        .into(),
+                );
+            }
+            if self.min_clients < 3 {
+                return bad(format!(
+                    "standardize with secure_aggregation needs min_clients >= 3 (a secure sum \
+                     has at least 3 participants), got {}",
+                    self.min_clients
+                ));
+            }
         }
         if self.dp.mode.is_private() {
             if st.bounds.is_none() || st.noise_multiplier <= 0.0 {
@@ -1053,8 +1078,17 @@ mod tests {
         // Bounds for another number of features, or not ranges.
         assert!(err(&[("standardize.bounds", "\"0:1|0:1|0:1\"")]).contains("standardize.bounds"));
         assert!(err(&[("standardize.bounds", "\"1:0\"")]).contains("standardize.bounds"));
-        // Secure aggregation: the statistics would bypass the secure sum.
-        assert!(err(&[("secure_aggregation", "true")]).contains("secure_aggregation"));
+        // Secure aggregation: the statistics are securely summed, over a fixed-point range
+        // from the public bounds, by at least 3 participants.
+        let sa = ("secure_aggregation", "true");
+        let three = ("min_clients", "3");
+        assert!(err(&[sa, three]).contains("standardize.bounds"));
+        assert!(err(&[sa, bounded[0], ("min_clients", "2")]).contains("min_clients >= 3"));
+        assert!(load(&[sa, bounded[0], three]).is_ok());
+        assert!(load(&[sa, central[0], bounded[0], z[0], three]).is_ok());
+        // Distributed DP: no accounting for the statistics' shares, refused with why.
+        let e = err(&[sa, ("dp.mode", "\"distributed\""), bounded[0], z[0], three]);
+        assert!(e.contains("dp.mode distributed is refused"), "{e}");
         // Too many features for the header the statistics travel in.
         assert!(err(&[("model.layers", "[2001, 2]")]).contains("at most 2000 features"));
     }

@@ -22,14 +22,39 @@
 //! `N(0, (z sqrt(3d+1))^2)` to the sum once (sensitivity `sqrt(3d+1)`, multiplier z,
 //! q = 1); `local`: each node adds the same noise to its own contribution (against the
 //! server the sensitivity is twice that, multiplier z/2, as for local-mode updates).
+//!
+//! **With secure aggregation** ([`ExchangeSettings::secure`]) no node's statistics reach
+//! the server in the clear: once `min_contributors` nodes wait, every waiting node is asked
+//! with a request that carries a [`StatsSecAgg`] (the fixed-point range: `sqrt(3d + 1)` for
+//! normalised statistics, `R sqrt(3d + 1)` for the counts of at most `R` rows, `R` the
+//! power of two at or above the largest example count the asked nodes declared at join);
+//! each node keeps its statistics and answers [`Header::StatsHeld`]. The nodes that did,
+//! before the answer deadline, are the participants of one SecAgg+ instance with its own
+//! protocol round id (below every training round's, so ids never repeat and increase on
+//! every node) and the five stages of a training round, each with its deadline
+//! ([`StatsExchange::poll_stage`], answers to [`StatsExchange::handle_secagg_answer`]).
+//! The server decodes only the survivors' sum; it becomes the total (with DP on,
+//! `central` noise is then added by [`StatsExchange::agree`] exactly as in the clear
+//! path). Too few holders start nothing: the exchange asks again when a node joins or
+//! rejoins, or one answer timeout later. Too few survivors (or any protocol abort) end the
+//! instance; the exchange asks again at once, up to `max_attempts` instances, then fails
+//! ([`StatsExchange::failure`]). A `Stats` report is refused in this mode.
 
 use crate::coordinator::NodeInfo;
+use crate::secure::{SecAggSend, SecAggSettings};
 use crate::strategy::NodeId;
 use dpfl_common::dp::GaussianNoise;
 use dpfl_common::model::SpecHash;
-use dpfl_common::wire::{Header, StatsReport, StatsRequest};
+use dpfl_common::wire::{Header, StatsHeld, StatsReport, StatsRequest, StatsSecAgg};
 use dpfl_ml::standardize::{Bounds, FeatureStats, StandardizeError, Standardizer};
+use dpfl_secagg::messages::{FromNode, Stage};
+use rand::{CryptoRng, RngCore};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Ring width of the statistics' secure sum: the vector is short (3d + classes values), so
+/// it takes the widest fixed-point ring (52 bits of precision after the headroom).
+pub const STATS_BITS: u8 = 62;
 
 /// Why a node's statistics were refused. A refused node is not counted and not asked
 /// again; it still receives the agreed transform.
@@ -76,6 +101,20 @@ pub struct ExchangeSettings {
     pub local: bool,
     /// Answers needed before the transform is agreed.
     pub min_contributors: usize,
+    /// Secure aggregation of the statistics (`None`: they travel in the clear).
+    pub secure: Option<SecureStats>,
+}
+
+/// How the statistics are securely summed.
+#[derive(Debug, Clone)]
+pub struct SecureStats {
+    /// Stage deadline, threat model, (k, t) override and the first protocol round id (the
+    /// ring width is [`STATS_BITS`]).
+    pub secagg: SecAggSettings,
+    /// How long the asked nodes have to answer [`Header::StatsHeld`].
+    pub answer_timeout: Duration,
+    /// Instances tried before the exchange fails.
+    pub max_attempts: u32,
 }
 
 impl ExchangeSettings {
@@ -92,6 +131,26 @@ impl ExchangeSettings {
             local_noise_multiplier: self.noise_multiplier.filter(|_| self.local),
             central_noise_multiplier: self.noise_multiplier.filter(|_| !self.local),
             normalized: self.noise_multiplier.is_some(),
+            secure_aggregation: None,
+        }
+    }
+
+    /// Values in one node's statistics vector (`count | sum | sum_sq | label_counts`).
+    pub fn vector_len(&self) -> usize {
+        3 * self.dim + self.classes
+    }
+
+    /// The fixed-point range of the secure sum: the L2 bound of one node's statistics.
+    /// Normalised (DP on): `sqrt(3d + 1)`. Exact counts of at most `max_rows` rows: every
+    /// count, unit sum and unit sum of squares is at most the rows, and the label counts
+    /// sum to at most them, so `R sqrt(3d + 1)` with `R` the power of two at or above
+    /// `max_rows` (coarsened so that nodes learn little of the others' sizes).
+    pub fn secure_range(&self, max_rows: u64) -> f64 {
+        let unit = ((3 * self.dim + 1) as f64).sqrt();
+        if self.noise_multiplier.is_some() {
+            unit
+        } else {
+            max_rows.max(1).next_power_of_two() as f64 * unit
         }
     }
 }
@@ -208,18 +267,80 @@ pub struct StatsExchange {
     total: FeatureStats,
     agreed: Option<Standardizer>,
     outbox: VecDeque<(NodeId, Header)>,
+    /// With secure aggregation: the instance in progress and its history.
+    secure: Option<SecureState>,
+}
+
+/// One stage of the statistics' SecAgg+ instance to send (round
+/// [`dpfl_common::wire::STATS_ROUND`]).
+#[derive(Debug, Clone)]
+pub struct StageBatch {
+    /// The stage the messages open.
+    pub stage: Stage,
+    /// Most bytes of stage message an answer may have.
+    pub answer_limit: usize,
+    /// Per node.
+    pub messages: Vec<SecAggSend>,
+}
+
+#[derive(Debug)]
+enum SecurePhase {
+    /// No instance: one starts once enough nodes wait.
+    Idle,
+    /// Asked for held statistics; waiting for `StatsHeld` answers.
+    Asking {
+        asked: BTreeSet<NodeId>,
+        held: BTreeSet<NodeId>,
+        clip: f64,
+        deadline: Instant,
+    },
+    /// The SecAgg+ stages.
+    Running {
+        server: Box<dpfl_secagg::Server>,
+        clip: f64,
+        deadline: Instant,
+    },
+    /// The sum is decoded (or the exchange gave up).
+    Over,
+}
+
+#[derive(Debug)]
+struct SecureState {
+    cfg: SecureStats,
+    phase: SecurePhase,
+    attempts: u32,
+    next_id: u64,
+    stages: VecDeque<StageBatch>,
+    failure: Option<String>,
+    /// A node joined (or rejoined) since the last request, or an instance aborted: worth
+    /// asking again. Too few holders leave it unset, so a node that keeps refusing is not
+    /// asked in a loop; the exchange then asks again when another node joins or at
+    /// `retry_at` (one answer timeout later), whichever comes first.
+    ask_again: bool,
+    retry_at: Option<Instant>,
 }
 
 impl StatsExchange {
     /// A fresh exchange.
     pub fn new(settings: ExchangeSettings) -> Self {
         let total = FeatureStats::zeros(settings.dim, settings.classes, settings.bounds.is_some());
+        let secure = settings.secure.clone().map(|cfg| SecureState {
+            next_id: cfg.secagg.round_id_base,
+            cfg,
+            phase: SecurePhase::Idle,
+            attempts: 0,
+            stages: VecDeque::new(),
+            failure: None,
+            ask_again: true,
+            retry_at: None,
+        });
         Self {
             settings,
             waiting: BTreeMap::new(),
             applying: BTreeMap::new(),
             contributors: BTreeSet::new(),
             asked: BTreeSet::new(),
+            secure,
             total,
             agreed: None,
             outbox: VecDeque::new(),
@@ -276,7 +397,12 @@ impl StatsExchange {
             self.send_transform(node, info);
             return;
         }
-        if !self.contributors.contains(&node) {
+        // With secure aggregation nodes are asked together, when an instance starts
+        // ([`StatsExchange::advance`]).
+        if let Some(sec) = &mut self.secure {
+            sec.ask_again = true;
+        }
+        if !self.contributors.contains(&node) && self.secure.is_none() {
             self.asked.insert(node.clone());
             self.outbox
                 .push_back((node.clone(), Header::StatsRequest(self.settings.request())));
@@ -284,21 +410,47 @@ impl StatsExchange {
         self.waiting.insert(node, info);
     }
 
-    /// A node left: it is no longer waited for (statistics it sent stay counted).
+    /// A node left: it is no longer waited for (statistics it sent stay counted; in a
+    /// secure instance it is a dropout).
     pub fn handle_disconnect(&mut self, node: &str) {
         self.waiting.remove(node);
         self.applying.remove(node);
         self.asked.remove(node);
+        self.drop_from_instance(node);
     }
 
-    /// A node could not (or would not) answer the request for statistics: it is not
-    /// counted, and waits for the agreed transform like a late joiner.
+    /// A node could not (or would not) answer the request for statistics (or a stage of
+    /// their secure sum): it is not counted, and waits for the agreed transform like a
+    /// late joiner.
     pub fn handle_failed(&mut self, node: &str) {
         self.asked.remove(node);
+        self.drop_from_instance(node);
     }
 
-    /// A node's statistics.
+    fn drop_from_instance(&mut self, node: &str) {
+        let Some(sec) = &mut self.secure else { return };
+        match &mut sec.phase {
+            SecurePhase::Asking { asked, held, .. } => {
+                asked.remove(node);
+                held.remove(node);
+            }
+            SecurePhase::Running { server, .. } => {
+                // Not a participant (or already gone): nothing to do.
+                let _ = server.handle_dropout(node);
+            }
+            SecurePhase::Idle | SecurePhase::Over => {}
+        }
+    }
+
+    /// A node's statistics (refused with secure aggregation: they arrive only masked).
     pub fn handle_stats(&mut self, node: &str, r: &StatsReport) -> Result<(), StatsRejection> {
+        if self.secure.is_some() {
+            return Err(StatsRejection::Unexpected(
+                "secure aggregation is on: statistics are accepted only masked, inside their \
+                 secure sum"
+                    .into(),
+            ));
+        }
         if self.agreed.is_some() {
             return Err(StatsRejection::Unexpected(
                 "the transform is already agreed".into(),
@@ -318,6 +470,373 @@ impl StatsExchange {
             .map_err(|e| StatsRejection::Implausible(e.to_string()))?;
         self.asked.remove(node);
         self.contributors.insert(node.to_string());
+        Ok(())
+    }
+
+    /// A node holds its statistics for the secure sum (its answer to a secure request).
+    pub fn handle_stats_held(&mut self, node: &str, h: &StatsHeld) -> Result<(), StatsRejection> {
+        if h.spec_hash != self.settings.spec_hash {
+            return Err(StatsRejection::SpecHash);
+        }
+        let Some(sec) = &mut self.secure else {
+            return Err(StatsRejection::Unexpected(
+                "held statistics without secure aggregation".into(),
+            ));
+        };
+        match &mut sec.phase {
+            SecurePhase::Asking { asked, held, .. } if asked.contains(node) => {
+                if held.insert(node.to_string()) {
+                    Ok(())
+                } else {
+                    Err(StatsRejection::Unexpected("already answered".into()))
+                }
+            }
+            _ => Err(StatsRejection::Unexpected(
+                "not asked for held statistics now".into(),
+            )),
+        }
+    }
+
+    /// A node's answer to a stage of the statistics' SecAgg+ instance. A refused message
+    /// drops the sender from the instance (as a dropout); it never aborts it by itself.
+    pub fn handle_secagg_answer(
+        &mut self,
+        node: &str,
+        msg: FromNode,
+    ) -> Result<(), StatsRejection> {
+        let Some(SecurePhase::Running { server, .. }) = self.secure.as_mut().map(|s| &mut s.phase)
+        else {
+            return Err(StatsRejection::Unexpected(
+                "no secure sum of statistics is open".into(),
+            ));
+        };
+        if msg.round() != server.context().round {
+            return Err(StatsRejection::Unexpected(format!(
+                "stage answer of protocol round {}, the open one is {}",
+                msg.round(),
+                server.context().round
+            )));
+        }
+        server.handle_message(node, msg).map_err(|e| {
+            let _ = server.handle_dropout(node);
+            StatsRejection::Form(format!("secure aggregation: {e}"))
+        })
+    }
+
+    /// Most bytes of stage message an answer of the open stage may have (0: none open).
+    pub fn answer_limit(&self) -> usize {
+        match self.secure.as_ref().map(|s| &s.phase) {
+            Some(SecurePhase::Running { server, .. }) => {
+                crate::secure::answer_limit(server.context())
+            }
+            _ => 0,
+        }
+    }
+
+    /// The next secure-aggregation stage to send.
+    pub fn poll_stage(&mut self) -> Option<StageBatch> {
+        self.secure.as_mut()?.stages.pop_front()
+    }
+
+    /// When [`StatsExchange::advance`] must run next (a deadline of the secure sum, or
+    /// when to ask again after too few nodes held their statistics).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let sec = self.secure.as_ref().filter(|_| self.agreed.is_none())?;
+        match &sec.phase {
+            SecurePhase::Asking { deadline, .. } | SecurePhase::Running { deadline, .. } => {
+                Some(*deadline)
+            }
+            SecurePhase::Idle => sec.retry_at.filter(|_| sec.failure.is_none()),
+            SecurePhase::Over => None,
+        }
+    }
+
+    /// Why the secure sum of the statistics failed for good (every attempt aborted).
+    pub fn failure(&self) -> Option<&str> {
+        self.secure.as_ref()?.failure.as_deref()
+    }
+
+    /// Instances started or tried so far (secure aggregation).
+    pub fn attempts(&self) -> u32 {
+        self.secure.as_ref().map_or(0, |s| s.attempts)
+    }
+
+    /// Drives the secure sum (no-op without secure aggregation): asks the waiting nodes
+    /// once enough wait, starts the SecAgg+ instance once every asked node answered (or
+    /// the answer deadline passed), and closes a stage once complete or past its deadline.
+    /// `rng` draws the graph seed (the OS CSPRNG in deployments).
+    pub fn advance<R: CryptoRng + RngCore + ?Sized>(&mut self, now: Instant, rng: &mut R) {
+        if self.agreed.is_some() {
+            return;
+        }
+        // Each step may enable the next (a stage that closes at once, an attempt that
+        // aborts and can be asked again): a few passes, bounded.
+        for _ in 0..8 {
+            if !self.step(now, rng) {
+                break;
+            }
+        }
+    }
+
+    fn step<R: CryptoRng + RngCore + ?Sized>(&mut self, now: Instant, rng: &mut R) -> bool {
+        let min = self.settings.min_contributors.max(3);
+        let Some(sec) = &mut self.secure else {
+            return false;
+        };
+        if sec.failure.is_some() {
+            return false;
+        }
+        match &mut sec.phase {
+            SecurePhase::Over => false,
+            SecurePhase::Idle => {
+                let due = sec.ask_again || sec.retry_at.is_some_and(|t| now >= t);
+                if self.waiting.len() < min || !due {
+                    return false;
+                }
+                (sec.ask_again, sec.retry_at) = (false, None);
+                let asked: BTreeSet<NodeId> = self.waiting.keys().cloned().collect();
+                let max_rows = self
+                    .waiting
+                    .values()
+                    .map(|i| i.num_examples)
+                    .max()
+                    .unwrap_or(1);
+                let clip = self.settings.secure_range(max_rows);
+                let mut req = self.settings.request();
+                req.secure_aggregation = Some(StatsSecAgg {
+                    clip_norm: clip,
+                    bits: STATS_BITS,
+                });
+                tracing::info!(
+                    nodes = asked.len(),
+                    range = clip,
+                    "asking for feature statistics to sum securely"
+                );
+                for n in &asked {
+                    self.outbox
+                        .push_back((n.clone(), Header::StatsRequest(req.clone())));
+                }
+                sec.phase = SecurePhase::Asking {
+                    asked,
+                    held: BTreeSet::new(),
+                    clip,
+                    deadline: now + sec.cfg.answer_timeout,
+                };
+                true
+            }
+            SecurePhase::Asking {
+                asked,
+                held,
+                clip,
+                deadline,
+            } => {
+                if held.len() < asked.len() && now < *deadline {
+                    return false;
+                }
+                if held.len() < min {
+                    // Not an attempt: no instance started. Ask again once another node
+                    // joins (or one rejoins), or at `retry_at`.
+                    tracing::warn!(
+                        held = held.len(),
+                        needed = min,
+                        "too few nodes hold their feature statistics for the secure sum; \
+                         asking again when another node joins or after the answer timeout"
+                    );
+                    sec.retry_at = Some(now + sec.cfg.answer_timeout);
+                    sec.phase = SecurePhase::Idle;
+                    return true;
+                }
+                let (held, clip) = (std::mem::take(held), *clip);
+                self.start_instance(held, clip, now, rng);
+                true
+            }
+            SecurePhase::Running {
+                server, deadline, ..
+            } => {
+                if !server.is_stage_complete() && now < *deadline {
+                    return false;
+                }
+                self.close_stage(now);
+                true
+            }
+        }
+    }
+
+    /// An instance could not start or aborted: ask again later, or give up.
+    fn abort(&mut self, why: String) {
+        let Some(sec) = &mut self.secure else { return };
+        sec.attempts += 1;
+        tracing::warn!(
+            attempt = sec.attempts,
+            of = sec.cfg.max_attempts,
+            "secure sum of the feature statistics aborted: {why}"
+        );
+        sec.phase = SecurePhase::Idle;
+        sec.ask_again = true;
+        sec.stages.clear();
+        if sec.attempts >= sec.cfg.max_attempts {
+            sec.failure = Some(format!(
+                "the secure sum of the feature statistics failed {} times; last: {why}",
+                sec.attempts
+            ));
+            sec.phase = SecurePhase::Over;
+        }
+    }
+
+    fn start_instance<R: CryptoRng + RngCore + ?Sized>(
+        &mut self,
+        held: BTreeSet<NodeId>,
+        clip: f64,
+        now: Instant,
+        rng: &mut R,
+    ) {
+        let min = self.settings.min_contributors.max(3);
+        let vector_len = self.settings.vector_len();
+        let Some(sec) = &mut self.secure else { return };
+        let id = sec.next_id;
+        sec.next_id += 1;
+        let settings = sec.cfg.secagg.clone();
+        let n = held.len();
+        let started = (|| {
+            if n < min {
+                return Err(format!(
+                    "{n} nodes hold their statistics; the exchange needs at least {min}"
+                ));
+            }
+            let params = crate::coordinator::secagg_graph(&settings, None, n)?;
+            let ctx = dpfl_secagg::RoundContext::new(
+                id,
+                held.into_iter().collect(),
+                params,
+                STATS_BITS,
+                vector_len as u32,
+                rng,
+            )
+            .map_err(|e| e.to_string())?;
+            dpfl_secagg::Server::new(ctx).map_err(|e| e.to_string())
+        })();
+        let server = match started {
+            Ok(s) => s,
+            Err(why) => return self.abort(why),
+        };
+        let ctx = server.context().clone();
+        let graph = dpfl_secagg::graph::Graph::new(ctx.len(), ctx.degree, &ctx.graph_seed);
+        let setup = dpfl_secagg::messages::ToNode::Setup(server.setup());
+        let messages = (0..ctx.len())
+            .filter_map(|i| {
+                let node = ctx.node(i)?.to_string();
+                let certificates_of = graph
+                    .neighbours(i)
+                    .into_iter()
+                    .filter_map(|v| ctx.node(v).map(str::to_string))
+                    .collect();
+                Some(SecAggSend {
+                    node,
+                    message: setup.clone(),
+                    certificates_of,
+                })
+            })
+            .collect();
+        tracing::info!(
+            id,
+            n,
+            degree = ctx.degree,
+            threshold = ctx.threshold,
+            "secure sum of the feature statistics started"
+        );
+        let Some(sec) = &mut self.secure else { return };
+        sec.stages.push_back(StageBatch {
+            stage: Stage::AdvertiseKeys,
+            answer_limit: crate::secure::answer_limit(&ctx),
+            messages,
+        });
+        sec.phase = SecurePhase::Running {
+            server: Box::new(server),
+            clip,
+            deadline: now + settings.stage_timeout,
+        };
+    }
+
+    fn close_stage(&mut self, now: Instant) {
+        let Some(sec) = &mut self.secure else { return };
+        let SecurePhase::Running {
+            server,
+            clip,
+            deadline,
+        } = &mut sec.phase
+        else {
+            return;
+        };
+        let clip = *clip;
+        let n = server.context().len();
+        let outcome = match server.close_stage() {
+            Ok(dpfl_secagg::Transition::Send(msgs)) => {
+                let stage = server.stage();
+                sec.stages.push_back(StageBatch {
+                    stage,
+                    answer_limit: crate::secure::answer_limit(server.context()),
+                    messages: msgs
+                        .into_iter()
+                        .map(|(node, message)| SecAggSend {
+                            node,
+                            message,
+                            certificates_of: Vec::new(),
+                        })
+                        .collect(),
+                });
+                *deadline = now + sec.cfg.secagg.stage_timeout;
+                return;
+            }
+            Ok(dpfl_secagg::Transition::Done(agg)) => Ok(agg),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome.and_then(|agg| self.decode_sum(&agg, clip, n)) {
+            Ok(()) => {
+                if let Some(sec) = &mut self.secure {
+                    sec.phase = SecurePhase::Over;
+                }
+            }
+            Err(why) => self.abort(why),
+        }
+    }
+
+    /// The unmasked sum of the survivors becomes the total. Exact counts (DP off) are
+    /// integers: rounded (the fixed-point error is far below 1/2), and the unit sums are
+    /// projected onto what bounded data allows (post-processing of rounding only).
+    fn decode_sum(
+        &mut self,
+        agg: &dpfl_secagg::Aggregate,
+        clip: f64,
+        participants: u32,
+    ) -> Result<(), String> {
+        if agg.survivors.len() < self.settings.min_contributors {
+            return Err(format!(
+                "{} survivors, fewer than the {} contributors the exchange needs",
+                agg.survivors.len(),
+                self.settings.min_contributors
+            ));
+        }
+        let fp = dpfl_secagg::FixedPoint::new(clip, STATS_BITS, participants)
+            .map_err(|e| e.to_string())?;
+        let v = fp.decode_sum(&agg.sum).map_err(|e| e.to_string())?;
+        let (d, k) = (self.settings.dim, self.settings.classes);
+        let mut st = FeatureStats::from_vector(&v, d, k, true).map_err(|e| e.to_string())?;
+        if self.settings.noise_multiplier.is_none() {
+            for c in st.count.iter_mut().chain(st.label_counts.iter_mut()) {
+                *c = c.round().max(0.0);
+            }
+            for j in 0..d {
+                st.sum[j] = st.sum[j].clamp(0.0, st.count[j]);
+                st.sum_sq[j] = st.sum_sq[j].clamp(0.0, st.sum[j]);
+            }
+        }
+        self.total = st;
+        self.contributors = agg.survivors.iter().cloned().collect();
+        tracing::info!(
+            survivors = agg.survivors.len(),
+            of = participants,
+            "secure sum of the feature statistics unmasked"
+        );
         Ok(())
     }
 
@@ -389,6 +908,7 @@ mod tests {
             noise_multiplier: None,
             local: false,
             min_contributors: min,
+            secure: None,
         }
     }
 
@@ -584,6 +1104,10 @@ mod tests {
             local_noise_multiplier: Some(1.0),
             central_noise_multiplier: None,
             normalized: true,
+            secure_aggregation: Some(StatsSecAgg {
+                clip_norm: 1e300,
+                bits: STATS_BITS,
+            }),
         });
         for h in [stats, spec, req] {
             let bytes = encode(&h, &[]);
@@ -593,6 +1117,349 @@ mod tests {
                 bytes.len()
             );
             assert_eq!(decode(&bytes, 1 << 20).unwrap().header, h);
+        }
+    }
+
+    mod secure {
+        use super::*;
+        use dpfl_secagg::messages::ToNode;
+        use dpfl_secagg::params::{AdversaryClass, ThreatModel};
+        use dpfl_secagg::{Client, ClientConfig, EcdsaP256Signer, EcdsaP256Verifier, FixedPoint};
+        use rand::{Rng, SeedableRng};
+
+        const STAGE: Duration = Duration::from_secs(5);
+        const ASK: Duration = Duration::from_secs(20);
+
+        fn settings(min: usize, attempts: u32) -> ExchangeSettings {
+            ExchangeSettings {
+                bounds: Some(Bounds::parse("0:100|-1:1", 2).unwrap()),
+                secure: Some(SecureStats {
+                    secagg: SecAggSettings {
+                        stage_timeout: STAGE,
+                        bits: 32,
+                        clip_norm: 1.0,
+                        threat: ThreatModel {
+                            adversarial_rate: 0.05,
+                            dropout_rate: 0.05,
+                            adversary: AdversaryClass::CuriousServer,
+                        },
+                        params: None,
+                        round_id_base: 500,
+                        distributed: None,
+                    },
+                    answer_timeout: ASK,
+                    max_attempts: attempts,
+                }),
+                ..super::settings(2, 2, min)
+            }
+        }
+
+        /// Node i's table: `rows` rows of two features in (and partly out of) the bounds.
+        fn table(i: usize, rows: usize) -> Dataset {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(i as u64);
+            let mut f = Vec::new();
+            let mut l = Vec::new();
+            for _ in 0..rows {
+                f.push(rng.gen_range(-10.0f32..110.0) * (i + 1) as f32 / 3.0);
+                f.push(rng.gen_range(-0.5f32..0.9));
+                l.push(rng.gen_range(0..2));
+            }
+            Dataset::new(f, l, 2).unwrap()
+        }
+
+        /// Real protocol clients standing in for the nodes, holding their statistics.
+        struct Nodes {
+            clients: BTreeMap<NodeId, Client<EcdsaP256Signer, EcdsaP256Verifier>>,
+            stats: BTreeMap<NodeId, Vec<f64>>,
+            spec: Option<StatsSecAgg>,
+            participants: u32,
+            ids: Vec<u64>,
+            rng: rand_chacha::ChaCha20Rng,
+        }
+
+        impl Nodes {
+            fn new(tables: &[Dataset]) -> Self {
+                let names: Vec<NodeId> = (0..tables.len()).map(|i| format!("n{i}")).collect();
+                let signers: Vec<EcdsaP256Signer> = names
+                    .iter()
+                    .map(|_| EcdsaP256Signer::generate().unwrap().0)
+                    .collect();
+                let mut verifier = EcdsaP256Verifier::new();
+                for (name, s) in names.iter().zip(&signers) {
+                    verifier.insert_public_key(name, s.public_key()).unwrap();
+                }
+                let config = ClientConfig {
+                    vector_len: 3 * 2 + 2,
+                    bits: STATS_BITS,
+                    threat_model: None,
+                };
+                let b = Bounds::parse("0:100|-1:1", 2).unwrap();
+                Self {
+                    stats: names
+                        .iter()
+                        .zip(tables)
+                        .map(|(n, t)| {
+                            let st = FeatureStats::of_bounded(t, 2, &b).unwrap();
+                            (n.clone(), st.to_vector())
+                        })
+                        .collect(),
+                    clients: names
+                        .iter()
+                        .cloned()
+                        .zip(signers)
+                        .map(|(n, s)| (n.clone(), Client::new(n, config, s, verifier.clone())))
+                        .collect(),
+                    spec: None,
+                    participants: 0,
+                    ids: Vec::new(),
+                    rng: rand_chacha::ChaCha20Rng::seed_from_u64(3),
+                }
+            }
+
+            /// Answers the requests for held statistics of the nodes `answering` allows.
+            fn hold(&mut self, x: &mut StatsExchange, answering: &dyn Fn(&str) -> bool) {
+                for (n, h) in drain(x) {
+                    let Header::StatsRequest(r) = h else {
+                        panic!("not a request: {h:?}")
+                    };
+                    let spec = r.secure_aggregation.expect("a secure request");
+                    assert!(r.central_noise_multiplier.is_none() && !r.normalized);
+                    self.spec = Some(spec);
+                    if answering(&n) {
+                        x.handle_stats_held(&n, &StatsHeld { spec_hash: [7; 32] })
+                            .unwrap();
+                    }
+                }
+            }
+
+            fn answer(&mut self, node: &str, msg: &ToNode) -> FromNode {
+                let c = self.clients.get_mut(node).unwrap();
+                match msg {
+                    ToNode::Setup(s) => {
+                        self.participants = s.context.len();
+                        self.ids.push(s.context.round);
+                        FromNode::Keys(c.handle_setup(s, &mut self.rng).unwrap())
+                    }
+                    ToNode::NeighbourKeys(m) => {
+                        FromNode::Shares(c.handle_neighbour_keys(m, &mut self.rng).unwrap())
+                    }
+                    ToNode::Shares(m) => {
+                        let spec = self.spec.unwrap();
+                        let fp =
+                            FixedPoint::new(spec.clip_norm, spec.bits, self.participants).unwrap();
+                        let x = fp.encode_f64(&self.stats[node], &mut self.rng).unwrap();
+                        FromNode::MaskedInput(c.handle_shares(m, &x).unwrap())
+                    }
+                    ToNode::Survivors(m) => FromNode::Signature(c.handle_survivors(m).unwrap()),
+                    ToNode::Unmask(m) => FromNode::Unmask(c.handle_unmask(m).unwrap()),
+                }
+            }
+
+            /// Runs the stages; nodes for which `silent(stage, node)` holds never answer
+            /// that stage (the exchange waits for its deadline). Returns the time after.
+            fn run_stages(
+                &mut self,
+                x: &mut StatsExchange,
+                mut t: Instant,
+                silent: &dyn Fn(Stage, &str) -> bool,
+            ) -> Instant {
+                while let Some(b) = x.poll_stage() {
+                    assert!(b.answer_limit > 0);
+                    let mut quiet = false;
+                    for m in &b.messages {
+                        if silent(b.stage, &m.node) {
+                            quiet = true;
+                            continue;
+                        }
+                        let ans = self.answer(&m.node, &m.message);
+                        x.handle_secagg_answer(&m.node, ans).unwrap();
+                    }
+                    if quiet {
+                        // The stage stays open until its deadline, not a moment less.
+                        let deadline = x.poll_timeout().unwrap();
+                        x.advance(deadline - Duration::from_millis(1), &mut self.rng.clone());
+                        assert!(x.poll_stage().is_none(), "nothing before the deadline");
+                        t = deadline;
+                    }
+                    x.advance(t, &mut self.rng.clone());
+                }
+                t
+            }
+        }
+
+        /// Four nodes hold their statistics; one drops out before its masked input. The
+        /// server learns the sum of the three survivors only, and it gives the transform
+        /// the clear exchange of the same three gives (to fixed-point precision); a
+        /// report in the clear is refused and not counted.
+        #[test]
+        fn secure_exchange_agrees_the_survivors_pooled_statistics() {
+            let tables: Vec<Dataset> = (0..4).map(|i| table(i, 40 + 30 * i)).collect();
+            let mut nodes = Nodes::new(&tables);
+            // The complete graph, threshold 2: one dropout leaves every node two neighbours.
+            let mut s = settings(3, 2);
+            if let Some(sec) = &mut s.secure {
+                sec.secagg.params = Some(dpfl_secagg::GraphParams {
+                    degree: 3,
+                    threshold: 2,
+                });
+            }
+            let mut x = StatsExchange::new(s);
+            let t0 = Instant::now();
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            for (i, t) in tables.iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+            assert!(drain(&mut x).is_empty(), "nobody is asked one by one");
+            x.advance(t0, &mut rng);
+            // A clear report is refused, whoever sends it.
+            let clear =
+                FeatureStats::of_bounded(&tables[0], 2, x.settings().bounds.as_ref().unwrap())
+                    .unwrap()
+                    .to_report([7; 32], false, false);
+            assert!(matches!(
+                x.handle_stats("n0", &clear),
+                Err(StatsRejection::Unexpected(_))
+            ));
+            nodes.hold(&mut x, &|_| true);
+            // The range: 256 rows (the power of two at or above the 130 declared) x sqrt(3d + 1).
+            assert_eq!(nodes.spec.unwrap().clip_norm, 256.0 * 7f64.sqrt());
+            assert_eq!(nodes.spec.unwrap().bits, STATS_BITS);
+            // Not asked (a late joiner), or asked twice: not counted.
+            x.handle_join("late".into(), info(10));
+            assert!(x
+                .handle_stats_held("late", &StatsHeld { spec_hash: [7; 32] })
+                .is_err());
+            assert!(x
+                .handle_stats_held("n0", &StatsHeld { spec_hash: [7; 32] })
+                .is_err());
+            x.advance(t0, &mut rng);
+            // An answer of another protocol round is refused and drops nobody (n0 survives).
+            let stale = FromNode::MaskedInput(dpfl_secagg::MaskedInput {
+                round: 499,
+                data: vec![1; 8],
+            });
+            assert!(matches!(
+                x.handle_secagg_answer("n0", stale),
+                Err(StatsRejection::Unexpected(_))
+            ));
+            let dropped = "n2";
+            nodes.run_stages(&mut x, t0, &|stage, n| {
+                n == dropped && stage != Stage::AdvertiseKeys && stage != Stage::ShareKeys
+            });
+            assert_eq!(nodes.ids, vec![500; 4], "the first reserved id");
+            assert!(x.ready(), "{:?} {:?}", x.attempts(), x.failure());
+            let survivors: Vec<&str> = vec!["n0", "n1", "n3"];
+            assert_eq!(
+                x.contributors()
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+                survivors
+            );
+            let got = x.agree(&mut NoNoise).unwrap().clone();
+            // Reference: the clear exchange of the same three nodes.
+            let mut clear = StatsExchange::new(ExchangeSettings {
+                secure: None,
+                ..settings(3, 2)
+            });
+            for n in &survivors {
+                let i: usize = n[1..].parse().unwrap();
+                clear.handle_join(n.to_string(), info(tables[i].len() as u64));
+            }
+            for (n, _) in drain(&mut clear) {
+                let i: usize = n[1..].parse().unwrap();
+                let r = FeatureStats::of_bounded(
+                    &tables[i],
+                    2,
+                    clear.settings().bounds.as_ref().unwrap(),
+                )
+                .unwrap()
+                .to_report([7; 32], false, false);
+                clear.handle_stats(&n, &r).unwrap();
+            }
+            let want = clear.agree(&mut NoNoise).unwrap().clone();
+            for j in 0..2 {
+                assert!(
+                    (got.mean[j] - want.mean[j]).abs() <= 1e-9,
+                    "{got:?} vs {want:?}"
+                );
+                assert!(
+                    (got.std[j] - want.std[j]).abs() <= 1e-9,
+                    "{got:?} vs {want:?}"
+                );
+            }
+            // Everyone waiting (the dropout and the late joiner too) gets the transform.
+            x.publish();
+            assert_eq!(drain(&mut x).len(), 5);
+        }
+
+        /// Too few holders: no instance and no attempt used; the exchange asks again when
+        /// another (or a returning) node joins or one answer timeout later, never in a
+        /// loop. Too few survivors: the instance
+        /// aborts within its deadlines, the exchange asks again at once with a fresh
+        /// protocol round id, and after its last attempt it fails with a reason instead of
+        /// waiting for ever.
+        #[test]
+        fn too_few_holders_wait_and_too_few_survivors_abort_until_the_exchange_gives_up() {
+            let tables: Vec<Dataset> = (0..3).map(|i| table(i, 20)).collect();
+            let mut nodes = Nodes::new(&tables);
+            let mut x = StatsExchange::new(settings(3, 2));
+            let t0 = Instant::now();
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            for (i, t) in tables.iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+            x.advance(t0, &mut rng);
+            // n1 never answers; at the answer deadline two hold, too few: nothing starts.
+            nodes.hold(&mut x, &|n| n != "n1");
+            let deadline = x.poll_timeout().unwrap();
+            assert_eq!(deadline, t0 + ASK);
+            x.advance(deadline - Duration::from_millis(1), &mut rng);
+            assert!(drain(&mut x).is_empty() && x.poll_stage().is_none());
+            x.advance(deadline, &mut rng);
+            let retry = x.poll_timeout().expect("asks again later");
+            assert_eq!(retry, deadline + ASK);
+            x.advance(retry - Duration::from_millis(1), &mut rng);
+            assert!(drain(&mut x).is_empty(), "not asked again before then");
+            assert_eq!((x.attempts(), x.failure()), (0, None));
+            // After the answer timeout everyone is asked again; n1 still does not answer.
+            x.advance(retry, &mut rng);
+            nodes.hold(&mut x, &|n| n != "n1");
+            x.advance(retry + ASK, &mut rng);
+            assert_eq!(x.attempts(), 0, "no instance started");
+            // n1 comes back (rejoins): asked at once; everyone holds; n1 drops before its
+            // masked input twice, and the two survivors are fewer than the three required.
+            x.handle_join("n1".into(), info(20));
+            let mut t = retry + ASK;
+            for attempt in 1..=2 {
+                x.advance(t, &mut rng);
+                nodes.hold(&mut x, &|_| true);
+                x.advance(t, &mut rng);
+                t = nodes.run_stages(&mut x, t, &|stage, n| {
+                    n == "n1" && stage != Stage::AdvertiseKeys && stage != Stage::ShareKeys
+                });
+                assert_eq!(x.attempts(), attempt);
+                assert!(!x.ready());
+            }
+            let ids: BTreeSet<u64> = nodes.ids.iter().copied().collect();
+            assert_eq!(ids, BTreeSet::from([500, 501]), "a fresh id per instance");
+            let why = x.failure().expect("gave up").to_string();
+            assert!(why.contains("failed 2 times"), "{why}");
+            assert!(x.poll_timeout().is_none() && x.agreed().is_none());
+            x.advance(t + STAGE * 10, &mut rng);
+            assert!(drain(&mut x).is_empty(), "nothing more is asked");
+        }
+
+        /// With DP on the request asks for normalised statistics in the unit range.
+        #[test]
+        fn dp_requests_ask_for_normalised_statistics_in_the_unit_range() {
+            let s = ExchangeSettings {
+                noise_multiplier: Some(2.0),
+                ..settings(3, 1)
+            };
+            assert_eq!(s.secure_range(1_000_000), 7f64.sqrt());
+            assert_eq!(settings(3, 1).secure_range(0), 7f64.sqrt());
+            assert_eq!(settings(3, 1).secure_range(1025), 2048.0 * 7f64.sqrt());
         }
     }
 

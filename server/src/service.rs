@@ -95,6 +95,16 @@ pub struct ObservedUpdate {
     pub delta: Vec<f32>,
 }
 
+/// Feature statistics as the server received them in the clear (for tests that observe
+/// the wire; with secure aggregation nothing arrives here).
+#[derive(Debug, Clone)]
+pub struct ObservedStats {
+    /// Sender.
+    pub node: NodeId,
+    /// The report, before validation.
+    pub report: dpfl_common::wire::StatsReport,
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
@@ -397,6 +407,7 @@ pub struct Server {
     /// The federation's class names (the test table's, else the first node's), durable.
     classes: Arc<crate::classes::FederationClasses>,
     observer: Option<mpsc::UnboundedSender<ObservedUpdate>>,
+    stats_observer: Option<mpsc::UnboundedSender<ObservedStats>>,
     out: PathBuf,
     pins: Arc<Mutex<Pins>>,
     /// Releases of the ledger already on disk (`None`: not written yet by this process).
@@ -557,6 +568,9 @@ impl Server {
                 ckpt.display()
             );
         }
+        let secagg_id_base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         let ccfg = CoordinatorConfig {
             rounds: cfg.rounds,
             min_clients: cfg.min_clients,
@@ -571,13 +585,14 @@ impl Server {
             dp: cfg.dp,
             // Protocol round ids start from the clock, so that a restarted server never
             // asks nodes for an id they have seen (they would refuse it).
+            // The statistics' instances (`[standardize]`) take the first
+            // `STATS_ROUND_IDS` ids, so ids increase on every node from the statistics to
+            // the training rounds.
             secure_aggregation: cfg.secure_aggregation.then(|| {
-                let micros = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as u64);
                 let distributed = (cfg.dp.mode == DpMode::Distributed)
                     .then(|| cfg.secagg.distributed(cfg.strategy.min_fit_clients));
-                cfg.secagg.settings(micros, distributed)
+                cfg.secagg
+                    .settings(secagg_id_base + STATS_ROUND_IDS, distributed)
             }),
         };
         log_privacy_plan(&cfg, &spec);
@@ -625,7 +640,7 @@ impl Server {
                     .transpose()?,
             ),
             (true, data) => {
-                let settings = exchange_settings(&cfg, &spec)?;
+                let settings = exchange_settings(&cfg, &spec, secagg_id_base)?;
                 let path = cfg.out_dir.join(STANDARDIZE_FILE);
                 match read_agreed(&path, cfg.resume, &settings)? {
                     Some(s) => {
@@ -717,6 +732,7 @@ impl Server {
             names,
             classes: Arc::new(classes),
             observer: None,
+            stats_observer: None,
             pins: Arc::new(Mutex::new(pins)),
             fault_abort_after,
             obs,
@@ -753,6 +769,14 @@ impl Server {
     pub fn observe_updates(&mut self) -> mpsc::UnboundedReceiver<ObservedUpdate> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.observer = Some(tx);
+        rx
+    }
+
+    /// Every `Stats` report the server receives, before validation (tests: with secure
+    /// aggregation none arrives).
+    pub fn observe_statistics(&mut self) -> mpsc::UnboundedReceiver<ObservedStats> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.stats_observer = Some(tx);
         rx
     }
 
@@ -944,51 +968,11 @@ impl Server {
                         messages,
                     } => {
                         self.secagg_answer_limit = answer_limit;
-                        let deadline = Duration::from_secs_f64(self.cfg.secagg.stage_timeout_secs)
-                            + Duration::from_secs(5);
-                        // The answer's wire message: prefix, header and the padded bytes.
-                        let wire_limit = wire::MAX_HELLO_BYTES + answer_limit + 4;
                         tracing::info!(
                             "round {round}: secure aggregation stage {stage} ({} nodes)",
                             messages.len()
                         );
-                        let nodes: Vec<NodeId> = messages.iter().map(|m| m.node.clone()).collect();
-                        self.mark_nodes(&nodes, "secure aggregation");
-                        for m in messages {
-                            let certificates = m
-                                .certificates_of
-                                .iter()
-                                .filter_map(|peer| {
-                                    let der = registry.get(peer).and_then(peer_certificate)?;
-                                    Some(dpfl_secagg::PeerCertificate {
-                                        node: peer.clone(),
-                                        der,
-                                    })
-                                })
-                                .collect();
-                            let req = dpfl_secagg::StageRequest {
-                                message: m.message,
-                                certificates,
-                            };
-                            let framed = dpfl_secagg::transport::encode_to_node(&req)
-                                .ok()
-                                .and_then(|b| wire::bytes_payload(round, &b));
-                            let Some((frame, payload)) = framed else {
-                                tracing::error!(node = %m.node, "cannot encode a secure-aggregation stage");
-                                continue;
-                            };
-                            let bytes = wire::encode(&Header::SecAggRequest(frame), &payload);
-                            self.obs.metrics.bytes_out.inc_by(bytes.len() as u64);
-                            self.send_request_with_limit(
-                                &registry,
-                                &m.node,
-                                round,
-                                Arc::new(bytes),
-                                deadline,
-                                wire_limit,
-                                &ev_tx,
-                            );
-                        }
+                        self.send_stage(&registry, round, answer_limit, messages, &ev_tx);
                     }
                     Action::RoundRetried {
                         round,
@@ -1041,7 +1025,13 @@ impl Server {
             if finished {
                 break;
             }
-            let wake = self.coordinator.poll_timeout();
+            let wake = match (
+                self.coordinator.poll_timeout(),
+                self.prep.as_ref().and_then(|x| x.poll_timeout()),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { break };
@@ -1062,6 +1052,7 @@ impl Server {
                 }
                 _ = sleep_until(wake) => {
                     self.coordinator.handle_timeout(Instant::now());
+                    self.pump_prep(&registry, &ev_tx)?;
                     status_dirty = true;
                 }
                 _ = &mut shutdown => {
@@ -1636,19 +1627,72 @@ impl Server {
             Ok(Message {
                 header: Header::Stats(r),
                 ..
-            }) => match x.handle_stats(&node, &r) {
-                Ok(()) => tracing::info!(
-                    %node,
-                    counted = x.contributors().len(),
-                    needed = x.settings().min_contributors,
-                    "feature statistics received"
-                ),
+            }) => {
+                if let Some(obs) = &self.stats_observer {
+                    let _ = obs.send(ObservedStats {
+                        node: node.clone(),
+                        report: r.clone(),
+                    });
+                }
+                match x.handle_stats(&node, &r) {
+                    Ok(()) => tracing::info!(
+                        %node,
+                        counted = x.contributors().len(),
+                        needed = x.settings().min_contributors,
+                        "feature statistics received"
+                    ),
+                    Err(e) => {
+                        self.obs.metrics.reject("statistics");
+                        tracing::warn!(%node, "feature statistics refused: {e}");
+                        x.handle_failed(&node);
+                    }
+                }
+            }
+            Ok(Message {
+                header: Header::StatsHeld(h),
+                ..
+            }) => match x.handle_stats_held(&node, &h) {
+                Ok(()) => tracing::info!(%node, "holds its feature statistics for the secure sum"),
+                // Not counted, and nothing else: a late answer to an earlier attempt's
+                // request must not drop the node from the current one.
                 Err(e) => {
                     self.obs.metrics.reject("statistics");
-                    tracing::warn!(%node, "feature statistics refused: {e}");
-                    x.handle_failed(&node);
+                    tracing::warn!(%node, "held-statistics answer refused: {e}");
                 }
             },
+            Ok(Message {
+                header: Header::SecAggAnswer(frame),
+                payload,
+            }) => {
+                let decoded = if frame.round != wire::STATS_ROUND {
+                    Err(format!(
+                        "stage answer for round {} to a statistics request",
+                        frame.round
+                    ))
+                } else {
+                    wire::payload_bytes(&frame, &payload)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            dpfl_secagg::transport::decode_from_node(&b, x.answer_limit())
+                                .map_err(|e| e.to_string())
+                        })
+                };
+                match decoded {
+                    // A refused message already dropped its sender from the instance; a
+                    // stale one (an earlier instance's) drops nobody.
+                    Ok(msg) => {
+                        if let Err(e) = x.handle_secagg_answer(&node, msg) {
+                            self.obs.metrics.reject("secagg");
+                            tracing::warn!(%node, "statistics stage answer refused: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        self.obs.metrics.reject("malformed");
+                        tracing::warn!(%node, "malformed statistics stage answer: {e}");
+                        x.handle_failed(&node);
+                    }
+                }
+            }
             Ok(Message {
                 header: Header::Standardized { features },
                 ..
@@ -1698,6 +1742,12 @@ impl Server {
         let Some(x) = &mut self.prep else {
             return Ok(());
         };
+        // The statistics' secure sum (a no-op without secure aggregation); the graph seed
+        // comes from the OS CSPRNG.
+        x.advance(Instant::now(), &mut rand::rngs::OsRng);
+        if let Some(why) = x.failure() {
+            return Err(ServerError::Data(format!("standardisation: {why}")));
+        }
         if x.ready() {
             let s = x
                 .agree(self.stats_noise.as_mut())
@@ -1749,13 +1799,81 @@ impl Server {
             return Ok(());
         };
         let out: Vec<(NodeId, Header)> = std::iter::from_fn(|| x.poll_message()).collect();
+        let stages: Vec<crate::prep::StageBatch> = std::iter::from_fn(|| x.poll_stage()).collect();
         let deadline = self.cfg.round_timeout() + Duration::from_secs(5);
         for (node, h) in out {
             let bytes = Arc::new(wire::encode(&h, &[]));
             self.obs.metrics.bytes_out.inc_by(bytes.len() as u64);
             self.send_request(registry, &node, wire::STATS_ROUND, bytes, deadline, ev_tx);
         }
+        for b in stages {
+            tracing::info!(
+                "feature statistics: secure aggregation stage {} ({} nodes)",
+                b.stage,
+                b.messages.len()
+            );
+            self.send_stage(
+                registry,
+                wire::STATS_ROUND,
+                b.answer_limit,
+                b.messages,
+                ev_tx,
+            );
+        }
         Ok(())
+    }
+
+    /// Sends one secure-aggregation stage (one message per node, each on its own stream;
+    /// with the setup, the neighbours' certificates as the server saw them).
+    fn send_stage(
+        &self,
+        registry: &HashMap<NodeId, quinn::Connection>,
+        round: u64,
+        answer_limit: usize,
+        messages: Vec<crate::secure::SecAggSend>,
+        ev_tx: &mpsc::Sender<Event>,
+    ) {
+        let deadline =
+            Duration::from_secs_f64(self.cfg.secagg.stage_timeout_secs) + Duration::from_secs(5);
+        // The answer's wire message: prefix, header and the padded bytes.
+        let wire_limit = wire::MAX_HELLO_BYTES + answer_limit + 4;
+        let nodes: Vec<NodeId> = messages.iter().map(|m| m.node.clone()).collect();
+        self.mark_nodes(&nodes, "secure aggregation");
+        for m in messages {
+            let certificates = m
+                .certificates_of
+                .iter()
+                .filter_map(|peer| {
+                    let der = registry.get(peer).and_then(peer_certificate)?;
+                    Some(dpfl_secagg::PeerCertificate {
+                        node: peer.clone(),
+                        der,
+                    })
+                })
+                .collect();
+            let req = dpfl_secagg::StageRequest {
+                message: m.message,
+                certificates,
+            };
+            let framed = dpfl_secagg::transport::encode_to_node(&req)
+                .ok()
+                .and_then(|b| wire::bytes_payload(round, &b));
+            let Some((frame, payload)) = framed else {
+                tracing::error!(node = %m.node, "cannot encode a secure-aggregation stage");
+                continue;
+            };
+            let bytes = wire::encode(&Header::SecAggRequest(frame), &payload);
+            self.obs.metrics.bytes_out.inc_by(bytes.len() as u64);
+            self.send_request_with_limit(
+                registry,
+                &m.node,
+                round,
+                Arc::new(bytes),
+                deadline,
+                wire_limit,
+                ev_tx,
+            );
+        }
     }
 
     fn send_request(
@@ -2039,10 +2157,16 @@ fn set_aside_previous_run(out: &std::path::Path) -> Result<(), ServerError> {
 /// release with DP on, the same transform the model file carries).
 const STANDARDIZE_FILE: &str = "standardize.json";
 
-/// The statistics exchange's settings from the configuration.
+/// Protocol round ids reserved for the statistics' secure sums (one per attempt, at most
+/// this many attempts); the coordinator's start after them.
+const STATS_ROUND_IDS: u64 = 64;
+
+/// The statistics exchange's settings from the configuration; `secagg_id_base`: the first
+/// protocol round id of the statistics' secure sums.
 fn exchange_settings(
     cfg: &ServerConfig,
     spec: &ModelSpec,
+    secagg_id_base: u64,
 ) -> Result<crate::prep::ExchangeSettings, ServerError> {
     let st = &cfg.standardize;
     let bounds = st
@@ -2059,6 +2183,11 @@ fn exchange_settings(
         noise_multiplier: cfg.dp.mode.is_private().then_some(st.noise_multiplier),
         local: cfg.dp.mode == DpMode::Local,
         min_contributors: cfg.min_clients,
+        secure: cfg.secure_aggregation.then(|| crate::prep::SecureStats {
+            secagg: cfg.secagg.settings(secagg_id_base, None),
+            answer_timeout: cfg.round_timeout(),
+            max_attempts: (cfg.max_round_retries + 1).min(STATS_ROUND_IDS as u32),
+        }),
     })
 }
 

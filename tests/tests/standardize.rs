@@ -131,7 +131,9 @@ async fn federated_standardisation_over_quic_equals_pooled_statistics_and_travel
             ("standardize.enabled", "true"),
         ],
     );
-    let s = start(Server::bind(cfg).unwrap());
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let s = start(server);
     let clients: Vec<_> = (0..3)
         .map(|i| tokio::spawn(dpfl_client::run(node(&fed, s.addr, i, &srcs[i]))))
         .collect();
@@ -139,6 +141,14 @@ async fn federated_standardisation_over_quic_equals_pooled_statistics_and_travel
     for c in clients {
         assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 8);
     }
+    // In the clear the server holds every node's statistics (what secure aggregation
+    // prevents, below).
+    let mut senders = Vec::new();
+    while let Ok(o) = seen.try_recv() {
+        senders.push(o.node);
+    }
+    senders.sort();
+    assert_eq!(senders, ["node-1", "node-2", "node-3"]);
     // The agreed transform is in the model file, and equals the pooled statistics.
     let out = fed.out("std");
     let model = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors")).unwrap();
@@ -609,4 +619,350 @@ async fn implausible_statistics_are_refused_and_not_counted() {
         assert!((t.std[j] - std[j]).abs() <= 1e-7 * std[j]);
     }
     drop(conn);
+}
+
+/// The bounds of the secure-aggregation tests (every value of the tables lies inside).
+const BOUNDS: &str = "-1000:12000|-0.01:0.01|-300:300|-10:15";
+
+/// [`pooled`] after clipping every value to [`BOUNDS`] (what bounded statistics count).
+fn pooled_clipped(srcs: &[String]) -> (Vec<f64>, Vec<f64>) {
+    let b = dpfl_ml::standardize::Bounds::parse(BOUNDS, 4).unwrap();
+    let data: Vec<dpfl_ml::Dataset> = srcs
+        .iter()
+        .map(|s| s.parse::<dpfl_ml::DataSource>().unwrap().load().unwrap())
+        .collect();
+    let (mut mean, mut std) = (Vec::new(), Vec::new());
+    for j in 0..4 {
+        let c: Vec<f64> = data
+            .iter()
+            .flat_map(|t| t.features.chunks(4).map(move |r| r[j] as f64))
+            .filter(|x| !x.is_nan())
+            .map(|x| x.clamp(b.lo[j], b.hi[j]))
+            .collect();
+        let m = c.iter().sum::<f64>() / c.len() as f64;
+        let v = c.iter().map(|x| (x - m).powi(2)).sum::<f64>() / c.len() as f64;
+        mean.push(m);
+        std.push(v.sqrt());
+    }
+    (mean, std)
+}
+
+fn secure_node(
+    fed: &Federation,
+    addr: std::net::SocketAddr,
+    i: usize,
+    src: &str,
+    mode: DpMode,
+) -> ClientConfig {
+    let mut c = node(fed, addr, i, src);
+    c.dp_mode = mode;
+    c.secure_aggregation = true;
+    c
+}
+
+/// Issue 15, secure aggregation: the statistics are secure-summed. Three nodes that take
+/// part only in securely aggregated exchanges hold their statistics; the server receives
+/// none of them in the clear, and the unmasked sum gives the pooled mean and standard
+/// deviation (to fixed-point precision); training then runs securely aggregated too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secure_summed_statistics_equal_the_pooled_ones_and_no_node_sends_them_in_the_clear() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "std-secure",
+        &[
+            ("rounds", "4"),
+            ("min_clients", "3"),
+            ("strategy.min_fit_clients", "3"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("train.lr", "0.1"),
+            ("secure_aggregation", "true"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{BOUNDS:?}")),
+        ],
+    );
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let s = start(server);
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(dpfl_client::run(secure_node(
+                &fed,
+                s.addr,
+                i,
+                &srcs[i],
+                DpMode::None,
+            )))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 4);
+    }
+    assert!(
+        seen.try_recv().is_err(),
+        "no statistics reached the server in the clear"
+    );
+    let out = fed.out("std-secure");
+    let t = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .expect("the model carries its transform");
+    let (mean, std) = pooled_clipped(&srcs);
+    for j in 0..4 {
+        assert!(
+            (t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]),
+            "feature {j}: mean {} vs pooled {}",
+            t.mean[j],
+            mean[j]
+        );
+        assert!(
+            (t.std[j] - std[j]).abs() <= 1e-7 * std[j],
+            "feature {j}: std {} vs pooled {}",
+            t.std[j],
+            std[j]
+        );
+    }
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("standardize.json")).unwrap()).unwrap();
+    assert_eq!(kept["contributors"], 3);
+    // Standardised, securely aggregated training is clearly better than chance.
+    let acc = summary.test_accuracy.unwrap();
+    assert!(acc > 0.8, "accuracy {acc}");
+    assert!(summary.ledger.rounds.is_empty());
+}
+
+/// Central DP with secure aggregation: the server noises the secure sum of the normalised
+/// statistics exactly as it noises the clear sum, and the release is ledger round 0
+/// (q = 1, multiplier 2, sensitivity sqrt(3d + 1)); nothing arrives in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn central_dp_noises_the_secure_sum_of_the_statistics_as_ledger_round_0() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "std-secure-dp",
+        &[
+            ("rounds", "2"),
+            ("min_clients", "3"),
+            ("strategy.min_fit_clients", "3"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("dp.mode", "\"central\""),
+            ("dp.noise_multiplier", "1.0"),
+            ("dp.sampling_rate", "1.0"),
+            ("secure_aggregation", "true"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{BOUNDS:?}")),
+            ("standardize.noise_multiplier", "2.0"),
+        ],
+    );
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let s = start(server);
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(dpfl_client::run(secure_node(
+                &fed,
+                s.addr,
+                i,
+                &srcs[i],
+                DpMode::Central,
+            )))
+        })
+        .collect();
+    let summary = within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        let n = within(c).await.unwrap().unwrap();
+        assert!(n.rounds_trained >= 2);
+        // The node's own books hold the statistics release (z 2) and two rounds at 1.
+        assert!(n.epsilon.unwrap() > 6.0, "{:?}", n.epsilon);
+    }
+    assert!(seen.try_recv().is_err(), "no statistics in the clear");
+    let rows = &summary.ledger.rounds;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let st = &rows[0];
+    assert_eq!(st.round, 0);
+    assert_eq!(st.noise_multiplier, 2.0);
+    assert_eq!(st.sampling_rate, 1.0);
+    assert_eq!(st.clip_norm, 13f64.sqrt(), "sensitivity sqrt(3 * 4 + 1)");
+    assert_eq!(st.participants, 3);
+    // The same independent references as the clear central test (analytic Gaussian
+    // mechanism, scipy 1.17, delta 1e-5): z = 2 alone 1.99309; then two rounds at z = 1
+    // (mu = 1.5) 7.05141.
+    for (row, exact) in [(&rows[0], 1.993_091), (&rows[2], 7.051_413)] {
+        assert!(
+            row.epsilon >= exact - 1e-3 && row.epsilon <= exact * 1.01,
+            "{} vs {exact}",
+            row.epsilon
+        );
+    }
+    let t = dpfl_ml::predict::ModelFile::load(&fed.out("std-secure-dp").join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    assert!(t.bounds.is_some() && t.std.iter().all(|s| *s > 0.0));
+}
+
+/// A node started with `--secure-aggregation` refuses a request for its statistics in
+/// the clear (it checks its own configuration, not the server's word): the server
+/// receives no statistics, agrees nothing and starts no round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_configured_for_secure_aggregation_refuses_clear_statistics() {
+    init_logs();
+    let fed = Federation::new(1);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "std-clear-ask",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "1"),
+            ("strategy.min_fit_clients", "1"),
+            ("model.layers", "[4, 8, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{BOUNDS:?}")),
+        ],
+    );
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let obs = server.observatory();
+    let mut s = start(server);
+    let mut c = secure_node(&fed, s.addr, 0, &srcs[0], DpMode::None);
+    c.give_up_after = Duration::from_secs(3);
+    let n = tokio::spawn(dpfl_client::run(c));
+    // The refusal is the node's one answer.
+    within(async {
+        while obs.status().nodes.get("node-1").map_or(0, |n| n.answers) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = s.shutdown.take().unwrap().send(());
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_run, 0);
+    assert!(seen.try_recv().is_err(), "the node sent no statistics");
+    assert!(!fed.out("std-clear-ask").join("standardize.json").exists());
+    let _ = within(n).await.unwrap();
+}
+
+/// A node that holds its statistics and then drops out of their secure sum (it closes its
+/// connection at the first stage): the instance aborts (too few survivors), the server asks
+/// again with a fresh protocol round id, and the honest nodes' secure sum gives their
+/// pooled statistics; nothing hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropout_in_the_statistics_secure_sum_is_retried_without_it() {
+    use dpfl_common::wire::{self, Header, Hello, StatsHeld};
+    init_logs();
+    let fed = Federation::new(4);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let cfg = fed.server_config(
+        "std-secure-dropout",
+        &[
+            ("rounds", "1"),
+            ("min_clients", "3"),
+            ("strategy.min_fit_clients", "3"),
+            ("model.layers", "[4, 16, 2]"),
+            ("test_data", &format!("{test_src:?}")),
+            ("secure_aggregation", "true"),
+            ("standardize.enabled", "true"),
+            ("standardize.bounds", &format!("{BOUNDS:?}")),
+        ],
+    );
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let obs = server.observatory();
+    let s = start(server);
+    // The dropout: a hand-made QUIC peer with node-4's certificate, joined first so that
+    // it is one of the first instance's three participants.
+    let ep = dpfl_certs::quic::client_endpoint(
+        &dpfl_certs::Credentials::node(&fed.layout, "node-4"),
+        wire::ALPN,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    let hello = Header::Hello(Hello {
+        software: "dropout-test".into(),
+        dp_mode: DpMode::None,
+        input_dim: 4,
+        num_classes: 2,
+        num_examples: 100,
+        num_eval_examples: 0,
+        class_names: Vec::new(),
+    });
+    tx.write_all(&wire::encode(&hello, &[])).await.unwrap();
+    tx.finish().unwrap();
+    let welcome = wire::decode(&rx.read_to_end(1 << 20).await.unwrap(), 1 << 20).unwrap();
+    let Header::Welcome(w) = welcome.header else {
+        panic!("not welcomed: {welcome:?}")
+    };
+    within(async {
+        while !obs.status().nodes.contains_key("node-4") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let dropout = tokio::spawn(async move {
+        let mut stages = 0;
+        loop {
+            let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+                break;
+            };
+            let Ok(req) = wire::read_message(&mut rx, 1 << 20).await else {
+                continue;
+            };
+            match req.header {
+                Header::StatsRequest(r) => {
+                    assert!(r.secure_aggregation.is_some(), "a secure request");
+                    let held = Header::StatsHeld(StatsHeld {
+                        spec_hash: w.spec_hash,
+                    });
+                    tx.write_all(&wire::encode(&held, &[])).await.unwrap();
+                    tx.finish().unwrap();
+                }
+                Header::SecAggRequest(_) => {
+                    // Gone before answering the first stage.
+                    stages += 1;
+                    conn.close(0u32.into(), b"dropping out");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        stages
+    });
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            tokio::spawn(dpfl_client::run(secure_node(
+                &fed,
+                s.addr,
+                i,
+                &srcs[i],
+                DpMode::None,
+            )))
+        })
+        .collect();
+    assert_eq!(within(dropout).await.unwrap(), 1, "it was a participant");
+    within(s.done).await.unwrap().unwrap();
+    for c in clients {
+        assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 1);
+    }
+    assert!(seen.try_recv().is_err(), "no statistics in the clear");
+    let out = fed.out("std-secure-dropout");
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("standardize.json")).unwrap()).unwrap();
+    assert_eq!(kept["contributors"], 3);
+    let t = dpfl_ml::predict::ModelFile::load(&out.join("model.safetensors"))
+        .unwrap()
+        .standardizer
+        .unwrap();
+    let (mean, std) = pooled_clipped(&srcs);
+    for j in 0..4 {
+        assert!((t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]));
+        assert!((t.std[j] - std[j]).abs() <= 1e-7 * std[j]);
+    }
 }
