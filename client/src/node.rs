@@ -733,6 +733,9 @@ async fn stats_answer(
                 &cfg.credentials,
             )?);
         }
+        if let Some(s) = secure.as_ref() {
+            s.may_hold_stats()?;
+        }
     }
     // The spend is on disk before the statistics leave (masked or not) and, with secure
     // aggregation, before they are held (a setup could otherwise take them).

@@ -74,6 +74,8 @@ pub struct SecureNode {
     participants: u32,
     /// The last protocol round id this node set up (ids only increase).
     last_round: Option<u64>,
+    /// Whether this node revealed unmasking shares in a statistics instance.
+    stats_revealed: bool,
 }
 
 impl std::fmt::Debug for SecureNode {
@@ -109,6 +111,7 @@ impl SecureNode {
             held: None,
             participants: 0,
             last_round: None,
+            stats_revealed: false,
         })
     }
 
@@ -137,10 +140,28 @@ impl SecureNode {
         Ok(())
     }
 
+    /// `Err` once this node revealed unmasking shares in a statistics instance: the
+    /// statistics do not change between instances, so a server that unmasked sums over
+    /// different sets of nodes could solve for one node's statistics from their
+    /// differences. One instance that reached unmasking per node process; kept across
+    /// reconnections (a restarted node process starts afresh).
+    pub fn may_hold_stats(&self) -> Result<(), String> {
+        if self.stats_revealed {
+            return Err(
+                "this node already revealed shares for one secure sum of its \
+                        statistics and takes part in no other (their differences would \
+                        give statistics of single nodes)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Keeps the feature statistics `values` for their secure sum (round
     /// [`dpfl_common::wire::STATS_ROUND`]), replacing anything held. `Err` when they do
     /// not fit the request's range (L2 norm above its bound).
     pub fn hold_stats(&mut self, spec: StatsSecAgg, values: Vec<f64>) -> Result<(), String> {
+        self.may_hold_stats()?;
         Self::check_stats(spec, &values)?;
         let len = u32::try_from(values.len()).map_err(|_| "too many statistics".to_string())?;
         self.held = Some(Held {
@@ -194,6 +215,21 @@ impl SecureNode {
         let e = |e: dpfl_secagg::ClientError| e.to_string();
         match request.message {
             ToNode::Setup(setup) => {
+                // The context must bind the encoding this node was asked for: a server that
+                // told one node another scale than its peers would find that node's input
+                // standing out in the sum.
+                let expected = match self.held.as_ref().map(|h| &h.input) {
+                    Some(Input::Update { spec, .. }) => spec.encoding_digest(),
+                    Some(Input::Stats { spec, .. }) => spec.encoding_digest(),
+                    None => return Err("secure-aggregation setup with nothing held".into()),
+                };
+                if setup.context.encoding != expected {
+                    return Err(
+                        "the secure-aggregation context binds another encoding (clip norm, \
+                         ring width or noise parameters) than this node's request"
+                            .into(),
+                    );
+                }
                 // One id sequence across every instance (a new vector length replaces the
                 // protocol client, and with it the client's own record of ids).
                 let id = setup.context.round;
@@ -313,7 +349,20 @@ impl SecureNode {
                 .handle_survivors(&m)
                 .map(FromNode::Signature)
                 .map_err(e),
-            ToNode::Unmask(m) => client.handle_unmask(&m).map(FromNode::Unmask).map_err(e),
+            ToNode::Unmask(m) => {
+                if matches!(
+                    self.held.as_ref().map(|h| &h.input),
+                    Some(Input::Stats { .. })
+                ) {
+                    if self.stats_revealed {
+                        return Err("this node already revealed shares for one secure sum \
+                                    of its statistics and reveals none for another"
+                            .into());
+                    }
+                    self.stats_revealed = true;
+                }
+                client.handle_unmask(&m).map(FromNode::Unmask).map_err(e)
+            }
         }
     }
 }
@@ -335,14 +384,16 @@ mod tests {
         (dir, s)
     }
 
-    fn setup(round: u64, bits: u8, vector_len: u32) -> StageRequest {
+    fn setup(round: u64, bits: u8, vector_len: u32, encoding: [u8; 32]) -> StageRequest {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
         let names = ["node-1", "node-2", "node-3"].map(String::from).to_vec();
         let params = GraphParams {
             degree: 2,
             threshold: 2,
         };
-        let context = RoundContext::new(round, names, params, bits, vector_len, &mut rng).unwrap();
+        let context = RoundContext::new(round, names, params, bits, vector_len, &mut rng)
+            .unwrap()
+            .with_encoding(encoding);
         StageRequest {
             message: ToNode::Setup(RoundSetup { context }),
             certificates: Vec::new(),
@@ -364,17 +415,20 @@ mod tests {
         assert!(e.contains("do not fit"), "{e}");
         let narrow = StatsSecAgg { bits: 8, ..spec };
         assert!(s.hold_stats(narrow, vec![1.0, 0.0, 0.0]).is_err());
+        let stats = spec.encoding_digest();
         assert!(
-            s.handle(STATS_ROUND, 100, setup(10, 62, 3)).is_err(),
+            s.handle(STATS_ROUND, 100, setup(10, 62, 3, stats)).is_err(),
             "nothing held"
         );
         s.hold_stats(spec, vec![1.0, 1.0, 0.5]).unwrap();
         // The model has 100 parameters; the statistics' instance has 3 values.
         assert!(matches!(
-            s.handle(STATS_ROUND, 100, setup(11, 62, 3)),
+            s.handle(STATS_ROUND, 100, setup(11, 62, 3, stats)),
             Ok(FromNode::Keys(_))
         ));
-        let e = s.handle(STATS_ROUND, 100, setup(11, 62, 3)).unwrap_err();
+        let e = s
+            .handle(STATS_ROUND, 100, setup(11, 62, 3, stats))
+            .unwrap_err();
         assert!(e.contains("not after 11"), "{e}");
         // A training round's update: another vector length and ring, a new protocol
         // client, the same id rule.
@@ -384,10 +438,89 @@ mod tests {
             distributed: None,
         };
         s.hold(1, train, vec![0.1; 4]);
-        let e = s.handle(1, 4, setup(9, 32, 4)).unwrap_err();
+        let d = train.encoding_digest();
+        let e = s.handle(1, 4, setup(9, 32, 4, d)).unwrap_err();
         assert!(e.contains("not after 11"), "{e}");
         assert!(matches!(
-            s.handle(1, 4, setup(12, 32, 4)),
+            s.handle(1, 4, setup(12, 32, 4, d)),
+            Ok(FromNode::Keys(_))
+        ));
+    }
+
+    /// A server that ran a second statistics instance over another set of nodes could
+    /// subtract two unmasked sums: once this node revealed shares in one statistics
+    /// instance it holds no statistics again and reveals nothing for another, while
+    /// training rounds go on.
+    #[test]
+    fn statistics_are_revealed_for_one_instance_only() {
+        let (_dir, mut s) = node();
+        let spec = StatsSecAgg {
+            clip_norm: 2.0,
+            bits: 62,
+        };
+        s.hold_stats(spec, vec![1.0, 0.5, 0.5]).unwrap();
+        assert!(s.may_hold_stats().is_ok());
+        // As after the unmasking stage of an instance (driving all five stages needs
+        // two more protocol clients; `stats_revealed` is what that stage sets).
+        s.stats_revealed = true;
+        let e = s.hold_stats(spec, vec![1.0, 0.5, 0.5]).unwrap_err();
+        assert!(e.contains("takes part in no other"), "{e}");
+        assert!(s.may_hold_stats().is_err());
+        // Training is not affected.
+        let train = SecAggSpec {
+            clip_norm: 1.0,
+            bits: 32,
+            distributed: None,
+        };
+        s.hold(1, train, vec![0.1; 4]);
+        assert!(matches!(
+            s.handle(1, 4, setup(30, 32, 4, train.encoding_digest())),
+            Ok(FromNode::Keys(_))
+        ));
+    }
+
+    /// The attack the binding exists for: a server tells this node a clip norm 2^40 times
+    /// smaller than its peers' (its encoding then dominates the sum, which gives its input
+    /// to ~40 bits) and announces a context bound to the peers' encoding. The node
+    /// refuses before it advertises a key; the context of its own encoding is accepted.
+    #[test]
+    fn a_context_bound_to_another_encoding_than_the_nodes_request_is_refused() {
+        let (_dir, mut s) = node();
+        let mine = SecAggSpec {
+            clip_norm: 1.0,
+            bits: 40,
+            distributed: None,
+        };
+        let peers = SecAggSpec {
+            clip_norm: (2f64).powi(40),
+            ..mine
+        };
+        s.hold(3, mine, vec![0.1; 4]);
+        let e = s
+            .handle(3, 4, setup(20, 40, 4, peers.encoding_digest()))
+            .unwrap_err();
+        assert!(e.contains("another encoding"), "{e}");
+        // Unbound (the zero digest) is refused as well.
+        assert!(s.handle(3, 4, setup(21, 40, 4, [0; 32])).is_err());
+        assert!(matches!(
+            s.handle(3, 4, setup(22, 40, 4, mine.encoding_digest())),
+            Ok(FromNode::Keys(_))
+        ));
+        // Statistics: the same rule with the statistics' own digest.
+        let stats = StatsSecAgg {
+            clip_norm: 2.0,
+            bits: 62,
+        };
+        s.hold_stats(stats, vec![1.0, 0.5, 0.5]).unwrap();
+        let wide = StatsSecAgg {
+            clip_norm: 2e12,
+            ..stats
+        };
+        assert!(s
+            .handle(STATS_ROUND, 4, setup(23, 62, 3, wide.encoding_digest()))
+            .is_err());
+        assert!(matches!(
+            s.handle(STATS_ROUND, 4, setup(24, 62, 3, stats.encoding_digest())),
             Ok(FromNode::Keys(_))
         ));
     }

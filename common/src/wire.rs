@@ -174,7 +174,28 @@ pub struct DistributedRound {
     pub rotation_seed: u64,
 }
 
+/// SHA-256 of an encoding's parameters under a domain tag: what a secure-aggregation
+/// round context carries as its `encoding`, so every participant encodes alike.
+fn encoding_digest<T: Serialize>(domain: &[u8], value: &T) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(domain);
+    // Plain data (floats, integers, options): bincode cannot fail on it; an empty body
+    // would still differ from every real one by the domain tag alone.
+    h.update(bincode::serde::encode_to_vec(value, bincode_config()).unwrap_or_default());
+    h.finalize().into()
+}
+
 impl SecAggSpec {
+    /// The digest a round's secure-aggregation context binds (`RoundContext::encoding`):
+    /// a server that sent another clip norm, ring width or distributed parameters to one
+    /// node than to the others gives contexts that do not verify among them, and a node
+    /// refuses a context whose digest is not its own request's (a node encoding at
+    /// another scale than its peers would stand out in the sum).
+    pub fn encoding_digest(&self) -> [u8; 32] {
+        encoding_digest(b"dpfl/secagg-encoding/update\0", self)
+    }
+
     /// Range checks (what a node checks before it trains).
     pub fn validate(&self) -> Result<(), String> {
         if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
@@ -380,6 +401,11 @@ pub struct StatsSecAgg {
 }
 
 impl StatsSecAgg {
+    /// As [`SecAggSpec::encoding_digest`], for the statistics' instance.
+    pub fn encoding_digest(&self) -> [u8; 32] {
+        encoding_digest(b"dpfl/secagg-encoding/statistics\0", self)
+    }
+
     /// Range checks (what a node checks before it computes anything).
     pub fn validate(&self) -> Result<(), String> {
         SecAggSpec {

@@ -33,6 +33,11 @@ pub struct RoundContext {
     pub vector_len: u32,
     /// Seed of the graph's permutation, drawn by the server.
     pub graph_seed: [u8; 32],
+    /// The caller's digest of how inputs are encoded (scale, range, noise parameters):
+    /// bound like every other field, so participants told different encodings cannot
+    /// complete a round together. Opaque to this crate; zero unless set
+    /// ([`RoundContext::with_encoding`]).
+    pub encoding: [u8; 32],
 }
 
 /// An invalid round context.
@@ -98,9 +103,16 @@ impl RoundContext {
             bits,
             vector_len,
             graph_seed,
+            encoding: [0; 32],
         };
         ctx.validate()?;
         Ok(ctx)
+    }
+
+    /// The same context bound to the caller's encoding digest.
+    pub fn with_encoding(mut self, encoding: [u8; 32]) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// Checks every field (what a node does before taking part).
@@ -187,7 +199,7 @@ impl RoundContext {
         let (n, k) = (self.participants.len(), self.degree as usize);
         let head = 5 + 9 + 9;
         let sig = 9 + crate::MAX_SIGNATURE_LEN;
-        let setup = head + n * (9 + crate::MAX_NODE_ID_LEN) + 5 + 5 + 1 + 5 + 32;
+        let setup = head + n * (9 + crate::MAX_NODE_ID_LEN) + 5 + 5 + 1 + 5 + 32 + 32;
         let keys = head + k * (5 + 3 * 32 + sig);
         let shares = head + k * (5 + 9 + crate::CIPHERTEXT_BYTES);
         let survivors = head + n * 5;
@@ -215,6 +227,7 @@ impl RoundContext {
         h.update([self.bits]);
         h.update(self.vector_len.to_le_bytes());
         h.update(self.graph_seed);
+        h.update(self.encoding);
         h.finalize().into()
     }
 }

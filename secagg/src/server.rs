@@ -276,6 +276,13 @@ impl Server {
         self.stage
     }
 
+    /// How many masked inputs are in the sum (the survivors of the masked-input stage);
+    /// 0 before that stage closed. A caller that must not unmask sums of fewer than some
+    /// number of inputs checks it before sending the unmasking requests.
+    pub fn masked_inputs(&self) -> usize {
+        count(&self.u3)
+    }
+
     /// Whether the round ended (with a sum or aborted).
     pub fn is_over(&self) -> bool {
         self.phase != Phase::Running

@@ -150,10 +150,18 @@ impl ExchangeSettings {
         if self.noise_multiplier.is_some() {
             unit
         } else {
-            max_rows.max(1).next_power_of_two() as f64 * unit
+            // Declared counts are the nodes' word: capped (a node with more rows than the
+            // cap finds its statistics out of range and refuses to hold them), so the
+            // power of two neither overflows nor leaves too little fixed-point precision
+            // for exact counts (2^32 x sqrt(3d + 1) x 100 contributors stays far inside
+            // the 2^52 scale).
+            max_rows.clamp(1, MAX_SECURE_ROWS).next_power_of_two() as f64 * unit
         }
     }
 }
+
+/// Most rows one node may declare for exact secure-summed statistics (the range's cap).
+pub const MAX_SECURE_ROWS: u64 = 1 << 32;
 
 /// Checks a node's report against the request and what the node declared at join
 /// (`num_examples`), and returns its statistics. Exact statistics must be possible for
@@ -704,6 +712,11 @@ impl StatsExchange {
                 ));
             }
             let params = crate::coordinator::secagg_graph(&settings, None, n)?;
+            let encoding = StatsSecAgg {
+                clip_norm: clip,
+                bits: STATS_BITS,
+            }
+            .encoding_digest();
             let ctx = dpfl_secagg::RoundContext::new(
                 id,
                 held.into_iter().collect(),
@@ -712,7 +725,8 @@ impl StatsExchange {
                 vector_len as u32,
                 rng,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .with_encoding(encoding);
             dpfl_secagg::Server::new(ctx).map_err(|e| e.to_string())
         })();
         let server = match started {
@@ -769,7 +783,25 @@ impl StatsExchange {
         };
         let clip = *clip;
         let n = server.context().len();
+        let min = self.settings.min_contributors;
         let outcome = match server.close_stage() {
+            Ok(dpfl_secagg::Transition::Send(_))
+                if matches!(
+                    server.stage(),
+                    dpfl_secagg::Stage::Consistency | dpfl_secagg::Stage::Unmasking
+                ) && server.masked_inputs() < min =>
+            {
+                // Never unmask a sum of fewer than `min_contributors` statistics: the next
+                // instance may hold one node more, and statistics do not change between
+                // instances, so the difference of two unmasked sums would be that node's
+                // own. Stopping before the survivors are shown means no node reveals a
+                // share of this instance.
+                Err(format!(
+                    "{} masked inputs arrived, fewer than the {min} the exchange needs; \
+                     nothing of this instance is unmasked",
+                    server.masked_inputs()
+                ))
+            }
             Ok(dpfl_secagg::Transition::Send(msgs)) => {
                 let stage = server.stage();
                 sec.stages.push_back(StageBatch {
@@ -1450,9 +1482,58 @@ mod tests {
             assert!(drain(&mut x).is_empty(), "nothing more is asked");
         }
 
+        /// The attack the survivor check exists for: min_clients = 4, four holders, a
+        /// threshold of 2 (so the protocol alone would unmask three survivors' sum), one
+        /// node drops before its masked input. Without the check the server would unmask
+        /// the three's sum, ask again, unmask all four's and subtract: the dropped node's
+        /// exact statistics. The instance aborts before the survivors are even shown, so
+        /// no node is asked to reveal a share; the next instance with all four agrees.
+        #[test]
+        fn a_sum_of_fewer_than_min_clients_survivors_is_never_unmasked() {
+            let tables: Vec<Dataset> = (0..4).map(|i| table(i, 30 + 10 * i)).collect();
+            let mut nodes = Nodes::new(&tables);
+            let mut s = settings(4, 3);
+            if let Some(sec) = &mut s.secure {
+                sec.secagg.params = Some(dpfl_secagg::GraphParams {
+                    degree: 3,
+                    threshold: 2,
+                });
+            }
+            let mut x = StatsExchange::new(s);
+            let t0 = Instant::now();
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+            for (i, t) in tables.iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+            x.advance(t0, &mut rng);
+            nodes.hold(&mut x, &|_| true);
+            x.advance(t0, &mut rng);
+            let stages = std::cell::RefCell::new(Vec::new());
+            let t = nodes.run_stages(&mut x, t0, &|stage, n| {
+                stages.borrow_mut().push(stage);
+                n == "n3" && stage == Stage::MaskedInput
+            });
+            assert_eq!(x.attempts(), 1, "the instance aborted");
+            assert!(x.agreed().is_none());
+            let seen = stages.borrow().clone();
+            assert!(seen.contains(&Stage::MaskedInput), "{seen:?}");
+            assert!(
+                !seen.contains(&Stage::Consistency) && !seen.contains(&Stage::Unmasking),
+                "no survivor list and no unmasking request for three of four: {seen:?}"
+            );
+            // Asked again, all four take part: agreed.
+            x.advance(t, &mut rng);
+            nodes.hold(&mut x, &|_| true);
+            x.advance(t, &mut rng);
+            nodes.run_stages(&mut x, t, &|_, _| false);
+            assert!(x.ready(), "four survivors: ready to agree");
+            assert_eq!(x.contributors().len(), 4);
+            assert_eq!(nodes.ids, vec![500, 500, 500, 500, 501, 501, 501, 501]);
+        }
+
         /// With DP on the request asks for normalised statistics in the unit range.
         #[test]
-        fn dp_requests_ask_for_normalised_statistics_in_the_unit_range() {
+        fn secure_ranges_are_the_unit_ball_with_dp_and_a_capped_power_of_two_of_rows() {
             let s = ExchangeSettings {
                 noise_multiplier: Some(2.0),
                 ..settings(3, 1)
@@ -1460,6 +1541,10 @@ mod tests {
             assert_eq!(s.secure_range(1_000_000), 7f64.sqrt());
             assert_eq!(settings(3, 1).secure_range(0), 7f64.sqrt());
             assert_eq!(settings(3, 1).secure_range(1025), 2048.0 * 7f64.sqrt());
+            // A declared count is the node's word: no overflow, no zero range.
+            let cap = MAX_SECURE_ROWS as f64 * 7f64.sqrt();
+            assert_eq!(settings(3, 1).secure_range(u64::MAX), cap);
+            assert_eq!(settings(3, 1).secure_range((1 << 63) + 1), cap);
         }
     }
 
