@@ -326,6 +326,12 @@ struct SecureState {
     /// `retry_at` (one answer timeout later), whichever comes first.
     ask_again: bool,
     retry_at: Option<Instant>,
+    /// Nodes that left an aborted instance unanswered: the next instance goes without
+    /// them when enough others hold, so one node that keeps dropping out cannot use up
+    /// the attempts while the others could agree.
+    dropped: BTreeSet<NodeId>,
+    /// The nodes that left the first unanswered stage of the running instance.
+    first_silent: BTreeSet<NodeId>,
 }
 
 impl StatsExchange {
@@ -341,6 +347,8 @@ impl StatsExchange {
             failure: None,
             ask_again: true,
             retry_at: None,
+            dropped: BTreeSet::new(),
+            first_silent: BTreeSet::new(),
         });
         Self {
             settings,
@@ -602,7 +610,11 @@ impl StatsExchange {
                     return false;
                 }
                 (sec.ask_again, sec.retry_at) = (false, None);
-                let asked: BTreeSet<NodeId> = self.waiting.keys().cloned().collect();
+                let mut asked: BTreeSet<NodeId> = self.waiting.keys().cloned().collect();
+                let steady: BTreeSet<NodeId> = asked.difference(&sec.dropped).cloned().collect();
+                if steady.len() >= min {
+                    asked = steady;
+                }
                 let max_rows = self
                     .waiting
                     .values()
@@ -703,6 +715,7 @@ impl StatsExchange {
         let Some(sec) = &mut self.secure else { return };
         let id = sec.next_id;
         sec.next_id += 1;
+        sec.first_silent.clear();
         let settings = sec.cfg.secagg.clone();
         let n = held.len();
         let started = (|| {
@@ -784,6 +797,12 @@ impl StatsExchange {
         let clip = *clip;
         let n = server.context().len();
         let min = self.settings.min_contributors;
+        // The first stage any node left unanswered names who dropped out (kept out of
+        // the next instance if this one aborts); nodes whose own protocol gave up later
+        // because those neighbours were gone are not blamed.
+        if sec.first_silent.is_empty() {
+            sec.first_silent = server.pending().into_iter().collect();
+        }
         let outcome = match server.close_stage() {
             Ok(dpfl_secagg::Transition::Send(_))
                 if matches!(
@@ -828,7 +847,12 @@ impl StatsExchange {
                     sec.phase = SecurePhase::Over;
                 }
             }
-            Err(why) => self.abort(why),
+            Err(why) => {
+                if let Some(sec) = &mut self.secure {
+                    sec.dropped = std::mem::take(&mut sec.first_silent);
+                }
+                self.abort(why)
+            }
         }
     }
 
@@ -1264,27 +1288,29 @@ mod tests {
                 }
             }
 
-            fn answer(&mut self, node: &str, msg: &ToNode) -> FromNode {
+            /// A node's answer; `None` when its protocol client refuses (e.g. too few
+            /// neighbours left): it then stays silent, as a real node that fails would.
+            fn answer(&mut self, node: &str, msg: &ToNode) -> Option<FromNode> {
                 let c = self.clients.get_mut(node).unwrap();
-                match msg {
+                Some(match msg {
                     ToNode::Setup(s) => {
                         self.participants = s.context.len();
                         self.ids.push(s.context.round);
-                        FromNode::Keys(c.handle_setup(s, &mut self.rng).unwrap())
+                        FromNode::Keys(c.handle_setup(s, &mut self.rng).ok()?)
                     }
                     ToNode::NeighbourKeys(m) => {
-                        FromNode::Shares(c.handle_neighbour_keys(m, &mut self.rng).unwrap())
+                        FromNode::Shares(c.handle_neighbour_keys(m, &mut self.rng).ok()?)
                     }
                     ToNode::Shares(m) => {
                         let spec = self.spec.unwrap();
                         let fp =
                             FixedPoint::new(spec.clip_norm, spec.bits, self.participants).unwrap();
                         let x = fp.encode_f64(&self.stats[node], &mut self.rng).unwrap();
-                        FromNode::MaskedInput(c.handle_shares(m, &x).unwrap())
+                        FromNode::MaskedInput(c.handle_shares(m, &x).ok()?)
                     }
-                    ToNode::Survivors(m) => FromNode::Signature(c.handle_survivors(m).unwrap()),
-                    ToNode::Unmask(m) => FromNode::Unmask(c.handle_unmask(m).unwrap()),
-                }
+                    ToNode::Survivors(m) => FromNode::Signature(c.handle_survivors(m).ok()?),
+                    ToNode::Unmask(m) => FromNode::Unmask(c.handle_unmask(m).ok()?),
+                })
             }
 
             /// Runs the stages; nodes for which `silent(stage, node)` holds never answer
@@ -1303,8 +1329,10 @@ mod tests {
                             quiet = true;
                             continue;
                         }
-                        let ans = self.answer(&m.node, &m.message);
-                        x.handle_secagg_answer(&m.node, ans).unwrap();
+                        match self.answer(&m.node, &m.message) {
+                            Some(ans) => x.handle_secagg_answer(&m.node, ans).unwrap(),
+                            None => quiet = true,
+                        }
                     }
                     if quiet {
                         // The stage stays open until its deadline, not a moment less.
@@ -1529,6 +1557,51 @@ mod tests {
             assert!(x.ready(), "four survivors: ready to agree");
             assert_eq!(x.contributors().len(), 4);
             assert_eq!(nodes.ids, vec![500, 500, 500, 500, 501, 501, 501, 501]);
+        }
+
+        /// Two nodes drop out of the first instance's key sharing, which aborts it; the
+        /// next instance goes without them because the three others are enough, so
+        /// flaky nodes do not use up the attempts while the rest could agree.
+        #[test]
+        fn nodes_that_dropped_out_sit_out_the_next_instance_when_enough_others_hold() {
+            let tables: Vec<Dataset> = (0..5).map(|i| table(i, 20 + 5 * i)).collect();
+            let mut nodes = Nodes::new(&tables);
+            // The finder's (k, t) for each instance's size (5, then 3); a collusion rate
+            // that makes it choose complete graphs (so the three steady nodes keep enough
+            // neighbours whoever drops).
+            let mut s = settings(3, 3);
+            if let Some(sec) = &mut s.secure {
+                sec.secagg.threat.adversarial_rate = 0.3;
+            }
+            let mut x = StatsExchange::new(s);
+            let t0 = Instant::now();
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+            for (i, t) in tables.iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+            x.advance(t0, &mut rng);
+            nodes.hold(&mut x, &|_| true);
+            x.advance(t0, &mut rng);
+            let flaky = |n: &str| n == "n3" || n == "n4";
+            let t = nodes.run_stages(&mut x, t0, &|stage, n| {
+                flaky(n) && stage != Stage::AdvertiseKeys
+            });
+            assert_eq!(x.attempts(), 1, "three of five sharing keys is too few");
+            assert!(
+                nodes.ids.len() == 5,
+                "one instance of five so far: {:?}",
+                nodes.ids
+            );
+            // Asked again: only the three steady nodes.
+            x.advance(t, &mut rng);
+            let asked: Vec<NodeId> = x.outbox.iter().map(|(n, _)| n.clone()).collect();
+            assert_eq!(asked, ["n0", "n1", "n2"]);
+            nodes.hold(&mut x, &|_| true);
+            x.advance(t, &mut rng);
+            nodes.run_stages(&mut x, t, &|_, _| false);
+            assert!(x.ready(), "{:?}", x.failure());
+            let want: BTreeSet<NodeId> = ["n0", "n1", "n2"].map(String::from).into();
+            assert_eq!(x.contributors(), &want);
         }
 
         /// With DP on the request asks for normalised statistics in the unit range.
