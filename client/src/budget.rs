@@ -23,7 +23,9 @@
 //!   parameters, with the summed noise accounted over the round's `min_contributors`
 //!   shares (what is left if the other contributors' shares were known). The node checks
 //!   the parameters with [`check_share`] (its noise and contributor floors) and counts
-//!   its participations per parameter set.
+//!   its participations per parameter set. The feature statistics before round 1
+//!   (`[standardize]`) are such a release too, at their own parameters (federation
+//!   `<server>|statistics`).
 //!
 //! All spends of the data compose (several federations, several runs): the total is the
 //! tightest of PLD, RDP and zCDP over every recorded local and central release;

@@ -631,7 +631,8 @@ fn budget_epsilon(budget: &Budget, welcome: &Welcome) -> Option<f64> {
 
 /// Answers a request for feature statistics: checks it against the model and, with DP
 /// on, against the node's own policy (bounds, per-row normalisation, a noise multiplier at
-/// or above its floor, its budget), records the release in its books before anything
+/// or above its floor, its budget; in `distributed` mode the integer noise share's public
+/// parameters with `check_share`), records the release in its books before anything
 /// leaves, and computes the statistics (noised by the node itself in `local` mode). With
 /// secure aggregation the statistics stay here for their secure sum and the answer is
 /// [`Header::StatsHeld`]; a node configured for secure aggregation refuses a request for
@@ -662,6 +663,13 @@ async fn stats_answer(
             s.validate()?;
             if req.local_noise_multiplier.is_some() {
                 return Err("local noise and a secure sum of the statistics do not combine".into());
+            }
+            if s.distributed.is_some() != (welcome.dp.mode == DpMode::Distributed) {
+                return Err(format!(
+                    "integer noise shares for the statistics are for dp mode `distributed` \
+                     only; the federation's is `{}`",
+                    welcome.dp.mode
+                ));
             }
         }
         None => {}
@@ -697,6 +705,24 @@ async fn stats_answer(
             noise_multiplier: z,
             round: 1,
         }),
+        // The node adds its own integer noise share; its floors on z and on the
+        // contributors the noise is accounted over, and its budget, are checked below
+        // (`check_share`), as for a training round.
+        (DpMode::Distributed, None, None) => {
+            match req.secure_aggregation.and_then(|s| s.distributed) {
+                Some(d) => Some(Release::Distributed {
+                    federation: format!("{federation}|statistics"),
+                    params: d.params,
+                }),
+                None => {
+                    return Err(
+                        "dp mode `distributed`: the statistics' request carries no noise \
+                         parameters"
+                            .into(),
+                    )
+                }
+            }
+        }
         _ => {
             return Err(format!(
                 "the request's noise (node-side {:?}, server-side {:?}) does not fit dp mode \

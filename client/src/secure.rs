@@ -11,7 +11,10 @@
 //!
 //! Before round 1 (`[standardize]` with secure aggregation) the node holds its feature
 //! statistics instead (f64, round [`dpfl_common::wire::STATS_ROUND`]) and puts them into
-//! their own SecAgg+ instance, fixed point over the request's range. Protocol round ids
+//! their own SecAgg+ instance, fixed point over the request's range or, in DP mode
+//! `distributed`, encoded like a training update by [`DistributedEncoder`] at the
+//! statistics' own public parameters (clip `sqrt(3d + 1)`, this node's integer noise share
+//! included), with the same threshold and size checks at setup. Protocol round ids
 //! must increase across every instance this node takes part in, statistics and training
 //! alike (checked here, whatever client state a change of vector length replaces).
 
@@ -130,6 +133,15 @@ impl SecureNode {
     /// makes; callers run it before recording a release for them).
     pub fn check_stats(spec: StatsSecAgg, values: &[f64]) -> Result<(), String> {
         spec.validate()?;
+        if let Some(d) = &spec.distributed {
+            if d.params.dim != values.len() {
+                return Err(format!(
+                    "distributed DP parameters for {} statistics, this node has {}",
+                    d.params.dim,
+                    values.len()
+                ));
+            }
+        }
         let norm = values.iter().map(|v| v * v).sum::<f64>().sqrt();
         if !norm.is_finite() || norm > spec.clip_norm {
             return Err(format!(
@@ -196,7 +208,15 @@ impl SecureNode {
                 spec.bits,
                 spec.distributed,
             ),
-            Input::Stats { spec, len, .. } => (*len, spec.bits, None),
+            Input::Stats { spec, len, .. } => match &spec.distributed {
+                Some(d) => (
+                    u32::try_from(d.params.padded_dim())
+                        .map_err(|_| "distributed DP dimension too large".to_string())?,
+                    spec.bits,
+                    spec.distributed,
+                ),
+                None => (*len, spec.bits, None),
+            },
         };
         let config = ClientConfig {
             vector_len,
@@ -330,13 +350,23 @@ impl SecureNode {
                         x
                     }
                     Input::Stats { spec, values, .. } => {
-                        let x = dpfl_secagg::FixedPoint::new(
-                            spec.clip_norm,
-                            spec.bits,
-                            self.participants.max(1),
-                        )
-                        .and_then(|fp| fp.encode_f64(values, &mut rng))
-                        .map_err(|e| e.to_string())?;
+                        let x = match &spec.distributed {
+                            // Normalised statistics lie in [0, 1]: f32 keeps them to 1e-7,
+                            // far below the noise; the encoder clips to C after rotating.
+                            Some(d) => {
+                                let v: Vec<f32> = values.iter().map(|x| *x as f32).collect();
+                                DistributedEncoder::new(d.params, d.rotation_seed)
+                                    .and_then(|enc| enc.encode(&v, &mut rng))
+                                    .map_err(|e| e.to_string())?
+                            }
+                            None => dpfl_secagg::FixedPoint::new(
+                                spec.clip_norm,
+                                spec.bits,
+                                self.participants.max(1),
+                            )
+                            .and_then(|fp| fp.encode_f64(values, &mut rng))
+                            .map_err(|e| e.to_string())?,
+                        };
                         values.iter_mut().for_each(|v| *v = 0.0);
                         *values = Vec::new();
                         x
@@ -410,6 +440,7 @@ mod tests {
         let spec = StatsSecAgg {
             clip_norm: 2.0,
             bits: 62,
+            distributed: None,
         };
         let e = s.hold_stats(spec, vec![1.5, 1.5, 0.0]).unwrap_err();
         assert!(e.contains("do not fit"), "{e}");
@@ -457,6 +488,7 @@ mod tests {
         let spec = StatsSecAgg {
             clip_norm: 2.0,
             bits: 62,
+            distributed: None,
         };
         s.hold_stats(spec, vec![1.0, 0.5, 0.5]).unwrap();
         assert!(s.may_hold_stats().is_ok());
@@ -510,6 +542,7 @@ mod tests {
         let stats = StatsSecAgg {
             clip_norm: 2.0,
             bits: 62,
+            distributed: None,
         };
         s.hold_stats(stats, vec![1.0, 0.5, 0.5]).unwrap();
         let wide = StatsSecAgg {
@@ -523,5 +556,49 @@ mod tests {
             s.handle(STATS_ROUND, 4, setup(24, 62, 3, stats.encoding_digest())),
             Ok(FromNode::Keys(_))
         ));
+    }
+
+    /// Distributed DP statistics: the parameters must be for this node's vector, and the
+    /// protocol's threshold must reach the contributors the noise is accounted over.
+    #[test]
+    fn distributed_statistics_need_their_dimension_and_the_accounted_threshold() {
+        use dpfl_common::dp::distributed::{DistributedParams, Mechanism};
+        use dpfl_common::wire::DistributedRound;
+        let (_dir, mut s) = node();
+        // 2 features, 1 class: 7 values, clip sqrt(7), padded to 8.
+        let params = DistributedParams {
+            mechanism: Mechanism::Skellam,
+            bits: 32,
+            clip_norm: 7f64.sqrt(),
+            noise_multiplier: 1.0,
+            min_contributors: 3,
+            max_contributors: 3,
+            dim: 7,
+            beta: (-0.5f64).exp(),
+            headroom: 3.0,
+        };
+        let spec = StatsSecAgg {
+            clip_norm: params.clip_norm,
+            bits: 32,
+            distributed: Some(DistributedRound {
+                params,
+                rotation_seed: 7,
+            }),
+        };
+        let e = s.hold_stats(spec, vec![1.0; 6]).unwrap_err();
+        assert!(e.contains("distributed DP parameters for 7"), "{e}");
+        let mut other = spec;
+        other.bits = 30;
+        assert!(
+            s.hold_stats(other, vec![0.5; 7]).is_err(),
+            "ring and parameters disagree"
+        );
+        s.hold_stats(spec, vec![1.0, 1.0, 0.5, 0.5, 0.3, 0.3, 1.0])
+            .unwrap();
+        // Threshold 2 of 3: a sum of 2 shares would carry less noise than accounted.
+        let e = s
+            .handle(STATS_ROUND, 100, setup(10, 32, 8, spec.encoding_digest()))
+            .unwrap_err();
+        assert!(e.contains("threshold 2 is below the 3"), "{e}");
     }
 }

@@ -35,10 +35,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// round 1 ([`Header::StatsRequest`], [`Header::Stats`], [`Header::Standardize`],
 /// [`Header::Standardized`]); the welcome's model spec carries its architecture
 /// ([`crate::model::Arch`]). Version 5: securely summed statistics (the request's
-/// [`StatsRequest::secure_aggregation`], [`Header::StatsHeld`]).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// [`StatsRequest::secure_aggregation`], [`Header::StatsHeld`]). Version 6: statistics
+/// under distributed DP ([`StatsSecAgg::distributed`]).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// ALPN protocol id negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"dpfl/5";
+pub const ALPN: &[u8] = b"dpfl/6";
 /// Magic bytes at the start of every message.
 pub const MAGIC: [u8; 4] = *b"DPFL";
 /// Size of the fixed prefix.
@@ -389,7 +390,10 @@ pub struct StatsRequest {
 }
 
 /// How a node encodes its statistics for their secure sum: the vector `count | sum |
-/// sum_sq | label_counts` (f64), fixed point in `Z/2^bits`.
+/// sum_sq | label_counts` (f64), fixed point in `Z/2^bits`, or, in DP mode
+/// `distributed`, with [`crate::dp::encoding::DistributedEncoder`] at `distributed`'s
+/// public parameters (clip `sqrt(3d + 1)`, the statistics' noise multiplier, the
+/// federation's contributor bounds), this node's integer noise share included.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StatsSecAgg {
     /// L2 bound of one node's statistics vector (the fixed-point range): `sqrt(3d + 1)`
@@ -398,6 +402,10 @@ pub struct StatsSecAgg {
     pub clip_norm: f64,
     /// Ring width b.
     pub bits: u8,
+    /// DP mode `distributed`: the release's public parameters (`dim` = 3d + classes,
+    /// `clip_norm` equal to the range above, `bits` to the ring's) and rotation seed
+    /// (fresh per instance). The node checks them against its own policy.
+    pub distributed: Option<DistributedRound>,
 }
 
 impl StatsSecAgg {
@@ -411,7 +419,7 @@ impl StatsSecAgg {
         SecAggSpec {
             clip_norm: self.clip_norm,
             bits: self.bits,
-            distributed: None,
+            distributed: self.distributed,
         }
         .validate()
     }
@@ -1137,6 +1145,7 @@ mod tests {
                     secure_aggregation: Some(StatsSecAgg {
                         clip_norm: 2.0,
                         bits: 62,
+                        distributed: None,
                     }),
                 }),
                 vec![],

@@ -143,6 +143,39 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     secure_aggregation: Some(StatsSecAgg {
                         clip_norm: 13f64.sqrt(),
                         bits: 62,
+                        distributed: None,
+                    }),
+                }),
+                &[],
+            ),
+        ),
+        (
+            "stats_request_distributed",
+            encode(
+                &Header::StatsRequest(StatsRequest {
+                    spec_hash: spec.hash(),
+                    lo: vec![0.0; 4],
+                    hi: vec![1.0; 4],
+                    local_noise_multiplier: None,
+                    central_noise_multiplier: None,
+                    normalized: true,
+                    secure_aggregation: Some(StatsSecAgg {
+                        clip_norm: 13f64.sqrt(),
+                        bits: 20,
+                        distributed: Some(dpfl_common::wire::DistributedRound {
+                            params: dpfl_common::dp::distributed::DistributedParams {
+                                mechanism: dpfl_common::dp::distributed::Mechanism::Skellam,
+                                bits: 20,
+                                clip_norm: 13f64.sqrt(),
+                                noise_multiplier: 2.0,
+                                min_contributors: 3,
+                                max_contributors: 100,
+                                dim: 14,
+                                beta: (-0.5f64).exp(),
+                                headroom: 3.0,
+                            },
+                            rotation_seed: 0x5eed,
+                        }),
                     }),
                 }),
                 &[],

@@ -487,9 +487,9 @@ pub const KEY_DOCS: &[(&str, Option<&str>, &str)] = &[
     ("update_limits.max_weight_share", None, "Mode none: largest share of a round's total weight one node may carry (1: no cap)."),
     ("update_limits.outlier_factor", None, "Log updates whose norm exceeds this multiple of the round's median norm."),
     ("secure_aggregation", None, "Secure aggregation (SecAgg+, Bonawitz et al. 2017 with the sparse graphs of Bell et al. 2020): nodes send only masked, fixed-point encoded updates and the server learns only their sum. Works with dp.mode \"none\", \"central\" and \"distributed\"; rounds are unweighted (every update counts once); robust aggregators, adaptive clipping and per-update norm checks cannot run (they need individual updates)."),
-    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict. With secure_aggregation the statistics are secure-summed (one SecAgg+ instance; at least 3 nodes); not with dp.mode distributed."),
+    ("standardize.enabled", None, "Federated standardisation before round 1: the first min_clients nodes send per-feature count, sum and sum of squares (and label counts); every node standardises with the combined mean and standard deviation (missing=mean imputes it); the model file keeps the transform for dpfl-predict. With secure_aggregation the statistics are secure-summed (one SecAgg+ instance; at least 3 nodes); with dp.mode distributed each node adds its own integer noise share to them (at most secagg.max_contributors nodes, no sum of fewer than secagg.min_contributors decoded)."),
     ("standardize.bounds", Some("\"0:1\""), "Public ranges `lo:hi|lo:hi|...` (or one `lo:hi` for all features) the features are clipped to before they are counted and transformed; required with DP on (they bound the sensitivity) and with secure_aggregation (they give the secure sum's fixed-point range). Never derive them from the private data."),
-    ("standardize.noise_multiplier", None, "With DP on: noise multiplier z of the statistics' Gaussian release (a ledger row of its own, client-level like the training rounds); 0 with DP off."),
+    ("standardize.noise_multiplier", None, "With DP on: noise multiplier z of the statistics' release (a ledger row of its own, client-level like the training rounds; with dp.mode distributed the summed noise shares of secagg.min_contributors nodes carry it, Skellam or discrete Gaussian on a 20-bit ring); 0 with DP off."),
     ("secagg.stage_timeout_secs", None, "Deadline of each of the five secure-aggregation stages, in seconds; a node that has not answered by then drops out of the round."),
     ("secagg.bits", None, "Ring width b: updates are encoded into integers mod 2^b (16-62; 2-40 with dp.mode \"distributed\", whose encoding sizes its own headroom), with log2(n) bits of headroom so the sum of n cannot wrap."),
     ("secagg.clip_norm", None, "dp.mode \"none\": the L2 norm nodes clip their update to before encoding (the fixed-point range). With central DP, dp.clip_norm is used."),
@@ -833,8 +833,9 @@ impl ServerConfig {
     }
 
     /// The `[standardize]` section: bounds that parse for the model's inputs; with DP on,
-    /// bounds and a positive noise multiplier; not with `distributed`; with secure
-    /// aggregation, bounds and at least 3 clients (see `crate::prep`).
+    /// bounds and a positive noise multiplier; with secure aggregation, bounds and at least
+    /// 3 clients; with `distributed`, statistics' parameters the accountant accepts and
+    /// at most `secagg.max_contributors` clients to wait for (see `crate::prep`).
     fn validate_standardize(&self, spec: &ModelSpec) -> Result<(), ConfigError> {
         let st = &self.standardize;
         let bad = |m: String| Err(ConfigError::Invalid(m));
@@ -859,15 +860,29 @@ impl ServerConfig {
         if !(st.noise_multiplier.is_finite() && st.noise_multiplier >= 0.0) {
             return bad("standardize.noise_multiplier must be finite and >= 0".into());
         }
-        if self.dp.mode == dpfl_common::config::DpMode::Distributed {
-            return bad(
-                "standardize with dp.mode distributed is refused: the statistics would need \
-                 their own integer noise shares and distributed accounting (a release of \
-                 3 x features + classes values with its own contributor bounds), which is not \
-                 implemented; use dp.mode central with secure_aggregation (the server noises \
-                 the secure sum of the statistics) or standardise without DP"
-                    .into(),
-            );
+        if self.dp.mode == dpfl_common::config::DpMode::Distributed && self.secure_aggregation {
+            // The statistics are one more distributed release (`crate::prep`): the nodes'
+            // integer noise shares at the statistics' own public parameters.
+            let d = self.secagg.distributed(self.strategy.min_fit_clients);
+            if self.min_clients > d.max_contributors {
+                return bad(format!(
+                    "standardize with dp.mode distributed sums the statistics of at most \
+                     secagg.max_contributors = {} nodes, fewer than min_clients = {}",
+                    d.max_contributors, self.min_clients
+                ));
+            }
+            if st.noise_multiplier > 0.0 {
+                d.params(
+                    crate::prep::STATS_DISTRIBUTED_BITS,
+                    ((3 * spec.inputs() + 1) as f64).sqrt(),
+                    st.noise_multiplier,
+                    3 * spec.inputs() + spec.outputs(),
+                )
+                .validate()
+                .map_err(|e| {
+                    ConfigError::Invalid(format!("standardize with distributed DP: {e}"))
+                })?;
+            }
         }
         if self.secure_aggregation {
             // The statistics are securely summed (`crate::prep`): one SecAgg+ instance of
@@ -1086,9 +1101,22 @@ mod tests {
         assert!(err(&[sa, bounded[0], ("min_clients", "2")]).contains("min_clients >= 3"));
         assert!(load(&[sa, bounded[0], three]).is_ok());
         assert!(load(&[sa, central[0], bounded[0], z[0], three]).is_ok());
-        // Distributed DP: no accounting for the statistics' shares, refused with why.
-        let e = err(&[sa, ("dp.mode", "\"distributed\""), bounded[0], z[0], three]);
-        assert!(e.contains("dp.mode distributed is refused"), "{e}");
+        // Distributed DP: the statistics are one more distributed release (bounds and a
+        // positive multiplier as with DP on), summing at most max_contributors nodes.
+        let dd = ("dp.mode", "\"distributed\"");
+        assert!(load(&[sa, dd, bounded[0], z[0], three]).is_ok());
+        assert!(err(&[sa, dd, bounded[0], three]).contains("noise_multiplier"));
+        assert!(err(&[sa, dd, z[0], three]).contains("bounds"));
+        let e = err(&[
+            sa,
+            dd,
+            bounded[0],
+            z[0],
+            ("min_clients", "4"),
+            ("secagg.min_contributors", "3"),
+            ("secagg.max_contributors", "3"),
+        ]);
+        assert!(e.contains("fewer than min_clients = 4"), "{e}");
         // Too many features for the header the statistics travel in.
         assert!(err(&[("model.layers", "[2001, 2]")]).contains("at most 2000 features"));
     }

@@ -22,7 +22,7 @@ use crate::ledger::Ledger;
 use crate::secure::{SecAggSend, SecAggSettings};
 use crate::strategy::{DpParams, EvalSummary, Failure, FitResult, NodeId, RoundPrivacy, Strategy};
 use dpfl_common::config::{ClientPrivacy, DpMode};
-use dpfl_common::dp::distributed::DistributedParams;
+use dpfl_common::dp::distributed::{DistributedEpsilons, DistributedParams};
 use dpfl_common::dp::encoding::DistributedEncoder;
 use dpfl_common::model::{ModelSpec, SpecHash};
 use dpfl_common::wire::printable;
@@ -750,6 +750,22 @@ impl Coordinator {
         contributors: &[NodeId],
     ) -> Result<f64, dpfl_common::dp::accountant::AccountError> {
         self.ledger.record_statistics(z, sensitivity, contributors)
+    }
+
+    /// DP mode `distributed`: records the release of the federated feature statistics
+    /// (their secure sum of integer noise shares at `params`) as ledger round 0, composed
+    /// with the training rounds at this coordinator's parameters (see
+    /// [`Ledger::record_distributed_statistics`]); returns both epsilons so far.
+    pub fn record_distributed_statistics_release(
+        &mut self,
+        params: &DistributedParams,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, crate::ledger::DistributedLedgerError> {
+        let train = self
+            .distributed_params()
+            .ok_or(crate::ledger::DistributedLedgerError::NotDistributed)?;
+        self.ledger
+            .record_distributed_statistics(&train, params, contributors)
     }
 
     /// The strategy's empirical privacy audit (canaries), against the model `initial`.

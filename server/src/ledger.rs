@@ -28,6 +28,9 @@
 //!   against observers of the models (amplified by sampling; the rows' `epsilon`) and
 //!   against the server (not amplified; the clients' `epsilon` is each one's actual figure
 //!   against the server). The noise is accounted over the round's `min_contributors`.
+//!   The feature statistics' release (round 0, `[standardize]`) is kept in
+//!   [`DistributedLedger::statistics`] at its own public parameters and composed into
+//!   both figures (RDP order by order; q = 1).
 //!
 //! [`Ledger::public`] is the part that may be published.
 
@@ -255,17 +258,60 @@ impl Ledger {
             let c = self.clients.entry(n.clone()).or_default();
             c.rounds_joined += 1;
         }
-        let joined: Vec<(NodeId, u64)> = self
-            .clients
-            .iter()
-            .map(|(n, c)| (n.clone(), c.rounds_joined))
-            .collect();
-        for (n, k) in joined {
-            let e = distributed::server_epsilon(params, k, self.delta)
-                .map_err(DistributedLedgerError::Account)?;
+        // Each client's own figure against the server: its rounds and, if it gave them,
+        // its statistics.
+        let names: Vec<NodeId> = self.clients.keys().cloned().collect();
+        let mut figures = Vec::with_capacity(names.len());
+        if let Some(d) = &self.distributed {
+            for n in names {
+                let e = d.client_server_epsilon(&n)?;
+                figures.push((n, e));
+            }
+        }
+        for (n, e) in figures {
             if let Some(c) = self.clients.get_mut(&n) {
                 c.epsilon = e;
             }
+        }
+        Ok(eps)
+    }
+
+    /// `distributed` mode: records the feature statistics' release (ledger round 0,
+    /// before round 1) at their public parameters `stats`, in the [`DistributedLedger`] of
+    /// the training parameters `train` (both labelled epsilons, composed with every
+    /// training round that follows), and a row whose epsilon is the one against observers
+    /// of the models (and of the agreed transform). A sum of fewer contributors than
+    /// `stats.min_contributors` is refused.
+    pub fn record_distributed_statistics(
+        &mut self,
+        train: &DistributedParams,
+        stats: &DistributedParams,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        if self.mode != DpMode::Distributed {
+            return Err(DistributedLedgerError::NotDistributed);
+        }
+        let d = self.distributed_ledger(train)?;
+        let eps = d.record_statistics(stats, contributors)?;
+        let mut per_client = Vec::with_capacity(contributors.len());
+        for n in contributors {
+            per_client.push((n.clone(), d.client_server_epsilon(n)?));
+        }
+        self.rounds.push(LedgerRound {
+            round: STATISTICS_ROUND,
+            mode: DpMode::Distributed,
+            sampling_rate: 1.0,
+            noise_multiplier: stats.noise_multiplier,
+            clip_norm: stats.clip_norm,
+            participants: contributors.len(),
+            population: contributors.len(),
+            epsilon: eps.model_observers,
+            method: Method::Rdp,
+        });
+        for (n, e) in per_client {
+            let c = self.clients.entry(n).or_default();
+            c.statistics = true;
+            c.epsilon = e;
         }
         Ok(eps)
     }
@@ -607,6 +653,26 @@ pub enum DistributedLedgerError {
     /// A release at other public parameters than the ledger's.
     #[error("distributed DP parameters changed during the run")]
     ParamsChanged,
+    /// A distributed release asked of a federation that is not in `distributed` mode.
+    #[error("the federation is not in dp mode distributed")]
+    NotDistributed,
+    /// The feature statistics are released once per run.
+    #[error("the feature statistics' release is already recorded")]
+    StatisticsTwice,
+}
+
+/// The federated feature statistics' release in `distributed` mode (ledger round 0): the
+/// secure sum of the nodes' normalised statistics, each with its integer noise share, at
+/// their own public parameters (`dim` = 3d + classes, clip `sqrt(3d + 1)`), unsampled
+/// (every holder asked: q = 1), composed with the training rounds order by order in RDP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistributedStatistics {
+    /// The release's public parameters.
+    pub params: DistributedParams,
+    /// Contributors in the unmasked sum (never below `params.min_contributors`).
+    pub contributors: usize,
+    /// Who contributed (operator-only, like [`DistributedLedger::joined`]).
+    pub joined: std::collections::BTreeSet<NodeId>,
 }
 
 /// The ledger of a `distributed` federation: both labelled epsilons of every release,
@@ -640,6 +706,10 @@ pub struct DistributedLedger {
     /// Both epsilons now (after the last release or unreleased round).
     #[serde(default = "zero_epsilons")]
     pub current: DistributedEpsilons,
+    /// The feature statistics' release before round 1 (`[standardize]`), composed into
+    /// both epsilons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<DistributedStatistics>,
 }
 
 fn zero_epsilons() -> DistributedEpsilons {
@@ -662,6 +732,7 @@ impl DistributedLedger {
             unreleased: Vec::new(),
             release_flip: 0.0,
             current: zero_epsilons(),
+            statistics: None,
         })
     }
 
@@ -684,14 +755,19 @@ impl DistributedLedger {
             .map(|(q, n)| (f64::from_bits(q), n))
             .collect();
         let n = groups.iter().map(|(_, c)| *c).sum();
+        let statistics: Vec<(DistributedParams, u64)> =
+            self.statistics.iter().map(|s| (s.params, 1)).collect();
+        let mut parts = vec![(self.params, n)];
+        parts.extend(statistics.iter().copied());
         Ok(DistributedEpsilons {
-            model_observers: distributed::model_epsilon_with_release_flip(
+            model_observers: distributed::model_epsilon_composed(
                 &self.params,
                 &groups,
+                &statistics,
                 self.delta,
                 flip,
             )?,
-            server: distributed::server_epsilon(&self.params, n, self.delta)?,
+            server: distributed::server_epsilon_composed(&parts, self.delta)?,
         })
     }
 
@@ -760,7 +836,41 @@ impl DistributedLedger {
     /// A client's actual epsilon against the server (operator-only).
     pub fn client_server_epsilon(&self, node: &str) -> Result<f64, DistributedLedgerError> {
         let n = self.joined.get(node).copied().unwrap_or(0);
-        Ok(distributed::server_epsilon(&self.params, n, self.delta)?)
+        let mut parts = vec![(self.params, n)];
+        if let Some(s) = self.statistics.as_ref().filter(|s| s.joined.contains(node)) {
+            parts.push((s.params, 1));
+        }
+        Ok(distributed::server_epsilon_composed(&parts, self.delta)?)
+    }
+
+    /// Records the feature statistics' release (once, before round 1): a sum of
+    /// `contributors` at `params`; returns both epsilons after it. Nothing is recorded on
+    /// error (fewer contributors than the noise is accounted over, a second release, or
+    /// parameters the accountant refuses).
+    pub fn record_statistics(
+        &mut self,
+        params: &DistributedParams,
+        contributors: &[NodeId],
+    ) -> Result<DistributedEpsilons, DistributedLedgerError> {
+        if self.statistics.is_some() {
+            return Err(DistributedLedgerError::StatisticsTwice);
+        }
+        if contributors.len() < params.min_contributors {
+            return Err(DistributedLedgerError::TooFewContributors {
+                contributors: contributors.len(),
+                min: params.min_contributors,
+            });
+        }
+        let mut next = self.clone();
+        next.statistics = Some(DistributedStatistics {
+            params: *params,
+            contributors: contributors.len(),
+            joined: contributors.iter().cloned().collect(),
+        });
+        let epsilons = next.epsilons_with(None, next.release_flip)?;
+        next.current = epsilons;
+        *self = next;
+        Ok(epsilons)
     }
 }
 
@@ -1020,6 +1130,80 @@ mod tests {
         let mut bad = p;
         bad.bits = 2;
         assert!(DistributedLedger::new(bad, 1e-5).is_err());
+    }
+
+    /// The statistics' release in `distributed` mode: row 0, composed into both
+    /// epsilons of every later round, in the figures of its contributors only.
+    #[test]
+    fn distributed_statistics_are_row_zero_and_compose_with_training() {
+        let p = ddp_params();
+        let mut st = p;
+        st.dim = 3 * 4 + 2;
+        st.clip_norm = 13f64.sqrt();
+        st.noise_multiplier = 2.0;
+        let ids: Vec<NodeId> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let mut central = Ledger::new(DpMode::Central, 1e-5);
+        assert_eq!(
+            central.record_distributed_statistics(&p, &st, &ids),
+            Err(DistributedLedgerError::NotDistributed)
+        );
+        let mut l = Ledger::new(DpMode::Distributed, 1e-5);
+        assert!(matches!(
+            l.record_distributed_statistics(&p, &st, &ids[..2]),
+            Err(DistributedLedgerError::TooFewContributors {
+                contributors: 2,
+                min: 3
+            })
+        ));
+        assert!(l.rounds.is_empty());
+        let e0 = l.record_distributed_statistics(&p, &st, &ids[..3]).unwrap();
+        let alone = distributed::model_epsilon_composed(&p, &[], &[(st, 1)], 1e-5, 0.0).unwrap();
+        assert_eq!(e0.model_observers, alone);
+        assert_eq!(
+            e0.server,
+            distributed::server_epsilon_composed(&[(st, 1)], 1e-5).unwrap()
+        );
+        assert_eq!(l.rounds.len(), 1);
+        let row = &l.rounds[0];
+        assert_eq!(
+            (
+                row.round,
+                row.sampling_rate,
+                row.noise_multiplier,
+                row.clip_norm
+            ),
+            (STATISTICS_ROUND, 1.0, 2.0, 13f64.sqrt())
+        );
+        assert_eq!(row.epsilon, alone);
+        assert!(l.clients["a"].statistics && !l.clients.contains_key("d"));
+        assert_eq!(
+            l.record_distributed_statistics(&p, &st, &ids[..3]),
+            Err(DistributedLedgerError::StatisticsTwice)
+        );
+        // One training round at q = 0.5 with b, c, d.
+        let mut q = privacy(DpMode::Distributed, 0.5, 1.0);
+        q.population = 4;
+        let before = l.distributed_epsilons_if(&q, &p, 0.0).unwrap();
+        let e1 = l.record_distributed(1, &q, &p, &ids[1..], 0.0).unwrap();
+        assert_eq!(before, e1);
+        assert_eq!(
+            e1.model_observers,
+            distributed::model_epsilon_composed(&p, &[(0.5, 1)], &[(st, 1)], 1e-5, 0.0).unwrap()
+        );
+        assert!(e1.model_observers > distributed::model_epsilon(&p, 0.5, 1, 1e-5).unwrap());
+        assert_eq!(l.epsilon(), e1.model_observers);
+        // a: statistics only; b: statistics and the round; d: the round only.
+        let both = distributed::server_epsilon_composed(&[(p, 1), (st, 1)], 1e-5).unwrap();
+        assert_eq!(l.clients["a"].epsilon, e0.server);
+        assert_eq!(l.clients["b"].epsilon, both);
+        assert_eq!(
+            l.clients["d"].epsilon,
+            distributed::server_epsilon(&p, 1, 1e-5).unwrap()
+        );
+        assert_eq!(e1.server, both);
+        // The journaled ledger round-trips with its statistics.
+        let back: Ledger = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back, l);
     }
 
     #[test]

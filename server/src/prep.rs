@@ -39,13 +39,31 @@
 //! rejoins, or one answer timeout later. Too few survivors (or any protocol abort) end the
 //! instance; the exchange asks again at once, up to `max_attempts` instances, then fails
 //! ([`StatsExchange::failure`]). A `Stats` report is refused in this mode.
+//!
+//! **With distributed DP** ([`ExchangeSettings::distributed_params`]: secure aggregation
+//! with distributed settings and a noise multiplier) the statistics are one more
+//! distributed-DP release: the request's [`StatsSecAgg::distributed`] carries their public
+//! parameters (the federation's mechanism and contributor bounds, `3d + classes` values,
+//! clip `sqrt(3d + 1)`, the statistics' z, [`STATS_DISTRIBUTED_BITS`]) and a rotation seed
+//! fresh per instance; each node checks them against its own policy, records the spend and
+//! encodes with the training rounds' `DistributedEncoder`, adding its own integer noise
+//! share. At most `max_contributors` waiting nodes are asked; the instance's threshold is
+//! raised to `min_contributors` (`crate::coordinator::secagg_graph`), no sum of fewer
+//! survivors is decoded, and [`StatsExchange::agree`] adds no server noise: the summed
+//! shares of `min_contributors` nodes carry multiplier z at sensitivity `sqrt(3d + 1)`.
+//! The service charges it as ledger round 0 in the distributed ledger
+//! (`Ledger::record_distributed_statistics`).
 
 use crate::coordinator::NodeInfo;
 use crate::secure::{SecAggSend, SecAggSettings};
 use crate::strategy::NodeId;
+use dpfl_common::dp::distributed::DistributedParams;
+use dpfl_common::dp::encoding::DistributedEncoder;
 use dpfl_common::dp::GaussianNoise;
 use dpfl_common::model::SpecHash;
-use dpfl_common::wire::{Header, StatsHeld, StatsReport, StatsRequest, StatsSecAgg};
+use dpfl_common::wire::{
+    DistributedRound, Header, StatsHeld, StatsReport, StatsRequest, StatsSecAgg,
+};
 use dpfl_ml::standardize::{Bounds, FeatureStats, StandardizeError, Standardizer};
 use dpfl_secagg::messages::{FromNode, Stage};
 use rand::{CryptoRng, RngCore};
@@ -55,6 +73,14 @@ use std::time::{Duration, Instant};
 /// Ring width of the statistics' secure sum: the vector is short (3d + classes values), so
 /// it takes the widest fixed-point ring (52 bits of precision after the headroom).
 pub const STATS_BITS: u8 = 62;
+
+/// Ring width of the statistics' sum under distributed DP (not `secagg.bits`, which is
+/// sized for the model). The statistics vector is short, so the scale `s` fills the ring
+/// with few coordinates: at 20 bits one share's variance stays at most `(2^19 / 3)^2 <
+/// 2^35`, inside the exact Skellam sampler's range (and the discrete Gaussian's) whatever
+/// z and the contributor bounds, while `1 / s` (about 1e-5 of a unit for a few features)
+/// keeps the rounding far below the noise. The accounting uses these very parameters.
+pub const STATS_DISTRIBUTED_BITS: u8 = 20;
 
 /// Why a node's statistics were refused. A refused node is not counted and not asked
 /// again; it still receives the agreed transform.
@@ -129,10 +155,34 @@ impl ExchangeSettings {
             lo,
             hi,
             local_noise_multiplier: self.noise_multiplier.filter(|_| self.local),
-            central_noise_multiplier: self.noise_multiplier.filter(|_| !self.local),
+            central_noise_multiplier: self.server_noise(),
             normalized: self.noise_multiplier.is_some(),
             secure_aggregation: None,
         }
+    }
+
+    /// The noise multiplier the server adds to the sum (`central` mode only: `local` nodes
+    /// add theirs, `distributed` nodes their integer shares).
+    pub fn server_noise(&self) -> Option<f64> {
+        self.noise_multiplier
+            .filter(|_| !self.local && self.distributed_params().is_none())
+    }
+
+    /// DP mode `distributed` (secure aggregation with distributed settings and a noise
+    /// multiplier): the statistics release's public parameters: the training rounds'
+    /// mechanism and contributor bounds, with the statistics' vector (`3d + classes`
+    /// values), clip `sqrt(3d + 1)` (one node's normalised statistics), multiplier and
+    /// ring ([`STATS_DISTRIBUTED_BITS`]).
+    pub fn distributed_params(&self) -> Option<DistributedParams> {
+        let sec = self.secure.as_ref()?;
+        let d = sec.secagg.distributed?;
+        let z = self.noise_multiplier?;
+        Some(d.params(
+            STATS_DISTRIBUTED_BITS,
+            ((3 * self.dim + 1) as f64).sqrt(),
+            z,
+            self.vector_len(),
+        ))
     }
 
     /// Values in one node's statistics vector (`count | sum | sum_sq | label_counts`).
@@ -299,13 +349,13 @@ enum SecurePhase {
     Asking {
         asked: BTreeSet<NodeId>,
         held: BTreeSet<NodeId>,
-        clip: f64,
+        spec: StatsSecAgg,
         deadline: Instant,
     },
     /// The SecAgg+ stages.
     Running {
         server: Box<dpfl_secagg::Server>,
-        clip: f64,
+        spec: StatsSecAgg,
         deadline: Instant,
     },
     /// The sum is decoded (or the exchange gave up).
@@ -594,8 +644,18 @@ impl StatsExchange {
         }
     }
 
+    /// Holders (and survivors) an instance needs: `min_contributors`, at least 3, and with
+    /// distributed DP at least the shares the noise is accounted over.
+    fn needed(&self) -> usize {
+        let m = self
+            .settings
+            .distributed_params()
+            .map_or(0, |p| p.min_contributors);
+        self.settings.min_contributors.max(3).max(m)
+    }
+
     fn step<R: CryptoRng + RngCore + ?Sized>(&mut self, now: Instant, rng: &mut R) -> bool {
-        let min = self.settings.min_contributors.max(3);
+        let min = self.needed();
         let Some(sec) = &mut self.secure else {
             return false;
         };
@@ -610,26 +670,47 @@ impl StatsExchange {
                     return false;
                 }
                 (sec.ask_again, sec.retry_at) = (false, None);
-                let mut asked: BTreeSet<NodeId> = self.waiting.keys().cloned().collect();
-                let steady: BTreeSet<NodeId> = asked.difference(&sec.dropped).cloned().collect();
-                if steady.len() >= min {
-                    asked = steady;
-                }
+                // Nodes that dropped out of an aborted instance sit out this one when
+                // enough others hold; distributed DP: at most `max_contributors` (the
+                // modular headroom); the others get the agreed transform like late joiners.
+                let all: BTreeSet<NodeId> = self.waiting.keys().cloned().collect();
+                let steady: BTreeSet<NodeId> = all.difference(&sec.dropped).cloned().collect();
+                let pool = if steady.len() >= min { steady } else { all };
+                let cap = self
+                    .settings
+                    .distributed_params()
+                    .map_or(usize::MAX, |p| p.max_contributors);
+                let asked: BTreeSet<NodeId> = pool.into_iter().take(cap).collect();
                 let max_rows = self
                     .waiting
-                    .values()
-                    .map(|i| i.num_examples)
+                    .iter()
+                    .filter(|(n, _)| asked.contains(*n))
+                    .map(|(_, i)| i.num_examples)
                     .max()
                     .unwrap_or(1);
                 let clip = self.settings.secure_range(max_rows);
+                let spec = match self.settings.distributed_params() {
+                    // The rotation seed is public and fresh per instance (OS CSPRNG).
+                    Some(params) => StatsSecAgg {
+                        clip_norm: params.clip_norm,
+                        bits: params.bits as u8,
+                        distributed: Some(DistributedRound {
+                            params,
+                            rotation_seed: rng.next_u64(),
+                        }),
+                    },
+                    None => StatsSecAgg {
+                        clip_norm: clip,
+                        bits: STATS_BITS,
+                        distributed: None,
+                    },
+                };
                 let mut req = self.settings.request();
-                req.secure_aggregation = Some(StatsSecAgg {
-                    clip_norm: clip,
-                    bits: STATS_BITS,
-                });
+                req.secure_aggregation = Some(spec);
                 tracing::info!(
                     nodes = asked.len(),
-                    range = clip,
+                    range = spec.clip_norm,
+                    distributed = spec.distributed.is_some(),
                     "asking for feature statistics to sum securely"
                 );
                 for n in &asked {
@@ -639,7 +720,7 @@ impl StatsExchange {
                 sec.phase = SecurePhase::Asking {
                     asked,
                     held: BTreeSet::new(),
-                    clip,
+                    spec,
                     deadline: now + sec.cfg.answer_timeout,
                 };
                 true
@@ -647,7 +728,7 @@ impl StatsExchange {
             SecurePhase::Asking {
                 asked,
                 held,
-                clip,
+                spec,
                 deadline,
             } => {
                 if held.len() < asked.len() && now < *deadline {
@@ -666,8 +747,8 @@ impl StatsExchange {
                     sec.phase = SecurePhase::Idle;
                     return true;
                 }
-                let (held, clip) = (std::mem::take(held), *clip);
-                self.start_instance(held, clip, now, rng);
+                let (held, spec) = (std::mem::take(held), *spec);
+                self.start_instance(held, spec, now, rng);
                 true
             }
             SecurePhase::Running {
@@ -706,12 +787,16 @@ impl StatsExchange {
     fn start_instance<R: CryptoRng + RngCore + ?Sized>(
         &mut self,
         held: BTreeSet<NodeId>,
-        clip: f64,
+        spec: StatsSecAgg,
         now: Instant,
         rng: &mut R,
     ) {
-        let min = self.settings.min_contributors.max(3);
-        let vector_len = self.settings.vector_len();
+        let min = self.needed();
+        // Distributed DP encodes the rotated vector, padded to a power of two.
+        let vector_len = match &spec.distributed {
+            Some(d) => d.params.padded_dim(),
+            None => self.settings.vector_len(),
+        };
         let Some(sec) = &mut self.secure else { return };
         let id = sec.next_id;
         sec.next_id += 1;
@@ -724,18 +809,17 @@ impl StatsExchange {
                     "{n} nodes hold their statistics; the exchange needs at least {min}"
                 ));
             }
-            let params = crate::coordinator::secagg_graph(&settings, None, n)?;
-            let encoding = StatsSecAgg {
-                clip_norm: clip,
-                bits: STATS_BITS,
-            }
-            .encoding_digest();
+            // With distributed DP the threshold is raised to `min_contributors` and at
+            // most `max_contributors` are summed, as in a training round.
+            let distributed = spec.distributed.map(|d| d.params);
+            let params = crate::coordinator::secagg_graph(&settings, distributed.as_ref(), n)?;
+            let encoding = spec.encoding_digest();
             let ctx = dpfl_secagg::RoundContext::new(
                 id,
                 held.into_iter().collect(),
                 params,
-                STATS_BITS,
-                vector_len as u32,
+                spec.bits,
+                u32::try_from(vector_len).map_err(|_| "statistics vector too long".to_string())?,
                 rng,
             )
             .map_err(|e| e.to_string())?
@@ -779,24 +863,24 @@ impl StatsExchange {
         });
         sec.phase = SecurePhase::Running {
             server: Box::new(server),
-            clip,
+            spec,
             deadline: now + settings.stage_timeout,
         };
     }
 
     fn close_stage(&mut self, now: Instant) {
+        let min = self.needed();
         let Some(sec) = &mut self.secure else { return };
         let SecurePhase::Running {
             server,
-            clip,
+            spec,
             deadline,
         } = &mut sec.phase
         else {
             return;
         };
-        let clip = *clip;
+        let spec = *spec;
         let n = server.context().len();
-        let min = self.settings.min_contributors;
         // The first stage any node left unanswered names who dropped out (kept out of
         // the next instance if this one aborts); nodes whose own protocol gave up later
         // because those neighbours were gone are not blamed.
@@ -841,7 +925,7 @@ impl StatsExchange {
             Ok(dpfl_secagg::Transition::Done(agg)) => Ok(agg),
             Err(e) => Err(e.to_string()),
         };
-        match outcome.and_then(|agg| self.decode_sum(&agg, clip, n)) {
+        match outcome.and_then(|agg| self.decode_sum(&agg, spec, n)) {
             Ok(()) => {
                 if let Some(sec) = &mut self.secure {
                     sec.phase = SecurePhase::Over;
@@ -858,23 +942,37 @@ impl StatsExchange {
 
     /// The unmasked sum of the survivors becomes the total. Exact counts (DP off) are
     /// integers: rounded (the fixed-point error is far below 1/2), and the unit sums are
-    /// projected onto what bounded data allows (post-processing of rounding only).
+    /// projected onto what bounded data allows (post-processing of rounding only). With
+    /// distributed DP the sum carries the shares' noise and is decoded only if it holds at
+    /// least the `min_contributors` shares the noise is accounted over.
     fn decode_sum(
         &mut self,
         agg: &dpfl_secagg::Aggregate,
-        clip: f64,
+        spec: StatsSecAgg,
         participants: u32,
     ) -> Result<(), String> {
-        if agg.survivors.len() < self.settings.min_contributors {
+        let needed = self
+            .settings
+            .min_contributors
+            .max(spec.distributed.map_or(0, |d| d.params.min_contributors));
+        if agg.survivors.len() < needed {
             return Err(format!(
-                "{} survivors, fewer than the {} contributors the exchange needs",
+                "{} survivors, fewer than the {needed} contributors the exchange needs",
                 agg.survivors.len(),
-                self.settings.min_contributors
             ));
         }
-        let fp = dpfl_secagg::FixedPoint::new(clip, STATS_BITS, participants)
-            .map_err(|e| e.to_string())?;
-        let v = fp.decode_sum(&agg.sum).map_err(|e| e.to_string())?;
+        let v: Vec<f64> = match &spec.distributed {
+            // The noisy sum itself (count 1: no division), rotated back.
+            Some(d) => DistributedEncoder::new(d.params, d.rotation_seed)
+                .and_then(|enc| enc.decode_sum(&agg.sum, 1))
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            None => dpfl_secagg::FixedPoint::new(spec.clip_norm, STATS_BITS, participants)
+                .and_then(|fp| fp.decode_sum(&agg.sum))
+                .map_err(|e| e.to_string())?,
+        };
         let (d, k) = (self.settings.dim, self.settings.classes);
         let mut st = FeatureStats::from_vector(&v, d, k, true).map_err(|e| e.to_string())?;
         if self.settings.noise_multiplier.is_none() {
@@ -910,7 +1008,7 @@ impl StatsExchange {
         noise: &mut dyn GaussianNoise,
     ) -> Result<&Standardizer, StandardizeError> {
         let mut total = self.total.clone();
-        if let (Some(z), false) = (self.settings.noise_multiplier, self.settings.local) {
+        if let Some(z) = self.settings.server_noise() {
             total.release(z, noise)?;
         }
         let s = Standardizer::from_stats(&total, self.settings.bounds.as_ref())?;
@@ -1160,9 +1258,24 @@ mod tests {
             local_noise_multiplier: Some(1.0),
             central_noise_multiplier: None,
             normalized: true,
+            // The largest form: distributed DP's public parameters included.
             secure_aggregation: Some(StatsSecAgg {
                 clip_norm: 1e300,
                 bits: STATS_BITS,
+                distributed: Some(DistributedRound {
+                    params: dpfl_common::dp::distributed::DistributedParams {
+                        mechanism: dpfl_common::dp::distributed::Mechanism::Ddgauss,
+                        bits: 40,
+                        clip_norm: f64::MAX,
+                        noise_multiplier: f64::MAX,
+                        min_contributors: usize::MAX,
+                        max_contributors: usize::MAX,
+                        dim: usize::MAX,
+                        beta: f64::MAX,
+                        headroom: f64::MAX,
+                    },
+                    rotation_seed: u64::MAX,
+                }),
             }),
         });
         for h in [stats, spec, req] {
@@ -1235,6 +1348,11 @@ mod tests {
 
         impl Nodes {
             fn new(tables: &[Dataset]) -> Self {
+                Self::with(tables, STATS_BITS, false)
+            }
+
+            /// `normalized`: statistics divided by the node's rows (DP on).
+            fn with(tables: &[Dataset], bits: u8, normalized: bool) -> Self {
                 let names: Vec<NodeId> = (0..tables.len()).map(|i| format!("n{i}")).collect();
                 let signers: Vec<EcdsaP256Signer> = names
                     .iter()
@@ -1246,7 +1364,7 @@ mod tests {
                 }
                 let config = ClientConfig {
                     vector_len: 3 * 2 + 2,
-                    bits: STATS_BITS,
+                    bits,
                     threat_model: None,
                 };
                 let b = Bounds::parse("0:100|-1:1", 2).unwrap();
@@ -1255,7 +1373,10 @@ mod tests {
                         .iter()
                         .zip(tables)
                         .map(|(n, t)| {
-                            let st = FeatureStats::of_bounded(t, 2, &b).unwrap();
+                            let mut st = FeatureStats::of_bounded(t, 2, &b).unwrap();
+                            if normalized {
+                                st.normalize(t.len());
+                            }
                             (n.clone(), st.to_vector())
                         })
                         .collect(),
@@ -1279,7 +1400,8 @@ mod tests {
                         panic!("not a request: {h:?}")
                     };
                     let spec = r.secure_aggregation.expect("a secure request");
-                    assert!(r.central_noise_multiplier.is_none() && !r.normalized);
+                    assert!(r.central_noise_multiplier.is_none());
+                    assert_eq!(r.normalized, spec.distributed.is_some());
                     self.spec = Some(spec);
                     if answering(&n) {
                         x.handle_stats_held(&n, &StatsHeld { spec_hash: [7; 32] })
@@ -1303,9 +1425,20 @@ mod tests {
                     }
                     ToNode::Shares(m) => {
                         let spec = self.spec.unwrap();
-                        let fp =
-                            FixedPoint::new(spec.clip_norm, spec.bits, self.participants).unwrap();
-                        let x = fp.encode_f64(&self.stats[node], &mut self.rng).unwrap();
+                        let x = match spec.distributed {
+                            Some(d) => {
+                                let v: Vec<f32> =
+                                    self.stats[node].iter().map(|x| *x as f32).collect();
+                                DistributedEncoder::new(d.params, d.rotation_seed)
+                                    .unwrap()
+                                    .encode(&v, &mut self.rng)
+                                    .unwrap()
+                            }
+                            None => FixedPoint::new(spec.clip_norm, spec.bits, self.participants)
+                                .unwrap()
+                                .encode_f64(&self.stats[node], &mut self.rng)
+                                .unwrap(),
+                        };
                         FromNode::MaskedInput(c.handle_shares(m, &x).ok()?)
                     }
                     ToNode::Survivors(m) => FromNode::Signature(c.handle_survivors(m).ok()?),
@@ -1602,6 +1735,130 @@ mod tests {
             assert!(x.ready(), "{:?}", x.failure());
             let want: BTreeSet<NodeId> = ["n0", "n1", "n2"].map(String::from).into();
             assert_eq!(x.contributors(), &want);
+        }
+
+        /// DP mode `distributed`: the request carries the statistics' public parameters
+        /// (3d + classes values, clip sqrt(3d + 1), the statistics' z, the federation's
+        /// contributor bounds) and no server noise; the protocol's threshold is raised to
+        /// `min_contributors`; a node dropping out still leaves a decodable sum of three,
+        /// whose value is the survivors' normalised statistics plus the shares' noise (the
+        /// server adds none); two survivors are never decoded.
+        #[test]
+        fn distributed_statistics_are_summed_with_the_nodes_noise_shares() {
+            use crate::secure::DistributedSettings;
+            use dpfl_common::dp::distributed::Mechanism;
+            let ddp = |min: usize, max: usize| ExchangeSettings {
+                noise_multiplier: Some(0.05),
+                secure: settings(3, 1).secure.map(|mut s| {
+                    s.secagg.distributed = Some(DistributedSettings {
+                        mechanism: Mechanism::Skellam,
+                        min_contributors: min,
+                        max_contributors: max,
+                    });
+                    s
+                }),
+                ..settings(3, 1)
+            };
+            let s = ddp(3, 5);
+            assert_eq!(s.server_noise(), None);
+            let p = s.distributed_params().unwrap();
+            assert_eq!((p.dim, p.bits, p.min_contributors), (8, 20, 3));
+            assert_eq!(p.clip_norm, 7f64.sqrt());
+            assert_eq!(p.noise_multiplier, 0.05);
+
+            struct MustNotNoise;
+            impl GaussianNoise for MustNotNoise {
+                fn add_noise(
+                    &mut self,
+                    _: &mut [f32],
+                    _: f64,
+                ) -> Result<(), dpfl_common::dp::NoiseError> {
+                    panic!("the server adds no noise in distributed mode")
+                }
+                fn name(&self) -> &'static str {
+                    "must-not"
+                }
+            }
+
+            // Five nodes, the complete graph at threshold 3: one dropout leaves every
+            // node three neighbours holding its shares.
+            let tables: Vec<Dataset> = (0..5).map(|i| table(i, 40 + 30 * i)).collect();
+            let mut nodes = Nodes::with(&tables, STATS_DISTRIBUTED_BITS, true);
+            let mut x = StatsExchange::new(s);
+            let t0 = Instant::now();
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            for (i, t) in tables.iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+            x.advance(t0, &mut rng);
+            nodes.hold(&mut x, &|_| true);
+            let spec = nodes.spec.unwrap();
+            assert_eq!(spec.distributed.unwrap().params, p);
+            assert_eq!((spec.bits, spec.clip_norm), (20, p.clip_norm));
+            x.advance(t0, &mut rng);
+            let dropped = "n2";
+            let mut thresholds = Vec::new();
+            while let Some(b) = x.poll_stage() {
+                for m in &b.messages {
+                    if let ToNode::Setup(setup) = &m.message {
+                        thresholds.push(setup.context.threshold);
+                    }
+                    if m.node == dropped
+                        && b.stage != Stage::AdvertiseKeys
+                        && b.stage != Stage::ShareKeys
+                    {
+                        continue;
+                    }
+                    let ans = nodes
+                        .answer(&m.node, &m.message)
+                        .expect("an honest node answers");
+                    x.handle_secagg_answer(&m.node, ans).unwrap();
+                }
+                let deadline = x.poll_timeout().unwrap();
+                x.advance(deadline, &mut rng);
+            }
+            assert_eq!(
+                thresholds,
+                vec![3; 5],
+                "threshold raised to min_contributors"
+            );
+            assert!(x.ready(), "{:?}", x.failure());
+            let survivors = ["n0", "n1", "n3", "n4"];
+            // The decoded total: the survivors' normalised statistics plus the summed
+            // shares, standard deviation z C sqrt(4 / 3) per value (4 shares of
+            // variance (z C)^2 / 3 each, in data units).
+            let mut exact = vec![0.0; 8];
+            for n in survivors {
+                for (e, v) in exact.iter_mut().zip(&nodes.stats[n]) {
+                    *e += v;
+                }
+            }
+            let got = x.total.to_vector();
+            let sd = 0.05 * 7f64.sqrt() * (4.0f64 / 3.0).sqrt();
+            let mut sq = 0.0;
+            for (g, e) in got.iter().zip(&exact) {
+                assert!((g - e).abs() < 6.0 * sd, "{got:?} vs {exact:?}");
+                sq += (g - e).powi(2);
+            }
+            // Noise is there (no coordinate is exact to the encoder's precision).
+            assert!(sq > 1e-6, "{got:?} vs {exact:?}");
+            x.agree(&mut MustNotNoise).unwrap();
+
+            // Four nodes, min_contributors 4: a threshold of 4 needs 4 neighbours, more
+            // than four participants have: no instance starts, nothing is decoded.
+            let mut nodes = Nodes::with(&tables[..4], STATS_DISTRIBUTED_BITS, true);
+            let mut x = StatsExchange::new(ddp(4, 4));
+            for (i, t) in tables[..4].iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+            x.advance(t0, &mut rng);
+            nodes.hold(&mut x, &|_| true);
+            x.advance(t0, &mut rng);
+            nodes.run_stages(&mut x, t0, &|stage, n| {
+                n == dropped && stage != Stage::AdvertiseKeys && stage != Stage::ShareKeys
+            });
+            assert!(!x.ready() && x.contributors().is_empty());
+            assert!(x.failure().is_some(), "the one attempt aborted");
         }
 
         /// With DP on the request asks for normalised statistics in the unit range.

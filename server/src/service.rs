@@ -1761,16 +1761,33 @@ impl Server {
                 true,
             )
             .sensitivity();
-            if let Some(z) = z {
-                let eps = self
-                    .coordinator
-                    .record_statistics_release(z, sensitivity, &contributors)
-                    .map_err(|e| ServerError::Data(format!("statistics release: {e}")))?;
-                tracing::info!(
-                    noise_multiplier = z,
-                    epsilon = eps,
-                    "feature statistics released with the Gaussian mechanism (ledger round 0)"
-                );
+            match (z, x.settings().distributed_params()) {
+                (Some(_), Some(params)) => {
+                    let eps = self
+                        .coordinator
+                        .record_distributed_statistics_release(&params, &contributors)
+                        .map_err(|e| ServerError::Data(format!("statistics release: {e}")))?;
+                    tracing::info!(
+                        noise_multiplier = params.noise_multiplier,
+                        mechanism = %params.mechanism,
+                        against_model_observers = eps.model_observers,
+                        against_the_server = eps.server,
+                        "feature statistics released with the nodes' integer noise shares \
+                         (ledger round 0)"
+                    );
+                }
+                (Some(z), None) => {
+                    let eps = self
+                        .coordinator
+                        .record_statistics_release(z, sensitivity, &contributors)
+                        .map_err(|e| ServerError::Data(format!("statistics release: {e}")))?;
+                    tracing::info!(
+                        noise_multiplier = z,
+                        epsilon = eps,
+                        "feature statistics released with the Gaussian mechanism (ledger round 0)"
+                    );
+                }
+                (None, _) => {}
             }
             self.persist_ledger()?;
             let file = AgreedFile {
@@ -2169,6 +2186,8 @@ fn exchange_settings(
     secagg_id_base: u64,
 ) -> Result<crate::prep::ExchangeSettings, ServerError> {
     let st = &cfg.standardize;
+    let distributed = (cfg.secure_aggregation && cfg.dp.mode == DpMode::Distributed)
+        .then(|| cfg.secagg.distributed(cfg.strategy.min_fit_clients));
     let bounds = st
         .bounds
         .as_deref()
@@ -2182,9 +2201,14 @@ fn exchange_settings(
         bounds,
         noise_multiplier: cfg.dp.mode.is_private().then_some(st.noise_multiplier),
         local: cfg.dp.mode == DpMode::Local,
-        min_contributors: cfg.min_clients,
+        // Distributed DP: the noise is accounted over `min_contributors` shares, so no sum
+        // of fewer statistics is decoded.
+        min_contributors: match distributed {
+            Some(d) => cfg.min_clients.max(d.min_contributors),
+            None => cfg.min_clients,
+        },
         secure: cfg.secure_aggregation.then(|| crate::prep::SecureStats {
-            secagg: cfg.secagg.settings(secagg_id_base, None),
+            secagg: cfg.secagg.settings(secagg_id_base, distributed),
             answer_timeout: cfg.round_timeout(),
             max_attempts: (cfg.max_round_retries + 1).min(STATS_ROUND_IDS as u32),
         }),

@@ -5,6 +5,7 @@
 
 use dpfl_client::ClientConfig;
 use dpfl_common::config::DpMode;
+use dpfl_common::dp::distributed::{self, DistributedParams, Mechanism};
 use dpfl_server::Server;
 use dpfl_tests::{init_logs, start, Federation};
 use rand::{Rng, SeedableRng};
@@ -971,4 +972,263 @@ async fn a_dropout_in_the_statistics_secure_sum_is_retried_without_it() {
         assert!((t.mean[j] - mean[j]).abs() <= 1e-9 * mean[j].abs().max(SCALE[j]));
         assert!((t.std[j] - std[j]).abs() <= 1e-7 * std[j]);
     }
+}
+
+/// The statistics' public parameters under distributed DP for the four-feature, two-class
+/// tables of these tests (what `dpfl_server::prep` asks for).
+fn distributed_statistics_params(z: f64, min: usize, max: usize) -> DistributedParams {
+    DistributedParams {
+        mechanism: Mechanism::Skellam,
+        bits: dpfl_server::prep::STATS_DISTRIBUTED_BITS.into(),
+        clip_norm: 13f64.sqrt(),
+        noise_multiplier: z,
+        min_contributors: min,
+        max_contributors: max,
+        dim: 3 * 4 + 2,
+        beta: (-0.5f64).exp(),
+        headroom: 3.0,
+    }
+}
+
+/// The server configuration of the distributed-DP statistics tests (`z`: the statistics'
+/// multiplier).
+fn distributed_config<'a>(
+    test_src: &'a str,
+    z: &'a str,
+    min_clients: &'a str,
+) -> Vec<(&'a str, String)> {
+    vec![
+        ("rounds", "2".into()),
+        ("min_clients", min_clients.into()),
+        ("strategy.min_fit_clients", min_clients.into()),
+        ("model.layers", "[4, 16, 2]".into()),
+        ("test_data", format!("{test_src:?}")),
+        ("train.lr", "0.1".into()),
+        ("dp.mode", "\"distributed\"".into()),
+        ("dp.noise_multiplier", "0.02".into()),
+        ("dp.clip_norm", "2.0".into()),
+        ("dp.sampling_rate", "1.0".into()),
+        ("secure_aggregation", "true".into()),
+        ("secagg.stage_timeout_secs", "60".into()),
+        ("secagg.bits", "20".into()),
+        ("secagg.mechanism", "\"skellam\"".into()),
+        // As in tests/distributed.rs: accounted over 2 shares so that the absence of one
+        // of four nodes never decides whether a round is released.
+        ("secagg.min_contributors", "2".into()),
+        ("secagg.max_contributors", "4".into()),
+        ("standardize.enabled", "true".into()),
+        ("standardize.bounds", format!("{BOUNDS:?}")),
+        ("standardize.noise_multiplier", z.into()),
+    ]
+}
+
+/// Issue 15 under `dp.mode = "distributed"`: four nodes hold their normalised statistics
+/// and add their own integer noise shares inside one secure sum; the server sees no
+/// statistics in the clear (nor any update), decodes only the noisy sum and adds no noise
+/// of its own. The agreed transform is that of the noiseless sum of the same normalised
+/// statistics within what the noise allows (every value of the sum within 6 of its
+/// standard deviations, propagated through the transform); the ledger's round-0 row
+/// holds the statistics' epsilon against observers of the transform and models, composed
+/// with the training rounds in both labelled epsilons; each node's books hold the
+/// statistics' share next to its rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_dp_statistics_carry_the_nodes_noise_shares_and_are_ledger_round_0() {
+    init_logs();
+    let fed = Federation::new(4);
+    let (mut srcs, test_src) = write_tables(fed.dir.path());
+    let fourth = fed.dir.path().join("node3.csv");
+    std::fs::write(&fourth, table(200, 0.6, 0.1, 0, 13)).unwrap();
+    srcs.push(format!("csv:{},{OPTS}", fourth.display()));
+    const ZS: f64 = 0.01;
+    let overrides = distributed_config(&test_src, "0.01", "4");
+    let refs: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = fed.server_config("std-distributed", &refs);
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let mut updates = server.observe_updates();
+    let s = start(server);
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let mut c = secure_node(&fed, s.addr, i, &srcs[i], DpMode::Distributed);
+            // The nodes accept this test's small multipliers and 2 contributors.
+            c.policy.min_noise_multiplier = ZS;
+            c.policy.min_contributors = 2;
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    let summary = tokio::time::timeout(Duration::from_secs(900), s.done)
+        .await
+        .expect("finished in time")
+        .unwrap()
+        .unwrap();
+    let stats = distributed_statistics_params(ZS, 2, 4);
+    let train = summary.ledger.distributed.as_ref().unwrap().params;
+    let rounds = summary.rounds_completed;
+    assert_eq!(rounds, 2);
+    for c in clients {
+        let n = within(c).await.unwrap().unwrap();
+        // Own books: the statistics' share and each round, against the server (the node
+        // composes parameter sets by adding their epsilons).
+        let own = distributed::server_epsilon(&train, n.rounds_trained, 1e-5).unwrap()
+            + distributed::server_epsilon(&stats, 1, 1e-5).unwrap();
+        let e = n.epsilon.unwrap();
+        assert!((e - own).abs() < 1e-9 * own, "node {e} vs {own}");
+    }
+    assert!(seen.try_recv().is_err(), "no statistics in the clear");
+    assert!(updates.try_recv().is_err(), "no individual update");
+    // Round 0: the statistics, every holder at q = 1, with their own parameters.
+    let rows = &summary.ledger.rounds;
+    assert_eq!(rows.len() as u64, rounds + 1, "{rows:?}");
+    let st = &rows[0];
+    assert_eq!(
+        (st.round, st.sampling_rate, st.noise_multiplier),
+        (0, 1.0, ZS)
+    );
+    assert_eq!(st.clip_norm, 13f64.sqrt());
+    assert_eq!(st.participants, 4);
+    let alone = distributed::model_epsilon_composed(&train, &[], &[(stats, 1)], 1e-5, 0.0).unwrap();
+    assert!(
+        (st.epsilon - alone).abs() < 1e-9 * alone,
+        "{} vs {alone}",
+        st.epsilon
+    );
+    let d = summary.ledger.distributed.as_ref().unwrap();
+    let recorded = d.statistics.as_ref().expect("the statistics' release");
+    assert_eq!((recorded.params, recorded.contributors), (stats, 4));
+    assert_eq!(d.release_flip, 0.0);
+    let e = d.epsilons();
+    let model =
+        distributed::model_epsilon_composed(&train, &[(1.0, rounds)], &[(stats, 1)], 1e-5, 0.0)
+            .unwrap();
+    let server =
+        distributed::server_epsilon_composed(&[(train, rounds), (stats, 1)], 1e-5).unwrap();
+    assert!(
+        (e.model_observers - model).abs() < 1e-9 * model,
+        "{e:?} vs {model}"
+    );
+    assert!(
+        (e.server - server).abs() < 1e-9 * server,
+        "{e:?} vs {server}"
+    );
+    assert!(e.model_observers > distributed::model_epsilon(&train, 1.0, rounds, 1e-5).unwrap());
+    // The transform against the noiseless sum of the nodes' normalised statistics.
+    let b = dpfl_ml::standardize::Bounds::parse(BOUNDS, 4).unwrap();
+    let mut exact = dpfl_ml::standardize::FeatureStats::zeros(4, 2, true);
+    for src in &srcs {
+        let data = src.parse::<dpfl_ml::DataSource>().unwrap().load().unwrap();
+        let mut one = dpfl_ml::standardize::FeatureStats::of_bounded(&data, 2, &b).unwrap();
+        one.normalize(data.len());
+        exact.merge(&one).unwrap();
+    }
+    let t =
+        dpfl_ml::predict::ModelFile::load(&fed.out("std-distributed").join("model.safetensors"))
+            .unwrap()
+            .standardizer
+            .unwrap();
+    // Noise of the sum: 4 shares of variance (z C)^2 / 2 each.
+    let e6 = 6.0 * ZS * 13f64.sqrt() * 2f64.sqrt();
+    let mut off = 0.0f64;
+    for j in 0..4 {
+        let w = b.hi[j] - b.lo[j];
+        let (n, s, q) = (exact.count[j], exact.sum[j], exact.sum_sq[j]);
+        let m = (t.mean[j] - b.lo[j]) / w;
+        let (m_lo, m_hi) = (
+            ((s - e6) / (n + e6)).clamp(0.0, 1.0),
+            ((s + e6) / (n - e6)).clamp(0.0, 1.0),
+        );
+        assert!(
+            m >= m_lo - 1e-9 && m <= m_hi + 1e-9,
+            "feature {j}: unit mean {m} outside [{m_lo}, {m_hi}]"
+        );
+        let v = (t.std[j] / w).powi(2);
+        let v_lo = (q - e6) / (n + e6) - m_hi * m_hi;
+        let v_hi = (q + e6) / (n - e6) - m_lo * m_lo;
+        let fallback = v_lo <= 0.0 && (v - 1.0 / 12.0).abs() < 1e-9;
+        assert!(
+            fallback || (v >= v_lo.max(1e-4) - 1e-9 && v <= v_hi.min(0.25) + 1e-9),
+            "feature {j}: unit variance {v} outside [{v_lo}, {v_hi}]"
+        );
+        off = off.max((m - s / n).abs());
+    }
+    assert!(
+        off > 1e-7,
+        "the transform carries noise (max unit-mean offset {off})"
+    );
+    let acc = summary.test_accuracy.unwrap();
+    eprintln!(
+        "distributed statistics: epsilon alone {alone:.3}, with {rounds} rounds {e:?}, \
+         accuracy {acc}, max unit-mean offset {off:.4}"
+    );
+}
+
+/// Under distributed DP a node checks the statistics' noise share against its own policy
+/// (`check_share`): one of three nodes requires the noise to be accounted over at least 3
+/// shares and the request says 2, so it refuses; the two others are too few for the
+/// secure sum, nothing is released, and the refusing node's books stay empty while the
+/// holders' record the share they were ready to add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_refuses_a_statistics_share_its_policy_forbids() {
+    init_logs();
+    let fed = Federation::new(3);
+    let (srcs, test_src) = write_tables(fed.dir.path());
+    let overrides = distributed_config(&test_src, "0.5", "3");
+    let refs: Vec<(&str, &str)> = overrides.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = fed.server_config("std-distributed-refuse", &refs);
+    let mut server = Server::bind(cfg).unwrap();
+    let mut seen = server.observe_statistics();
+    let obs = server.observatory();
+    let mut s = start(server);
+    let books: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| fed.dir.path().join(format!("books-{i}.json")))
+        .collect();
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = secure_node(&fed, s.addr, i, &srcs[i], DpMode::Distributed);
+            c.policy.min_noise_multiplier = 0.02;
+            c.policy.min_contributors = if i == 2 { 3 } else { 2 };
+            c.privacy_state = Some(books[i].clone());
+            c.give_up_after = Duration::from_secs(3);
+            tokio::spawn(dpfl_client::run(c))
+        })
+        .collect();
+    // Every node answers the one request (two hold, one refuses).
+    within(async {
+        while (1..=3).any(|i| {
+            obs.status()
+                .nodes
+                .get(&format!("node-{i}"))
+                .map_or(0, |n| n.answers)
+                == 0
+        }) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = s.shutdown.take().unwrap().send(());
+    let summary = within(s.done).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_run, 0);
+    assert!(summary.ledger.rounds.is_empty(), "nothing was released");
+    assert!(seen.try_recv().is_err(), "no statistics in the clear");
+    assert!(!fed
+        .out("std-distributed-refuse")
+        .join("standardize.json")
+        .exists());
+    for c in clients {
+        let _ = within(c).await.unwrap();
+    }
+    let spent = |i: usize| -> usize {
+        match std::fs::read(&books[i]) {
+            Ok(b) => {
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                v["distributed"].as_object().map_or(0, |m| m.len())
+            }
+            Err(_) => 0,
+        }
+    };
+    assert_eq!(spent(2), 0, "the refusing node recorded nothing");
+    assert_eq!(
+        (spent(0), spent(1)),
+        (1, 1),
+        "the holders recorded the statistics' share"
+    );
 }
