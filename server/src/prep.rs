@@ -831,23 +831,7 @@ impl StatsExchange {
             Err(why) => return self.abort(why),
         };
         let ctx = server.context().clone();
-        let graph = dpfl_secagg::graph::Graph::new(ctx.len(), ctx.degree, &ctx.graph_seed);
-        let setup = dpfl_secagg::messages::ToNode::Setup(server.setup());
-        let messages = (0..ctx.len())
-            .filter_map(|i| {
-                let node = ctx.node(i)?.to_string();
-                let certificates_of = graph
-                    .neighbours(i)
-                    .into_iter()
-                    .filter_map(|v| ctx.node(v).map(str::to_string))
-                    .collect();
-                Some(SecAggSend {
-                    node,
-                    message: setup.clone(),
-                    certificates_of,
-                })
-            })
-            .collect();
+        let messages = crate::secure::setup_messages(&server);
         tracing::info!(
             id,
             n,

@@ -203,6 +203,29 @@ pub struct SecAggSend {
     pub certificates_of: Vec<String>,
 }
 
+/// The setup of a new protocol round for every participant, each with the neighbours
+/// whose certificates the driver forwards (the graph of the round's context).
+pub fn setup_messages(server: &dpfl_secagg::Server) -> Vec<SecAggSend> {
+    let ctx = server.context();
+    let graph = dpfl_secagg::graph::Graph::new(ctx.len(), ctx.degree, &ctx.graph_seed);
+    let setup = ToNode::Setup(server.setup());
+    (0..ctx.len())
+        .filter_map(|i| {
+            let node = ctx.node(i)?.to_string();
+            let certificates_of = graph
+                .neighbours(i)
+                .into_iter()
+                .filter_map(|v| ctx.node(v).map(str::to_string))
+                .collect();
+            Some(SecAggSend {
+                node,
+                message: setup.clone(),
+                certificates_of,
+            })
+        })
+        .collect()
+}
+
 /// Most bytes of stage message (without the wire envelope) a node may answer with.
 pub fn answer_limit(ctx: &dpfl_secagg::RoundContext) -> usize {
     ctx.max_from_node_bytes()
