@@ -86,6 +86,22 @@ pub struct ClientConfig {
     /// statistics in the clear, whatever the server says. Always so in DP mode
     /// `distributed`.
     pub secure_aggregation: bool,
+    /// What this node assumes of secure-aggregation rounds: it refuses a round whose
+    /// announced (n, k, t) does not keep its input private against a curious server
+    /// colluding with this fraction of the participants, with this fraction dropping out
+    /// (`dpfl_secagg::params::is_secure`), whatever the server chose. Default
+    /// [`default_secagg_threat`] (0.05 and 0.05, the server finder's defaults).
+    pub secagg_threat: dpfl_secagg::params::ThreatModel,
+}
+
+/// The secure-aggregation threat a node assumes unless told otherwise: the server
+/// finder's defaults (5 % colluding, 5 % dropping out, a curious server).
+pub fn default_secagg_threat() -> dpfl_secagg::params::ThreatModel {
+    dpfl_secagg::params::ThreatModel {
+        adversarial_rate: 0.05,
+        dropout_rate: 0.05,
+        adversary: dpfl_secagg::params::AdversaryClass::CuriousServer,
+    }
 }
 
 impl ClientConfig {
@@ -116,6 +132,7 @@ impl ClientConfig {
             sampler: NoiseSampler::Opendp,
             model: None,
             secure_aggregation: false,
+            secagg_threat: default_secagg_threat(),
         }
     }
 }
@@ -290,6 +307,7 @@ pub async fn run_with_noise(
         log_file: cfg.log_file,
         model: cfg.model,
         secure_aggregation: cfg.secure_aggregation,
+        secagg_threat: cfg.secagg_threat,
     };
     node::run(ncfg, worker).await
 }

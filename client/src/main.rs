@@ -120,6 +120,14 @@ struct Args {
     /// secure aggregation and requests for the feature statistics in the clear.
     #[arg(long)]
     secure_aggregation: bool,
+    /// Fraction of a secure-aggregation round's participants this node assumes may collude
+    /// with the server: rounds whose graph and threshold do not keep its input private
+    /// under that assumption (and --secagg-dropout-rate) are refused.
+    #[arg(long, default_value_t = 0.05)]
+    secagg_adversarial_rate: f64,
+    /// Fraction of a secure-aggregation round's participants this node assumes may drop out.
+    #[arg(long, default_value_t = 0.05)]
+    secagg_dropout_rate: f64,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -183,6 +191,8 @@ async fn main() -> Result<()> {
     cfg.log_file = a.log_file;
     cfg.sampler = a.sampler.parse()?;
     cfg.secure_aggregation = a.secure_aggregation;
+    cfg.secagg_threat.adversarial_rate = a.secagg_adversarial_rate;
+    cfg.secagg_threat.dropout_rate = a.secagg_dropout_rate;
     cfg.model = match (&a.model, &a.layers) {
         (Some(m), _) => Some(match dpfl_ml::torchscript::parse_arg(m) {
             Some(script) => script.context("--model")?,

@@ -69,6 +69,9 @@ pub struct NodeConfig {
     /// Take part only in securely aggregated exchanges (see
     /// [`crate::ClientConfig::secure_aggregation`]).
     pub secure_aggregation: bool,
+    /// The secure-aggregation threat this node checks every announced graph against
+    /// ([`crate::ClientConfig::secagg_threat`]).
+    pub secagg_threat: dpfl_secagg::params::ThreatModel,
 }
 
 /// Errors that end a node.
@@ -463,6 +466,7 @@ async fn session(
                                             match crate::secure::SecureNode::new(
                                                 &welcome.node,
                                                 &cfg.credentials,
+                                                cfg.secagg_threat,
                                             ) {
                                                 Ok(s) => *secure = Some(s),
                                                 Err(e) => {
@@ -757,6 +761,7 @@ async fn stats_answer(
             *secure = Some(crate::secure::SecureNode::new(
                 &welcome.node,
                 &cfg.credentials,
+                cfg.secagg_threat,
             )?);
         }
         if let Some(s) = secure.as_ref() {

@@ -22,6 +22,7 @@ use dpfl_certs::{Credentials, PeerCertificates};
 use dpfl_common::dp::encoding::DistributedEncoder;
 use dpfl_common::wire::{SecAggSpec, StatsSecAgg};
 use dpfl_secagg::messages::{FromNode, ToNode};
+use dpfl_secagg::params::ThreatModel;
 use dpfl_secagg::sign::SignatureError;
 use dpfl_secagg::{
     Client, ClientConfig, EcdsaP256Signer, EcdsaP256Verifier, Encoding, StageRequest, Verifier,
@@ -79,6 +80,8 @@ pub struct SecureNode {
     last_round: Option<u64>,
     /// Whether this node revealed unmasking shares in a statistics instance.
     stats_revealed: bool,
+    /// The collusion this node assumes (it checks every announced graph against it).
+    threat: ThreatModel,
 }
 
 impl std::fmt::Debug for SecureNode {
@@ -91,7 +94,17 @@ impl std::fmt::Debug for SecureNode {
 
 impl SecureNode {
     /// Loads the node's certificate key (PKCS#8, P-256) and the federation CA.
-    pub fn new(name: &str, credentials: &Credentials) -> Result<Self, String> {
+    /// `threat`: the collusion and dropouts this node assumes; rounds whose (n, k, t) are
+    /// not secure under it are refused, whatever the server chose.
+    pub fn new(name: &str, credentials: &Credentials, threat: ThreatModel) -> Result<Self, String> {
+        let (g, d) = (threat.adversarial_rate, threat.dropout_rate);
+        let rate = |r: f64| r.is_finite() && (0.0..1.0).contains(&r);
+        if !(rate(g) && rate(d) && g + d <= 0.9) {
+            return Err(format!(
+                "secure-aggregation threat: adversarial and dropout rates must be in [0, 1) \
+                 with a sum of at most 0.9, got {g} and {d}"
+            ));
+        }
         let key = dpfl_certs::load_key(&credentials.key).map_err(|e| e.to_string())?;
         let signer_der = match key {
             rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
@@ -115,6 +128,7 @@ impl SecureNode {
             participants: 0,
             last_round: None,
             stats_revealed: false,
+            threat,
         })
     }
 
@@ -221,7 +235,7 @@ impl SecureNode {
         let config = ClientConfig {
             vector_len,
             bits,
-            threat_model: None,
+            threat_model: Some(self.threat),
         };
         if self.client.as_ref().map(|(c, _)| *c) != Some(config) {
             let signer =
@@ -410,7 +424,12 @@ mod tests {
         dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 3, false)
             .unwrap();
         let layout = Layout::new(dir.path().to_path_buf());
-        let s = SecureNode::new("node-1", &Credentials::node(&layout, "node-1")).unwrap();
+        let s = SecureNode::new(
+            "node-1",
+            &Credentials::node(&layout, "node-1"),
+            crate::default_secagg_threat(),
+        )
+        .unwrap();
         (dir, s)
     }
 
@@ -509,6 +528,49 @@ mod tests {
             s.handle(1, 4, setup(30, 32, 4, train.encoding_digest())),
             Ok(FromNode::Keys(_))
         ));
+    }
+
+    /// A server that announces a threshold too small for the collusion the node assumes
+    /// (here 30 %: 2 of 7 participants, so a threshold of 2 would let the server and two
+    /// colluders rebuild a victim's mask seeds) is refused before the node advertises a
+    /// key; a threshold of 3 is taken. An impossible threat is refused at start.
+    #[test]
+    fn a_graph_too_weak_for_the_nodes_own_threat_model_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 3, false)
+            .unwrap();
+        let layout = Layout::new(dir.path().to_path_buf());
+        let creds = Credentials::node(&layout, "node-1");
+        let mut bad = crate::default_secagg_threat();
+        bad.adversarial_rate = 0.95;
+        assert!(SecureNode::new("node-1", &creds, bad).is_err());
+        let mut threat = crate::default_secagg_threat();
+        threat.adversarial_rate = 0.3;
+        let mut s = SecureNode::new("node-1", &creds, threat).unwrap();
+        let spec = SecAggSpec {
+            clip_norm: 1.0,
+            bits: 32,
+            distributed: None,
+        };
+        s.hold(1, spec, vec![0.1; 4]);
+        let names: Vec<String> = (1..=7).map(|i| format!("node-{i}")).collect();
+        let ctx = |round: u64, threshold: u32| {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(round);
+            let params = GraphParams {
+                degree: 6,
+                threshold,
+            };
+            let context = RoundContext::new(round, names.clone(), params, 32, 4, &mut rng)
+                .unwrap()
+                .with_encoding(spec.encoding_digest());
+            StageRequest {
+                message: ToNode::Setup(RoundSetup { context }),
+                certificates: Vec::new(),
+            }
+        };
+        let e = s.handle(1, 4, ctx(40, 2)).unwrap_err();
+        assert!(e.contains("do not protect 7 participants"), "{e}");
+        assert!(matches!(s.handle(1, 4, ctx(41, 3)), Ok(FromNode::Keys(_))));
     }
 
     /// The attack the binding exists for: a server tells this node a clip norm 2^40 times
