@@ -1734,30 +1734,6 @@ pub fn secagg_graph(
     distributed: Option<&DistributedParams>,
     n: usize,
 ) -> Result<dpfl_secagg::GraphParams, String> {
-    if let Some(p) = distributed {
-        // The modular headroom holds at most `max_contributors`.
-        if n > p.max_contributors {
-            return Err(format!(
-                "{n} nodes hold an update; distributed DP sums at most {}",
-                p.max_contributors
-            ));
-        }
-    }
-    // The noise is accounted over `min_contributors` shares: the protocol must not unmask
-    // a sum of fewer.
-    secagg_graph_unmasking_at_least(settings, distributed.map(|p| p.min_contributors), n)
-}
-
-/// The graph for `n` participants from the finder, with the threshold raised so that no
-/// sum of fewer than `min_sum` survivors can be unmasked: a survivor's self mask needs
-/// `threshold` shares from its surviving neighbours. The feature statistics use this with
-/// `min_clients`: a retried instance over one node more or fewer would otherwise give that
-/// node's exact statistics as the difference of two unmasked sums.
-pub fn secagg_graph_unmasking_at_least(
-    settings: &SecAggSettings,
-    min_sum: Option<usize>,
-    n: usize,
-) -> Result<dpfl_secagg::GraphParams, String> {
     if n < 3 {
         return Err(format!(
             "{n} nodes hold an update; secure aggregation needs at least 3"
@@ -1766,24 +1742,34 @@ pub fn secagg_graph_unmasking_at_least(
     let mut params =
         dpfl_secagg::params::choose_params(n as u32, &settings.threat, settings.params)
             .map_err(|e| e.to_string())?;
-    if let Some(m) = min_sum {
-        if (params.threshold as usize) < m {
-            if m > params.degree as usize {
+    if let Some(p) = distributed {
+        // The noise is accounted over `min_contributors` shares: the protocol must not
+        // unmask a sum of fewer, and the modular headroom holds at most `max_contributors`.
+        if n > p.max_contributors {
+            return Err(format!(
+                "{n} nodes hold an update; distributed DP sums at most {}",
+                p.max_contributors
+            ));
+        }
+        if (params.threshold as usize) < p.min_contributors {
+            if p.min_contributors > params.degree as usize {
                 // The sparse graph's neighbourhoods cannot hold the threshold: the complete
                 // graph can (costlier, and the nodes check it is secure).
-                if m + 1 > n {
+                if p.min_contributors + 1 > n {
                     return Err(format!(
-                        "threshold of {m} contributors is above the {} neighbours of {n} \
-                         participants",
+                        "distributed DP needs a threshold of {} contributors, above the {} \
+                         neighbours of {n} participants",
+                        p.min_contributors,
                         n - 1
                     ));
                 }
                 params.degree = (n - 1) as u32;
             }
-            params.threshold = m as u32;
+            params.threshold = p.min_contributors as u32;
             if !dpfl_secagg::params::is_secure(n as u32, params, &settings.threat) {
                 return Err(format!(
-                    "threshold {} with degree {} is not secure for {n} participants",
+                    "distributed DP's threshold {} with degree {} is not secure for {n} \
+                     participants",
                     params.threshold, params.degree
                 ));
             }
@@ -2090,14 +2076,7 @@ impl Coordinator {
                     round,
                     stage,
                     answer_limit,
-                    messages: msgs
-                        .into_iter()
-                        .map(|(node, message)| SecAggSend {
-                            node,
-                            message,
-                            certificates_of: Vec::new(),
-                        })
-                        .collect(),
+                    messages: crate::secure::stage_messages(msgs),
                 });
                 return;
             }

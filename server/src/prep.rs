@@ -894,14 +894,7 @@ impl StatsExchange {
                 sec.stages.push_back(StageBatch {
                     stage,
                     answer_limit: crate::secure::answer_limit(server.context()),
-                    messages: msgs
-                        .into_iter()
-                        .map(|(node, message)| SecAggSend {
-                            node,
-                            message,
-                            certificates_of: Vec::new(),
-                        })
-                        .collect(),
+                    messages: crate::secure::stage_messages(msgs),
                 });
                 *deadline = now + sec.cfg.secagg.stage_timeout;
                 return;
@@ -1307,6 +1300,21 @@ mod tests {
             }
         }
 
+        /// `s` with a fixed graph instead of the finder's choice.
+        fn with_graph(mut s: ExchangeSettings, degree: u32, threshold: u32) -> ExchangeSettings {
+            if let Some(sec) = &mut s.secure {
+                sec.secagg.params = Some(dpfl_secagg::GraphParams { degree, threshold });
+            }
+            s
+        }
+
+        /// Node i of `tables` joins as `n{i}`, declaring its rows.
+        fn join_all(x: &mut StatsExchange, tables: &[Dataset]) {
+            for (i, t) in tables.iter().enumerate() {
+                x.handle_join(format!("n{i}"), info(t.len() as u64));
+            }
+        }
+
         /// Node i's table: `rows` rows of two features in (and partly out of) the bounds.
         fn table(i: usize, rows: usize) -> Dataset {
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(i as u64);
@@ -1473,19 +1481,10 @@ mod tests {
             let tables: Vec<Dataset> = (0..4).map(|i| table(i, 40 + 30 * i)).collect();
             let mut nodes = Nodes::new(&tables);
             // The complete graph, threshold 2: one dropout leaves every node two neighbours.
-            let mut s = settings(3, 2);
-            if let Some(sec) = &mut s.secure {
-                sec.secagg.params = Some(dpfl_secagg::GraphParams {
-                    degree: 3,
-                    threshold: 2,
-                });
-            }
-            let mut x = StatsExchange::new(s);
+            let mut x = StatsExchange::new(with_graph(settings(3, 2), 3, 2));
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-            for (i, t) in tables.iter().enumerate() {
-                x.handle_join(format!("n{i}"), info(t.len() as u64));
-            }
+            join_all(&mut x, &tables);
             assert!(drain(&mut x).is_empty(), "nobody is asked one by one");
             x.advance(t0, &mut rng);
             // A clear report is refused, whoever sends it.
@@ -1583,9 +1582,7 @@ mod tests {
             let mut x = StatsExchange::new(settings(3, 2));
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-            for (i, t) in tables.iter().enumerate() {
-                x.handle_join(format!("n{i}"), info(t.len() as u64));
-            }
+            join_all(&mut x, &tables);
             x.advance(t0, &mut rng);
             // n1 never answers; at the answer deadline two hold, too few: nothing starts.
             nodes.hold(&mut x, &|n| n != "n1");
@@ -1637,19 +1634,10 @@ mod tests {
         fn a_sum_of_fewer_than_min_clients_survivors_is_never_unmasked() {
             let tables: Vec<Dataset> = (0..4).map(|i| table(i, 30 + 10 * i)).collect();
             let mut nodes = Nodes::new(&tables);
-            let mut s = settings(4, 3);
-            if let Some(sec) = &mut s.secure {
-                sec.secagg.params = Some(dpfl_secagg::GraphParams {
-                    degree: 3,
-                    threshold: 2,
-                });
-            }
-            let mut x = StatsExchange::new(s);
+            let mut x = StatsExchange::new(with_graph(settings(4, 3), 3, 2));
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
-            for (i, t) in tables.iter().enumerate() {
-                x.handle_join(format!("n{i}"), info(t.len() as u64));
-            }
+            join_all(&mut x, &tables);
             x.advance(t0, &mut rng);
             nodes.hold(&mut x, &|_| true);
             x.advance(t0, &mut rng);
@@ -1693,9 +1681,7 @@ mod tests {
             let mut x = StatsExchange::new(s);
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
-            for (i, t) in tables.iter().enumerate() {
-                x.handle_join(format!("n{i}"), info(t.len() as u64));
-            }
+            join_all(&mut x, &tables);
             x.advance(t0, &mut rng);
             nodes.hold(&mut x, &|_| true);
             x.advance(t0, &mut rng);
@@ -1771,9 +1757,7 @@ mod tests {
             let mut x = StatsExchange::new(s);
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-            for (i, t) in tables.iter().enumerate() {
-                x.handle_join(format!("n{i}"), info(t.len() as u64));
-            }
+            join_all(&mut x, &tables);
             x.advance(t0, &mut rng);
             nodes.hold(&mut x, &|_| true);
             let spec = nodes.spec.unwrap();
@@ -1832,9 +1816,7 @@ mod tests {
             // than four participants have: no instance starts, nothing is decoded.
             let mut nodes = Nodes::with(&tables[..4], STATS_DISTRIBUTED_BITS, true);
             let mut x = StatsExchange::new(ddp(4, 4));
-            for (i, t) in tables[..4].iter().enumerate() {
-                x.handle_join(format!("n{i}"), info(t.len() as u64));
-            }
+            join_all(&mut x, &tables[..4]);
             x.advance(t0, &mut rng);
             nodes.hold(&mut x, &|_| true);
             x.advance(t0, &mut rng);

@@ -226,6 +226,18 @@ pub fn setup_messages(server: &dpfl_secagg::Server) -> Vec<SecAggSend> {
         .collect()
 }
 
+/// A stage's protocol messages as they go out (no certificates: only the setup forwards
+/// them, see [`setup_messages`]).
+pub fn stage_messages(msgs: Vec<(String, ToNode)>) -> Vec<SecAggSend> {
+    msgs.into_iter()
+        .map(|(node, message)| SecAggSend {
+            node,
+            message,
+            certificates_of: Vec::new(),
+        })
+        .collect()
+}
+
 /// Most bytes of stage message (without the wire envelope) a node may answer with.
 pub fn answer_limit(ctx: &dpfl_secagg::RoundContext) -> usize {
     ctx.max_from_node_bytes()
