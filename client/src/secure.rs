@@ -420,16 +420,17 @@ mod tests {
     use dpfl_secagg::{GraphParams, RoundContext};
 
     fn node() -> (tempfile::TempDir, SecureNode) {
+        let (dir, s) = node_with(crate::default_secagg_threat());
+        (dir, s.unwrap())
+    }
+
+    /// node-1 of a three-node dev federation, assuming `threat`.
+    fn node_with(threat: ThreatModel) -> (tempfile::TempDir, Result<SecureNode, String>) {
         let dir = tempfile::tempdir().unwrap();
         dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 3, false)
             .unwrap();
         let layout = Layout::new(dir.path().to_path_buf());
-        let s = SecureNode::new(
-            "node-1",
-            &Credentials::node(&layout, "node-1"),
-            crate::default_secagg_threat(),
-        )
-        .unwrap();
+        let s = SecureNode::new("node-1", &Credentials::node(&layout, "node-1"), threat);
         (dir, s)
     }
 
@@ -536,17 +537,13 @@ mod tests {
     /// key; a threshold of 3 is taken. An impossible threat is refused at start.
     #[test]
     fn a_graph_too_weak_for_the_nodes_own_threat_model_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 3, false)
-            .unwrap();
-        let layout = Layout::new(dir.path().to_path_buf());
-        let creds = Credentials::node(&layout, "node-1");
         let mut bad = crate::default_secagg_threat();
         bad.adversarial_rate = 0.95;
-        assert!(SecureNode::new("node-1", &creds, bad).is_err());
+        assert!(node_with(bad).1.is_err());
         let mut threat = crate::default_secagg_threat();
         threat.adversarial_rate = 0.3;
-        let mut s = SecureNode::new("node-1", &creds, threat).unwrap();
+        let (_dir, s) = node_with(threat);
+        let mut s = s.unwrap();
         let spec = SecAggSpec {
             clip_norm: 1.0,
             bits: 32,

@@ -130,3 +130,37 @@ pub fn metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
 pub fn operator_metrics(out: &std::path::Path) -> Vec<serde_json::Value> {
     metrics(&out.join("operator"))
 }
+
+/// A hand-made QUIC peer with `node`'s certificate that says `hello` and returns its
+/// connection and the server's welcome (tests that play a misbehaving node go on from
+/// there by hand).
+pub async fn join_by_hand(
+    layout: &Layout,
+    node: &str,
+    addr: SocketAddr,
+    hello: dpfl_common::wire::Hello,
+) -> (quinn::Connection, dpfl_common::wire::Welcome) {
+    use dpfl_common::wire::{self, Header};
+    let ep = dpfl_certs::quic::client_endpoint(
+        &Credentials::node(layout, node),
+        wire::ALPN,
+        Duration::from_secs(30),
+    )
+    .expect("client endpoint");
+    let conn = ep
+        .connect(addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("connected");
+    let (mut tx, mut rx) = conn.open_bi().await.expect("stream");
+    tx.write_all(&wire::encode(&Header::Hello(hello), &[]))
+        .await
+        .expect("hello sent");
+    tx.finish().expect("hello finished");
+    let answer = rx.read_to_end(1 << 20).await.expect("welcome read");
+    let welcome = wire::decode(&answer, 1 << 20).expect("welcome decoded");
+    let Header::Welcome(w) = welcome.header else {
+        panic!("not welcomed: {welcome:?}")
+    };
+    (conn, w)
+}

@@ -558,15 +558,7 @@ async fn implausible_statistics_are_refused_and_not_counted() {
     let obs = server.observatory();
     let s = start(server);
     // The hostile node: a hand-made QUIC peer with node-1's certificate.
-    let ep = dpfl_certs::quic::client_endpoint(
-        &dpfl_certs::Credentials::node(&fed.layout, "node-1"),
-        wire::ALPN,
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
-    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
-    let hello = Header::Hello(Hello {
+    let hello = Hello {
         software: "hostile-test".into(),
         dp_mode: DpMode::None,
         input_dim: 4,
@@ -574,13 +566,8 @@ async fn implausible_statistics_are_refused_and_not_counted() {
         num_examples: 10,
         num_eval_examples: 0,
         class_names: Vec::new(),
-    });
-    tx.write_all(&wire::encode(&hello, &[])).await.unwrap();
-    tx.finish().unwrap();
-    let welcome = wire::decode(&rx.read_to_end(1 << 20).await.unwrap(), 1 << 20).unwrap();
-    let Header::Welcome(w) = welcome.header else {
-        panic!("not welcomed: {welcome:?}")
     };
+    let (conn, w) = dpfl_tests::join_by_hand(&fed.layout, "node-1", s.addr, hello).await;
     let (mut tx, mut rx) = within(conn.accept_bi()).await.unwrap();
     let req = wire::read_message(&mut rx, 1 << 20).await.unwrap();
     assert!(matches!(req.header, Header::StatsRequest(_)), "{req:?}");
@@ -884,15 +871,7 @@ async fn a_dropout_in_the_statistics_secure_sum_is_retried_without_it() {
     let s = start(server);
     // The dropout: a hand-made QUIC peer with node-4's certificate, joined first so that
     // it is one of the first instance's three participants.
-    let ep = dpfl_certs::quic::client_endpoint(
-        &dpfl_certs::Credentials::node(&fed.layout, "node-4"),
-        wire::ALPN,
-        Duration::from_secs(30),
-    )
-    .unwrap();
-    let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
-    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
-    let hello = Header::Hello(Hello {
+    let hello = Hello {
         software: "dropout-test".into(),
         dp_mode: DpMode::None,
         input_dim: 4,
@@ -900,13 +879,8 @@ async fn a_dropout_in_the_statistics_secure_sum_is_retried_without_it() {
         num_examples: 100,
         num_eval_examples: 0,
         class_names: Vec::new(),
-    });
-    tx.write_all(&wire::encode(&hello, &[])).await.unwrap();
-    tx.finish().unwrap();
-    let welcome = wire::decode(&rx.read_to_end(1 << 20).await.unwrap(), 1 << 20).unwrap();
-    let Header::Welcome(w) = welcome.header else {
-        panic!("not welcomed: {welcome:?}")
     };
+    let (conn, w) = dpfl_tests::join_by_hand(&fed.layout, "node-4", s.addr, hello).await;
     within(async {
         while !obs.status().nodes.contains_key("node-4") {
             tokio::time::sleep(Duration::from_millis(20)).await;
