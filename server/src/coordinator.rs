@@ -1034,6 +1034,7 @@ impl Coordinator {
             num_examples,
             metrics,
             clipped: meta.clipped,
+            norm: Some(norm),
         };
         let round = f.round;
         if let Err(e) = self.strategy.accumulate(round, result) {
@@ -1104,22 +1105,26 @@ impl Coordinator {
                 got: delta.len(),
             });
         }
-        if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
-            return Err(Rejection::NonFinite(i));
-        }
         let lim = &self.cfg.limits;
-        if let Some((index, value)) = delta
-            .iter()
-            .enumerate()
-            .find(|(_, v)| v.abs() > lim.max_abs_value)
-        {
-            return Err(Rejection::Magnitude {
-                index,
-                value: *value,
-                bound: lim.max_abs_value,
-            });
+        // One pass for the norm and both value checks; only a bad update is read again,
+        // to name its first offending coordinate.
+        let (norm, within) = dpfl_common::dp::l2_norm_within(delta, lim.max_abs_value);
+        if !within {
+            if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
+                return Err(Rejection::NonFinite(i));
+            }
+            if let Some((index, value)) = delta
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.abs() > lim.max_abs_value)
+            {
+                return Err(Rejection::Magnitude {
+                    index,
+                    value: *value,
+                    bound: lim.max_abs_value,
+                });
+            }
         }
-        let norm = dpfl_common::dp::l2_norm(delta);
         match f.privacy.mode {
             DpMode::None => {
                 if let Some(bound) = lim.max_update_norm {

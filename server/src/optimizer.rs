@@ -80,8 +80,53 @@ impl ServerOptConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerOptimizer {
     cfg: ServerOptConfig,
+    #[serde(with = "packed")]
     m: Vec<f32>,
+    #[serde(with = "packed")]
     v: Vec<f32>,
+}
+
+/// The optimizer's state vectors (one value per model parameter) in a checkpoint's JSON:
+/// base64 of their little-endian f32 bytes, exact to the bit. As JSON numbers they cost
+/// ~10-20 bytes and an allocated JSON value each, every round, at every checkpoint (for a
+/// 10M-parameter model with FedAdam, two 10M-number arrays); packed they cost 5.3 bytes
+/// each and one pass. Checkpoints written with plain number arrays still load.
+mod packed {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Packed(String),
+        Numbers(Vec<f32>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        match Either::deserialize(d)? {
+            Either::Numbers(v) => Ok(v),
+            Either::Packed(text) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(serde::de::Error::custom)?;
+                if bytes.len() % 4 != 0 {
+                    return Err(serde::de::Error::custom(format!(
+                        "optimizer state of {} bytes is not a whole number of f32s",
+                        bytes.len()
+                    )));
+                }
+                Ok(bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            }
+        }
+    }
 }
 
 impl ServerOptimizer {
@@ -146,6 +191,56 @@ impl ServerOptimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checkpointed state is packed (a few bytes a parameter, not a JSON number each),
+    /// comes back bit for bit (subnormals, negative zero and extremes included), and a
+    /// checkpoint written before packing, with plain number arrays, still restores.
+    #[test]
+    fn optimizer_state_is_packed_in_checkpoints_exactly_and_old_checkpoints_still_load() {
+        let mut opt = ServerOptimizer::new(ServerOptConfig {
+            kind: ServerOptKind::Fedadam,
+            ..ServerOptConfig::default()
+        });
+        let n = 199_210;
+        let mut w = vec![0f32; n];
+        let d: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.731).sin() * 1e-3).collect();
+        opt.step(&mut w, &d);
+        opt.m[0] = -0.0;
+        opt.m[1] = f32::MIN_POSITIVE / 4.0;
+        opt.m[2] = f32::MAX;
+        let json = serde_json::to_string(&opt).unwrap();
+        assert!(
+            json.len() < 6 * 2 * n,
+            "{} bytes for 2 x {n} values",
+            json.len()
+        );
+        let back: ServerOptimizer = serde_json::from_str(&json).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back.m), bits(&opt.m));
+        assert_eq!(bits(&back.v), bits(&opt.v));
+        // The old format: the same struct with plain arrays.
+        let old = serde_json::json!({
+            "cfg": serde_json::to_value(opt.cfg).unwrap(),
+            "m": [0.5, -1.25],
+            "v": [],
+        });
+        let back: ServerOptimizer = serde_json::from_value(old).unwrap();
+        assert_eq!(back.m, vec![0.5, -1.25]);
+        assert!(back.v.is_empty());
+        // A damaged state is an error, not a truncated vector.
+        let bad = serde_json::json!({
+            "cfg": serde_json::to_value(opt.cfg).unwrap(),
+            "m": "AAAAAAA=",
+            "v": "",
+        });
+        assert!(serde_json::from_value::<ServerOptimizer>(bad).is_err());
+        let bad = serde_json::json!({
+            "cfg": serde_json::to_value(opt.cfg).unwrap(),
+            "m": "not base64!",
+            "v": "",
+        });
+        assert!(serde_json::from_value::<ServerOptimizer>(bad).is_err());
+    }
 
     fn run(kind: ServerOptKind) -> Vec<f32> {
         let mut opt = ServerOptimizer::new(ServerOptConfig {

@@ -18,7 +18,7 @@
 use crate::aggregate::{Accumulator, AggregateError, AggregatorKind};
 use crate::optimizer::{ServerOptConfig, ServerOptimizer};
 use dpfl_common::config::{ClientPrivacy, DpMode, TrainConfig};
-use dpfl_common::dp::{clip_in_place, GaussianNoise};
+use dpfl_common::dp::{clip_in_place, clip_with_norm, GaussianNoise};
 use dpfl_common::wire::{EvalResult, TrainMetrics};
 use rand::seq::SliceRandom;
 use rand::{Rng, RngCore};
@@ -51,6 +51,10 @@ pub struct FitResult {
     pub metrics: Option<TrainMetrics>,
     /// Whether the client's clipping changed its update (central DP).
     pub clipped: Option<bool>,
+    /// `l2_norm(delta)`, as the coordinator measured it when it validated the update, so
+    /// a strategy that clips need not read the update again. `None`: not measured. A
+    /// wrapper that changes `delta` before passing it on must reset it.
+    pub norm: Option<f64>,
 }
 
 /// A selected client that did not deliver.
@@ -797,7 +801,10 @@ impl<S: Strategy> Strategy for CentralDp<S> {
                 "distributed DP takes only securely aggregated, noised sums".into(),
             ));
         }
-        let (norm, clipped) = clip_in_place(&mut r.delta, self.clip);
+        let (norm, clipped) = match r.norm {
+            Some(n) => clip_with_norm(&mut r.delta, n, self.clip),
+            None => clip_in_place(&mut r.delta, self.clip),
+        };
         if clipped {
             // The client should have clipped: enforce the bound the accountant relies on.
             tracing::warn!(node = %r.node, norm, bound = self.clip, "update exceeded the clipping bound; re-clipped");
@@ -1040,6 +1047,7 @@ mod tests {
             node: node.into(),
             delta,
             num_examples: n,
+            norm: None,
             metrics: None,
             clipped: Some(false),
         }

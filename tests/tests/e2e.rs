@@ -736,6 +736,7 @@ async fn user_defined_strategy_from_examples_runs_a_federation() {
                     seconds: 0.0,
                 }),
                 clipped: None,
+                norm: None,
             },
         )
         .unwrap();

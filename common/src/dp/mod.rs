@@ -24,7 +24,8 @@ pub use noise::{GaussianNoise, NoiseError, OpenDpGaussian, SimulationGaussian};
 /// L2 norm of a vector, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f64 {
     // Four independent accumulators let the compiler vectorise without changing the
-    // result meaningfully (f64 sums of f32 squares).
+    // result meaningfully (f64 sums of f32 squares). `l2_norm_within` sums in the same
+    // order, so both give the same bits.
     let mut acc = [0f64; 4];
     let chunks = values.chunks_exact(4);
     let rest = chunks.remainder();
@@ -40,12 +41,42 @@ pub fn l2_norm(values: &[f32]) -> f64 {
     sum.sqrt()
 }
 
+/// The L2 norm of `values` (exactly [`l2_norm`]'s value) and whether every value is finite
+/// with magnitude at most `max_abs`, in one pass over the data: a server checks each
+/// update for both before using it, and one pass instead of three matters when updates
+/// arrive faster than memory can be read three times.
+pub fn l2_norm_within(values: &[f32], max_abs: f32) -> (f64, bool) {
+    let mut acc = [0f64; 4];
+    let mut within = true;
+    let chunks = values.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..4 {
+            acc[i] += (c[i] as f64) * (c[i] as f64);
+            within &= c[i].is_finite() & (c[i].abs() <= max_abs);
+        }
+    }
+    let mut sum = acc.iter().sum::<f64>();
+    for v in rest {
+        sum += (*v as f64) * (*v as f64);
+        within &= v.is_finite() & (v.abs() <= max_abs);
+    }
+    (sum.sqrt(), within)
+}
+
 /// Scales `values` in place so their L2 norm is at most `bound`. Returns the norm before
 /// clipping and whether it was clipped. A zero or non-finite norm is handled: zero stays
 /// zero; a non-finite vector is zeroed (it carries no usable information and must not
 /// leak through as NaN).
 pub fn clip_in_place(values: &mut [f32], bound: f64) -> (f64, bool) {
     let norm = l2_norm(values);
+    clip_with_norm(values, norm, bound)
+}
+
+/// [`clip_in_place`] for a caller that already holds `norm`, [`l2_norm`]`(values)` (a server
+/// measured it when it validated the update): the same result without reading the values
+/// again unless they must be scaled.
+pub fn clip_with_norm(values: &mut [f32], norm: f64, bound: f64) -> (f64, bool) {
     if !norm.is_finite() {
         values.iter_mut().for_each(|v| *v = 0.0);
         return (norm, true);
@@ -244,6 +275,61 @@ pub fn privatize(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_one_pass_check_gives_the_norm_bit_for_bit_and_catches_every_bad_value() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for len in [0usize, 1, 3, 4, 5, 17, 1000, 199_210] {
+            let v: Vec<f32> = (0..len).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+            // The reference: the plain sum the four accumulators stand for.
+            let naive = {
+                let mut acc = [0f64; 4];
+                for (i, x) in v.iter().enumerate().take(len - len % 4) {
+                    acc[i % 4] += (*x as f64) * (*x as f64);
+                }
+                let mut s = acc.iter().sum::<f64>();
+                for x in &v[len - len % 4..] {
+                    s += (*x as f64) * (*x as f64);
+                }
+                s.sqrt()
+            };
+            assert_eq!(super::l2_norm(&v).to_bits(), naive.to_bits(), "len {len}");
+            let (n, ok) = super::l2_norm_within(&v, 2.0);
+            assert_eq!(n.to_bits(), naive.to_bits());
+            assert!(ok);
+            if len == 0 {
+                continue;
+            }
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 2.5, -2.5] {
+                for at in [0, len / 2, len - 1] {
+                    let mut w = v.clone();
+                    w[at] = bad;
+                    assert!(!super::l2_norm_within(&w, 2.0).1, "{bad} at {at} of {len}");
+                }
+            }
+            // No bound: only non-finite values fail.
+            let mut w = v.clone();
+            w[len - 1] = 1e30;
+            assert!(super::l2_norm_within(&w, f32::INFINITY).1);
+            w[0] = f32::INFINITY;
+            assert!(!super::l2_norm_within(&w, f32::INFINITY).1);
+        }
+    }
+
+    #[test]
+    fn clipping_with_a_known_norm_equals_clipping_in_place() {
+        for scale in [0.0f32, 0.1, 1.0, 10.0] {
+            let v: Vec<f32> = (0..1001)
+                .map(|i| ((i as f32) * 0.37).sin() * scale)
+                .collect();
+            let (mut a, mut b) = (v.clone(), v.clone());
+            let ra = super::clip_in_place(&mut a, 3.0);
+            let rb = super::clip_with_norm(&mut b, super::l2_norm(&v), 3.0);
+            assert_eq!(ra, rb);
+            assert_eq!(a, b);
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
