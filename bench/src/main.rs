@@ -447,7 +447,7 @@ fn bench_training(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
             mlp.train(&dd, &cfg, &init).expect("training");
         });
         let ours = 6000.0 / secs;
-        let py = torch_baseline(root, threads);
+        let py = torch_baseline(root, threads, "cpu");
         let met = py.map(|p| ours >= 0.9 * p);
         t.push(
             &format!("local training tch, {threads} thread(s)"),
@@ -462,11 +462,15 @@ fn bench_training(t: &mut Table, root: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn torch_baseline(root: &std::path::Path, threads: usize) -> Option<f64> {
-    let py = root.join(".venv/bin/python");
+/// PyTorch's samples/s on the same loop (`bench/torch_baseline.py`), with the project
+/// venv's Python, or `DPFL_PYTHON` where another holds torch (a GPU machine's own).
+fn torch_baseline(root: &std::path::Path, threads: usize, device: &str) -> Option<f64> {
+    let py = std::env::var_os("DPFL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv/bin/python"));
     let out = std::process::Command::new(py)
         .arg(root.join("bench/torch_baseline.py"))
-        .args(["--threads", &threads.to_string()])
+        .args(["--threads", &threads.to_string(), "--device", device])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -543,7 +547,7 @@ fn bench_main_job(
     root: &std::path::Path,
     flower: Option<&Flower>,
 ) -> anyhow::Result<()> {
-    let plain = main_job(root, false)?;
+    let plain = main_job(root, false, "cpu")?;
     // Flower's figure only when measured in this run (--with-flower), never quoted.
     t.push(
         "main job round (10 clients, 2 cores)",
@@ -596,7 +600,7 @@ fn bench_main_job_secure(
     plain: f64,
     plain_accuracy: f64,
 ) -> anyhow::Result<()> {
-    let secure = main_job(root, true)?;
+    let secure = main_job(root, true, "cpu")?;
     t.push(
         "main job round with secure aggregation",
         secure.round,
@@ -850,6 +854,207 @@ fn b_shape_training_floor() -> anyhow::Result<f64> {
     Ok(reps[reps.len() / 2])
 }
 
+/// Local training on `dev` (samples/s, the main job's loop: 6,000 examples, E = 1, B = 32)
+/// against PyTorch's same loop on the same device and against tch on this machine's CPU.
+fn device_training(t: &mut Table, root: &std::path::Path, dev: &str) -> anyhow::Result<()> {
+    let device = dpfl_ml::model::parse_device(dev)?;
+    let spec = dpfl_common::ModelSpec::default();
+    let data = dpfl_ml::DataSource::FashionMnistTrain.load()?.take(6000);
+    let init = dpfl_common::model::init_params(&spec, 0);
+    let rate = |device: tch::Device, batch: u32| -> anyhow::Result<f64> {
+        let cfg = dpfl_common::TrainConfig {
+            batch_size: batch,
+            ..dpfl_common::TrainConfig::default()
+        };
+        let dd = dpfl_ml::DeviceData::new(&data, &spec, device)?;
+        let mut mlp = dpfl_ml::Mlp::new(&spec, device)?;
+        // `train` returns the delta on the host, so each repetition ends with the device
+        // done (no asynchronous work left out of the time).
+        let secs = median(5, || {
+            mlp.train(&dd, &cfg, &init).expect("training");
+        });
+        Ok(6000.0 / secs)
+    };
+    dpfl_ml::model::set_threads(1);
+    let cpu = rate(tch::Device::Cpu, 32)?;
+    let ours = rate(device, 32)?;
+    let py = torch_baseline(root, 1, dev);
+    t.push(
+        &format!("local training tch on {dev}, B=32"),
+        ours,
+        "samples/s",
+        py.map(|p| (p, "PyTorch, same loop+dev")),
+        ">= 0.9x PyTorch",
+        py.map(|p| ours >= 0.9 * p),
+    );
+    t.push(
+        &format!("local training tch on {dev} vs 1 CPU thread"),
+        ours,
+        "samples/s",
+        Some((cpu, "tch, 1 CPU thread")),
+        "",
+        None,
+    );
+    let big = rate(device, 256)?;
+    t.push(
+        &format!("local training tch on {dev}, B=256"),
+        big,
+        "samples/s",
+        Some((ours, "same device, B=32")),
+        "",
+        None,
+    );
+    Ok(())
+}
+
+/// The device rows (`--device-rows DEV`): local training, the simulator's two shapes and
+/// the main job with its nodes training on `dev`, each next to the same row on this
+/// machine's CPU (all its cores), all measured in this run.
+fn bench_device(t: &mut Table, root: &std::path::Path, dev: &str) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("(device {dev}; CPU rows use this machine's {cores} cores)");
+    device_training(t, root, dev)?;
+    let threads_cpu = format!("threads={cores}");
+    let on = format!("device=\"{dev}\"");
+    // (label, settings) of each simulator variant on the device: one by one and batched,
+    // with one training thread or several (several threads queue to the one GPU and
+    // split the host-side work: set-up, clipping, copies).
+    let variants = |clients: usize| -> Vec<(String, Vec<String>)> {
+        let mut v = vec![
+            (
+                "one by one, 1 thread".to_string(),
+                vec!["batched=false".into(), "threads=1".into()],
+            ),
+            (
+                "one by one, 4 threads".into(),
+                vec!["batched=false".into(), "threads=4".into()],
+            ),
+        ];
+        for threads in [1usize, 4, 8] {
+            let per = clients.div_ceil(threads);
+            v.push((
+                format!("batched, {threads} thread(s) x {per}"),
+                vec![
+                    "batched=true".into(),
+                    format!("threads={threads}"),
+                    format!("batch_clients={per}"),
+                ],
+            ));
+        }
+        v
+    };
+    let main = "bench/sim/main-shape.toml";
+    let (cpu_seq, cpu_acc) = sim_round_seconds(root, main, &["batched=false", &threads_cpu])?;
+    t.push(
+        &format!("dpfl-sim round, 10 IID clients, CPU {cores} threads"),
+        cpu_seq,
+        "s",
+        None,
+        "",
+        None,
+    );
+    let mut acc = None;
+    for (label, sets) in variants(10) {
+        let mut sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        sets.push(&on);
+        let (secs, a) = sim_round_seconds(root, main, &sets)?;
+        acc = acc.or(a);
+        t.push(
+            &format!("dpfl-sim 10 IID, {dev} {label}"),
+            secs,
+            "s",
+            Some((cpu_seq, "CPU one by one, this run")),
+            "",
+            None,
+        );
+    }
+    t.push(
+        &format!("dpfl-sim accuracy, 5 rounds, {dev}"),
+        acc.unwrap_or(f64::NAN),
+        "",
+        cpu_acc.map(|a| (a, "CPU, this run")),
+        "",
+        None,
+    );
+    let b = "bench/sim/b-shape.toml";
+    let (b_cpu, _) = sim_round_seconds(root, b, &["batched=false", "rounds=20", &threads_cpu])?;
+    t.push(
+        &format!("dpfl-sim round, 1,000 clients q=0.1, CPU {cores} threads"),
+        b_cpu,
+        "s",
+        None,
+        "",
+        None,
+    );
+    let mut best = b_cpu;
+    // About 100 clients a round (q = 0.1 of 1,000).
+    for (label, sets) in variants(100) {
+        let mut sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        sets.extend(["rounds=20", on.as_str()]);
+        let (secs, _) = sim_round_seconds(root, b, &sets)?;
+        best = best.min(secs);
+        t.push(
+            &format!("dpfl-sim 1,000 q=0.1, {dev} {label}"),
+            secs,
+            "s",
+            Some((b_cpu, "CPU one by one, this run")),
+            "",
+            None,
+        );
+    }
+    t.push(
+        "b shape: a configuration (100 rounds), best here",
+        best * 100.0,
+        "s",
+        Some((12.0, "quoted (issue 17)")),
+        "<= 4 s (1/3 of quoted)",
+        Some(best * 100.0 <= 4.0),
+    );
+    let cpu = main_job(root, false, "cpu")?;
+    let gpu = main_job(root, false, dev)?;
+    t.push(
+        &format!("main job round, nodes on {dev}"),
+        gpu.round,
+        "s",
+        Some((cpu.round, "nodes on CPU, this run")),
+        "",
+        None,
+    );
+    t.push(
+        &format!("main job: nodes' training share of a round, {dev}"),
+        (1.0 - gpu.overhead) * 100.0,
+        "% of round",
+        Some(((1.0 - cpu.overhead) * 100.0, "nodes on CPU, this run")),
+        "",
+        None,
+    );
+    t.push(
+        &format!("main job framework overhead share, {dev}"),
+        gpu.overhead * 100.0,
+        "% of round",
+        None,
+        "<= 10 %",
+        Some(gpu.overhead <= 0.10),
+    );
+    t.push(
+        &format!("main job accuracy after 10 rounds, {dev}"),
+        gpu.accuracy,
+        "",
+        Some((cpu.accuracy, "nodes on CPU, this run")),
+        "",
+        None,
+    );
+    t.push(
+        &format!("main job peak memory, one client, {dev}"),
+        gpu.client_peak_mib,
+        "MiB",
+        Some((cpu.client_peak_mib, "nodes on CPU, this run")),
+        "",
+        None,
+    );
+    Ok(())
+}
+
 /// What one run of the main job measured.
 struct MainJob {
     round: f64,
@@ -859,7 +1064,7 @@ struct MainJob {
     client_peak_mib: f64,
 }
 
-fn main_job(root: &std::path::Path, secure: bool) -> anyhow::Result<MainJob> {
+fn main_job(root: &std::path::Path, secure: bool, device: &str) -> anyhow::Result<MainJob> {
     let bin = root.join("target/release");
     // One kit per host, as `dpfl-certs init` lays them out (the CA key apart in ca/).
     let certs = root.join("certs-dev");
@@ -902,6 +1107,8 @@ fn main_job(root: &std::path::Path, secure: bool) -> anyhow::Result<MainJob> {
                     &format!("{i}/10"),
                     "--threads",
                     "1",
+                    "--device",
+                    device,
                 ])
                 .arg("--log-file")
                 .arg(out.path().join(format!("node-{i}.jsonl")))
@@ -917,6 +1124,21 @@ fn main_job(root: &std::path::Path, secure: bool) -> anyhow::Result<MainJob> {
         client_peak = client_peak.max(vm_hwm_kib(clients[0].id()).unwrap_or(0));
         if server.try_wait()?.is_some() {
             break;
+        }
+        // A node that gave up (a device it cannot use, say) ends the measurement now,
+        // not when the server's quorum would have timed out.
+        let mut failed = None;
+        for (i, c) in clients.iter_mut().enumerate() {
+            if let Some(st) = c.try_wait()?.filter(|st| !st.success()) {
+                failed = Some(format!("main job: node-{} exited with {st}", i + 1));
+            }
+        }
+        if let Some(why) = failed {
+            for p in std::iter::once(&mut server).chain(clients.iter_mut()) {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            anyhow::bail!(why);
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
@@ -986,7 +1208,7 @@ fn main() -> anyhow::Result<()> {
         if !std::env::args().any(|a| a == "--skip-secagg-table") {
             bench_secagg(&mut t)?;
         }
-        let plain = main_job(&root, false)?;
+        let plain = main_job(&root, false, "cpu")?;
         t.push(
             "main job round (10 clients, 2 cores)",
             plain.round,
@@ -996,6 +1218,16 @@ fn main() -> anyhow::Result<()> {
             None,
         );
         bench_main_job_secure(&mut t, &root, plain.round, plain.accuracy)?;
+        return Ok(());
+    }
+    if let Some(dev) = std::env::args().skip_while(|a| a != "--device-rows").nth(1) {
+        // The rows that depend on the training device (a GPU machine: `cuda`), each next
+        // to the same row on this machine's CPU, measured in the same run.
+        bench_device(&mut t, &root, &dev)?;
+        let file = root.join(format!("results/bench-{}.json", dev.replace(':', "")));
+        std::fs::create_dir_all(root.join("results"))?;
+        std::fs::write(&file, serde_json::to_string_pretty(&t.rows)?)?;
+        println!("written to {}", file.display());
         return Ok(());
     }
     if std::env::args().any(|a| a == "--sim-only") {

@@ -55,8 +55,70 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
 }
 
-/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+/// Loads libtorch's CUDA backend (`libtorch_cuda.so`) into the process, once, where this
+/// machine has an NVIDIA driver, and says whether it is loaded.
+///
+/// The backend registers itself with libtorch when its library is loaded, but nothing in
+/// tch's API calls into it, so the linker's `--as-needed` leaves it out of every binary
+/// and CUDA is never seen as available (`tch::Cuda::is_available()` stays false even on a
+/// GPU machine). It is loaded here only when a device that may be CUDA is asked for and a
+/// driver is there (`/dev/nvidiactl`, `/dev/nvidia0`, `/proc/driver/nvidia/version`, or
+/// WSL's `/dev/dxg`): without one CUDA cannot be available, and the library (hundreds of
+/// MB, ~0.1-0.4 s to load) would only cost a CPU node start-up time and memory. `false`
+/// also with a CPU-only libtorch (no such library): then only `cpu` is available.
+pub fn load_cuda() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| nvidia_driver_present() && load_cuda_library())
+}
+
+fn nvidia_driver_present() -> bool {
+    [
+        "/dev/nvidiactl",
+        "/dev/nvidia0",
+        "/proc/driver/nvidia/version",
+        "/dev/dxg",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists())
+}
+
+/// Maps `libtorch_cuda.so`: by name (the binary's runpath and `LD_LIBRARY_PATH` are
+/// searched), or else from the directory `libtorch_cpu.so` was loaded from.
+fn load_cuda_library() -> bool {
+    let beside_cpu = libtorch_dir().map(|d| d.join("libtorch_cuda.so"));
+    let candidates = std::iter::once(std::path::PathBuf::from("libtorch_cuda.so"))
+        .chain(beside_cpu.filter(|p| p.exists()));
+    for name in candidates {
+        let Ok(c) = std::ffi::CString::new(name.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: `c` is a NUL-terminated path; the handle is never closed, so the
+        // library (whose initialisers register the CUDA backend with the libtorch
+        // already loaded) stays mapped for the life of the process.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if !handle.is_null() {
+            tracing::debug!(library = %name.display(), "libtorch CUDA backend loaded");
+            return true;
+        }
+    }
+    false
+}
+
+/// The directory this process loaded `libtorch_cpu.so` from (read from /proc/self/maps).
+fn libtorch_dir() -> Option<std::path::PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` and `cuda*` load the CUDA backend
+/// first ([`load_cuda`]).
 pub fn parse_device(s: &str) -> Result<Device, ModelError> {
+    if s == "auto" || s.starts_with("cuda") {
+        load_cuda();
+    }
     match s {
         "auto" => Ok(Device::cuda_if_available()),
         "cpu" => Ok(Device::Cpu),
@@ -399,11 +461,15 @@ impl Mlp {
                 break;
             }
             order.shuffle(&mut rng);
-            for chunk in order.chunks(batch) {
+            // The epoch's order goes to the device in one copy and each step takes a slice
+            // of it: a copy from pageable host memory per step would wait for the device
+            // every step, so on CUDA the host could never queue ahead of the GPU.
+            let order_t = Tensor::from_slice(&order).to_device(device);
+            for (c, chunk) in order.chunks(batch).enumerate() {
                 if steps >= max_steps {
                     break 'outer;
                 }
-                let idx = Tensor::from_slice(chunk).to_device(device);
+                let idx = order_t.narrow(0, (c * batch) as i64, chunk.len() as i64);
                 let xb = data.xs.index_select(0, &idx);
                 let yb = data.ys.index_select(0, &idx);
                 let logits = self.forward(&xb)?;
@@ -700,5 +766,39 @@ mod tests {
         let _ = spec;
         assert!(parse_device("tpu").is_err());
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+    }
+
+    fn mapped(library: &str) -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .any(|l| l.ends_with(library))
+    }
+
+    /// Without `load_cuda`, the linker's `--as-needed` keeps libtorch's CUDA backend out of
+    /// the process, so a GPU is never seen. With a CUDA build of libtorch (setup.sh's
+    /// torch wheel is one) the loader maps it; `auto` loads it where there is an NVIDIA
+    /// driver and leaves CPU-only machines alone; without a GPU `auto` answers cpu and
+    /// `cuda` is refused with a clear error.
+    #[test]
+    fn the_cuda_backend_that_as_needed_linking_left_out_is_loaded_where_a_driver_is() {
+        let dir = libtorch_dir().expect("libtorch_cpu.so is mapped in a test binary");
+        let cuda_build = dir.join("libtorch_cuda.so").exists();
+        let dev = parse_device("auto").unwrap();
+        assert_eq!(
+            mapped("/libtorch_cuda.so"),
+            cuda_build && nvidia_driver_present(),
+            "auto must load the CUDA backend exactly where a driver can use it"
+        );
+        if tch::Cuda::is_available() {
+            assert_eq!(dev, Device::Cuda(0));
+        } else {
+            assert_eq!(dev, Device::Cpu);
+            assert!(matches!(parse_device("cuda"), Err(ModelError::Device(_))));
+            assert!(matches!(parse_device("cuda:0"), Err(ModelError::Device(_))));
+        }
+        // The loader itself, driver or not.
+        assert_eq!(load_cuda_library(), cuda_build);
+        assert_eq!(mapped("/libtorch_cuda.so"), cuda_build);
     }
 }

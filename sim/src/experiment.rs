@@ -162,6 +162,12 @@ pub struct SimConfig {
     pub transport: Transport,
     /// Training threads (in-memory transport).
     pub threads: usize,
+    /// Device of training and evaluation: `cpu` (default: runs are reproducible to the
+    /// bit on one machine), `auto` (CUDA when available), `cuda` or `cuda:N` (refused
+    /// before round 1 when CUDA is not available). With CUDA, `threads` threads share the
+    /// GPU and `batched = true` trains up to `batch_clients` clients in one launch each
+    /// step, which is where a GPU pays for a model this small.
+    pub device: String,
     /// Train the clients of a round that one thread handles as one batched model
     /// (`dpfl_ml::batched`: stacked weights, batched matrix multiplies, per-client data
     /// order, optimizer state and steps; equal to one-by-one training up to float
@@ -253,6 +259,7 @@ impl Default for SimConfig {
             seed: 0,
             transport: Transport::Memory,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device: "cpu".into(),
             batched: false,
             batch_clients: 64,
             eval_every: 1,
@@ -300,6 +307,16 @@ impl SimConfig {
         }
         if self.threads == 0 || self.eval_every == 0 {
             return bad("threads and eval_every must be >= 1".into());
+        }
+        let numbered = self
+            .device
+            .strip_prefix("cuda:")
+            .map(|n| n.parse::<usize>().is_ok());
+        if !matches!(self.device.as_str(), "cpu" | "auto" | "cuda") && numbered != Some(true) {
+            return bad(format!(
+                "device must be cpu, auto, cuda or cuda:N, got {:?}",
+                self.device
+            ));
         }
         if !(1..=4096).contains(&self.batch_clients) {
             return bad(format!(

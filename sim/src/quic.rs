@@ -36,6 +36,8 @@ pub(crate) fn run_quic(
             "attacks are simulated by the in-memory transport only".into(),
         ));
     }
+    // Every node would fail on a device this machine lacks: refuse it once, up front.
+    crate::run::sim_device(cfg)?;
     let started = Instant::now();
     let tmp = tempfile::tempdir().map_err(|e| SimError::Transport(e.to_string()))?;
     let certs = tmp.path().join("certs");
@@ -111,7 +113,7 @@ pub(crate) fn run_quic(
                 dpfl_certs::Credentials::node(&layout, name),
                 DataSource::Memory(data),
             );
-            c.device = "cpu".into();
+            c.device = cfg.device.clone();
             c.dp_mode = cfg.dp.mode;
             // Every node states the experiment's model (a TorchScript node needs the file).
             c.model = Some(

@@ -378,8 +378,11 @@ pub(crate) struct TestEval {
 }
 
 impl TestEval {
-    pub(crate) fn new(spec: &ModelSpec, test: &Dataset) -> Result<Self, SimError> {
-        let dev = tch::Device::Cpu;
+    pub(crate) fn new(
+        spec: &ModelSpec,
+        test: &Dataset,
+        dev: tch::Device,
+    ) -> Result<Self, SimError> {
         Ok(Self {
             mlp: Mlp::new(spec, dev).map_err(|e| SimError::Setup(e.to_string()))?,
             data: DeviceData::new(test, spec, dev).map_err(|e| SimError::Setup(e.to_string()))?,
@@ -431,6 +434,7 @@ type TrainResult = Result<dpfl_client::worker::TrainDone, String>;
 /// outcomes go through the same `privatize_outcome`. Either way every client's noise seed
 /// is the same, so the DP pipeline sees the same per-client updates. A failure to build
 /// the model comes back as `usize::MAX`.
+#[allow(clippy::too_many_arguments)] // one thread's whole context, passed by reference
 fn train_share(
     cfg: &SimConfig,
     pop: &Population,
@@ -439,10 +443,10 @@ fn train_share(
     params: &[f32],
     round: u64,
     clients: &[usize],
+    dev: tch::Device,
 ) -> Vec<(usize, TrainResult)> {
     let client_noise =
         |i: usize| run_noise(cfg, derive_seed(cfg.seed, (round << 32) ^ i as u64 ^ 3));
-    let dev = tch::Device::Cpu;
     if cfg.batched {
         let t0 = Instant::now();
         let parts: Vec<&[usize]> = clients.iter().map(|i| pop.parts[*i].as_slice()).collect();
@@ -481,6 +485,12 @@ fn train_share(
             (i, r)
         })
         .collect()
+}
+
+/// The training and evaluation device `cfg.device` names, refused before round 1 when it
+/// is not available here.
+pub(crate) fn sim_device(cfg: &SimConfig) -> Result<tch::Device, SimError> {
+    dpfl_ml::model::parse_device(&cfg.device).map_err(|e| SimError::Setup(format!("device: {e}")))
 }
 
 fn run_memory(
@@ -541,7 +551,8 @@ fn run_memory(
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
-    let mut eval = test.map(|t| TestEval::new(&spec, t)).transpose()?;
+    let device = sim_device(cfg)?;
+    let mut eval = test.map(|t| TestEval::new(&spec, t, device)).transpose()?;
     let t0 = Instant::now();
     // Included canaries join as clients of their own (sampled like anyone), before the
     // real ones so that the first round already sees the whole population.
@@ -636,7 +647,9 @@ fn run_memory(
                                     chunk.iter().map(|n| index[n.as_str()]).collect();
                                 let (spec, request, params) = (&spec, &request, &params);
                                 s.spawn(move || {
-                                    train_share(cfg, pop, spec, request, params, round, &clients)
+                                    train_share(
+                                        cfg, pop, spec, request, params, round, &clients, device,
+                                    )
                                 })
                             })
                             .collect();
@@ -692,14 +705,14 @@ fn run_memory(
             } => {
                 // Federated evaluation on each selected client's own data.
                 let now = Instant::now();
-                let mut mlp = Mlp::new(&spec, tch::Device::Cpu)
-                    .map_err(|e| SimError::Setup(e.to_string()))?;
+                let mut mlp =
+                    Mlp::new(&spec, device).map_err(|e| SimError::Setup(e.to_string()))?;
                 for n in nodes {
                     let Some(&i) = index.get(n.as_str()) else {
                         continue;
                     };
                     let data = pop.data.subset(&pop.parts[i]);
-                    let dd = DeviceData::new(&data, &spec, tch::Device::Cpu)
+                    let dd = DeviceData::new(&data, &spec, device)
                         .map_err(|e| SimError::Setup(e.to_string()))?;
                     if let Ok(e) = mlp.evaluate(&dd, &params) {
                         let _ = coord.handle_eval_result(

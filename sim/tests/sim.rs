@@ -109,6 +109,73 @@ min_fit_clients = 3
     assert!((a - b).abs() < 0.01, "{a} vs {b}");
 }
 
+/// The simulator trains and evaluates on the configured device. `auto` takes CUDA where
+/// libtorch sees a GPU (the CUDA backend is loaded on demand) and the CPU elsewhere, where
+/// it gives the CPU run's model bit for bit; `cuda` on a machine without one is refused
+/// before round 1 by both transports, and a name that is no device by validation.
+#[test]
+fn the_device_key_picks_cpu_or_cuda_and_refuses_what_this_machine_lacks() {
+    let text = r#"
+name = "device"
+rounds = 2
+seed = 5
+test_limit = 300
+threads = 2
+[model]
+layers = [784, 16, 10]
+[population]
+clients = 4
+examples_per_client = 60
+[train]
+batch_size = 16
+lr = 0.1
+"#;
+    let with = |sets: &[(&str, &str)]| {
+        let o: Vec<(String, String)> = sets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        expand(text, &o)
+    };
+    let bad = with(&[("device", "\"tpu\"")]);
+    assert!(
+        matches!(&bad, Err(e) if e.to_string().contains("device must be cpu, auto, cuda or cuda:N")),
+        "{:?}",
+        bad.map(|c| c.len())
+    );
+    let gpu = dpfl_ml::model::parse_device("auto").unwrap() != tch::Device::Cpu;
+    let cpu = dpfl_sim::run::run(
+        &with(&[("device", "\"cpu\"")]).unwrap()[0].config,
+        &mut |_| {},
+    )
+    .unwrap();
+    let auto = dpfl_sim::run::run(
+        &with(&[("device", "\"auto\"")]).unwrap()[0].config,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(auto.rounds, 2);
+    if gpu {
+        // Float rounding differs between the devices; the model does not.
+        let max_diff = cpu
+            .final_params
+            .iter()
+            .zip(&auto.final_params)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max_diff < 1e-3, "cpu and cuda models differ by {max_diff}");
+        return;
+    }
+    assert_eq!(cpu.final_params, auto.final_params);
+    for transport in ["\"memory\"", "\"quic\""] {
+        let c = with(&[("device", "\"cuda\""), ("transport", transport)]).unwrap();
+        match dpfl_sim::run::run(&c[0].config, &mut |_| {}) {
+            Err(e) => assert!(e.to_string().contains("device"), "{transport}: {e}"),
+            Ok(_) => panic!("{transport}: cuda accepted on a machine without a GPU"),
+        }
+    }
+}
+
 /// Distributed DP over the QUIC transport: real nodes encode their noised shares and run
 /// SecAgg+ with the real server; the ledger's two epsilons equal the in-memory run's (they
 /// depend on the settings, not on who was sampled).
