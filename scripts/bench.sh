@@ -3,6 +3,10 @@
 # figures go to results/bench.json. Does its own set-up like the other scripts.
 #
 #   scripts/bench.sh [--with-flower] [--skip-main-job]
+#   scripts/bench.sh --sim-only [--with-flower]     (the simulator's rows alone)
+#   scripts/bench.sh --device-rows cuda             (on a GPU machine: training, simulator
+#                                                    and main-job rows on the GPU next to
+#                                                    the same machine's CPU)
 #
 # --with-flower installs flwr[simulation]==1.42.0 into .venv-flower (created from the
 # project's Python; torch is the project venv's own 2.13.0, reached through a .pth file, so

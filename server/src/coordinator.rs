@@ -1028,14 +1028,8 @@ impl Coordinator {
         let weighted = metrics
             .as_ref()
             .map(|m| (m.loss, m.accuracy, num_examples.max(1) as f64));
-        let result = FitResult {
-            node: node.to_string(),
-            delta,
-            num_examples,
-            metrics,
-            clipped: meta.clipped,
-            norm: Some(norm),
-        };
+        let result = FitResult::new(node.to_string(), delta, num_examples, metrics, meta.clipped)
+            .measured(norm);
         let round = f.round;
         if let Err(e) = self.strategy.accumulate(round, result) {
             let r = Rejection::Strategy(e.to_string());
@@ -2491,6 +2485,9 @@ mod tests {
         // n failed the round with its malformed update; the others carry on.
         let n1 = &nodes[1];
         let mut nan = vec![0.0; P];
+        // An over-large value before the NaN: the NaN is still what is reported, at its
+        // index (the one-pass check only says "something is wrong"; the rescan names it).
+        nan[1] = 2e4;
         nan[4] = f32::NAN;
         assert_eq!(
             c.handle_update(n1, round, meta(round, 1), nan, t0),

@@ -148,9 +148,30 @@ impl ServerOptimizer {
     pub fn step(&mut self, w: &mut [f32], d: &[f32]) {
         let c = self.cfg;
         let n = w.len();
-        if self.m.len() != n {
-            self.m = vec![0.0; n];
-            self.v = vec![0.0; n];
+        // Each optimizer holds only the state it uses (FedAvg none, FedAvgM m, FedAdagrad
+        // v, FedAdam and FedYogi both), each as long as the model: a state of another
+        // length (a first step, or a damaged checkpoint) starts again from zero rather
+        // than updating part of the model.
+        let (uses_m, uses_v) = match c.kind {
+            ServerOptKind::Fedavg => (false, false),
+            ServerOptKind::Fedavgm => (true, false),
+            ServerOptKind::Fedadagrad => (false, true),
+            ServerOptKind::Fedadam | ServerOptKind::Fedyogi => (true, true),
+        };
+        for (used, state, name) in [(uses_m, &mut self.m, "m"), (uses_v, &mut self.v, "v")] {
+            if !used {
+                state.clear();
+            } else if state.len() != n {
+                if !state.is_empty() {
+                    tracing::warn!(
+                        state = name,
+                        len = state.len(),
+                        params = n,
+                        "server optimizer state does not fit the model; starting it from zero"
+                    );
+                }
+                *state = vec![0.0; n];
+            }
         }
         let (eta, b1, b2, tau) = (c.lr as f32, c.beta1 as f32, c.beta2 as f32, c.tau as f32);
         match c.kind {
@@ -192,6 +213,27 @@ impl ServerOptimizer {
 mod tests {
     use super::*;
 
+    /// A restored state that does not fit the model (a damaged checkpoint: m whole, v
+    /// short) starts again from zero instead of moving only part of the weights.
+    #[test]
+    fn a_state_of_the_wrong_length_restarts_instead_of_updating_part_of_the_model() {
+        let cfg = ServerOptConfig {
+            kind: ServerOptKind::Fedadam,
+            ..ServerOptConfig::default()
+        };
+        let d = vec![0.1f32; 4];
+        let mut fresh = ServerOptimizer::new(cfg);
+        let mut w_fresh = vec![0f32; 4];
+        fresh.step(&mut w_fresh, &d);
+        let mut damaged = ServerOptimizer::new(cfg);
+        damaged.m = vec![0.0; 4];
+        damaged.v = vec![0.0; 2];
+        let mut w = vec![0f32; 4];
+        damaged.step(&mut w, &d);
+        assert_eq!(w, w_fresh);
+        assert!(w.iter().all(|x| *x != 0.0), "every weight moved: {w:?}");
+    }
+
     /// The checkpointed state is packed (a few bytes a parameter, not a JSON number each),
     /// comes back bit for bit (subnormals, negative zero and extremes included), and a
     /// checkpoint written before packing, with plain number arrays, still restores.
@@ -214,6 +256,13 @@ mod tests {
             "{} bytes for 2 x {n} values",
             json.len()
         );
+        // FedAvgM keeps (and checkpoints) its momentum alone.
+        let mut momentum = ServerOptimizer::new(ServerOptConfig {
+            kind: ServerOptKind::Fedavgm,
+            ..ServerOptConfig::default()
+        });
+        momentum.step(&mut w, &d);
+        assert_eq!((momentum.m.len(), momentum.v.len()), (n, 0));
         let back: ServerOptimizer = serde_json::from_str(&json).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&back.m), bits(&opt.m));

@@ -44,17 +44,66 @@ pub struct FitResult {
     /// Sender.
     pub node: NodeId,
     /// `w_local - w_global` as received (validated: right length, finite).
-    pub delta: Vec<f32>,
+    delta: Vec<f32>,
     /// Examples the client trained on (0 when the mode withholds it).
     pub num_examples: u64,
     /// Reported training metrics.
     pub metrics: Option<TrainMetrics>,
     /// Whether the client's clipping changed its update (central DP).
     pub clipped: Option<bool>,
-    /// `l2_norm(delta)`, as the coordinator measured it when it validated the update, so
-    /// a strategy that clips need not read the update again. `None`: not measured. A
-    /// wrapper that changes `delta` before passing it on must reset it.
-    pub norm: Option<f64>,
+    /// `l2_norm(delta)` as the coordinator measured it when it validated the update, so
+    /// central DP's re-clip need not read the update again. Only the coordinator sets it
+    /// (`measured`), and any mutable access to the delta clears it: no strategy, wrapper
+    /// or caller outside this crate can make the re-clip trust a norm that is not the
+    /// delta's.
+    norm: Option<f64>,
+}
+
+impl FitResult {
+    /// An update with no measured norm (a strategy that clips measures it itself).
+    pub fn new(
+        node: NodeId,
+        delta: Vec<f32>,
+        num_examples: u64,
+        metrics: Option<TrainMetrics>,
+        clipped: Option<bool>,
+    ) -> Self {
+        Self {
+            node,
+            delta,
+            num_examples,
+            metrics,
+            clipped,
+            norm: None,
+        }
+    }
+
+    /// Records the norm the coordinator measured on exactly this delta.
+    pub(crate) fn measured(mut self, norm: f64) -> Self {
+        self.norm = Some(norm);
+        self
+    }
+
+    /// The update.
+    pub fn delta(&self) -> &[f32] {
+        &self.delta
+    }
+
+    /// The update, to change: forgets the measured norm.
+    pub fn delta_mut(&mut self) -> &mut Vec<f32> {
+        self.norm = None;
+        &mut self.delta
+    }
+
+    /// The update, by value.
+    pub fn into_delta(self) -> Vec<f32> {
+        self.delta
+    }
+
+    /// `l2_norm(delta())` as the coordinator measured it, if it did.
+    pub fn norm(&self) -> Option<f64> {
+        self.norm
+    }
 }
 
 /// A selected client that did not deliver.
@@ -367,7 +416,7 @@ impl Strategy for FedAvg {
 
     fn accumulate(&mut self, _round: u64, r: FitResult) -> Result<(), StrategyError> {
         let w = r.num_examples.max(1) as f64;
-        self.accumulator().add(r.delta, w)?;
+        self.accumulator().add(r.into_delta(), w)?;
         Ok(())
     }
 
@@ -801,24 +850,25 @@ impl<S: Strategy> Strategy for CentralDp<S> {
                 "distributed DP takes only securely aggregated, noised sums".into(),
             ));
         }
-        let (norm, clipped) = match r.norm {
-            Some(n) => clip_with_norm(&mut r.delta, n, self.clip),
-            None => clip_in_place(&mut r.delta, self.clip),
+        let known = r.norm();
+        let (norm, clipped) = match known {
+            Some(n) => clip_with_norm(r.delta_mut(), n, self.clip),
+            None => clip_in_place(r.delta_mut(), self.clip),
         };
         if clipped {
             // The client should have clipped: enforce the bound the accountant relies on.
             tracing::warn!(node = %r.node, norm, bound = self.clip, "update exceeded the clipping bound; re-clipped");
             self.reclipped.push(r.node.clone());
         }
-        let sum = self.sum.get_or_insert_with(|| vec![0.0; r.delta.len()]);
-        if sum.len() != r.delta.len() {
+        let sum = self.sum.get_or_insert_with(|| vec![0.0; r.delta().len()]);
+        if sum.len() != r.delta().len() {
             return Err(AggregateError::Length {
                 expected: sum.len(),
-                got: r.delta.len(),
+                got: r.delta().len(),
             }
             .into());
         }
-        crate::aggregate::add_scaled(sum, &r.delta, 1.0);
+        crate::aggregate::add_scaled(sum, r.delta(), 1.0);
         self.participants += 1;
         if r.clipped == Some(false) && !clipped {
             self.unclipped += 1;
@@ -1134,6 +1184,55 @@ mod tests {
         let p = s.round_privacy().unwrap();
         assert_eq!(p.population, 8);
         assert_eq!(p.clipped_fraction, Some(0.5));
+    }
+
+    /// The coordinator's path: updates carry the norm it measured. The re-clip with that
+    /// norm gives the same model as measuring it again, and a delta changed after
+    /// measurement (a wrapper scaling it up) is re-clipped by its own norm, never by the
+    /// stale one.
+    #[test]
+    fn central_dp_reclips_by_the_measured_norm_and_a_changed_delta_by_its_own() {
+        let run = |measure: bool, tamper: bool| {
+            let mut s = central(1e-9, None);
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            s.configure_fit(1, &nodes(8), &mut rng);
+            for (n, d) in [
+                ("a", vec![1.0f32, 0.0, 0.0, 0.0]),
+                ("evil", vec![0.0, 30.0, 40.0, 0.0]),
+            ] {
+                let norm = l2_norm(&d);
+                let mut r = FitResult::new(n.into(), d, 1, None, None);
+                if measure {
+                    r = r.measured(norm);
+                    assert_eq!(r.norm(), Some(norm));
+                }
+                if tamper {
+                    // A wrapper multiplies the update after the coordinator measured it.
+                    r.delta_mut().iter_mut().for_each(|v| *v *= 1000.0);
+                    assert_eq!(r.norm(), None, "changing the delta forgets the norm");
+                }
+                s.accumulate(1, r).unwrap();
+            }
+            let reclipped = s.reclipped().to_vec();
+            (
+                s.aggregate_fit(1, &[0.0; 4], &[]).unwrap().unwrap(),
+                reclipped,
+            )
+        };
+        let (plain, r0) = run(false, false);
+        let (measured, r1) = run(true, false);
+        assert_eq!(measured, plain);
+        assert_eq!(
+            (r0, r1),
+            (vec!["evil".to_string()], vec!["evil".to_string()])
+        );
+        // Tampered: both updates now exceed C = 1 and are clipped to it, by their own norms.
+        let (tampered, r2) = run(true, true);
+        assert_eq!(r2, ["a", "evil"]);
+        let expect = [0.25, 0.15, 0.2, 0.0];
+        for (a, b) in tampered.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-5, "{tampered:?}");
+        }
     }
 
     #[test]

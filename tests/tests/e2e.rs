@@ -725,19 +725,18 @@ async fn user_defined_strategy_from_examples_runs_a_federation() {
     for (n, loss, v) in [("a", 0.5, 1.0), ("b", 0.4, 3.0), ("c", 9.0, 100.0)] {
         s.accumulate(
             1,
-            FitResult {
-                node: n.into(),
-                delta: vec![v, v],
-                num_examples: 1,
-                metrics: Some(wire::TrainMetrics {
+            FitResult::new(
+                n.into(),
+                vec![v, v],
+                1,
+                Some(wire::TrainMetrics {
                     loss,
                     accuracy: 0.0,
                     steps: 1,
                     seconds: 0.0,
                 }),
-                clipped: None,
-                norm: None,
-            },
+                None,
+            ),
         )
         .unwrap();
     }
