@@ -9,7 +9,7 @@ Each client trains on 1 CPU with 1 torch thread and Ray runs `--cpus` of them at
 between consecutive `aggregate_fit` calls (round 1 is measured from the start of round 1's
 `configure_fit`). Prints one JSON line. Needs flwr[simulation] 1.42 (scripts/bench.sh
 --with-flower installs it into .venv-flower) and torch (the project's, via a .pth file)."""
-import argparse, gzip, json, statistics, time, warnings
+import argparse, json, os, statistics, sys, time, warnings
 
 import torch
 import flwr as fl
@@ -24,64 +24,19 @@ p.add_argument("--batch", type=int, default=32)
 a = p.parse_args()
 warnings.filterwarnings("ignore")
 
-D = "/usr/share/datasets/fashion-mnist/"
+# The client side lives in bench/flower_client.py, which Ray's workers import (see its
+# docstring); they inherit this environment.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+os.environ["FLOWER_PARTS"] = os.path.abspath(a.parts)
+os.environ["FLOWER_LR"] = str(a.lr)
+os.environ["FLOWER_BATCH"] = str(a.batch)
+from flower_client import client_fn, get, load, net, put  # noqa: E402
 
-
-def load(images, labels):
-    imgs = gzip.open(D + images).read()[16:]
-    labs = gzip.open(D + labels).read()[8:]
-    n = len(labs)
-    x = torch.frombuffer(bytearray(imgs), dtype=torch.uint8).view(n, 784).float() / 255.0
-    y = torch.frombuffer(bytearray(labs), dtype=torch.uint8).long()
-    return x, y
-
-
-X, Y = load("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 XT, YT = load("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-PARTS = json.load(open(a.parts))
-
-
-def net():
-    return torch.nn.Sequential(
-        torch.nn.Linear(784, 200), torch.nn.ReLU(),
-        torch.nn.Linear(200, 200), torch.nn.ReLU(),
-        torch.nn.Linear(200, 10),
-    )
-
-
-def get(m):
-    return [v.detach().cpu().numpy() for v in m.state_dict().values()]
-
-
-def put(m, arrays):
-    sd = m.state_dict()
-    m.load_state_dict({k: torch.tensor(v) for k, v in zip(sd.keys(), arrays)})
-
-
-class Client(fl.client.NumPyClient):
-    def __init__(self, cid):
-        torch.set_num_threads(1)
-        idx = torch.tensor(PARTS[cid])
-        self.x, self.y = X[idx], Y[idx]
-        self.m = net()
-
-    def fit(self, parameters, config):
-        put(self.m, parameters)
-        opt = torch.optim.SGD(self.m.parameters(), lr=a.lr)
-        g = torch.Generator().manual_seed(int(config.get("round", 0)))
-        order = torch.randperm(len(self.y), generator=g)
-        for s in range(0, len(order), a.batch):
-            b = order[s : s + a.batch]
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(self.m(self.x[b]), self.y[b])
-            loss.backward()
-            opt.step()
-        return get(self.m), len(self.y), {}
-
-
-def client_fn(context):
-    cid = int(context.node_config["partition-id"])
-    return Client(cid).to_client()
+with open(a.parts) as f:
+    n = len(json.load(f))
 
 
 times = {"start": None, "marks": []}
@@ -114,7 +69,6 @@ def evaluate(server_round, parameters, config):
 
 
 torch.manual_seed(1)
-n = len(PARTS)
 strategy = Timed(
     fraction_fit=1.0,
     fraction_evaluate=0.0,

@@ -240,7 +240,9 @@ fn bench_aggregation(t: &mut Table) {
             "MB",
             Some(((k * p * 4) as f64 / 1e6, "all K updates")),
             "O(params), not O(K x params)",
-            Some(peak <= 2 * p * 4 + 4096),
+            // O(params) whatever K is: the f64 running sum (2 x an f32 update) and the
+            // f32 mean `finish` returns, with 64 KiB of slack.
+            Some(peak <= 3 * p * 4 + (64 << 10)),
         );
     }
     // The server's real path: decode each message, fold, drop it.
@@ -352,8 +354,15 @@ fn bench_noise(t: &mut Table) {
     );
 }
 
+/// One update over QUIC/mTLS the way dpfl moves it: the server opens a stream per request
+/// (here a small one), the node answers on that stream with its update, and the server
+/// reads it to the end. Timed at the server, from opening the stream to the last byte;
+/// against the same bytes over plain TCP on loopback. (Measured the other way round, with
+/// node-opened streams, each transfer waited for the server's one-stream credit to come
+/// back: an artefact of the benchmark, not of dpfl, whose nodes open one stream only.)
 async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const REPS: usize = 15;
     let dir = tempfile::tempdir()?;
     dpfl_certs::create_dev_federation(dir.path(), &["localhost".into()], "node", 1, false)?;
     let layout = dpfl_certs::Layout::new(dir.path());
@@ -366,18 +375,36 @@ async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
         dpfl_certs::quic::Windows::for_messages(64 << 20),
     )?;
     let addr = server.local_addr()?;
+    let sizes = [("199,210", 199_210usize), ("1M", 1_000_000)];
+    let updates: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|(_, n)| wire::encode(&update_header(1), &random_vec(*n, 3)))
+        .collect();
+    let expected: Vec<usize> = updates.iter().map(Vec::len).collect();
+    // The server: for each size, REPS requests, each timed until the whole update is in.
     let srv = tokio::spawn(async move {
         let conn = server
             .accept()
             .await
             .ok_or_else(|| anyhow::anyhow!("endpoint closed"))?
             .await?;
-        while let Ok((mut s, mut r)) = conn.accept_bi().await {
-            let b = r.read_to_end(1 << 30).await?;
-            s.write_all(&[b.len() as u8]).await?;
-            s.finish()?;
+        let mut out = Vec::new();
+        for len in expected {
+            let mut times = Vec::with_capacity(REPS);
+            for _ in 0..REPS {
+                let s = Instant::now();
+                let (mut tx, mut rx) = conn.open_bi().await?;
+                tx.write_all(b"train").await?;
+                tx.finish()?;
+                let got = rx.read_to_end(1 << 30).await?;
+                times.push(s.elapsed().as_secs_f64());
+                anyhow::ensure!(got.len() == len, "short update: {} of {len}", got.len());
+            }
+            times.sort_by(f64::total_cmp);
+            out.push(times[times.len() / 2]);
         }
-        Ok::<_, anyhow::Error>(())
+        conn.close(0u32.into(), b"done");
+        Ok::<_, anyhow::Error>(out)
     });
     let client = dpfl_certs::quic::client_endpoint(
         &dpfl_certs::Credentials::node(&layout, "node-1"),
@@ -385,6 +412,18 @@ async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
         idle,
     )?;
     let conn = client.connect(addr, "localhost")?.await?;
+    // The node: answers every request with the update of the size being measured.
+    for bytes in &updates {
+        for _ in 0..REPS {
+            let (mut tx, mut rx) = conn.accept_bi().await?;
+            rx.read_to_end(64).await?;
+            tx.write_all(bytes).await?;
+            tx.finish()?;
+        }
+    }
+    let quic = srv
+        .await
+        .map_err(|e| anyhow::anyhow!("QUIC server task: {e}"))??;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let taddr = tcp.local_addr()?;
     tokio::spawn(async move {
@@ -395,24 +434,12 @@ async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
             }
         }
     });
-    for (name, n) in [("199,210", 199_210usize), ("1M", 1_000_000)] {
-        let bytes = wire::encode(&update_header(1), &random_vec(n, 3));
-        let mut times = Vec::new();
-        for _ in 0..15 {
-            let s = Instant::now();
-            let (mut tx, mut rx) = conn.open_bi().await?;
-            tx.write_all(&bytes).await?;
-            tx.finish()?;
-            rx.read_to_end(16).await?;
-            times.push(s.elapsed().as_secs_f64());
-        }
-        times.sort_by(f64::total_cmp);
-        let q = gbs(bytes.len(), times[times.len() / 2]);
+    for (((name, _), bytes), q_secs) in sizes.iter().zip(&updates).zip(quic) {
         let mut ttimes = Vec::new();
-        for _ in 0..15 {
+        for _ in 0..REPS {
             let s = Instant::now();
             let mut c = tokio::net::TcpStream::connect(taddr).await?;
-            c.write_all(&bytes).await?;
+            c.write_all(bytes).await?;
             c.shutdown().await?;
             let mut ack = Vec::new();
             c.read_to_end(&mut ack).await?;
@@ -422,15 +449,13 @@ async fn quic_and_tcp(t: &mut Table) -> anyhow::Result<()> {
         let tcp_rate = gbs(bytes.len(), ttimes[ttimes.len() / 2]);
         t.push(
             &format!("QUIC/mTLS transfer of a {name}-param update"),
-            q,
+            gbs(bytes.len(), q_secs),
             "GB/s",
             Some((tcp_rate, "TCP loopback (no TLS)")),
             "",
             None,
         );
     }
-    conn.close(0u32.into(), b"done");
-    srv.abort();
     Ok(())
 }
 
