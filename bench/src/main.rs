@@ -932,6 +932,85 @@ fn device_training(t: &mut Table, root: &std::path::Path, dev: &str) -> anyhow::
     Ok(())
 }
 
+/// What [`device_sim_rows`] measured of one simulator shape.
+struct DeviceSim {
+    /// The fastest round of all rows, CPU included.
+    best: f64,
+    cpu_accuracy: Option<f64>,
+    /// The first device row's accuracy.
+    device_accuracy: Option<f64>,
+}
+
+/// One simulator shape (`experiment` with `extra` settings, about `clients` clients a
+/// round) on `dev` next to the same machine's CPU: the CPU row (one by one, every core),
+/// then one row per device variant, one by one and batched, with one training thread or
+/// several (several threads queue to the one GPU and split the host-side work: set-up,
+/// clipping, copies). `names` are the shape's long and short row labels.
+fn device_sim_rows(
+    t: &mut Table,
+    root: &std::path::Path,
+    dev: &str,
+    experiment: &str,
+    names: (&str, &str),
+    clients: usize,
+    extra: &[&str],
+) -> anyhow::Result<DeviceSim> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads_cpu = format!("threads={cores}");
+    let mut sets = vec!["batched=false", threads_cpu.as_str()];
+    sets.extend(extra);
+    let (cpu, cpu_accuracy) = sim_round_seconds(root, experiment, &sets)?;
+    t.push(
+        &format!("dpfl-sim round, {}, CPU {cores} threads", names.0),
+        cpu,
+        "s",
+        None,
+        "",
+        None,
+    );
+    let mut variants: Vec<(String, Vec<String>)> = [1usize, 4]
+        .iter()
+        .map(|n| {
+            let label = format!("one by one, {n} thread{}", if *n == 1 { "" } else { "s" });
+            (label, vec!["batched=false".into(), format!("threads={n}")])
+        })
+        .collect();
+    for threads in [1usize, 4, 8] {
+        let per = clients.div_ceil(threads);
+        variants.push((
+            format!("batched, {threads} thread(s) x {per}"),
+            vec![
+                "batched=true".into(),
+                format!("threads={threads}"),
+                format!("batch_clients={per}"),
+            ],
+        ));
+    }
+    let on = format!("device=\"{dev}\"");
+    let mut out = DeviceSim {
+        best: cpu,
+        cpu_accuracy,
+        device_accuracy: None,
+    };
+    for (label, variant) in variants {
+        let mut sets: Vec<&str> = variant.iter().map(String::as_str).collect();
+        sets.extend(extra);
+        sets.push(&on);
+        let (secs, a) = sim_round_seconds(root, experiment, &sets)?;
+        out.best = out.best.min(secs);
+        out.device_accuracy = out.device_accuracy.or(a);
+        t.push(
+            &format!("dpfl-sim {}, {dev} {label}", names.1),
+            secs,
+            "s",
+            Some((cpu, "CPU one by one, this run")),
+            "",
+            None,
+        );
+    }
+    Ok(out)
+}
+
 /// The device rows (`--device-rows DEV`): local training, the simulator's two shapes and
 /// the main job with its nodes training on `dev`, each next to the same row on this
 /// machine's CPU (all its cores), all measured in this run.
@@ -939,101 +1018,40 @@ fn bench_device(t: &mut Table, root: &std::path::Path, dev: &str) -> anyhow::Res
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("(device {dev}; CPU rows use this machine's {cores} cores)");
     device_training(t, root, dev)?;
-    let threads_cpu = format!("threads={cores}");
-    let on = format!("device=\"{dev}\"");
-    // (label, settings) of each simulator variant on the device: one by one and batched,
-    // with one training thread or several (several threads queue to the one GPU and
-    // split the host-side work: set-up, clipping, copies).
-    let variants = |clients: usize| -> Vec<(String, Vec<String>)> {
-        let mut v = vec![
-            (
-                "one by one, 1 thread".to_string(),
-                vec!["batched=false".into(), "threads=1".into()],
-            ),
-            (
-                "one by one, 4 threads".into(),
-                vec!["batched=false".into(), "threads=4".into()],
-            ),
-        ];
-        for threads in [1usize, 4, 8] {
-            let per = clients.div_ceil(threads);
-            v.push((
-                format!("batched, {threads} thread(s) x {per}"),
-                vec![
-                    "batched=true".into(),
-                    format!("threads={threads}"),
-                    format!("batch_clients={per}"),
-                ],
-            ));
-        }
-        v
-    };
-    let main = "bench/sim/main-shape.toml";
-    let (cpu_seq, cpu_acc) = sim_round_seconds(root, main, &["batched=false", &threads_cpu])?;
-    t.push(
-        &format!("dpfl-sim round, 10 IID clients, CPU {cores} threads"),
-        cpu_seq,
-        "s",
-        None,
-        "",
-        None,
-    );
-    let mut acc = None;
-    for (label, sets) in variants(10) {
-        let mut sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-        sets.push(&on);
-        let (secs, a) = sim_round_seconds(root, main, &sets)?;
-        acc = acc.or(a);
-        t.push(
-            &format!("dpfl-sim 10 IID, {dev} {label}"),
-            secs,
-            "s",
-            Some((cpu_seq, "CPU one by one, this run")),
-            "",
-            None,
-        );
-    }
+    let main = device_sim_rows(
+        t,
+        root,
+        dev,
+        "bench/sim/main-shape.toml",
+        ("10 IID clients", "10 IID"),
+        10,
+        &[],
+    )?;
     t.push(
         &format!("dpfl-sim accuracy, 5 rounds, {dev}"),
-        acc.unwrap_or(f64::NAN),
+        main.device_accuracy.unwrap_or(f64::NAN),
         "",
-        cpu_acc.map(|a| (a, "CPU, this run")),
-        "",
-        None,
-    );
-    let b = "bench/sim/b-shape.toml";
-    let (b_cpu, _) = sim_round_seconds(root, b, &["batched=false", "rounds=20", &threads_cpu])?;
-    t.push(
-        &format!("dpfl-sim round, 1,000 clients q=0.1, CPU {cores} threads"),
-        b_cpu,
-        "s",
-        None,
+        main.cpu_accuracy.map(|a| (a, "CPU, this run")),
         "",
         None,
     );
-    let mut best = b_cpu;
     // About 100 clients a round (q = 0.1 of 1,000).
-    for (label, sets) in variants(100) {
-        let mut sets: Vec<&str> = sets.iter().map(String::as_str).collect();
-        sets.extend(["rounds=20", on.as_str()]);
-        let (secs, _) = sim_round_seconds(root, b, &sets)?;
-        best = best.min(secs);
-        t.push(
-            &format!("dpfl-sim 1,000 q=0.1, {dev} {label}"),
-            secs,
-            "s",
-            Some((b_cpu, "CPU one by one, this run")),
-            "",
-            None,
-        );
-    }
+    let b = device_sim_rows(
+        t,
+        root,
+        dev,
+        "bench/sim/b-shape.toml",
+        ("1,000 clients q=0.1", "1,000 q=0.1"),
+        100,
+        &["rounds=20"],
+    )?;
     t.push(
         "b shape: a configuration (100 rounds), best here",
-        best * 100.0,
+        b.best * 100.0,
         "s",
         Some((12.0, "quoted (issue 17)")),
         "<= 4 s (1/3 of quoted)",
-        Some(best * 100.0 <= 4.0),
+        Some(b.best * 100.0 <= 4.0),
     );
     let cpu = main_job(root, false, "cpu")?;
     let gpu = main_job(root, false, dev)?;

@@ -122,7 +122,7 @@ pub fn load_cuda_library() -> bool {
 }
 
 /// The directory this process loaded `libtorch_cpu.so` from (read from /proc/self/maps).
-fn libtorch_dir() -> Option<std::path::PathBuf> {
+pub fn libtorch_dir() -> Option<std::path::PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()
         .filter_map(|l| l.split_whitespace().nth(5))
@@ -130,25 +130,45 @@ fn libtorch_dir() -> Option<std::path::PathBuf> {
         .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
 }
 
+/// A device as named (`auto`, `cpu`, `cuda` = `cuda:0`, `cuda:N`), before asking whether
+/// this machine has it.
+enum DeviceName {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceName {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "cpu" => Some(Self::Cpu),
+            "cuda" => Some(Self::Cuda(0)),
+            _ => s.strip_prefix("cuda:")?.parse().ok().map(Self::Cuda),
+        }
+    }
+}
+
+/// Whether `s` is a device name [`parse_device`] understands, available here or not (a
+/// configuration is checked with it before the machine that runs it is known).
+pub fn is_device_name(s: &str) -> bool {
+    DeviceName::parse(s).is_some()
+}
+
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` and `cuda*` load the CUDA backend
 /// first ([`load_cuda`]).
 pub fn parse_device(s: &str) -> Result<Device, ModelError> {
-    if s == "auto" || s.starts_with("cuda") {
+    let name = DeviceName::parse(s).ok_or_else(|| ModelError::Device(s.into()))?;
+    if !matches!(name, DeviceName::Cpu) {
         load_cuda();
     }
-    match s {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-        _ => match s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            Some(n) if i64::try_from(n).is_ok_and(|n| n < tch::Cuda::device_count()) => {
-                Ok(Device::Cuda(n))
-            }
-            _ => Err(ModelError::Device(s.into())),
-        },
+    match name {
+        DeviceName::Auto => Ok(Device::cuda_if_available()),
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Cuda(n) if i64::try_from(n).is_ok_and(|n| n < tch::Cuda::device_count()) => {
+            Ok(Device::Cuda(n))
+        }
+        DeviceName::Cuda(_) => Err(ModelError::Device(s.into())),
     }
 }
 
@@ -785,6 +805,16 @@ mod tests {
         let _ = spec;
         assert!(parse_device("tpu").is_err());
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        for ok in ["auto", "cpu", "cuda", "cuda:0", "cuda:7"] {
+            assert!(is_device_name(ok), "{ok}");
+        }
+        for bad in ["tpu", "cuda:", "cuda:x", "cuda0", "CPU", ""] {
+            assert!(!is_device_name(bad), "{bad}");
+            assert!(
+                matches!(parse_device(bad), Err(ModelError::Device(_))),
+                "{bad}"
+            );
+        }
     }
 
     fn mapped(library: &str) -> bool {

@@ -17,13 +17,7 @@ fn the_cuda_backend_left_out_by_the_linker_is_loaded_from_beside_libtorch_cpu() 
     // Any tensor maps libtorch_cpu.
     let t = tch::Tensor::from_slice(&[1f32, 2.0]);
     assert_eq!(t.size(), [2]);
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let dir = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.ends_with("/libtorch_cpu.so"))
-        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
-        .expect("libtorch_cpu.so is mapped");
+    let dir = dpfl_ml::model::libtorch_dir().expect("libtorch_cpu.so is mapped");
     let cuda_build = dir.join("libtorch_cuda.so").exists();
     assert!(
         !mapped("/libtorch_cuda.so"),

@@ -308,11 +308,7 @@ impl SimConfig {
         if self.threads == 0 || self.eval_every == 0 {
             return bad("threads and eval_every must be >= 1".into());
         }
-        let numbered = self
-            .device
-            .strip_prefix("cuda:")
-            .map(|n| n.parse::<usize>().is_ok());
-        if !matches!(self.device.as_str(), "cpu" | "auto" | "cuda") && numbered != Some(true) {
+        if !dpfl_ml::model::is_device_name(&self.device) {
             return bad(format!(
                 "device must be cpu, auto, cuda or cuda:N, got {:?}",
                 self.device

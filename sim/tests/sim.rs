@@ -25,6 +25,14 @@ clip_norm = 0.5
 "dp.noise_multiplier" = [0.5, 2.0]
 "#;
 
+/// The largest coordinate-wise difference between two parameter vectors.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn a_small_sweep_writes_csv_jsonl_and_both_plot_formats() {
     let out = tempfile::tempdir().unwrap();
@@ -95,12 +103,7 @@ min_fit_clients = 3
     assert_eq!(quic.rounds, 2);
     assert_eq!(mem.final_params.len(), quic.final_params.len());
     // Documented non-determinism: updates are summed in arrival order (f32).
-    let max_diff = mem
-        .final_params
-        .iter()
-        .zip(&quic.final_params)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&mem.final_params, &quic.final_params);
     assert!(max_diff < 1e-5, "max parameter difference {max_diff}");
     let (a, b) = (
         mem.final_accuracy().unwrap(),
@@ -157,12 +160,7 @@ lr = 0.1
     assert_eq!(auto.rounds, 2);
     if gpu {
         // Float rounding differs between the devices; the model does not.
-        let max_diff = cpu
-            .final_params
-            .iter()
-            .zip(&auto.final_params)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = max_abs_diff(&cpu.final_params, &auto.final_params);
         assert!(max_diff < 1e-3, "cpu and cuda models differ by {max_diff}");
         return;
     }
@@ -482,11 +480,7 @@ fn batched_training_feeds_the_dp_pipeline_the_same_per_client_updates() {
             assert_eq!(one.outcome.steps, all.outcome.steps);
             clipped.push(one.clipped);
             let (x, y) = (one.delta.into_vec(), all.delta.into_vec());
-            let diff = x
-                .iter()
-                .zip(&y)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let diff = max_abs_diff(&x, &y);
             assert!(diff < 1e-5, "client {c} ({mode:?}): max difference {diff}");
         }
         assert!(
@@ -534,12 +528,7 @@ sampling_rate = 0.5
         p,
         bat.rows.iter().map(|r| r.participants).collect::<Vec<_>>()
     );
-    let max_diff = seq
-        .final_params
-        .iter()
-        .zip(&bat.final_params)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let max_diff = max_abs_diff(&seq.final_params, &bat.final_params);
     assert!(max_diff < 1e-4, "max parameter difference {max_diff}");
     assert!(
         seq.final_params
@@ -937,15 +926,9 @@ max_steps = 1
     let path = format!("{:?}", file.display().to_string());
     let cs = expand(text, &[("model.init_model".into(), path)]).unwrap();
     let r = dpfl_sim::run::run(&cs[0].config, &mut |_| {}).unwrap();
-    let dist = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
     let seeded = dpfl_common::model::init_params(&spec, 0);
-    assert!(dist(&r.final_params, &start) < 1e-3);
-    assert!(dist(&seeded, &start) > 0.01);
+    assert!(max_abs_diff(&r.final_params, &start) < 1e-3);
+    assert!(max_abs_diff(&seeded, &start) > 0.01);
     // A file of another model is refused with its name and the mismatch.
     let other = dpfl_common::ModelSpec::new(vec![784, 8, 10]).unwrap();
     dpfl_ml::export::save_safetensors(&other, &dpfl_common::model::init_params(&other, 1), &file)
