@@ -651,6 +651,19 @@ fn secure_node(
     c
 }
 
+/// Starts one secure node in DP mode `mode` per data source, node i on `srcs[i]`.
+fn spawn_secure_nodes(
+    fed: &Federation,
+    addr: std::net::SocketAddr,
+    srcs: &[String],
+    mode: DpMode,
+) -> Vec<tokio::task::JoinHandle<Result<dpfl_client::NodeSummary, dpfl_client::NodeError>>> {
+    srcs.iter()
+        .enumerate()
+        .map(|(i, src)| tokio::spawn(dpfl_client::run(secure_node(fed, addr, i, src, mode))))
+        .collect()
+}
+
 /// Issue 15, secure aggregation: the statistics are secure-summed. Three nodes that take
 /// part only in securely aggregated exchanges hold their statistics; the server receives
 /// none of them in the clear, and the unmasked sum gives the pooled mean and standard
@@ -677,17 +690,7 @@ async fn secure_summed_statistics_equal_the_pooled_ones_and_no_node_sends_them_i
     let mut server = Server::bind(cfg).unwrap();
     let mut seen = server.observe_statistics();
     let s = start(server);
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            tokio::spawn(dpfl_client::run(secure_node(
-                &fed,
-                s.addr,
-                i,
-                &srcs[i],
-                DpMode::None,
-            )))
-        })
-        .collect();
+    let clients = spawn_secure_nodes(&fed, s.addr, &srcs, DpMode::None);
     let summary = within(s.done).await.unwrap().unwrap();
     for c in clients {
         assert_eq!(within(c).await.unwrap().unwrap().rounds_trained, 4);
@@ -753,17 +756,7 @@ async fn central_dp_noises_the_secure_sum_of_the_statistics_as_ledger_round_0() 
     let mut server = Server::bind(cfg).unwrap();
     let mut seen = server.observe_statistics();
     let s = start(server);
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            tokio::spawn(dpfl_client::run(secure_node(
-                &fed,
-                s.addr,
-                i,
-                &srcs[i],
-                DpMode::Central,
-            )))
-        })
-        .collect();
+    let clients = spawn_secure_nodes(&fed, s.addr, &srcs, DpMode::Central);
     let summary = within(s.done).await.unwrap().unwrap();
     for c in clients {
         let n = within(c).await.unwrap().unwrap();
@@ -916,17 +909,7 @@ async fn a_dropout_in_the_statistics_secure_sum_is_retried_without_it() {
         }
         stages
     });
-    let clients: Vec<_> = (0..3)
-        .map(|i| {
-            tokio::spawn(dpfl_client::run(secure_node(
-                &fed,
-                s.addr,
-                i,
-                &srcs[i],
-                DpMode::None,
-            )))
-        })
-        .collect();
+    let clients = spawn_secure_nodes(&fed, s.addr, &srcs, DpMode::None);
     assert_eq!(within(dropout).await.unwrap(), 1, "it was a participant");
     within(s.done).await.unwrap().unwrap();
     for c in clients {
